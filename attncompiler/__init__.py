@@ -1,0 +1,15 @@
+"""attncompiler: declare attention patterns, analyze them, compile them to fast kernels."""
+
+from .errors import (AttnCompilerError, CodegenError, InputError, LayoutError, LoweringError,
+                     PatternError, ScheduleError, UnsupportedError)
+from .expr import Expr, where
+from .pattern import (Pattern, block_local, block_window, causal, dilated_window, document, full,
+                      global_tokens, intersection, mask, per_head, prefix_lm, random_blocks,
+                      sliding_window, strided, union)
+from .layout import BlockLayout, build_layout
+from .schedule import Schedule
+from .program import Program, lower
+from .reference import reference
+from .module import CompiledAttention, compile
+
+__version__ = "0.1.0"

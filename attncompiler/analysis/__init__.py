@@ -1,0 +1,1 @@
+"""Pattern analysis: attention graphs, reachability, expansion and cost."""

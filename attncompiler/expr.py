@@ -1,0 +1,692 @@
+"""Index expressions: the small IR in which mask predicates are written.
+
+An :class:`Expr` is a frozen, hashable tree over the four index variables of a FlexAttention
+``mask_mod`` (``b``, ``h``, ``q_idx``, ``kv_idx``), integer/boolean constants and read-only
+integer buffers. ``==`` between two ``Expr`` is *structural* (so expressions can be dict keys
+and compared in tests); element-wise equality is spelled ``.eq()``. While a user's mask_mod is
+traced, the variables are wrapped in :class:`Sym` proxies whose ``==`` is element-wise, so
+``lambda b, h, q, k: q == k`` traces as written.
+
+Integer division and modulo follow Python (floor) semantics everywhere: torch evaluation,
+interval bounds and rendered kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from .errors import PatternError
+
+INT = "int"
+BOOL = "bool"
+
+# op name -> (python symbol for repr, precedence, result kind or None = same as operands)
+_BINOPS: dict[str, tuple[str, int, str | None]] = {
+    "or": ("|", 1, None),
+    "xor": ("^", 2, None),
+    "and": ("&", 3, None),
+    "eq": ("==", 4, BOOL),
+    "ne": ("!=", 4, BOOL),
+    "lt": ("<", 4, BOOL),
+    "le": ("<=", 4, BOOL),
+    "gt": (">", 4, BOOL),
+    "ge": (">=", 4, BOOL),
+    "add": ("+", 6, INT),
+    "sub": ("-", 6, INT),
+    "mul": ("*", 7, INT),
+    "floordiv": ("//", 7, INT),
+    "mod": ("%", 7, INT),
+    "min": ("min", 9, INT),
+    "max": ("max", 9, INT),
+}
+_COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge"}
+
+
+class Expr:
+    """Base class of index-expression nodes. Subclasses are frozen dataclasses."""
+
+    kind: str = INT
+
+    # -- construction through operators ---------------------------------------------------
+    def __add__(self, o: Any) -> Expr: return binop("add", self, o)
+    def __radd__(self, o: Any) -> Expr: return binop("add", o, self)
+    def __sub__(self, o: Any) -> Expr: return binop("sub", self, o)
+    def __rsub__(self, o: Any) -> Expr: return binop("sub", o, self)
+    def __mul__(self, o: Any) -> Expr: return binop("mul", self, o)
+    def __rmul__(self, o: Any) -> Expr: return binop("mul", o, self)
+    def __floordiv__(self, o: Any) -> Expr: return binop("floordiv", self, o)
+    def __rfloordiv__(self, o: Any) -> Expr: return binop("floordiv", o, self)
+    def __mod__(self, o: Any) -> Expr: return binop("mod", self, o)
+    def __rmod__(self, o: Any) -> Expr: return binop("mod", o, self)
+    def __and__(self, o: Any) -> Expr: return binop("and", self, o)
+    def __rand__(self, o: Any) -> Expr: return binop("and", o, self)
+    def __or__(self, o: Any) -> Expr: return binop("or", self, o)
+    def __ror__(self, o: Any) -> Expr: return binop("or", o, self)
+    def __xor__(self, o: Any) -> Expr: return binop("xor", self, o)
+    def __rxor__(self, o: Any) -> Expr: return binop("xor", o, self)
+    def __lt__(self, o: Any) -> Expr: return binop("lt", self, o)
+    def __le__(self, o: Any) -> Expr: return binop("le", self, o)
+    def __gt__(self, o: Any) -> Expr: return binop("gt", self, o)
+    def __ge__(self, o: Any) -> Expr: return binop("ge", self, o)
+    def __neg__(self) -> Expr: return binop("sub", 0, self)
+    def __invert__(self) -> Expr: return unop("invert", self)
+    def __abs__(self) -> Expr: return unop("abs", self)
+
+    def eq(self, o: Any) -> Expr:
+        """Element-wise equality (``==`` on ``Expr`` is structural)."""
+        return binop("eq", self, o)
+
+    def ne(self, o: Any) -> Expr:
+        """Element-wise inequality."""
+        return binop("ne", self, o)
+
+    def __bool__(self) -> bool:
+        raise PatternError(
+            f"the truth value of index expression {self!r} is unknown until it is evaluated; "
+            "combine conditions with & | ~ (not and/or/not) and use where(c, a, b) instead of if"
+        )
+
+    # -- queries ---------------------------------------------------------------------------
+    def children(self) -> tuple[Expr, ...]:
+        return ()
+
+    def variables(self) -> frozenset[str]:
+        """Names of the index variables this expression reads."""
+        out: set[str] = set()
+        for node in self.walk():
+            if isinstance(node, Var):
+                out.add(node.name)
+        return frozenset(out)
+
+    def buffers(self) -> tuple[Buffer, ...]:
+        """Distinct buffers read by this expression, in first-use order."""
+        seen: dict[Buffer, None] = {}
+        for node in self.walk():
+            if isinstance(node, Load):
+                seen.setdefault(node.buffer, None)
+        return tuple(seen)
+
+    def walk(self):
+        """Pre-order traversal of the tree."""
+        yield self
+        for c in self.children():
+            yield from c.walk()
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self, env: Mapping[str, Any]) -> torch.Tensor:
+        """Evaluate on (broadcastable) integer tensors bound to the variable names."""
+        raise NotImplementedError  # every concrete node overrides this
+
+    def bounds(self, env: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Interval bounds over boxes of variable values (numpy, broadcastable).
+
+        For boolean expressions the bounds are 0/1: ``lo == 1`` means surely true and
+        ``hi == 0`` surely false over the whole box. Bounds are conservative, never wrong.
+        """
+        raise NotImplementedError  # every concrete node overrides this
+
+    def precedence(self) -> int:
+        return 10
+
+
+@dataclass(frozen=True, eq=True, repr=False)
+class Var(Expr):
+    """One of the index variables ``b``, ``h``, ``q_idx``, ``kv_idx``."""
+
+    name: str
+
+    def evaluate(self, env):
+        return env[self.name]
+
+    def bounds(self, env):
+        return env[self.name]
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Const(Expr):
+    """An integer or boolean constant (``Const(True)`` and ``Const(1)`` are different)."""
+
+    value: int | bool
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Const) and type(other.value) is type(self.value) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash((type(self.value).__name__, self.value))
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return BOOL if isinstance(self.value, bool) else INT
+
+    def evaluate(self, env):
+        return torch.tensor(self.value)
+
+    def bounds(self, env):
+        v = np.int64(int(self.value))
+        return v, v
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Buffer:
+    """A read-only 1-D integer table (e.g. document ids per position).
+
+    Equality and hashing use a content digest, so two buffers with the same values are the
+    same buffer and large tables are hashed once.
+    """
+
+    name: str
+    data: np.ndarray = field(compare=False)
+    digest: str = field(default="")
+
+    def __post_init__(self):
+        arr = np.ascontiguousarray(np.asarray(self.data, dtype=np.int64))
+        arr.setflags(write=False)
+        object.__setattr__(self, "data", arr)
+        object.__setattr__(self, "digest", hashlib.sha1(arr.tobytes()).hexdigest()[:16])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Buffer) and (self.name, self.digest) == (other.name, other.digest)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.digest))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return _buffer_tensor(self, str(device or "cpu"))
+
+    def __repr__(self) -> str:
+        return f"{self.name}[{len(self.data)}]"
+
+
+_BUFFER_TENSORS: dict[tuple[Buffer, str], torch.Tensor] = {}
+
+
+def _buffer_tensor(buf: Buffer, device: str) -> torch.Tensor:
+    key = (buf, device)
+    t = _BUFFER_TENSORS.get(key)
+    if t is None:
+        t = torch.from_numpy(buf.data.copy()).to(device)
+        _BUFFER_TENSORS[key] = t
+    return t
+
+
+@dataclass(frozen=True, eq=True, repr=False)
+class Load(Expr):
+    """``buffer[index]``; indices outside the table read ``fill``."""
+
+    buffer: Buffer
+    index: Expr
+    fill: int = -1
+
+    def children(self):
+        return (self.index,)
+
+    def evaluate(self, env):
+        idx = self.index.evaluate(env)
+        table = self.buffer.tensor(idx.device if isinstance(idx, torch.Tensor) else None)
+        n = len(self.buffer)
+        idx = torch.as_tensor(idx)
+        inside = (idx >= 0) & (idx < n)
+        vals = table[idx.clamp(0, max(n - 1, 0))] if n else torch.full_like(idx, self.fill)
+        return torch.where(inside, vals, torch.full_like(vals, self.fill))
+
+    def bounds(self, env):
+        lo, hi = self.index.bounds(env)
+        data = self.buffer.data
+        if len(data) == 0:
+            v = np.int64(self.fill)
+            return v, v
+        # Conservative: the table's global range, widened by the fill value when out of range.
+        dlo, dhi = np.int64(data.min()), np.int64(data.max())
+        outside = (np.asarray(lo) < 0) | (np.asarray(hi) >= len(data))
+        return (np.where(outside, min(dlo, self.fill), dlo), np.where(outside, max(dhi, self.fill), dhi))
+
+    def __repr__(self) -> str:
+        return f"{self.buffer.name}[{self.index!r}]"
+
+
+@dataclass(frozen=True, eq=True, repr=False)
+class BinOp(Expr):
+    """A binary operation; ``op`` is one of the names in ``_BINOPS``."""
+
+    op: str
+    a: Expr
+    b: Expr
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        res = _BINOPS[self.op][2]
+        if res is not None:
+            return res
+        return BOOL if self.a.kind == BOOL and self.b.kind == BOOL else INT
+
+    def children(self):
+        return (self.a, self.b)
+
+    def precedence(self) -> int:
+        return _BINOPS[self.op][1]
+
+    def evaluate(self, env):
+        x, y = self.a.evaluate(env), self.b.evaluate(env)
+        return _TORCH_BINOPS[self.op](x, y)
+
+    def bounds(self, env):
+        return _interval_binop(self.op, self.a, self.b, env)
+
+    def __repr__(self) -> str:
+        sym, prec, _ = _BINOPS[self.op]
+        if self.op in ("min", "max"):
+            return f"{sym}({self.a!r}, {self.b!r})"
+        left = _paren(self.a, prec, right=False)
+        right = _paren(self.b, prec, right=True)
+        return f"{left} {sym} {right}"
+
+
+@dataclass(frozen=True, eq=True, repr=False)
+class UnOp(Expr):
+    """A unary operation: ``invert`` (logical/bitwise not) or ``abs``."""
+
+    op: str
+    a: Expr
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return self.a.kind if self.op == "invert" else INT
+
+    def children(self):
+        return (self.a,)
+
+    def precedence(self) -> int:
+        return 8 if self.op == "invert" else 10
+
+    def evaluate(self, env):
+        x = self.a.evaluate(env)
+        return torch.abs(x) if self.op == "abs" else ~x
+
+    def bounds(self, env):
+        lo, hi = self.a.bounds(env)
+        if self.op == "abs":
+            alo, ahi = np.abs(lo), np.abs(hi)
+            crosses = (lo <= 0) & (hi >= 0)
+            return np.where(crosses, 0, np.minimum(alo, ahi)), np.maximum(alo, ahi)
+        if self.a.kind == BOOL:
+            return 1 - hi, 1 - lo
+        return ~hi, ~lo  # bitwise not is decreasing: ~x = -x - 1
+
+    def __repr__(self) -> str:
+        if self.op == "abs":
+            return f"abs({self.a!r})"
+        return f"~{_paren(self.a, 8, right=True)}"
+
+
+@dataclass(frozen=True, eq=True, repr=False)
+class Where(Expr):
+    """``where(cond, a, b)``: element-wise selection."""
+
+    cond: Expr
+    a: Expr
+    b: Expr
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return BOOL if self.a.kind == BOOL and self.b.kind == BOOL else INT
+
+    def children(self):
+        return (self.cond, self.a, self.b)
+
+    def evaluate(self, env):
+        return torch.where(self.cond.evaluate(env).bool(), self.a.evaluate(env), self.b.evaluate(env))
+
+    def bounds(self, env):
+        clo, chi = self.cond.bounds(env)
+        alo, ahi = self.a.bounds(env)
+        blo, bhi = self.b.bounds(env)
+        lo = np.where(clo == 1, alo, np.where(chi == 0, blo, np.minimum(alo, blo)))
+        hi = np.where(clo == 1, ahi, np.where(chi == 0, bhi, np.maximum(ahi, bhi)))
+        return lo, hi
+
+    def __repr__(self) -> str:
+        return f"where({self.cond!r}, {self.a!r}, {self.b!r})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Smart constructors (light constant folding so traced predicates stay small)
+# ---------------------------------------------------------------------------------------------
+
+def as_expr(x: Any) -> Expr:
+    """Lift Python ints/bools, 0-d integer tensors and :class:`Sym` proxies to ``Expr``."""
+    if isinstance(x, Expr):
+        return x
+    if isinstance(x, Sym):
+        return x.expr
+    if isinstance(x, (bool, np.bool_)):
+        return Const(bool(x))
+    if isinstance(x, (int, np.integer)):
+        return Const(int(x))
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_floating_point():
+        v = x.item()
+        return Const(bool(v) if x.dtype == torch.bool else int(v))
+    raise PatternError(
+        f"cannot use {type(x).__name__} value {x!r} in an index expression; "
+        "only integers, booleans and index expressions are allowed"
+    )
+
+
+def binop(op: str, a: Any, b: Any) -> Expr:
+    a, b = as_expr(a), as_expr(b)
+    if isinstance(a, Const) and isinstance(b, Const):
+        return as_expr(_PY_BINOPS[op](a.value, b.value))
+    if op == "add":
+        if b == Const(0): return a
+        if a == Const(0): return b
+    if op == "sub" and b == Const(0):
+        return a
+    if op == "mul":
+        if b == Const(1): return a
+        if a == Const(1): return b
+    if op in ("floordiv", "mod") and isinstance(b, Const) and b.value == 0:
+        raise PatternError(f"division by zero in index expression {a!r} {_BINOPS[op][0]} 0")
+    if op == "and" and a.kind == BOOL and b.kind == BOOL:
+        if a == Const(True): return b
+        if b == Const(True): return a
+        if Const(False) in (a, b): return Const(False)
+    if op == "or" and a.kind == BOOL and b.kind == BOOL:
+        if a == Const(False): return b
+        if b == Const(False): return a
+        if Const(True) in (a, b): return Const(True)
+    return BinOp(op, a, b)
+
+
+def unop(op: str, a: Any) -> Expr:
+    a = as_expr(a)
+    if isinstance(a, Const):
+        v = a.value
+        return as_expr(abs(int(v)) if op == "abs" else ((not v) if isinstance(v, bool) else ~v))
+    if op == "invert" and isinstance(a, UnOp) and a.op == "invert":
+        return a.a
+    return UnOp(op, a)
+
+
+def where(cond: Any, a: Any, b: Any) -> Expr:
+    """Element-wise ``cond ? a : b`` for index expressions (also accepts Sym proxies)."""
+    c = as_expr(cond)
+    if isinstance(c, Const):
+        return as_expr(a) if c.value else as_expr(b)
+    return Where(c, as_expr(a), as_expr(b))
+
+
+def minimum(a: Any, b: Any) -> Expr:
+    """Element-wise minimum of two integer expressions."""
+    return binop("min", a, b)
+
+
+def maximum(a: Any, b: Any) -> Expr:
+    """Element-wise maximum of two integer expressions."""
+    return binop("max", a, b)
+
+
+def substitute(e: Expr, values: Mapping[str, int]) -> Expr:
+    """Replace variables by integer constants and fold (e.g. specialize a predicate to one head)."""
+    match e:
+        case Var(name) if name in values:
+            return Const(int(values[name]))
+        case Var() | Const():
+            return e
+        case Load(buf, idx, fill):
+            return Load(buf, substitute(idx, values), fill)
+        case BinOp(op, a, b):
+            return binop(op, substitute(a, values), substitute(b, values))
+        case UnOp(op, a):
+            return unop(op, substitute(a, values))
+        case Where(c, a, b):
+            return where(substitute(c, values), substitute(a, values), substitute(b, values))
+    raise AssertionError(f"unknown expression node {e!r}")
+
+
+B, H, Q, KV = Var("b"), Var("h"), Var("q_idx"), Var("kv_idx")
+INDEX_VARS = (B, H, Q, KV)
+
+
+def _paren(e: Expr, prec: int, right: bool) -> str:
+    p = e.precedence()
+    if p < prec or (right and p == prec and p < 9):
+        return f"({e!r})"
+    return repr(e)
+
+
+def _floordiv(x, y):
+    return torch.div(x, y, rounding_mode="floor")
+
+
+_TORCH_BINOPS: dict[str, Callable] = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul,
+    "floordiv": _floordiv, "mod": torch.remainder,
+    "and": lambda x, y: x & y, "or": lambda x, y: x | y, "xor": lambda x, y: x ^ y,
+    "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
+    "min": torch.minimum, "max": torch.maximum,
+}
+_PY_BINOPS: dict[str, Callable] = {
+    "add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
+    "floordiv": lambda x, y: x // y, "mod": lambda x, y: x % y,
+    "and": lambda x, y: x & y, "or": lambda x, y: x | y, "xor": lambda x, y: x ^ y,
+    "eq": lambda x, y: x == y, "ne": lambda x, y: x != y, "lt": lambda x, y: x < y,
+    "le": lambda x, y: x <= y, "gt": lambda x, y: x > y, "ge": lambda x, y: x >= y,
+    "min": min, "max": max,
+}
+
+
+def _interval_binop(op: str, ea: Expr, eb: Expr, env):
+    alo, ahi = ea.bounds(env)
+    blo, bhi = eb.bounds(env)
+    one, zero = np.int64(1), np.int64(0)
+    match op:
+        case "add":
+            return alo + blo, ahi + bhi
+        case "sub":
+            return alo - bhi, ahi - blo
+        case "mul":
+            cands = np.stack(np.broadcast_arrays(alo * blo, alo * bhi, ahi * blo, ahi * bhi))
+            return cands.min(0), cands.max(0)
+        case "min":
+            return np.minimum(alo, blo), np.minimum(ahi, bhi)
+        case "max":
+            return np.maximum(alo, blo), np.maximum(ahi, bhi)
+        case "floordiv" if isinstance(eb, Const) and eb.value > 0:
+            return alo // eb.value, ahi // eb.value
+        case "mod" if isinstance(eb, Const) and eb.value > 0:
+            m = eb.value
+            same = (alo // m) == (ahi // m)
+            return np.where(same, alo % m, 0), np.where(same, ahi % m, m - 1)
+        case "lt":
+            return np.where(ahi < blo, one, zero), np.where(alo >= bhi, zero, one)
+        case "le":
+            return np.where(ahi <= blo, one, zero), np.where(alo > bhi, zero, one)
+        case "gt":
+            return _interval_binop("lt", eb, ea, env)
+        case "ge":
+            return _interval_binop("le", eb, ea, env)
+        case "eq":
+            sure = (alo == ahi) & (blo == bhi) & (alo == blo)
+            never = (ahi < blo) | (bhi < alo)
+            return np.where(sure, one, zero), np.where(never, zero, one)
+        case "ne":
+            lo, hi = _interval_binop("eq", ea, eb, env)
+            return 1 - hi, 1 - lo
+        case "and" if ea.kind == BOOL and eb.kind == BOOL:
+            return np.minimum(alo, blo), np.minimum(ahi, bhi)
+        case "or" if ea.kind == BOOL and eb.kind == BOOL:
+            return np.maximum(alo, blo), np.maximum(ahi, bhi)
+        case "xor" if ea.kind == BOOL and eb.kind == BOOL:
+            sure_a, sure_b = alo == ahi, blo == bhi
+            fixed = sure_a & sure_b
+            val = alo ^ blo
+            return np.where(fixed, val, zero), np.where(fixed, val, one)
+    # Bitwise ops on ints, division by a non-constant, ...: no useful bound.
+    big = np.int64(2**62)
+    if ea.kind == BOOL and eb.kind == BOOL:
+        return zero, one
+    return np.broadcast_to(-big, np.broadcast(alo, blo).shape), np.broadcast_to(big, np.broadcast(alo, blo).shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing proxies
+# ---------------------------------------------------------------------------------------------
+
+class TraceError(Exception):
+    """Raised inside tracing when a mask_mod does something an Expr cannot represent."""
+
+
+class Sym:
+    """Proxy handed to a mask_mod during tracing: operators build an :class:`Expr`.
+
+    Unlike ``Expr``, ``==`` and ``!=`` here are element-wise, as in a FlexAttention mask_mod.
+    Python control flow on a proxy (``if``, ``and``, ``int()``) raises :class:`TraceError`,
+    which makes the caller fall back to an opaque predicate.
+    """
+
+    __slots__ = ("expr",)
+
+    def __init__(self, expr: Expr):
+        self.expr = expr
+
+    def _bin(op):  # noqa: N805 - helper evaluated at class creation
+        def f(self, o):
+            return Sym(binop(op, self.expr, _unwrap(o)))
+
+        def r(self, o):
+            return Sym(binop(op, _unwrap(o), self.expr))
+
+        return f, r
+
+    __add__, __radd__ = _bin("add")
+    __sub__, __rsub__ = _bin("sub")
+    __mul__, __rmul__ = _bin("mul")
+    __floordiv__, __rfloordiv__ = _bin("floordiv")
+    __mod__, __rmod__ = _bin("mod")
+    __and__, __rand__ = _bin("and")
+    __or__, __ror__ = _bin("or")
+    __xor__, __rxor__ = _bin("xor")
+    __lt__, _ = _bin("lt")
+    __le__, _ = _bin("le")
+    __gt__, _ = _bin("gt")
+    __ge__, _ = _bin("ge")
+    __eq__, _ = _bin("eq")  # type: ignore[assignment]
+    __ne__, _ = _bin("ne")  # type: ignore[assignment]
+    del _bin, _
+
+    def __neg__(self): return Sym(binop("sub", 0, self.expr))
+    def __invert__(self): return Sym(unop("invert", self.expr))
+    def __abs__(self): return Sym(unop("abs", self.expr))
+    def abs(self): return Sym(unop("abs", self.expr))
+    def logical_not(self): return Sym(unop("invert", self.expr))
+    def logical_and(self, o): return Sym(binop("and", self.expr, _unwrap(o)))
+    def logical_or(self, o): return Sym(binop("or", self.expr, _unwrap(o)))
+    def eq(self, o): return Sym(binop("eq", self.expr, _unwrap(o)))
+    def ne(self, o): return Sym(binop("ne", self.expr, _unwrap(o)))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __bool__(self):
+        raise TraceError("Python control flow on a traced index")
+
+    def __index__(self):
+        raise TraceError("a traced index used as a Python integer")
+
+    __int__ = __index__
+
+    def __getattr__(self, name):
+        raise TraceError(f"unsupported attribute {name!r} on a traced index")
+
+    def __repr__(self) -> str:
+        return f"Sym({self.expr!r})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        handler = _TORCH_HANDLERS.get(func)
+        if handler is None:
+            raise TraceError(f"torch function {getattr(func, '__name__', func)} is not traceable")
+        return Sym(handler(*args, **kwargs))
+
+
+def _unwrap(x: Any) -> Expr:
+    try:
+        return as_expr(x)
+    except PatternError as e:
+        raise TraceError(str(e)) from None
+
+
+def _index_tensor(t, idx):
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point():
+        raise TraceError("only 1-D integer or boolean tensors can be indexed by a traced index")
+    if isinstance(idx, tuple):
+        if len(idx) != 1:
+            raise TraceError("multi-dimensional indexing by a traced index")
+        idx = idx[0]
+    buf = Buffer(f"buf{len(t)}", t.detach().cpu().to(torch.int64).numpy())
+    load = Load(buf, _unwrap(idx))
+    return binop("ne", load, 0) if t.dtype == torch.bool else load
+
+
+_TORCH_HANDLERS: dict[Any, Callable[..., Expr]] = {
+    torch.where: lambda c, a, b: where(_unwrap(c), _unwrap(a), _unwrap(b)),
+    torch.abs: lambda a: unop("abs", _unwrap(a)),
+    torch.Tensor.abs: lambda a: unop("abs", _unwrap(a)),
+    torch.logical_and: lambda a, b: binop("and", _unwrap(a), _unwrap(b)),
+    torch.logical_or: lambda a, b: binop("or", _unwrap(a), _unwrap(b)),
+    torch.logical_not: lambda a: unop("invert", _unwrap(a)),
+    torch.remainder: lambda a, b: binop("mod", _unwrap(a), _unwrap(b)),
+    torch.minimum: lambda a, b: binop("min", _unwrap(a), _unwrap(b)),
+    torch.maximum: lambda a, b: binop("max", _unwrap(a), _unwrap(b)),
+    torch.eq: lambda a, b: binop("eq", _unwrap(a), _unwrap(b)),
+    torch.ne: lambda a, b: binop("ne", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__getitem__: _index_tensor,
+    torch.Tensor.__eq__: lambda a, b: binop("eq", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__ne__: lambda a, b: binop("ne", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__add__: lambda a, b: binop("add", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__radd__: lambda a, b: binop("add", _unwrap(b), _unwrap(a)),
+    torch.Tensor.__sub__: lambda a, b: binop("sub", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__rsub__: lambda a, b: binop("sub", _unwrap(b), _unwrap(a)),
+    torch.Tensor.__mul__: lambda a, b: binop("mul", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__lt__: lambda a, b: binop("lt", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__le__: lambda a, b: binop("le", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__gt__: lambda a, b: binop("gt", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__ge__: lambda a, b: binop("ge", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__and__: lambda a, b: binop("and", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__or__: lambda a, b: binop("or", _unwrap(a), _unwrap(b)),
+}
+
+
+def trace(fn: Callable) -> Expr | None:
+    """Trace ``fn(b, h, q_idx, kv_idx)`` into an Expr, or return None when it is not traceable.
+
+    Raises:
+        PatternError: when ``fn`` traces but returns a non-boolean value.
+    """
+    try:
+        out = fn(*(Sym(v) for v in INDEX_VARS))
+        e = _unwrap(out)
+    except TraceError:
+        return None
+    except (TypeError, RuntimeError, IndexError, ValueError, AttributeError):
+        # torch or Python refused a proxy somewhere we do not intercept: keep fn opaque.
+        return None
+    if e.kind != BOOL:
+        raise PatternError(
+            f"mask_mod must return a boolean, but it returned the integer expression {e!r}; "
+            "compare it with something, e.g. `... == 0`"
+        )
+    return e

@@ -1,0 +1,625 @@
+"""Analytic block layouts: which (query-block, key-block) pairs are empty, partial or full.
+
+Each primitive classifies its block pairs from its parameters in time proportional to the
+non-empty blocks (no L x L evaluation); combinators use set algebra on sorted block keys.
+Where set algebra cannot decide (a union of two partial blocks may be full, an intersection
+may be empty), the block is marked UNKNOWN and resolved at the end by evaluating the root
+predicate on that block only, so the result always equals the layout from dense evaluation.
+Opaque mask_mods are evaluated chunk by chunk, as FlexAttention's ``create_block_mask`` does.
+
+The result is a :class:`BlockLayout`: per (batch, head) group a sorted block list in CSR form,
+with the transposed (CSC) lists for the backward pass and FlexAttention ``BlockMask`` export.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import pattern as P
+from .errors import LayoutError, PatternError
+
+EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
+
+# Refinement evaluates at most this many elements at once (bounds temporary memory).
+_EVAL_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Lengths and block sizes of one layout."""
+
+    q_len: int
+    kv_len: int
+    block_m: int
+    block_n: int
+
+    @property
+    def nqb(self) -> int:
+        return -(-self.q_len // self.block_m)
+
+    @property
+    def nkb(self) -> int:
+        return -(-self.kv_len // self.block_n)
+
+    def q_lo(self, rows):
+        return rows * self.block_m
+
+    def q_hi(self, rows):
+        return np.minimum((rows + 1) * self.block_m, self.q_len) - 1
+
+    def k_lo(self, cols):
+        return cols * self.block_n
+
+    def k_hi(self, cols):
+        return np.minimum((cols + 1) * self.block_n, self.kv_len) - 1
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSet:
+    """Non-empty blocks of one 2-D layout, sorted by (row, col); ``kind`` is PARTIAL/FULL/UNKNOWN."""
+
+    geom: Geometry
+    rows: np.ndarray
+    cols: np.ndarray
+    kind: np.ndarray
+
+    @staticmethod
+    def make(geom: Geometry, rows, cols, kind) -> BlockSet:
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        kind = np.broadcast_to(np.asarray(kind, dtype=np.uint8), rows.shape).copy()
+        keep = kind != EMPTY
+        rows, cols, kind = rows[keep], cols[keep], kind[keep]
+        keys = rows * geom.nkb + cols
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        uniq = np.ones(len(keys), dtype=bool)
+        uniq[1:] = keys[1:] != keys[:-1]
+        if not uniq.all():  # duplicates from overlapping candidate ranges: keep the strongest kind
+            kind_sorted = kind[order]
+            start = np.flatnonzero(uniq)
+            merged = np.maximum.reduceat(np.where(kind_sorted == UNKNOWN, 0, kind_sorted), start)
+            any_unknown = np.maximum.reduceat((kind_sorted == UNKNOWN).astype(np.uint8), start)
+            merged = np.where((merged < FULL) & (any_unknown == 1), UNKNOWN, merged).astype(np.uint8)
+            order = order[start]
+            return BlockSet(geom, rows[order], cols[order], merged)
+        return BlockSet(geom, rows[order], cols[order], kind[order])
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.rows * self.geom.nkb + self.cols
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set algebra
+# ---------------------------------------------------------------------------------------------
+
+def _union(a: BlockSet, b: BlockSet) -> BlockSet:
+    ka, kb = a.keys, b.keys
+    keys = np.union1d(ka, kb)
+    kind_a = _lookup(ka, a.kind, keys)
+    kind_b = _lookup(kb, b.kind, keys)
+    out = np.where((kind_a == FULL) | (kind_b == FULL), FULL,
+                   np.where(kind_a == EMPTY, kind_b, np.where(kind_b == EMPTY, kind_a, UNKNOWN)))
+    nkb = a.geom.nkb
+    return BlockSet(a.geom, keys // nkb, keys % nkb, out.astype(np.uint8))
+
+
+def _intersection(a: BlockSet, b: BlockSet) -> BlockSet:
+    keys, ia, ib = np.intersect1d(a.keys, b.keys, assume_unique=True, return_indices=True)
+    kind_a, kind_b = a.kind[ia], b.kind[ib]
+    out = np.where(kind_a == FULL, kind_b, np.where(kind_b == FULL, kind_a, UNKNOWN))
+    nkb = a.geom.nkb
+    return BlockSet(a.geom, keys // nkb, keys % nkb, out.astype(np.uint8))
+
+
+def _complement(a: BlockSet) -> BlockSet:
+    g = a.geom
+    all_keys = np.arange(g.nqb * g.nkb, dtype=np.int64)
+    kind = _lookup(a.keys, a.kind, all_keys)
+    out = np.where(kind == EMPTY, FULL, np.where(kind == FULL, EMPTY, kind)).astype(np.uint8)
+    return BlockSet.make(g, all_keys // g.nkb, all_keys % g.nkb, out)
+
+
+def _lookup(keys: np.ndarray, kinds: np.ndarray, query: np.ndarray) -> np.ndarray:
+    pos = np.searchsorted(keys, query)
+    pos_c = np.minimum(pos, max(len(keys) - 1, 0))
+    hit = (pos < len(keys)) & (keys[pos_c] == query) if len(keys) else np.zeros(len(query), bool)
+    return np.where(hit, kinds[pos_c] if len(keys) else 0, EMPTY).astype(np.uint8)
+
+
+def _pairs_from_ranges(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """Expand per-row inclusive column ranges ``[lo, hi]`` into (row, col) pairs."""
+    counts = np.maximum(hi - lo + 1, 0)
+    r = np.repeat(rows, counts)
+    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    c = np.arange(len(r), dtype=np.int64) + starts
+    return r, c
+
+
+def _all_pairs(g: Geometry):
+    rows = np.arange(g.nqb, dtype=np.int64)
+    return _pairs_from_ranges(rows, np.zeros_like(rows), np.full_like(rows, g.nkb - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitive classifiers
+# ---------------------------------------------------------------------------------------------
+
+def _band(g: Geometry, window: int, unit: int = 1) -> BlockSet:
+    """``|q // unit - k // unit| <= window`` (sliding window for unit 1, BigBird window else)."""
+    rows = np.arange(g.nqb, dtype=np.int64)
+    qa, qb = g.q_lo(rows) // unit, g.q_hi(rows) // unit
+    k_first = np.maximum((qa - window) * unit, 0)
+    k_last = np.minimum((qb + window + 1) * unit - 1, g.kv_len - 1)
+    r, c = _pairs_from_ranges(rows, k_first // g.block_n, k_last // g.block_n)
+    lo, hi = _diff_range(g, r, c, unit)
+    far = np.maximum(np.abs(lo), np.abs(hi))
+    near = np.where((lo <= 0) & (hi >= 0), 0, np.minimum(np.abs(lo), np.abs(hi)))
+    kind = np.where(far <= window, FULL, np.where(near > window, EMPTY, PARTIAL))
+    return BlockSet.make(g, r, c, kind)
+
+
+def _diff_range(g: Geometry, r, c, unit: int = 1):
+    """Range of ``q // unit - k // unit`` over each block (all integers in it occur)."""
+    return g.q_lo(r) // unit - g.k_hi(c) // unit, g.q_hi(r) // unit - g.k_lo(c) // unit
+
+
+def _dilated(g: Geometry, window: int, dilation: int) -> BlockSet:
+    span = window * dilation
+    base = _band(g, span)
+    lo, hi = _diff_range(g, base.rows, base.cols)
+    lo_c, hi_c = np.maximum(lo, -span), np.minimum(hi, span)
+    has_multiple = (hi_c // dilation) * dilation >= lo_c
+    single = lo == hi
+    kind = np.where(~has_multiple, EMPTY,
+                    np.where(dilation == 1, base.kind, np.where(single, FULL, PARTIAL)))
+    return BlockSet.make(g, base.rows, base.cols, kind)
+
+
+def _strided(g: Geometry, stride: int) -> BlockSet:
+    r, c = _all_pairs(g)
+    lo, hi = _diff_range(g, r, c)
+    has_multiple = (hi // stride) * stride >= lo
+    full = (stride == 1) | ((lo == hi) & (lo % stride == 0))
+    kind = np.where(~has_multiple, EMPTY, np.where(full, FULL, PARTIAL))
+    return BlockSet.make(g, r, c, kind)
+
+
+def _block_local(g: Geometry, block: int) -> BlockSet:
+    rows = np.arange(g.nqb, dtype=np.int64)
+    qa, qb = g.q_lo(rows) // block, g.q_hi(rows) // block
+    k_first = qa * block
+    k_last = np.minimum((qb + 1) * block - 1, g.kv_len - 1)
+    r, c = _pairs_from_ranges(rows, k_first // g.block_n, np.maximum(k_last, k_first - 1) // g.block_n)
+    lo, hi = _diff_range(g, r, c, block)
+    kind = np.where((lo == 0) & (hi == 0), FULL, np.where((lo <= 0) & (hi >= 0), PARTIAL, EMPTY))
+    return BlockSet.make(g, r, c, kind)
+
+
+def _causal(g: Geometry) -> BlockSet:
+    rows = np.arange(g.nqb, dtype=np.int64)
+    last = np.minimum(g.q_hi(rows), g.kv_len - 1) // g.block_n
+    r, c = _pairs_from_ranges(rows, np.zeros_like(rows), np.where(g.q_hi(rows) >= 0, last, -1))
+    kind = np.where(g.k_hi(c) <= g.q_lo(r), FULL, PARTIAL)
+    return BlockSet.make(g, r, c, kind)
+
+
+def _key_prefix(g: Geometry, n: int) -> BlockSet:
+    cols = np.arange(min(-(-n // g.block_n), g.nkb), dtype=np.int64)
+    r = np.repeat(np.arange(g.nqb, dtype=np.int64), len(cols))
+    c = np.tile(cols, g.nqb)
+    return BlockSet.make(g, r, c, np.where(g.k_hi(c) < n, FULL, PARTIAL))
+
+
+def _global(g: Geometry, indices: tuple[int, ...]) -> BlockSet:
+    idx = np.asarray(indices, dtype=np.int64)
+    q_count = np.bincount(idx[idx < g.q_len] // g.block_m, minlength=g.nqb)[: g.nqb]
+    k_count = np.bincount(idx[idx < g.kv_len] // g.block_n, minlength=g.nkb)[: g.nkb]
+    rows_all, cols_all = np.arange(g.nqb), np.arange(g.nkb)
+    q_full = q_count == (g.q_hi(rows_all) - g.q_lo(rows_all) + 1)
+    k_full = k_count == (g.k_hi(cols_all) - g.k_lo(cols_all) + 1)
+    grows, gcols = np.flatnonzero(q_count), np.flatnonzero(k_count)
+    r = np.concatenate([np.repeat(grows, g.nkb), np.tile(rows_all, len(gcols))])
+    c = np.concatenate([np.tile(cols_all, len(grows)), np.repeat(gcols, g.nqb)])
+    kind = np.where(q_full[r] | k_full[c], FULL, PARTIAL)
+    return BlockSet.make(g, r, c, kind)
+
+
+def _random(g: Geometry, pat: P.RandomBlocks) -> BlockSet:
+    tab = pat.table(g.q_len, g.kv_len)  # [pattern rows, r] key-block ids
+    blk = pat.block
+    if tab.shape[1] == 0:
+        return BlockSet.make(g, [], [], [])
+    prow = np.repeat(np.arange(tab.shape[0], dtype=np.int64), tab.shape[1])
+    pcol = tab.reshape(-1)
+    # Layout blocks overlapping each allowed pattern cell.
+    r_lo, r_hi = prow * blk // g.block_m, np.minimum((prow + 1) * blk, g.q_len) - 1
+    r_hi = r_hi // g.block_m
+    c_lo, c_hi = pcol * blk // g.block_n, (np.minimum((pcol + 1) * blk, g.kv_len) - 1) // g.block_n
+    nr, nc = r_hi - r_lo + 1, c_hi - c_lo + 1
+    cell = np.repeat(np.arange(len(prow)), nr * nc)
+    within = np.arange(len(cell)) - np.repeat(np.concatenate([[0], np.cumsum(nr * nc)[:-1]]), nr * nc)
+    r = r_lo[cell] + within // nc[cell]
+    c = c_lo[cell] + within % nc[cell]
+    # A layout block lying entirely inside one allowed cell is full; others need a look.
+    inside = ((g.q_lo(r) // blk == g.q_hi(r) // blk) & (g.k_lo(c) // blk == g.k_hi(c) // blk))
+    return BlockSet.make(g, r, c, np.where(inside, FULL, UNKNOWN))
+
+
+def _document(g: Geometry, pat: P.Document) -> BlockSet:
+    off = pat.offsets
+    total = int(off[-1])
+    rows = np.arange(g.nqb, dtype=np.int64)
+    qa, qb = g.q_lo(rows), np.minimum(g.q_hi(rows), total - 1)
+    valid = qa < total
+    sa = np.searchsorted(off, qa, side="right") - 1
+    sb = np.searchsorted(off, np.maximum(qb, qa), side="right") - 1
+    k_first = np.where(valid, off[np.clip(sa, 0, len(off) - 1)], 0)
+    k_last = np.minimum(np.where(valid, off[np.clip(sb + 1, 0, len(off) - 1)] - 1, -1), g.kv_len - 1)
+    r, c = _pairs_from_ranges(rows[valid], k_first[valid] // g.block_n,
+                              np.where(k_last[valid] >= k_first[valid], k_last[valid] // g.block_n, -1))
+    ka, kb = g.k_lo(c), np.minimum(g.k_hi(c), total - 1)
+    ca = np.searchsorted(off, ka, side="right") - 1
+    cb = np.searchsorted(off, np.maximum(kb, ka), side="right") - 1
+    rsa, rsb = sa[r], sb[r]
+    q_in = g.q_hi(r) < total
+    k_in = g.k_hi(c) < total
+    full = (rsa == rsb) & (ca == cb) & (rsa == ca) & q_in & k_in
+    overlap = (np.maximum(rsa, ca) <= np.minimum(rsb, cb)) & (ka < total)
+    return BlockSet.make(g, r, c, np.where(full, FULL, np.where(overlap, PARTIAL, EMPTY)))
+
+
+def _traced(g: Geometry, e) -> BlockSet:
+    """Interval bounds of a traced predicate over every block: sure-full, sure-empty or unknown."""
+    rows_per = max(1, _EVAL_CHUNK // max(g.nkb, 1) // 4)
+    parts = []
+    cols = np.arange(g.nkb, dtype=np.int64)
+    k_box = (g.k_lo(cols)[None, :], g.k_hi(cols)[None, :])
+    for start in range(0, g.nqb, rows_per):
+        rows = np.arange(start, min(start + rows_per, g.nqb), dtype=np.int64)
+        env = {"q_idx": (g.q_lo(rows)[:, None], g.q_hi(rows)[:, None]), "kv_idx": k_box,
+               "b": (np.int64(0), np.int64(0)), "h": (np.int64(0), np.int64(0))}
+        lo, hi = e.bounds(env)
+        lo, hi = np.broadcast_to(lo, (len(rows), g.nkb)), np.broadcast_to(hi, (len(rows), g.nkb))
+        kind = np.where(lo == 1, FULL, np.where(hi == 0, EMPTY, UNKNOWN)).astype(np.uint8)
+        rr, cc = np.nonzero(kind)
+        parts.append((rows[rr], cc, kind[rr, cc]))
+    r, c, k = (np.concatenate(x) for x in zip(*parts)) if parts else ([], [], [])
+    return BlockSet.make(g, r, c, k)
+
+
+def _classify(p: P.Pattern, g: Geometry) -> BlockSet:
+    match p:
+        case P.Full():
+            r, c = _all_pairs(g)
+            return BlockSet.make(g, r, c, FULL)
+        case P.Causal():
+            return _causal(g)
+        case P.SlidingWindow(w):
+            return _band(g, w)
+        case P.BlockWindow(w, blk):
+            return _band(g, w, blk)
+        case P.DilatedWindow(w, d):
+            return _dilated(g, w, d)
+        case P.BlockLocal(blk):
+            return _block_local(g, blk)
+        case P.Strided(s):
+            return _strided(g, s)
+        case P.GlobalTokens(idx):
+            return _global(g, idx)
+        case P.RandomBlocks():
+            return _random(g, p)
+        case P.PrefixLM(n):
+            return _union(_key_prefix(g, n), _causal(g))
+        case P.Document():
+            return _document(g, p)
+        case P.Union(parts):
+            return functools.reduce(_union, (_classify(x, g) for x in parts))
+        case P.Intersection(parts):
+            return functools.reduce(_intersection, (_classify(x, g) for x in parts))
+        case P.Complement(part):
+            return _complement(_classify(part, g))
+        case P.Mask() if p.expr is not None:
+            return _traced(g, p.expr)
+        case P.Mask():
+            r, c = _all_pairs(g)
+            return BlockSet.make(g, r, c, UNKNOWN)
+    raise PatternError(f"cannot build a block layout for {p!r} ({p.family} pattern)")
+
+
+def _refine(p: P.Pattern, g: Geometry, bs: BlockSet, b: int, h: int) -> BlockSet:
+    """Resolve UNKNOWN blocks by evaluating the predicate on their elements only."""
+    unknown = np.flatnonzero(bs.kind == UNKNOWN)
+    if len(unknown) == 0:
+        return bs
+    kind = bs.kind.copy()
+    per = max(1, _EVAL_CHUNK // (g.block_m * g.block_n))
+    ar_m, ar_n = torch.arange(g.block_m), torch.arange(g.block_n)
+    for start in range(0, len(unknown), per):
+        sel = unknown[start:start + per]
+        q = torch.from_numpy(g.q_lo(bs.rows[sel]))[:, None] + ar_m  # [P, BM]
+        k = torch.from_numpy(g.k_lo(bs.cols[sel]))[:, None] + ar_n  # [P, BN]
+        q_ok, k_ok = q < g.q_len, k < g.kv_len
+        q, k = q.clamp_max(g.q_len - 1), k.clamp_max(g.kv_len - 1)
+        m = p.evaluate(b, h, q[:, :, None], k[:, None, :], g.q_len, g.kv_len)  # [P, BM, BN]
+        valid = q_ok[:, :, None] & k_ok[:, None, :]
+        hits = (m & valid).sum(dim=(1, 2)).numpy()
+        total = valid.sum(dim=(1, 2)).numpy()
+        kind[sel] = np.where(hits == 0, EMPTY, np.where(hits == total, FULL, PARTIAL))
+    return BlockSet.make(g, bs.rows, bs.cols, kind)
+
+
+def block_set(p: P.Pattern, g: Geometry, b: int = 0, h: int = 0) -> BlockSet:
+    """The exact layout of a head- and batch-independent mask pattern."""
+    return _refine(p, g, _classify(p, g), b, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# BCSR layout
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Blocks2D:
+    """One group's layout in CSR (by query block) and CSC (by key block) form, numpy int64."""
+
+    geom: Geometry
+    pattern: P.Pattern
+    row_ptr: np.ndarray
+    cols: np.ndarray
+    full: np.ndarray
+
+    @functools.cached_property
+    def rows(self) -> np.ndarray:
+        return np.repeat(np.arange(self.geom.nqb), np.diff(self.row_ptr))
+
+    @functools.cached_property
+    def csc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(col_ptr, rows, full)`` sorted by key block, for the backward pass."""
+        order = np.lexsort((self.rows, self.cols))
+        col_ptr = np.concatenate([[0], np.cumsum(np.bincount(self.cols, minlength=self.geom.nkb))])
+        return col_ptr, self.rows[order], self.full[order]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.cols)
+
+    @property
+    def num_full(self) -> int:
+        return int(self.full.sum())
+
+    def allowed_pairs(self) -> int:
+        """Number of allowed (q, k) pairs (exact: evaluates partial blocks)."""
+        g = self.geom
+        rows, cols = self.rows, self.cols
+        sizes = (g.q_hi(rows) - g.q_lo(rows) + 1) * (g.k_hi(cols) - g.k_lo(cols) + 1)
+        total = int(sizes[self.full].sum())
+        partial = np.flatnonzero(~self.full)
+        if len(partial):
+            total += int(partial_masks(self, partial).sum())
+        return total
+
+
+def partial_masks(blocks: Blocks2D, which: np.ndarray, device="cpu") -> torch.Tensor:
+    """Element masks ``[len(which), BM, BN]`` of the given blocks (out-of-range elements False)."""
+    g = blocks.geom
+    rows, cols = blocks.rows[which], blocks.cols[which]
+    q = torch.from_numpy(g.q_lo(rows)).to(device)[:, None] + torch.arange(g.block_m, device=device)
+    k = torch.from_numpy(g.k_lo(cols)).to(device)[:, None] + torch.arange(g.block_n, device=device)
+    valid = (q < g.q_len)[:, :, None] & (k < g.kv_len)[:, None, :]
+    m = blocks.pattern.evaluate(0, 0, q.clamp_max(g.q_len - 1)[:, :, None], k.clamp_max(g.kv_len - 1)[:, None, :],
+                                g.q_len, g.kv_len)
+    return m & valid
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """A pattern's block layout at fixed lengths and block sizes.
+
+    Attributes:
+        groups: distinct 2-D layouts; ``group_index[b, h]`` says which one (batch, head) uses.
+        group_index: int array ``[Bm, Hm]``; ``Bm``/``Hm`` are 1 when the pattern does not
+            depend on the batch entry / head, else the batch size / number of heads.
+    """
+
+    pattern: P.Pattern
+    geom: Geometry
+    groups: tuple[Blocks2D, ...]
+    group_index: np.ndarray
+
+    q_len = property(lambda self: self.geom.q_len)
+    kv_len = property(lambda self: self.geom.kv_len)
+    block_m = property(lambda self: self.geom.block_m)
+    block_n = property(lambda self: self.geom.block_n)
+    num_q_blocks = property(lambda self: self.geom.nqb)
+    num_kv_blocks = property(lambda self: self.geom.nkb)
+
+    def group_for(self, b: int, h: int) -> Blocks2D:
+        gi = self.group_index
+        return self.groups[gi[b % gi.shape[0], h % gi.shape[1]]]
+
+    @property
+    def num_blocks(self) -> int:
+        """Non-empty blocks, summed over (batch, head) entries of ``group_index``."""
+        return int(sum(self.groups[i].num_blocks for i in self.group_index.reshape(-1)))
+
+    @property
+    def num_full(self) -> int:
+        return int(sum(self.groups[i].num_full for i in self.group_index.reshape(-1)))
+
+    @property
+    def num_partial(self) -> int:
+        return self.num_blocks - self.num_full
+
+    @property
+    def block_density(self) -> float:
+        """Fraction of block pairs that are computed."""
+        return self.num_blocks / (self.group_index.size * self.geom.nqb * self.geom.nkb)
+
+    def density(self) -> float:
+        """Fraction of (q, k) pairs allowed (exact)."""
+        allowed = sum(self.groups[i].allowed_pairs() for i in self.group_index.reshape(-1))
+        return allowed / (self.group_index.size * self.geom.q_len * self.geom.kv_len)
+
+    def block_kinds(self) -> np.ndarray:
+        """``[Bm, Hm, nqb, nkb]`` uint8 grid: 0 empty, 1 partial, 2 full (small layouts only)."""
+        g = self.geom
+        out = np.zeros(self.group_index.shape + (g.nqb, g.nkb), dtype=np.uint8)
+        for (bi, hi), gid in np.ndenumerate(self.group_index):
+            grp = self.groups[gid]
+            out[bi, hi, grp.rows, grp.cols] = np.where(grp.full, FULL, PARTIAL)
+        return out
+
+    # -- FlexAttention-compatible BCSR ---------------------------------------------------------
+    def bcsr(self, transposed: bool = False, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """FlexAttention-style tensors, ``[Bm, Hm, n]`` counts and ``[Bm, Hm, n, width]`` indices.
+
+        Keys: ``kv_num_blocks``/``kv_indices`` (partial blocks) and ``full_kv_num_blocks``/
+        ``full_kv_indices``; with ``transposed=True`` the ``q_*`` lists used by the backward
+        pass. Indices past each count are padding (0). ``width`` is the longest row, or
+        ``pad_to``.
+        """
+        g = self.geom
+        n_rows = g.nkb if transposed else g.nqb
+        per_group = []
+        for grp in self.groups:
+            if transposed:
+                ptr, idx, full = grp.csc
+            else:
+                ptr, idx, full = grp.row_ptr, grp.cols, grp.full
+            per_group.append(_ell(ptr, idx, full, n_rows))
+        width = max([1] + [max(p[1].shape[1], p[3].shape[1]) for p in per_group])
+        width = max(width, pad_to or 0)
+        Bm, Hm = self.group_index.shape
+        names = ("q" if transposed else "kv")
+        out = {f"{names}_num_blocks": torch.zeros(Bm, Hm, n_rows, dtype=torch.int32),
+               f"{names}_indices": torch.zeros(Bm, Hm, n_rows, width, dtype=torch.int32),
+               f"full_{names}_num_blocks": torch.zeros(Bm, Hm, n_rows, dtype=torch.int32),
+               f"full_{names}_indices": torch.zeros(Bm, Hm, n_rows, width, dtype=torch.int32)}
+        for (bi, hi), gid in np.ndenumerate(self.group_index):
+            pn, pi, fn, fi = per_group[gid]
+            out[f"{names}_num_blocks"][bi, hi] = torch.from_numpy(pn)
+            out[f"{names}_indices"][bi, hi, :, : pi.shape[1]] = torch.from_numpy(pi)
+            out[f"full_{names}_num_blocks"][bi, hi] = torch.from_numpy(fn)
+            out[f"full_{names}_indices"][bi, hi, :, : fi.shape[1]] = torch.from_numpy(fi)
+        return out
+
+    def to_block_mask(self):
+        """Export as a FlexAttention ``BlockMask`` (needs torch >= 2.5)."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        t = self.bcsr(pad_to=self.geom.nkb)
+        pat = self.pattern
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return pat.evaluate(b, h, q_idx, kv_idx, self.q_len, self.kv_len)
+
+        return BlockMask.from_kv_blocks(
+            t["kv_num_blocks"], t["kv_indices"], t["full_kv_num_blocks"], t["full_kv_indices"],
+            BLOCK_SIZE=(self.block_m, self.block_n), mask_mod=mask_mod,
+            seq_lengths=(self.q_len, self.kv_len))
+
+    @staticmethod
+    def from_block_mask(block_mask) -> BlockLayout:
+        """Import a FlexAttention ``BlockMask`` (its mask_mod becomes an opaque pattern)."""
+        bm, bn = block_mask.BLOCK_SIZE
+        q_len, kv_len = block_mask.seq_lengths
+        g = Geometry(int(q_len), int(kv_len), int(bm), int(bn))
+        pat = P.mask(block_mask.mask_mod)
+        num, idx = block_mask.kv_num_blocks.cpu().numpy(), block_mask.kv_indices.cpu().numpy()
+        has_full = block_mask.full_kv_num_blocks is not None
+        fnum = block_mask.full_kv_num_blocks.cpu().numpy() if has_full else np.zeros_like(num)
+        fidx = block_mask.full_kv_indices.cpu().numpy() if has_full else idx
+        Bm, Hm = num.shape[:2]
+        groups, gindex = [], np.zeros((Bm, Hm), dtype=np.int64)
+        for bi in range(Bm):
+            for hi in range(Hm):
+                rows, cols, kinds = [], [], []
+                for i in range(min(num.shape[2], g.nqb)):
+                    cp, cf = idx[bi, hi, i, : num[bi, hi, i]], fidx[bi, hi, i, : fnum[bi, hi, i]]
+                    rows += [i] * (len(cp) + len(cf))
+                    cols += list(cp) + list(cf)
+                    kinds += [PARTIAL] * len(cp) + [FULL] * len(cf)
+                bs = BlockSet.make(g, rows, cols, kinds)
+                gindex[bi, hi] = len(groups)
+                groups.append(_to_blocks2d(bs, pat.specialize(bi, hi)))
+        return BlockLayout(pat, g, tuple(groups), gindex)
+
+    def __repr__(self) -> str:
+        g = self.geom
+        return (f"BlockLayout({self.pattern!r}, q_len={g.q_len}, kv_len={g.kv_len}, "
+                f"block=({g.block_m}, {g.block_n}), blocks={self.num_blocks} "
+                f"(full {self.num_full}, partial {self.num_partial}), groups={len(self.groups)})")
+
+
+def _ell(ptr, idx, full, n_rows):
+    counts_p = np.zeros(n_rows, dtype=np.int64)
+    counts_f = np.zeros(n_rows, dtype=np.int64)
+    row_of = np.repeat(np.arange(n_rows), np.diff(ptr))
+    np.add.at(counts_p, row_of[~full], 1)
+    np.add.at(counts_f, row_of[full], 1)
+
+    def pack(sel, counts):
+        width = int(counts.max()) if n_rows else 0
+        out = np.zeros((n_rows, max(width, 1)), dtype=np.int32)
+        r = row_of[sel]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        pos = np.arange(len(r)) - starts[r]
+        out[r, pos] = idx[sel]
+        return out
+
+    return (counts_p.astype(np.int32), pack(~full, counts_p), counts_f.astype(np.int32), pack(full, counts_f))
+
+
+def _to_blocks2d(bs: BlockSet, pattern: P.Pattern) -> Blocks2D:
+    assert not (bs.kind == UNKNOWN).any(), "unrefined blocks in a final layout"
+    row_ptr = np.concatenate([[0], np.cumsum(np.bincount(bs.rows, minlength=bs.geom.nqb))])
+    return Blocks2D(bs.geom, pattern, row_ptr, bs.cols, bs.kind == FULL)
+
+
+def _check_blocks(block_m, block_n):
+    for name, v in (("block_m", block_m), ("block_n", block_n)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise LayoutError(f"{name}={v!r} must be a positive integer")
+
+
+@functools.lru_cache(maxsize=128)
+def build_layout(pattern: P.Pattern, q_len: int, kv_len: int, block_m: int = 64, block_n: int = 64,
+                 *, batch: int = 1, heads: int = 1) -> BlockLayout:
+    """Build (and cache) the exact block layout of a mask pattern.
+
+    Args:
+        pattern: a mask pattern.
+        q_len, kv_len: sequence lengths; need not be multiples of the block sizes.
+        block_m, block_n: query and key block sizes.
+        batch, heads: sizes used only when the pattern depends on the batch entry or head.
+    """
+    P._require_mask(pattern, "a block layout")
+    P._check_lengths(q_len, kv_len)
+    _check_blocks(block_m, block_n)
+    pattern.validate(q_len, kv_len)
+    g = Geometry(int(q_len), int(kv_len), int(block_m), int(block_n))
+    period = pattern.head_period
+    Hm = 1 if period == 1 else (heads if period is None else min(heads, period))
+    Bm = batch if pattern.batch_dependent else 1
+    groups: list[Blocks2D] = []
+    seen: dict[P.Pattern, int] = {}
+    gindex = np.zeros((Bm, Hm), dtype=np.int64)
+    for bi in range(Bm):
+        for hi in range(Hm):
+            spec = pattern.specialize(bi, hi)
+            if spec not in seen:
+                seen[spec] = len(groups)
+                groups.append(_to_blocks2d(block_set(spec, g, bi, hi), spec))
+            gindex[bi, hi] = seen[spec]
+    if period not in (None, 1) and heads > Hm:  # repeat the head cycle up to `heads`
+        gindex = gindex[:, np.arange(heads) % Hm]
+    return BlockLayout(pattern, g, tuple(groups), gindex)

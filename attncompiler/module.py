@@ -1,0 +1,83 @@
+"""The runtime: ``ac.compile(pattern)`` returns a ``torch.nn.Module`` that runs the program.
+
+Compilation lowers the pattern once (cached per pattern, backend and schedule); each call
+validates its inputs and fetches the layout for its lengths from the layout cache, so a new
+sequence length builds a new layout, never a new program or kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .errors import UnsupportedError
+from .inputs import check_qkv, default_scale
+from .pattern import Pattern
+from .program import Program, lower, run_passes
+from .schedule import Schedule
+
+
+def _resolve_backend(backend: str, device: torch.device | None = None) -> str:
+    if backend == "auto":
+        return "triton" if torch.cuda.is_available() and (device is None or device.type == "cuda") else "torch"
+    return backend
+
+
+@functools.lru_cache(maxsize=256)
+def compile_program(pattern: Pattern, schedule: Schedule | None = None) -> Program:
+    """Lower ``pattern`` through the default pass pipeline (cached)."""
+    return run_passes(lower(pattern, schedule), [])
+
+
+class CompiledAttention(torch.nn.Module):
+    """Attention of a compiled pattern: ``forward(q, k, v, scale=None) -> out``.
+
+    ``q`` is ``[B, H, Lq, D]``; ``k``, ``v`` are ``[B, Hkv, Lk, D]`` with ``H % Hkv == 0``.
+    The output has q's dtype and shape ``[B, H, Lq, Dv]``. ``return_lse=True`` also returns
+    the log-sum-exp ``[B, H, Lq]`` (float32; ``-inf`` for rows with no visible key).
+    """
+
+    def __init__(self, pattern: Pattern, backend: str = "auto", schedule: Schedule | None = None,
+                 check_finite: bool = True):
+        super().__init__()
+        from attncompiler.codegen.registry import BACKENDS
+
+        if backend != "auto" and backend not in BACKENDS:
+            raise UnsupportedError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+        self.pattern = pattern
+        self.backend = backend
+        self.program = compile_program(pattern, schedule)
+        self.check_finite = check_finite
+
+    def forward(self, q, k, v, scale: float | None = None, *, return_lse: bool = False, **stage_inputs):
+        from attncompiler.codegen.registry import RunContext, stage_impl
+
+        dims = check_qkv(q, k, v, check_finite=self.check_finite)
+        backend = _resolve_backend(self.backend, q.device)
+        ctx = RunContext(scale=default_scale(dims.head_dim, scale), batch=dims.batch, heads=dims.heads)
+        env = {"q": q, "k": k, "v": v, **stage_inputs}
+        for stage in self.program.stages:
+            env.update(stage_impl(backend, type(stage))(stage, env, ctx))
+        out = env["out"].to(q.dtype)
+        return (out, env.get("lse")) if return_lse else out
+
+    def extra_repr(self) -> str:
+        return f"pattern={self.pattern!r}, backend={self.backend!r}"
+
+
+def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | None = None,
+            check_finite: bool = True) -> CompiledAttention:
+    """Compile an attention pattern into a ``torch.nn.Module``.
+
+    Args:
+        pattern: any pattern built with the DSL or the catalogue.
+        backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
+        schedule: block sizes and tuning knobs; the default suits CPU and GPU.
+        check_finite: reject NaN/inf inputs with an :class:`InputError` (one extra pass over q/k/v).
+    """
+    if not isinstance(pattern, Pattern):
+        from .errors import PatternError
+
+        raise PatternError(f"compile() needs an attention pattern, got {type(pattern).__name__} {pattern!r}")
+    return CompiledAttention(pattern, backend, schedule, check_finite)

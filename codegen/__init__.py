@@ -1,0 +1,1 @@
+"""Backends: the PyTorch implementation of program stages and Triton code generation."""

@@ -1,0 +1,361 @@
+"""PyTorch implementation of the ``BlockSparseAttention`` stage: the fast path on CPU.
+
+How it is organized (per layout group, i.e. per distinct 2-D block layout):
+
+* **Plan** (cached per layout, schedule and batch*heads): query blocks are bucketed by their
+  number of non-empty key blocks, so rows of very different cost (global rows, causal rows)
+  never pad each other; each bucket is cut into chunks whose score tile stays near
+  ``schedule.tile_elems`` elements, and each chunk's key blocks into steps of at most
+  ``schedule.key_blocks_per_step`` blocks (merged by online softmax).
+* **Keys**: when a chunk's key blocks are an affine band (row ``r`` reads blocks
+  ``c0 + r*step + j``, as in sliding windows) they are a strided view of K; otherwise the
+  blocks are gathered once per chunk.
+* **Masks**: full blocks take no mask work; only partial blocks evaluate the pattern's predicate.
+* **GQA**: the query heads sharing one key/value head are folded into the rows of one matmul.
+* **Backward**: recomputes probabilities from the saved log-sum-exp (flash-attention style),
+  so memory stays O(L D) besides one chunk's tile; dk/dv are scatter-added per key block.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from attncompiler.layout import BlockLayout, Blocks2D
+from attncompiler.schedule import Schedule
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """One online-softmax step of a chunk: a slice of its key-block columns."""
+
+    c0: int
+    c1: int
+    affine: tuple[int, int] | None  # (first block, step between rows) when the band is strided
+    index: torch.Tensor  # [R * C] key-block ids (gather path and backward scatter)
+    needs_mask: bool
+    partial_r: torch.Tensor  # positions of partial blocks in the [R, C] grid
+    partial_c: torch.Tensor
+    full: torch.Tensor  # [R, C] bool
+
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """Query blocks processed together (same number of key blocks)."""
+
+    rows: np.ndarray
+    q_slice: tuple[int, int] | None  # consecutive rows: a slice of query blocks
+    q_index: torch.Tensor
+    cols: np.ndarray  # [R, C]
+    steps: tuple[Step, ...]
+
+
+@functools.lru_cache(maxsize=256)
+def make_plan(blocks: Blocks2D, schedule: Schedule, bh: int) -> tuple[Chunk, ...]:
+    """Bucket, chunk and step a 2-D layout for ``bh`` (batch * query heads) attention maps."""
+    g = blocks.geom
+    counts = np.diff(blocks.row_ptr)
+    ragged_k = g.kv_len % g.block_n != 0
+    chunks = []
+    for count in np.unique(counts[counts > 0]):
+        rows = np.flatnonzero(counts == count)
+        per_row_elems = bh * g.block_m * min(count, schedule.key_blocks_per_step) * g.block_n
+        rows_per_chunk = max(1, schedule.tile_elems // per_row_elems)
+        for start in range(0, len(rows), rows_per_chunk):
+            r = rows[start:start + rows_per_chunk]
+            sel = blocks.row_ptr[r][:, None] + np.arange(count)  # [R, C] positions in CSR
+            cols, full = blocks.cols[sel], blocks.full[sel]
+            steps = []
+            for c0 in range(0, count, schedule.key_blocks_per_step):
+                c1 = min(count, c0 + schedule.key_blocks_per_step)
+                sc, sf = cols[:, c0:c1], full[:, c0:c1]
+                pr, pc = np.nonzero(~sf)
+                has_last = ragged_k and bool((sc == g.nkb - 1).any())
+                steps.append(Step(c0, c1, _affine(sc), torch.from_numpy(sc.reshape(-1).copy()),
+                                  bool(len(pr)) or has_last, torch.from_numpy(pr), torch.from_numpy(pc),
+                                  torch.from_numpy(sf.copy())))
+            consecutive = bool((np.diff(r) == 1).all())
+            chunks.append(Chunk(r, (int(r[0]), int(r[-1]) + 1) if consecutive else None,
+                                torch.from_numpy(r.copy()), cols, tuple(steps)))
+    return tuple(chunks)
+
+
+def _affine(cols: np.ndarray) -> tuple[int, int] | None:
+    """``(c0, step)`` when ``cols[r, j] == c0 + r * step + j`` for every entry, else None."""
+    R, C = cols.shape
+    if C > 1 and not (np.diff(cols, axis=1) == 1).all():
+        return None
+    first = cols[:, 0]
+    step = int(first[1] - first[0]) if R > 1 else 1
+    if step < 0 or (R > 1 and not (np.diff(first) == step).all()):
+        return None
+    return int(first[0]), step
+
+
+class _Operands:
+    """q/k/v padded to whole blocks and viewed block-wise, in the compute dtype."""
+
+    def __init__(self, q, k, v, g, scale, compute_dtype):
+        B, H, Lq, D = q.shape
+        Hkv = k.shape[1]
+        self.G = H // Hkv
+        self.B, self.Hkv, self.D, self.Dv = B, Hkv, D, v.shape[-1]
+        self.nqb, self.nkb = g.nqb, g.nkb
+        self.bm, self.bn = g.block_m, g.block_n
+        qs = q.to(compute_dtype) * scale
+        self.q = _pad_len(qs, g.nqb * g.block_m).view(B, Hkv, self.G, g.nqb, g.block_m, D)
+        self.k = _pad_len(k.to(compute_dtype), g.nkb * g.block_n).contiguous().view(B, Hkv, g.nkb, g.block_n, D)
+        self.v = _pad_len(v.to(compute_dtype), g.nkb * g.block_n).contiguous().view(B, Hkv, g.nkb, g.block_n, self.Dv)
+
+    def rows(self, t: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """``[B, Hkv, G, nqb, bm, X]`` -> chunk rows folded with G: ``[B, Hkv, R, G*bm, X]``."""
+        if chunk.q_slice is not None:
+            sub = t[:, :, :, chunk.q_slice[0]:chunk.q_slice[1]]
+        else:
+            sub = t.index_select(3, chunk.q_index)
+        B, Hkv, G, R, bm, X = sub.shape
+        return sub.permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, R, G * bm, X)
+
+    def keys(self, blocks_view: torch.Tensor, step: Step, R: int) -> torch.Tensor:
+        """Key (or value) blocks of a step as ``[B, Hkv, R, C*bn, X]``."""
+        C = step.c1 - step.c0
+        B, Hkv, _, bn, X = blocks_view.shape
+        if step.affine is not None:
+            c0, st = step.affine
+            sB, sH, sK, sN, sX = blocks_view.stride()
+            return blocks_view.as_strided((B, Hkv, R, C * bn, X), (sB, sH, st * sK, sN, sX),
+                                          blocks_view.storage_offset() + c0 * sK)
+        return blocks_view.index_select(2, step.index).view(B, Hkv, R, C * bn, X)
+
+
+def _pad_len(t: torch.Tensor, n: int) -> torch.Tensor:
+    L = t.shape[2]
+    return t if L == n else torch.nn.functional.pad(t, (0, 0, 0, n - L))
+
+
+def _step_mask(blocks: Blocks2D, chunk: Chunk, step: Step, device) -> torch.Tensor:
+    """``[R, bm, C*bn]`` bool: full blocks True, partial blocks from the predicate, padding False."""
+    g = blocks.geom
+    R, C = len(chunk.rows), step.c1 - step.c0
+    m = step.full.to(device)[:, None, :, None].expand(R, g.block_m, C, g.block_n).contiguous()
+    if len(step.partial_r):
+        pr, pc = step.partial_r.numpy(), step.partial_c.numpy()
+        q = torch.from_numpy(chunk.rows[pr] * g.block_m)[:, None] + torch.arange(g.block_m)  # [P, bm]
+        k = torch.from_numpy(chunk.cols[pr, step.c0 + pc] * g.block_n)[:, None] + torch.arange(g.block_n)
+        em = blocks.pattern.evaluate(0, 0, q.clamp_max(g.q_len - 1)[:, :, None],
+                                     k.clamp_max(g.kv_len - 1)[:, None, :], g.q_len, g.kv_len)  # [P, bm, bn]
+        m.permute(0, 2, 1, 3)[step.partial_r.to(device), step.partial_c.to(device)] = em.to(device)
+    m = m.view(R, g.block_m, C * g.block_n)
+    if g.kv_len % g.block_n:
+        k_pos = (torch.from_numpy(chunk.cols[:, step.c0:step.c1]) * g.block_n)[:, :, None] + torch.arange(g.block_n)
+        m &= (k_pos.view(R, 1, C * g.block_n) < g.kv_len).to(device)
+    return m
+
+
+def _masked_scores(ops: _Operands, blocks, chunk, step, qt, masks) -> torch.Tensor:
+    R = len(chunk.rows)
+    K = ops.keys(ops.k, step, R)
+    s = torch.matmul(qt, K.transpose(-1, -2))  # [B, Hkv, R, G*bm, C*bn]
+    if step.needs_mask:
+        key = (id(chunk), step.c0)
+        m = masks.get(key)
+        if m is None:
+            m = masks[key] = _step_mask(blocks, chunk, step, s.device)
+        B, Hkv = s.shape[:2]
+        s.view(B, Hkv, R, ops.G, ops.bm, -1).masked_fill_(~m[:, None], NEG_INF)
+    return s
+
+
+def forward_group(blocks: Blocks2D, plan, ops: _Operands, out, lse, masks) -> None:
+    """Fill ``out [B,Hkv,G,nqb,bm,Dv]`` and ``lse [B,Hkv,G,nqb,bm,1]`` for one layout group."""
+    for chunk in plan:
+        qt = ops.rows(ops.q, chunk)
+        R = len(chunk.rows)
+        m_run = l_run = acc = None
+        for step in chunk.steps:
+            s = _masked_scores(ops, blocks, chunk, step, qt, masks)
+            m = s.amax(dim=-1, keepdim=True)
+            m = torch.where(m == NEG_INF, torch.zeros_like(m), m)
+            p = s.sub_(m).exp_()  # in place: s is dead after this
+            l = p.sum(dim=-1, keepdim=True)
+            o = torch.matmul(p, ops.keys(ops.v, step, R))  # [B, Hkv, R, G*bm, Dv]
+            if acc is None:
+                m_run, l_run, acc = m, l, o
+            else:  # online softmax merge of two partial results
+                m_new = torch.maximum(m_run, m)
+                a, b = torch.exp(m_run - m_new), torch.exp(m - m_new)
+                acc = acc * a + o * b
+                l_run = l_run * a + l * b
+                m_run = m_new
+        o = acc / torch.where(l_run == 0, torch.ones_like(l_run), l_run)
+        row_lse = torch.where(l_run == 0, torch.full_like(l_run, NEG_INF), m_run + torch.log(l_run))
+        _scatter_rows(out, o, chunk, ops)
+        _scatter_rows(lse, row_lse, chunk, ops)
+
+
+def _scatter_rows(dst: torch.Tensor, val: torch.Tensor, chunk: Chunk, ops: _Operands) -> None:
+    B, Hkv, R, _, X = val.shape
+    val = val.view(B, Hkv, R, ops.G, ops.bm, X).permute(0, 1, 3, 2, 4, 5)
+    if chunk.q_slice is not None:
+        dst[:, :, :, chunk.q_slice[0]:chunk.q_slice[1]] = val
+    else:
+        dst.index_copy_(3, chunk.q_index, val)
+
+
+def backward_group(blocks: Blocks2D, plan, ops: _Operands, dout, lse, delta, dq, dk, dv, masks) -> None:
+    """Accumulate dq (block rows), dk, dv ``[B,Hkv,nkb,bn,X]`` for one layout group."""
+    for chunk in plan:
+        R = len(chunk.rows)
+        qt = ops.rows(ops.q, chunk)
+        do = ops.rows(dout, chunk)
+        row_lse = ops.rows(lse, chunk)
+        row_delta = ops.rows(delta, chunk)
+        safe_lse = torch.where(row_lse == NEG_INF, torch.zeros_like(row_lse), row_lse)
+        dq_acc = None
+        for step in chunk.steps:
+            s = _masked_scores(ops, blocks, chunk, step, qt, masks)
+            p = s.sub_(safe_lse).exp_()  # [B, Hkv, R, G*bm, C*bn]
+            V = ops.keys(ops.v, step, R)
+            K = ops.keys(ops.k, step, R)
+            dp = torch.matmul(do, V.transpose(-1, -2))
+            ds = dp.sub_(row_delta).mul_(p)
+            part = torch.matmul(ds, K)  # [B, Hkv, R, G*bm, D]
+            dq_acc = part if dq_acc is None else dq_acc + part
+            C = step.c1 - step.c0
+            dk_t = torch.matmul(ds.transpose(-1, -2), qt)  # [B, Hkv, R, C*bn, D]
+            dv_t = torch.matmul(p.transpose(-1, -2), do)  # [B, Hkv, R, C*bn, Dv]
+            B, Hkv = dk_t.shape[:2]
+            dk.index_add_(2, step.index.to(dk.device), dk_t.reshape(B, Hkv, R * C, ops.bn, ops.D))
+            dv.index_add_(2, step.index.to(dv.device), dv_t.reshape(B, Hkv, R * C, ops.bn, ops.Dv))
+        _scatter_rows(dq, dq_acc, chunk, ops)
+
+
+def _groups(layout: BlockLayout, B: int, H: int):
+    """Yield (blocks, batch slice or index, head indices) covering every (b, h) once."""
+    gi = layout.group_index
+    if len(layout.groups) == 1:
+        yield layout.groups[0], None, None
+        return
+    for b in range(B):
+        for h in range(H):
+            yield layout.group_for(b, h), b, h
+
+
+class BlockSparseAttentionFn(torch.autograd.Function):
+    """Differentiable block-sparse attention over a :class:`BlockLayout`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: BlockLayout, schedule: Schedule, scale: float):
+        out, lse = _run_forward(q, k, v, layout, schedule, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.schedule, ctx.scale = layout, schedule, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _run_backward(q, k, v, out, lse, dout, ctx.layout, ctx.schedule, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _split_by_group(layout, q, k, v, fn):
+    """Run ``fn(blocks, q, k, v)`` per group; single-group layouts run on everything at once."""
+    B, H = q.shape[:2]
+    G = H // k.shape[1]
+    results = []
+    for blocks, b, h in _groups(layout, B, H):
+        if b is None:
+            results.append((None, None, fn(blocks, q, k, v)))
+        else:
+            kh = h // G
+            results.append((b, h, fn(blocks, q[b:b + 1, h:h + 1], k[b:b + 1, kh:kh + 1], v[b:b + 1, kh:kh + 1])))
+    return results
+
+
+def _run_forward(q, k, v, layout, schedule, scale):
+    cdt = _compute_dtype(q.dtype)
+    B, H, Lq, _ = q.shape
+    out = q.new_zeros((B, H, Lq, v.shape[-1]))
+    lse = torch.full((B, H, Lq), NEG_INF, dtype=cdt, device=q.device)
+
+    def one(blocks, qq, kk, vv):
+        g = blocks.geom
+        ops = _Operands(qq, kk, vv, g, scale, cdt)
+        o = torch.zeros(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.Dv, dtype=cdt, device=q.device)
+        l = torch.full((ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, 1), NEG_INF, dtype=cdt, device=q.device)
+        plan = make_plan(blocks, schedule, qq.shape[0] * qq.shape[1])
+        forward_group(blocks, plan, ops, o, l, {})
+        Bq, Hq = qq.shape[:2]
+        return (o.view(Bq, Hq, g.nqb * g.block_m, ops.Dv)[:, :, :Lq],
+                l.view(Bq, Hq, g.nqb * g.block_m)[:, :, :Lq])
+
+    for b, h, (o, l) in _split_by_group(layout, q, k, v, one):
+        if b is None:
+            out.copy_(o)
+            lse.copy_(l)
+        else:
+            out[b, h] = o[0, 0]
+            lse[b, h] = l[0, 0]
+    return out, lse
+
+
+def _run_backward(q, k, v, out, lse, dout, layout, schedule, scale):
+    cdt = _compute_dtype(q.dtype)
+    delta_all = (dout.to(cdt) * out.to(cdt)).sum(-1)  # [B, H, Lq]
+    dq_all = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    dk_all = torch.zeros(k.shape, dtype=cdt, device=q.device)
+    dv_all = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    B, H, Lq, _ = q.shape
+
+    def one(blocks, qq, kk, vv, bsl, hsl):
+        g = blocks.geom
+        ops = _Operands(qq, kk, vv, g, scale, cdt)
+        Bq, Hq = qq.shape[:2]
+
+        def rows_view(t, X):
+            t = _pad_len(t.to(cdt).reshape(Bq, Hq, Lq, X), g.nqb * g.block_m)
+            return t.view(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, X)
+
+        do = rows_view(dout[bsl, hsl], ops.Dv)
+        ls = rows_view(lse[bsl, hsl][..., None], 1)
+        de = rows_view(delta_all[bsl, hsl][..., None], 1)
+        dq = torch.zeros(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.D, dtype=cdt, device=q.device)
+        dk = torch.zeros(ops.B, ops.Hkv, g.nkb, g.block_n, ops.D, dtype=cdt, device=q.device)
+        dv = torch.zeros(ops.B, ops.Hkv, g.nkb, g.block_n, ops.Dv, dtype=cdt, device=q.device)
+        plan = make_plan(blocks, schedule, Bq * Hq)
+        backward_group(blocks, plan, ops, do, ls, de, dq, dk, dv, {})
+        Lk = kk.shape[2]
+        return (dq.view(Bq, Hq, -1, ops.D)[:, :, :Lq] * scale,
+                dk.view(ops.B, ops.Hkv, -1, ops.D)[:, :, :Lk],
+                dv.view(ops.B, ops.Hkv, -1, ops.Dv)[:, :, :Lk])
+
+    G = H // k.shape[1]
+    if len(layout.groups) == 1:
+        dq, dk, dv = one(layout.groups[0], q, k, v, slice(None), slice(None))
+        dq_all, dk_all, dv_all = dq, dk, dv
+    else:
+        for b in range(B):
+            for h in range(H):
+                kh = h // G
+                dq, dk, dv = one(layout.group_for(b, h), q[b:b + 1, h:h + 1], k[b:b + 1, kh:kh + 1],
+                                 v[b:b + 1, kh:kh + 1], slice(b, b + 1), slice(h, h + 1))
+                dq_all[b, h] = dq[0, 0]
+                dk_all[b, kh] += dk[0, 0]
+                dv_all[b, kh] += dv[0, 0]
+    return dq_all.to(q.dtype), dk_all.to(k.dtype), dv_all.to(v.dtype)
+
+
+def block_sparse_attention(q, k, v, layout: BlockLayout, schedule: Schedule, scale: float):
+    """``(out [B,H,Lq,Dv], lse [B,H,Lq])`` of the layout's pattern; differentiable in q, k, v."""
+    out, lse = BlockSparseAttentionFn.apply(q, k, v, layout, schedule, scale)
+    return out, lse

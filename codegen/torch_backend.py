@@ -1,0 +1,17 @@
+"""Registers the PyTorch implementations of program stages."""
+
+from __future__ import annotations
+
+from attncompiler.program import BlockSparseAttention
+
+from .registry import RunContext, register_stage
+from .torch_attention import block_sparse_attention
+
+
+@register_stage("torch", BlockSparseAttention)
+def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) -> dict:
+    q, k, v = (env[n] for n in stage.inputs)
+    s = stage.schedule
+    layout = stage.pattern.layout(q.shape[2], k.shape[2], s.block_m, s.block_n, batch=ctx.batch, heads=ctx.heads)
+    out, lse = block_sparse_attention(q, k, v, layout, s, ctx.scale)
+    return dict(zip(stage.outputs, (out, lse)))

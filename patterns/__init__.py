@@ -1,0 +1,1 @@
+"""Catalogue of named attention patterns, written with the public DSL only."""
