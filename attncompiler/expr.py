@@ -27,15 +27,16 @@ BOOL = "bool"
 
 # op name -> (python symbol for repr, precedence, result kind or None = same as operands)
 _BINOPS: dict[str, tuple[str, int, str | None]] = {
-    "or": ("|", 1, None),
-    "xor": ("^", 2, None),
-    "and": ("&", 3, None),
-    "eq": ("==", 4, BOOL),
-    "ne": ("!=", 4, BOOL),
-    "lt": ("<", 4, BOOL),
-    "le": ("<=", 4, BOOL),
-    "gt": (">", 4, BOOL),
-    "ge": (">=", 4, BOOL),
+    # Python's precedence, so that repr() reads as (and parses as) the code that builds it.
+    "eq": ("==", 1, BOOL),
+    "ne": ("!=", 1, BOOL),
+    "lt": ("<", 1, BOOL),
+    "le": ("<=", 1, BOOL),
+    "gt": (">", 1, BOOL),
+    "ge": (">=", 1, BOOL),
+    "or": ("|", 2, None),
+    "xor": ("^", 3, None),
+    "and": ("&", 4, None),
     "add": ("+", 6, INT),
     "sub": ("-", 6, INT),
     "mul": ("*", 7, INT),
@@ -462,7 +463,8 @@ INDEX_VARS = (B, H, Q, KV)
 
 def _paren(e: Expr, prec: int, right: bool) -> str:
     p = e.precedence()
-    if p < prec or (right and p == prec and p < 9):
+    # Comparisons chain in Python (a < b == c), so a comparison operand is always wrapped.
+    if p < prec or (p == prec == 1) or (right and p == prec and p < 9):
         return f"({e!r})"
     return repr(e)
 
