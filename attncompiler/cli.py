@@ -14,7 +14,11 @@ from .errors import AttnCompilerError
 
 # Modules contributing subcommands (each defines ``register(subparsers)``).
 COMMAND_MODULES = (
-    "attncompiler.cli_patterns",   # list, show, verify, bench
+    "attncompiler.cli_patterns",     # list, show, verify, bench
+    "attncompiler.cli_analysis",     # analyze, compare
+    "attncompiler.cli_codegen",      # compile --emit, explain
+    "attncompiler.cli_distributed",  # plan
+    "attncompiler.cli_reuse",        # similarity
 )
 
 

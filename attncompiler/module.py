@@ -62,8 +62,29 @@ class CompiledAttention(torch.nn.Module):
         out = env["out"].to(q.dtype)
         return (out, env.get("lse")) if return_lse else out
 
+    def reference(self, q, k, v, scale: float | None = None, **kwargs):
+        """The float64 oracle for this module's computation (families with learned parameters
+        override this to pass them to :func:`attncompiler.reference`)."""
+        from .reference import reference
+
+        return reference(self.pattern, q, k, v, scale, **kwargs)
+
     def extra_repr(self) -> str:
         return f"pattern={self.pattern!r}, backend={self.backend!r}"
+
+
+_MODULES: dict[str, type] = {}
+
+
+def register_module(family: str):
+    """Register a :class:`CompiledAttention` subclass that ``compile`` builds for a family
+    (e.g. one holding learned parameters such as ABC's control projection)."""
+
+    def deco(cls):
+        _MODULES[family] = cls
+        return cls
+
+    return deco
 
 
 def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | None = None,
@@ -80,4 +101,5 @@ def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | Non
         from .errors import PatternError
 
         raise PatternError(f"compile() needs an attention pattern, got {type(pattern).__name__} {pattern!r}")
-    return CompiledAttention(pattern, backend, schedule, check_finite)
+    cls = _MODULES.get(pattern.family, CompiledAttention)
+    return cls(pattern, backend, schedule, check_finite)

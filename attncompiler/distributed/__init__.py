@@ -1,0 +1,1 @@
+"""Distributed multi-head attention on torch.distributed."""
