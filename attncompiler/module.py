@@ -55,7 +55,8 @@ class CompiledAttention(torch.nn.Module):
 
         dims = check_qkv(q, k, v, check_finite=self.check_finite)
         backend = _resolve_backend(self.backend, q.device)
-        ctx = RunContext(scale=default_scale(dims.head_dim, scale), batch=dims.batch, heads=dims.heads)
+        ctx = RunContext(scale=default_scale(dims.head_dim, scale), batch=dims.batch, heads=dims.heads,
+                         extra={"need_lse": return_lse})
         env = {"q": q, "k": k, "v": v, **stage_inputs}
         for stage in self.program.stages:
             env.update(stage_impl(backend, type(stage))(stage, env, ctx))

@@ -21,8 +21,8 @@ class Schedule:
         kernel_block_m, kernel_block_n: tile sizes of a generated kernel; they must divide the
             layout's block sizes (None: equal to them).
         num_warps, num_stages: Triton launch parameters.
-        tile_elems: the torch backend processes query blocks in chunks whose score tile holds
-            about this many elements (keeps tiles in cache, bounds memory).
+        tile_elems: the torch backend processes query blocks in chunks whose per-head score
+            tile holds about this many elements (1 MiB in fp32 by default: stays in cache).
         key_blocks_per_step: the most key blocks one online-softmax step covers; longer rows
             (global rows, causal rows at large L) are split and merged by log-sum-exp.
     """
@@ -33,7 +33,7 @@ class Schedule:
     kernel_block_n: int | None = None
     num_warps: int = 4
     num_stages: int = 2
-    tile_elems: int = 1 << 21
+    tile_elems: int = 1 << 18
     key_blocks_per_step: int = 64
 
     def __post_init__(self):

@@ -19,6 +19,7 @@ How it is organized (per layout group, i.e. per distinct 2-D block layout):
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,15 +57,16 @@ class Chunk:
 
 
 @functools.lru_cache(maxsize=256)
-def make_plan(blocks: Blocks2D, schedule: Schedule, bh: int) -> tuple[Chunk, ...]:
-    """Bucket, chunk and step a 2-D layout for ``bh`` (batch * query heads) attention maps."""
+def make_plan(blocks: Blocks2D, schedule: Schedule, group: int) -> tuple[Chunk, ...]:
+    """Bucket, chunk and step a 2-D layout; ``group`` query heads share each key/value head
+    (their rows are folded into one matmul, so they count towards the tile size)."""
     g = blocks.geom
     counts = np.diff(blocks.row_ptr)
     ragged_k = g.kv_len % g.block_n != 0
     chunks = []
     for count in np.unique(counts[counts > 0]):
         rows = np.flatnonzero(counts == count)
-        per_row_elems = bh * g.block_m * min(count, schedule.key_blocks_per_step) * g.block_n
+        per_row_elems = group * g.block_m * min(count, schedule.key_blocks_per_step) * g.block_n
         rows_per_chunk = max(1, schedule.tile_elems // per_row_elems)
         for start in range(0, len(rows), rows_per_chunk):
             r = rows[start:start + rows_per_chunk]
@@ -113,16 +115,14 @@ class _Operands:
         self.v = _pad_len(v.to(compute_dtype), g.nkb * g.block_n).contiguous().view(B, Hkv, g.nkb, g.block_n, self.Dv)
 
     def rows(self, t: torch.Tensor, chunk: Chunk) -> torch.Tensor:
-        """``[B, Hkv, G, nqb, bm, X]`` -> chunk rows folded with G: ``[B, Hkv, R, G*bm, X]``."""
+        """``[B, Hkv, G, nqb, bm, X]`` -> the chunk's rows ``[B, Hkv, G, R, bm, X]`` (a view if consecutive)."""
         if chunk.q_slice is not None:
-            sub = t[:, :, :, chunk.q_slice[0]:chunk.q_slice[1]]
-        else:
-            sub = t.index_select(3, chunk.q_index)
-        B, Hkv, G, R, bm, X = sub.shape
-        return sub.permute(0, 1, 3, 2, 4, 5).reshape(B, Hkv, R, G * bm, X)
+            return t[:, :, :, chunk.q_slice[0]:chunk.q_slice[1]]
+        return t.index_select(3, chunk.q_index)
 
     def keys(self, blocks_view: torch.Tensor, step: Step, R: int) -> torch.Tensor:
-        """Key (or value) blocks of a step as ``[B, Hkv, R, C*bn, X]``."""
+        """Key (or value) blocks of a step as ``[B, Hkv, R, C*bn, X]``: a strided view for
+        affine bands (no copy; per-head slices are plain 3-D strided matrices), else a gather."""
         C = step.c1 - step.c0
         B, Hkv, _, bn, X = blocks_view.shape
         if step.affine is not None:
@@ -133,9 +133,48 @@ class _Operands:
         return blocks_view.index_select(2, step.index).view(B, Hkv, R, C * bn, X)
 
 
+def _fold(t: torch.Tensor) -> torch.Tensor:
+    """``[G, R, bm, X]`` -> ``[R, G*bm, X]`` (GQA heads folded into rows; a view when G == 1)."""
+    G, R, bm, X = t.shape
+    return t[0] if G == 1 else t.permute(1, 0, 2, 3).reshape(R, G * bm, X)
+
+
+def _unfold_into(dst: torch.Tensor, val: torch.Tensor) -> None:
+    """Write ``[R, G*bm, X]`` into a ``[G, R, bm, X]`` destination."""
+    G, R, bm, X = dst.shape
+    dst.copy_(val.view(R, G, bm, X).transpose(0, 1))
+
+
 def _pad_len(t: torch.Tensor, n: int) -> torch.Tensor:
     L = t.shape[2]
     return t if L == n else torch.nn.functional.pad(t, (0, 0, 0, n - L))
+
+
+# Additive masks (0 / -inf) are cached per step while their total size stays under this.
+_BIAS_CACHE_BYTES = 256 << 20
+_bias_cache: dict[int, torch.Tensor] = {}
+_bias_cache_used = [0]
+
+
+def _step_bias(blocks: Blocks2D, chunk: Chunk, step: Step, dtype, device) -> torch.Tensor:
+    """``[R, bm, C*bn]`` additive mask: 0 where allowed, -inf elsewhere (partial blocks and padding)."""
+    key = id(step)
+    bias = _bias_cache.get(key)
+    if bias is not None and bias.dtype == dtype and bias.device == device:
+        return bias
+    bias = torch.zeros(_step_mask(blocks, chunk, step, device).shape, dtype=dtype, device=device)
+    bias.masked_fill_(~_step_mask(blocks, chunk, step, device), NEG_INF)
+    size = bias.numel() * bias.element_size()
+    if _bias_cache_used[0] + size <= _BIAS_CACHE_BYTES:
+        _bias_cache[key] = bias
+        _bias_cache_used[0] += size
+        weakref.finalize(step, _forget_bias, key, size)
+    return bias
+
+
+def _forget_bias(key: int, size: int) -> None:
+    if _bias_cache.pop(key, None) is not None:
+        _bias_cache_used[0] -= size
 
 
 def _step_mask(blocks: Blocks2D, chunk: Chunk, step: Step, device) -> torch.Tensor:
@@ -157,82 +196,100 @@ def _step_mask(blocks: Blocks2D, chunk: Chunk, step: Step, device) -> torch.Tens
     return m
 
 
-def _masked_scores(ops: _Operands, blocks, chunk, step, qt, masks) -> torch.Tensor:
-    R = len(chunk.rows)
-    K = ops.keys(ops.k, step, R)
-    s = torch.matmul(qt, K.transpose(-1, -2))  # [B, Hkv, R, G*bm, C*bn]
-    if step.needs_mask:
-        key = (id(chunk), step.c0)
-        m = masks.get(key)
-        if m is None:
-            m = masks[key] = _step_mask(blocks, chunk, step, s.device)
-        B, Hkv = s.shape[:2]
-        s.view(B, Hkv, R, ops.G, ops.bm, -1).masked_fill_(~m[:, None], NEG_INF)
+def _scores(q: torch.Tensor, K: torch.Tensor, bias: torch.Tensor | None, G: int) -> torch.Tensor:
+    """``q [R, G*bm, D] @ K[R, C*bn, D]^T`` plus the step's additive mask ``[R, bm, C*bn]``."""
+    if bias is None:
+        return torch.bmm(q, K.transpose(1, 2))
+    if G == 1:
+        return torch.baddbmm(bias, q, K.transpose(1, 2))
+    s = torch.bmm(q, K.transpose(1, 2))
+    R, GM, N = s.shape
+    s.view(R, G, GM // G, N).add_(bias[:, None])
     return s
 
 
-def forward_group(blocks: Blocks2D, plan, ops: _Operands, out, lse, masks) -> None:
-    """Fill ``out [B,Hkv,G,nqb,bm,Dv]`` and ``lse [B,Hkv,G,nqb,bm,1]`` for one layout group."""
+def forward_group(blocks: Blocks2D, plan, ops: _Operands, out, lse) -> None:
+    """Fill ``out [B,Hkv,G,nqb,bm,Dv]`` and (if given) ``lse [B,Hkv,G,nqb,bm,1]`` for one group.
+
+    Without ``lse`` (inference), single-step rows use the fused ``torch.softmax``.
+    """
+    G = ops.G
     for chunk in plan:
-        qt = ops.rows(ops.q, chunk)
         R = len(chunk.rows)
-        m_run = l_run = acc = None
-        for step in chunk.steps:
-            s = _masked_scores(ops, blocks, chunk, step, qt, masks)
-            m = s.amax(dim=-1, keepdim=True)
-            m = torch.where(m == NEG_INF, torch.zeros_like(m), m)
-            p = s.sub_(m).exp_()  # in place: s is dead after this
-            l = p.sum(dim=-1, keepdim=True)
-            o = torch.matmul(p, ops.keys(ops.v, step, R))  # [B, Hkv, R, G*bm, Dv]
-            if acc is None:
-                m_run, l_run, acc = m, l, o
-            else:  # online softmax merge of two partial results
-                m_new = torch.maximum(m_run, m)
-                a, b = torch.exp(m_run - m_new), torch.exp(m - m_new)
-                acc = acc * a + o * b
-                l_run = l_run * a + l * b
-                m_run = m_new
-        o = acc / torch.where(l_run == 0, torch.ones_like(l_run), l_run)
-        row_lse = torch.where(l_run == 0, torch.full_like(l_run, NEG_INF), m_run + torch.log(l_run))
-        _scatter_rows(out, o, chunk, ops)
-        _scatter_rows(lse, row_lse, chunk, ops)
+        Ks = [ops.keys(ops.k, st, R) for st in chunk.steps]
+        Vs = [ops.keys(ops.v, st, R) for st in chunk.steps]
+        biases = [_step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
+                  for st in chunk.steps]
+        q_rows = ops.rows(ops.q, chunk)  # [B, Hkv, G, R, bm, D]
+        for b in range(ops.B):
+            for h in range(ops.Hkv):
+                qt = _fold(q_rows[b, h])  # [R, G*bm, D]
+                if lse is None and len(chunk.steps) == 1:
+                    p = torch.softmax(_scores(qt, Ks[0][b, h], biases[0], G), dim=-1)
+                    o = torch.bmm(p, Vs[0][b, h]).nan_to_num_(0.0)  # rows with no key: 0
+                    _write_rows(out[b, h], o, chunk)
+                    continue
+                m_run = l_run = acc = None
+                for i in range(len(chunk.steps)):
+                    s = _scores(qt, Ks[i][b, h], biases[i], G)  # [R, G*bm, C*bn]
+                    m = s.amax(dim=-1, keepdim=True)
+                    m.masked_fill_(m == NEG_INF, 0.0)
+                    p = s.sub_(m).exp_()
+                    l = p.sum(dim=-1, keepdim=True)
+                    o = torch.bmm(p, Vs[i][b, h])  # [R, G*bm, Dv]
+                    if acc is None:
+                        m_run, l_run, acc = m, l, o
+                    else:  # online softmax: merge two partial results
+                        m_new = torch.maximum(m_run, m)
+                        a, c = torch.exp(m_run - m_new), torch.exp(m - m_new)
+                        acc = acc.mul_(a).add_(o.mul_(c))
+                        l_run = l_run * a + l * c
+                        m_run = m_new
+                empty = l_run == 0
+                acc.div_(l_run.masked_fill(empty, 1.0))
+                _write_rows(out[b, h], acc, chunk)
+                if lse is not None:
+                    row_lse = (m_run + torch.log(l_run)).masked_fill_(empty, NEG_INF)
+                    _write_rows(lse[b, h], row_lse, chunk)
 
 
-def _scatter_rows(dst: torch.Tensor, val: torch.Tensor, chunk: Chunk, ops: _Operands) -> None:
-    B, Hkv, R, _, X = val.shape
-    val = val.view(B, Hkv, R, ops.G, ops.bm, X).permute(0, 1, 3, 2, 4, 5)
+def _write_rows(dst: torch.Tensor, val: torch.Tensor, chunk: Chunk) -> None:
+    """Write ``[R, G*bm, X]`` into the chunk's rows of ``dst [G, nqb, bm, X]``."""
     if chunk.q_slice is not None:
-        dst[:, :, :, chunk.q_slice[0]:chunk.q_slice[1]] = val
+        _unfold_into(dst[:, chunk.q_slice[0]:chunk.q_slice[1]], val)
     else:
-        dst.index_copy_(3, chunk.q_index, val)
+        G, _, bm, X = dst.shape
+        R = val.shape[0]
+        dst.index_copy_(1, chunk.q_index, val.view(R, G, bm, X).transpose(0, 1))
 
 
-def backward_group(blocks: Blocks2D, plan, ops: _Operands, dout, lse, delta, dq, dk, dv, masks) -> None:
-    """Accumulate dq (block rows), dk, dv ``[B,Hkv,nkb,bn,X]`` for one layout group."""
+def backward_group(blocks: Blocks2D, plan, ops: _Operands, dout, lse, delta, dq, dk, dv) -> None:
+    """Accumulate dq ``[B,Hkv,G,nqb,bm,D]`` and dk, dv ``[B,Hkv,nkb,bn,X]`` for one group."""
+    G = ops.G
     for chunk in plan:
         R = len(chunk.rows)
-        qt = ops.rows(ops.q, chunk)
-        do = ops.rows(dout, chunk)
-        row_lse = ops.rows(lse, chunk)
-        row_delta = ops.rows(delta, chunk)
-        safe_lse = torch.where(row_lse == NEG_INF, torch.zeros_like(row_lse), row_lse)
-        dq_acc = None
-        for step in chunk.steps:
-            s = _masked_scores(ops, blocks, chunk, step, qt, masks)
-            p = s.sub_(safe_lse).exp_()  # [B, Hkv, R, G*bm, C*bn]
-            V = ops.keys(ops.v, step, R)
-            K = ops.keys(ops.k, step, R)
-            dp = torch.matmul(do, V.transpose(-1, -2))
-            ds = dp.sub_(row_delta).mul_(p)
-            part = torch.matmul(ds, K)  # [B, Hkv, R, G*bm, D]
-            dq_acc = part if dq_acc is None else dq_acc + part
-            C = step.c1 - step.c0
-            dk_t = torch.matmul(ds.transpose(-1, -2), qt)  # [B, Hkv, R, C*bn, D]
-            dv_t = torch.matmul(p.transpose(-1, -2), do)  # [B, Hkv, R, C*bn, Dv]
-            B, Hkv = dk_t.shape[:2]
-            dk.index_add_(2, step.index.to(dk.device), dk_t.reshape(B, Hkv, R * C, ops.bn, ops.D))
-            dv.index_add_(2, step.index.to(dv.device), dv_t.reshape(B, Hkv, R * C, ops.bn, ops.Dv))
-        _scatter_rows(dq, dq_acc, chunk, ops)
+        q_rows, do_rows = ops.rows(ops.q, chunk), ops.rows(dout, chunk)
+        lse_rows, delta_rows = ops.rows(lse, chunk), ops.rows(delta, chunk)
+        Ks = [ops.keys(ops.k, st, R) for st in chunk.steps]
+        Vs = [ops.keys(ops.v, st, R) for st in chunk.steps]
+        biases = [_step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
+                  for st in chunk.steps]
+        for b in range(ops.B):
+            for h in range(ops.Hkv):
+                qt, do = _fold(q_rows[b, h]), _fold(do_rows[b, h])
+                row_lse, row_delta = _fold(lse_rows[b, h]), _fold(delta_rows[b, h])
+                row_lse = row_lse.masked_fill(row_lse == NEG_INF, 0.0)
+                dq_acc = None
+                for i, st in enumerate(chunk.steps):
+                    K, V = Ks[i][b, h], Vs[i][b, h]
+                    p = _scores(qt, K, biases[i], G).sub_(row_lse).exp_()  # [R, G*bm, C*bn]
+                    ds = torch.bmm(do, V.transpose(1, 2)).sub_(row_delta).mul_(p)
+                    part = torch.bmm(ds, K)  # [R, G*bm, D]
+                    dq_acc = part if dq_acc is None else dq_acc.add_(part)
+                    C = st.c1 - st.c0
+                    dk[b, h].index_add_(0, st.index, torch.bmm(ds.transpose(1, 2), qt).view(R * C, ops.bn, ops.D))
+                    dv[b, h].index_add_(0, st.index, torch.bmm(p.transpose(1, 2), do).view(R * C, ops.bn, ops.Dv))
+                _write_rows(dq[b, h], dq_acc, chunk)
 
 
 def _groups(layout: BlockLayout, B: int, H: int):
@@ -282,30 +339,33 @@ def _split_by_group(layout, q, k, v, fn):
     return results
 
 
-def _run_forward(q, k, v, layout, schedule, scale):
+def _run_forward(q, k, v, layout, schedule, scale, need_lse=True):
     cdt = _compute_dtype(q.dtype)
     B, H, Lq, _ = q.shape
     out = q.new_zeros((B, H, Lq, v.shape[-1]))
-    lse = torch.full((B, H, Lq), NEG_INF, dtype=cdt, device=q.device)
+    lse = torch.full((B, H, Lq), NEG_INF, dtype=cdt, device=q.device) if need_lse else None
 
     def one(blocks, qq, kk, vv):
         g = blocks.geom
         ops = _Operands(qq, kk, vv, g, scale, cdt)
         o = torch.zeros(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.Dv, dtype=cdt, device=q.device)
-        l = torch.full((ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, 1), NEG_INF, dtype=cdt, device=q.device)
-        plan = make_plan(blocks, schedule, qq.shape[0] * qq.shape[1])
-        forward_group(blocks, plan, ops, o, l, {})
+        l = (torch.full((ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, 1), NEG_INF, dtype=cdt, device=q.device)
+             if need_lse else None)
+        plan = make_plan(blocks, schedule, ops.G)
+        forward_group(blocks, plan, ops, o, l)
         Bq, Hq = qq.shape[:2]
         return (o.view(Bq, Hq, g.nqb * g.block_m, ops.Dv)[:, :, :Lq],
-                l.view(Bq, Hq, g.nqb * g.block_m)[:, :, :Lq])
+                l.view(Bq, Hq, g.nqb * g.block_m)[:, :, :Lq] if need_lse else None)
 
     for b, h, (o, l) in _split_by_group(layout, q, k, v, one):
         if b is None:
             out.copy_(o)
-            lse.copy_(l)
+            if need_lse:
+                lse.copy_(l)
         else:
             out[b, h] = o[0, 0]
-            lse[b, h] = l[0, 0]
+            if need_lse:
+                lse[b, h] = l[0, 0]
     return out, lse
 
 
@@ -332,8 +392,8 @@ def _run_backward(q, k, v, out, lse, dout, layout, schedule, scale):
         dq = torch.zeros(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.D, dtype=cdt, device=q.device)
         dk = torch.zeros(ops.B, ops.Hkv, g.nkb, g.block_n, ops.D, dtype=cdt, device=q.device)
         dv = torch.zeros(ops.B, ops.Hkv, g.nkb, g.block_n, ops.Dv, dtype=cdt, device=q.device)
-        plan = make_plan(blocks, schedule, Bq * Hq)
-        backward_group(blocks, plan, ops, do, ls, de, dq, dk, dv, {})
+        plan = make_plan(blocks, schedule, ops.G)
+        backward_group(blocks, plan, ops, do, ls, de, dq, dk, dv)
         Lk = kk.shape[2]
         return (dq.view(Bq, Hq, -1, ops.D)[:, :, :Lq] * scale,
                 dk.view(ops.B, ops.Hkv, -1, ops.D)[:, :, :Lk],
@@ -355,7 +415,13 @@ def _run_backward(q, k, v, out, lse, dout, layout, schedule, scale):
     return dq_all.to(q.dtype), dk_all.to(k.dtype), dv_all.to(v.dtype)
 
 
-def block_sparse_attention(q, k, v, layout: BlockLayout, schedule: Schedule, scale: float):
-    """``(out [B,H,Lq,Dv], lse [B,H,Lq])`` of the layout's pattern; differentiable in q, k, v."""
-    out, lse = BlockSparseAttentionFn.apply(q, k, v, layout, schedule, scale)
-    return out, lse
+def block_sparse_attention(q, k, v, layout: BlockLayout, schedule: Schedule, scale: float,
+                           need_lse: bool = True):
+    """``(out [B,H,Lq,Dv], lse [B,H,Lq])`` of the layout's pattern; differentiable in q, k, v.
+
+    When no gradient is needed and ``need_lse`` is False, lse is None and a faster
+    inference path is taken.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return BlockSparseAttentionFn.apply(q, k, v, layout, schedule, scale)
+    return _run_forward(q, k, v, layout, schedule, scale, need_lse)

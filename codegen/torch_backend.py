@@ -13,5 +13,5 @@ def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) ->
     q, k, v = (env[n] for n in stage.inputs)
     s = stage.schedule
     layout = stage.pattern.layout(q.shape[2], k.shape[2], s.block_m, s.block_n, batch=ctx.batch, heads=ctx.heads)
-    out, lse = block_sparse_attention(q, k, v, layout, s, ctx.scale)
+    out, lse = block_sparse_attention(q, k, v, layout, s, ctx.scale, ctx.extra.get("need_lse", True))
     return dict(zip(stage.outputs, (out, lse)))
