@@ -189,6 +189,9 @@ class Buffer:
     name: str
     data: np.ndarray = field(compare=False)
     digest: str = field(default="")
+    # Per-instance device -> tensor cache: keyed by str, so FlexAttention's dynamo tracing of an
+    # exported mask_mod can read it (hashing a Buffer there fails on its ndarray field).
+    _tensors: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         arr = np.ascontiguousarray(np.asarray(self.data, dtype=np.int64))
@@ -206,7 +209,12 @@ class Buffer:
         return len(self.data)
 
     def tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
-        return _buffer_tensor(self, str(device or "cpu"))
+        """The table as an int64 tensor on ``device`` (cached)."""
+        dev = str(device or "cpu")
+        t = self._tensors.get(dev)
+        if t is None:
+            t = self._tensors[dev] = _buffer_tensor(self, dev)
+        return t
 
     def __repr__(self) -> str:
         return f"{self.name}[{len(self.data)}]"
@@ -360,7 +368,8 @@ class Where(Expr):
         return lo, hi
 
     def __repr__(self) -> str:
-        return f"where({self.cond!r}, {self.a!r}, {self.b!r})"
+        # ``ac.where`` so that a traced mask's repr evaluates back with only ``ac`` in scope.
+        return f"ac.where({self.cond!r}, {self.a!r}, {self.b!r})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,6 +464,51 @@ def substitute(e: Expr, values: Mapping[str, int]) -> Expr:
         case Where(c, a, b):
             return where(substitute(c, values), substitute(a, values), substitute(b, values))
     raise AssertionError(f"unknown expression node {e!r}")
+
+
+def to_mask_mod(e: Expr, device: torch.device | str = "cpu") -> Callable:
+    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` evaluating ``e`` with plain torch ops.
+
+    Buffers are captured as tensors up front, so the function traces cleanly under
+    ``torch.compile`` (no Python-side caches or numpy in the call path).
+    """
+
+    def build(node: Expr) -> Callable:
+        match node:
+            case Var(name):
+                idx = ("b", "h", "q_idx", "kv_idx").index(name)
+                return lambda args: args[idx]
+            case Const(value):
+                return lambda args: value
+            case Load(buf, index, fill):
+                table = torch.from_numpy(buf.data.copy()).to(device)
+                n, f = len(buf), build(index)
+
+                def load(args):
+                    i = f(args)
+                    inside = (i >= 0) & (i < n)
+                    return torch.where(inside, table[i.clamp(0, max(n - 1, 0))], fill)
+                return load
+            case BinOp(op, a, b):
+                fa, fb, fn = build(a), build(b), _TORCH_BINOPS[op]
+                return lambda args: fn(fa(args), fb(args))
+            case UnOp("abs", a):
+                fa = build(a)
+                return lambda args: torch.abs(fa(args))
+            case UnOp(_, a):
+                fa = build(a)
+                return lambda args: ~fa(args)
+            case Where(c, a, b):
+                fc, fa, fb = build(c), build(a), build(b)
+                return lambda args: torch.where(fc(args), fa(args), fb(args))
+        raise AssertionError(f"unknown expression node {node!r}")
+
+    body = build(e)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return body((b, h, q_idx, kv_idx))
+
+    return mask_mod
 
 
 B, H, Q, KV = Var("b"), Var("h"), Var("q_idx"), Var("kv_idx")

@@ -98,7 +98,10 @@ class Pattern:
             raise AssertionError(f"{type(self).__name__} must override evaluate()")
         env = {"b": torch.as_tensor(b), "h": torch.as_tensor(h), "q_idx": q_idx, "kv_idx": kv_idx}
         out = e.evaluate(env)
-        return torch.broadcast_to(out, torch.broadcast_shapes(q_idx.shape, kv_idx.shape)).bool()
+        shape = torch.broadcast_shapes(q_idx.shape, kv_idx.shape)
+        if out.shape != shape:  # e.g. a constant predicate (also keeps torch.compile's 0-d case simple)
+            out = out.expand(shape)
+        return out if out.dtype == torch.bool else out.bool()
 
     def validate(self, q_len: int, kv_len: int) -> None:
         """Raise if this pattern cannot be instantiated at these lengths."""
@@ -428,7 +431,12 @@ class Mask(Pattern):
         except Exception as e:  # a user function failing on tensors: say which and how
             raise PatternError(f"mask_mod {_fn_name(self.fn)} raised {type(e).__name__}: {e}") from e
         if not isinstance(out, torch.Tensor):
-            out = torch.as_tensor(out)
+            try:
+                out = torch.as_tensor(out)
+            except (TypeError, RuntimeError, ValueError):
+                raise PatternError(
+                    f"mask_mod {_fn_name(self.fn)} returned {type(out).__name__} {out!r}; "
+                    "it must return a bool tensor") from None
         if out.dtype != torch.bool:
             raise PatternError(
                 f"mask_mod {_fn_name(self.fn)} returned dtype {out.dtype}; it must return a bool tensor"
@@ -712,6 +720,8 @@ def intersection(*parts: Pattern) -> Pattern:
 
 
 def _combine(cls, parts, sym) -> Pattern:
+    if not parts:
+        raise PatternError(f"{cls.__name__.lower()}() of no patterns is empty; pass at least one pattern")
     flat: list[Pattern] = []
     for p in parts:
         if not isinstance(p, Pattern):
