@@ -297,8 +297,8 @@ class BinOp(Expr):
 
     def __repr__(self) -> str:
         sym, prec, _ = _BINOPS[self.op]
-        if self.op in ("min", "max"):
-            return f"{sym}({self.a!r}, {self.b!r})"
+        if self.op in ("min", "max"):  # Python's min() would call bool(): spell the IR function
+            return f"ac.{'minimum' if self.op == 'min' else 'maximum'}({self.a!r}, {self.b!r})"
         left = _paren(self.a, prec, right=False)
         right = _paren(self.b, prec, right=True)
         return f"{left} {sym} {right}"
@@ -434,18 +434,24 @@ def where(cond: Any, a: Any, b: Any) -> Expr:
     """Element-wise ``cond ? a : b`` for index expressions (also accepts Sym proxies)."""
     c = as_expr(cond)
     if isinstance(c, Const):
-        return as_expr(a) if c.value else as_expr(b)
-    return Where(c, as_expr(a), as_expr(b))
+        out = as_expr(a) if c.value else as_expr(b)
+    else:
+        out = Where(c, as_expr(a), as_expr(b))
+    # Inside a traced mask_mod the result must stay a proxy: a bare Expr would make a later
+    # ``== 0`` structural (a Python bool) and silently trace the wrong predicate.
+    return Sym(out) if any(isinstance(x, Sym) for x in (cond, a, b)) else out
 
 
 def minimum(a: Any, b: Any) -> Expr:
-    """Element-wise minimum of two integer expressions."""
-    return binop("min", a, b)
+    """Element-wise minimum of two integer expressions (a proxy inside a traced mask_mod)."""
+    out = binop("min", a, b)
+    return Sym(out) if isinstance(a, Sym) or isinstance(b, Sym) else out
 
 
 def maximum(a: Any, b: Any) -> Expr:
-    """Element-wise maximum of two integer expressions."""
-    return binop("max", a, b)
+    """Element-wise maximum of two integer expressions (a proxy inside a traced mask_mod)."""
+    out = binop("max", a, b)
+    return Sym(out) if isinstance(a, Sym) or isinstance(b, Sym) else out
 
 
 def substitute(e: Expr, values: Mapping[str, int]) -> Expr:
@@ -544,18 +550,43 @@ _PY_BINOPS: dict[str, Callable] = {
 }
 
 
+_BIG = np.int64(2**62)  # bounds at or beyond +-_BIG mean "unknown"
+
+
+def _saturate(fn, lo_args, hi_args):
+    """``fn`` applied to the low and high ends, widened to unknown where int64 would overflow."""
+    with np.errstate(over="ignore"):
+        lo, hi = fn(*lo_args), fn(*hi_args)
+    flo = fn(*(np.float64(x) for x in lo_args))
+    fhi = fn(*(np.float64(x) for x in hi_args))
+    return _unknown_where(lo, hi, flo, fhi)
+
+
+def _unknown_where(lo, hi, flo, fhi):
+    # int64 arithmetic wraps silently: a wrapped bound could claim "surely true/false" for a
+    # predicate that is not, so any interval leaving [-_BIG, _BIG] (checked in float64)
+    # becomes the unknown interval.
+    bad = (flo < -_BIG) | (fhi > _BIG)
+    if not np.any(bad):
+        return lo, hi
+    return np.where(bad, -_BIG, lo), np.where(bad, _BIG, hi)
+
+
 def _interval_binop(op: str, ea: Expr, eb: Expr, env):
     alo, ahi = ea.bounds(env)
     blo, bhi = eb.bounds(env)
     one, zero = np.int64(1), np.int64(0)
     match op:
         case "add":
-            return alo + blo, ahi + bhi
+            return _saturate(np.add, (alo, blo), (ahi, bhi))
         case "sub":
-            return alo - bhi, ahi - blo
+            return _saturate(np.subtract, (alo, bhi), (ahi, blo))
         case "mul":
-            cands = np.stack(np.broadcast_arrays(alo * blo, alo * bhi, ahi * blo, ahi * bhi))
-            return cands.min(0), cands.max(0)
+            pairs = ((alo, blo), (alo, bhi), (ahi, blo), (ahi, bhi))
+            with np.errstate(over="ignore"):
+                cands = np.stack(np.broadcast_arrays(*(x * y for x, y in pairs)))
+            exact = np.stack(np.broadcast_arrays(*(np.float64(x) * np.float64(y) for x, y in pairs)))
+            return _unknown_where(cands.min(0), cands.max(0), exact.min(0), exact.max(0))
         case "min":
             return np.minimum(alo, blo), np.minimum(ahi, bhi)
         case "max":
@@ -591,7 +622,7 @@ def _interval_binop(op: str, ea: Expr, eb: Expr, env):
             val = alo ^ blo
             return np.where(fixed, val, zero), np.where(fixed, val, one)
     # Bitwise ops on ints, division by a non-constant, ...: no useful bound.
-    big = np.int64(2**62)
+    big = _BIG
     if ea.kind == BOOL and eb.kind == BOOL:
         return zero, one
     return np.broadcast_to(-big, np.broadcast(alo, blo).shape), np.broadcast_to(big, np.broadcast(alo, blo).shape)

@@ -403,8 +403,9 @@ class Blocks2D:
         sizes = (g.q_hi(rows) - g.q_lo(rows) + 1) * (g.k_hi(cols) - g.k_lo(cols) + 1)
         total = int(sizes[self.full].sum())
         partial = np.flatnonzero(~self.full)
-        if len(partial):
-            total += int(partial_masks(self, partial).sum())
+        per = max(1, _EVAL_CHUNK // (g.block_m * g.block_n))  # bounded temporary memory
+        for s in range(0, len(partial), per):
+            total += int(partial_masks(self, partial[s:s + per]).sum())
         return total
 
 
@@ -517,11 +518,7 @@ class BlockLayout:
         from torch.nn.attention.flex_attention import BlockMask
 
         t = self.bcsr(pad_to=self.geom.nkb)
-        pat = self.pattern
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return pat.evaluate(b, h, q_idx, kv_idx, self.q_len, self.kv_len)
-
+        mask_mod = _flex_mask_mod(self)
         return BlockMask.from_kv_blocks(
             t["kv_num_blocks"], t["kv_indices"], t["full_kv_num_blocks"], t["full_kv_indices"],
             BLOCK_SIZE=(self.block_m, self.block_n), mask_mod=mask_mod,
@@ -533,8 +530,10 @@ class BlockLayout:
         bm, bn = block_mask.BLOCK_SIZE
         q_len, kv_len = block_mask.seq_lengths
         g = Geometry(int(q_len), int(kv_len), int(bm), int(bn))
-        pat = P.mask(block_mask.mask_mod)
         num, idx = block_mask.kv_num_blocks.cpu().numpy(), block_mask.kv_indices.cpu().numpy()
+        # A per-(batch, head) BlockMask may have a mask_mod that reads b/h in ways tracing cannot
+        # see: declare the dependence so each group evaluates its partial blocks at its own b, h.
+        pat = P.mask(block_mask.mask_mod, per_batch=num.shape[0] > 1, per_head=num.shape[1] > 1)
         has_full = block_mask.full_kv_num_blocks is not None
         fnum = block_mask.full_kv_num_blocks.cpu().numpy() if has_full else np.zeros_like(num)
         fidx = block_mask.full_kv_indices.cpu().numpy() if has_full else idx
@@ -558,6 +557,46 @@ class BlockLayout:
         return (f"BlockLayout({self.pattern!r}, q_len={g.q_len}, kv_len={g.kv_len}, "
                 f"block=({g.block_m}, {g.block_n}), blocks={self.num_blocks} "
                 f"(full {self.num_full}, partial {self.num_partial}), groups={len(self.groups)})")
+
+
+def _flex_mask_mod(layout: BlockLayout):
+    """A FlexAttention ``mask_mod`` for the layout's pattern.
+
+    FlexAttention traces mask_mods (vmap, dynamo) with tensor ``b``/``h``, so nothing may turn
+    them into Python ints (as ``PerHead.specialize`` does) or build numpy tables per call (as
+    buffer-backed predicates do): each group's predicate is built once here (``to_mask_mod``
+    captures its buffers), and the group is selected per (b, h) with tensor ops.
+    """
+    from .expr import to_mask_mod
+
+    q_len, kv_len = layout.q_len, layout.kv_len
+
+    def one(grp: Blocks2D):
+        e = grp.pattern.predicate(q_len, kv_len)
+        if e is None:  # opaque: the specialized pattern calls the user's tensor function
+            return lambda b, h, q, k: grp.pattern.evaluate(b, h, q, k, q_len, kv_len)
+        fn = to_mask_mod(e)
+
+        def f(b, h, q, k):
+            out = torch.as_tensor(fn(b, h, q, k)).to(torch.bool)
+            return out & torch.ones_like(q - k, dtype=torch.bool)  # broadcast constants
+
+        return f
+
+    fns = [one(grp) for grp in layout.groups]
+    if len(fns) == 1:
+        return fns[0]
+    gindex = torch.from_numpy(layout.group_index.copy())  # [Bm, Hm]
+    Bm, Hm = gindex.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        gid = gindex[b % Bm, h % Hm]
+        out = fns[0](b, h, q_idx, kv_idx)
+        for i in range(1, len(fns)):
+            out = torch.where(gid == i, fns[i](b, h, q_idx, kv_idx), out)
+        return out
+
+    return mask_mod
 
 
 def _ell(ptr, idx, full, n_rows):
@@ -605,6 +644,9 @@ def build_layout(pattern: P.Pattern, q_len: int, kv_len: int, block_m: int = 64,
     P._require_mask(pattern, "a block layout")
     P._check_lengths(q_len, kv_len)
     _check_blocks(block_m, block_n)
+    for name, v in (("batch", batch), ("heads", heads)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise LayoutError(f"{name}={v!r} must be a positive integer")
     pattern.validate(q_len, kv_len)
     g = Geometry(int(q_len), int(kv_len), int(block_m), int(block_n))
     period = pattern.head_period

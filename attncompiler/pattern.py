@@ -565,6 +565,15 @@ class PerHead(Pattern):
     def specialize(self, b, h):
         return self.patterns[h % len(self.patterns)].specialize(b, h)
 
+    def predicate(self, q_len, kv_len):
+        parts = [p.predicate(q_len, kv_len) for p in self.patterns]
+        if any(e is None for e in parts):
+            return None
+        n, out = len(parts), parts[-1]
+        for i in range(n - 2, -1, -1):  # select the head's predicate with h % n
+            out = E.where((E.H % n).eq(i), parts[i], out)
+        return out
+
     def _rebuild(self, children):
         return PerHead(children)
 

@@ -56,35 +56,79 @@ class Chunk:
     steps: tuple[Step, ...]
 
 
+# Rows whose key blocks form one contiguous run are merged into buckets of similar length, padded
+# with (empty, masked) neighbouring blocks: causal and prefix rows then share one strided key view
+# instead of running one small matmul per row. This bounds the padding waste.
+_MERGE_SLACK = 1.25
+
+
+def _buckets(blocks: Blocks2D) -> list[tuple[np.ndarray, int, bool]]:
+    """``(rows, width, contiguous)`` groups of query blocks processed with the same width."""
+    counts = np.diff(blocks.row_ptr)
+    nonempty = counts > 0
+    if not nonempty.any():
+        return []
+    first = np.where(nonempty, blocks.cols[np.minimum(blocks.row_ptr[:-1], max(len(blocks.cols) - 1, 0))], 0)
+    last = np.where(nonempty, blocks.cols[np.maximum(blocks.row_ptr[1:] - 1, 0)], -1)
+    contiguous = nonempty & (last - first + 1 == counts)
+    out = [(np.flatnonzero((counts == c) & ~contiguous & nonempty), int(c), False)
+           for c in np.unique(counts[nonempty & ~contiguous])]
+    rows = np.flatnonzero(contiguous)
+    rows = rows[np.argsort(counts[rows], kind="stable")]
+    i = 0
+    while i < len(rows):
+        limit = counts[rows[i]] * _MERGE_SLACK
+        j = i
+        while j < len(rows) and counts[rows[j]] <= limit:
+            j += 1
+        group = np.sort(rows[i:j])
+        out.append((group, int(counts[rows[j - 1]]), True))
+        i = j
+    return out
+
+
 @functools.lru_cache(maxsize=256)
 def make_plan(blocks: Blocks2D, schedule: Schedule, group: int) -> tuple[Chunk, ...]:
     """Bucket, chunk and step a 2-D layout; ``group`` query heads share each key/value head
     (their rows are folded into one matmul, so they count towards the tile size)."""
     g = blocks.geom
-    counts = np.diff(blocks.row_ptr)
     ragged_k = g.kv_len % g.block_n != 0
     chunks = []
-    for count in np.unique(counts[counts > 0]):
-        rows = np.flatnonzero(counts == count)
-        per_row_elems = group * g.block_m * min(count, schedule.key_blocks_per_step) * g.block_n
+    for rows, width, contiguous in _buckets(blocks):
+        per_row_elems = group * g.block_m * min(width, schedule.key_blocks_per_step) * g.block_n
         rows_per_chunk = max(1, schedule.tile_elems // per_row_elems)
         for start in range(0, len(rows), rows_per_chunk):
             r = rows[start:start + rows_per_chunk]
-            sel = blocks.row_ptr[r][:, None] + np.arange(count)  # [R, C] positions in CSR
-            cols, full = blocks.cols[sel], blocks.full[sel]
+            cols, full, real = _chunk_blocks(blocks, r, width, contiguous)
             steps = []
-            for c0 in range(0, count, schedule.key_blocks_per_step):
-                c1 = min(count, c0 + schedule.key_blocks_per_step)
-                sc, sf = cols[:, c0:c1], full[:, c0:c1]
-                pr, pc = np.nonzero(~sf)
-                has_last = ragged_k and bool((sc == g.nkb - 1).any())
-                steps.append(Step(c0, c1, _affine(sc), torch.from_numpy(sc.reshape(-1).copy()),
-                                  bool(len(pr)) or has_last, torch.from_numpy(pr), torch.from_numpy(pc),
-                                  torch.from_numpy(sf.copy())))
+            for c0 in range(0, width, schedule.key_blocks_per_step):
+                c1 = min(width, c0 + schedule.key_blocks_per_step)
+                sc, sf, sr = cols[:, c0:c1], full[:, c0:c1], real[:, c0:c1]
+                pr, pc = np.nonzero(sr & ~sf)
+                needs_mask = not sf.all() or (ragged_k and bool((sc == g.nkb - 1).any()))
+                steps.append(Step(c0, c1, _affine(sc), torch.from_numpy(sc.reshape(-1).copy()), needs_mask,
+                                  torch.from_numpy(pr), torch.from_numpy(pc), torch.from_numpy(sf.copy())))
             consecutive = bool((np.diff(r) == 1).all())
             chunks.append(Chunk(r, (int(r[0]), int(r[-1]) + 1) if consecutive else None,
                                 torch.from_numpy(r.copy()), cols, tuple(steps)))
     return tuple(chunks)
+
+
+def _chunk_blocks(blocks: Blocks2D, rows: np.ndarray, width: int, contiguous: bool):
+    """``(cols, full, real)`` ``[R, width]``: key blocks per row, which are full, which are in the
+    layout (the rest is padding: empty neighbouring blocks, fully masked)."""
+    counts = np.diff(blocks.row_ptr)[rows]
+    starts = blocks.row_ptr[rows]
+    if not contiguous:
+        sel = starts[:, None] + np.arange(width)
+        return blocks.cols[sel], blocks.full[sel], np.ones((len(rows), width), dtype=bool)
+    first = blocks.cols[starts]
+    lo = np.minimum(first, blocks.geom.nkb - width)  # extend right, or left at the end
+    cols = lo[:, None] + np.arange(width)  # [R, W]
+    real = (cols >= first[:, None]) & (cols < (first + counts)[:, None])
+    pos = np.clip(starts[:, None] + cols - first[:, None], 0, len(blocks.full) - 1)
+    full = real & blocks.full[pos]
+    return cols, full, real
 
 
 def _affine(cols: np.ndarray) -> tuple[int, int] | None:
@@ -175,6 +219,20 @@ def _step_bias(blocks: Blocks2D, chunk: Chunk, step: Step, dtype, device) -> tor
 def _forget_bias(key: int, size: int) -> None:
     if _bias_cache.pop(key, None) is not None:
         _bias_cache_used[0] -= size
+    _empty_cache.pop(key, None)
+
+
+_empty_cache: dict[int, torch.Tensor] = {}
+
+
+def _empty_rows(step: Step, bias: torch.Tensor) -> torch.Tensor:
+    """``[R, bm]`` bool: query rows whose additive mask hides every key of the step."""
+    rows = _empty_cache.get(id(step))
+    if rows is None or rows.device != bias.device:
+        rows = torch.isneginf(bias).all(dim=-1)
+        if id(step) in _bias_cache:  # same lifetime as the cached bias
+            _empty_cache[id(step)] = rows
+    return rows
 
 
 def _step_mask(blocks: Blocks2D, chunk: Chunk, step: Step, device) -> torch.Tensor:
@@ -226,7 +284,10 @@ def forward_group(blocks: Blocks2D, plan, ops: _Operands, out, lse) -> None:
                 qt = _fold(q_rows[b, h])  # [R, G*bm, D]
                 if lse is None and len(chunk.steps) == 1:
                     p = torch.softmax(_scores(qt, Ks[0][b, h], biases[0], G), dim=-1)
-                    o = torch.bmm(p, Vs[0][b, h]).nan_to_num_(0.0)  # rows with no key: 0
+                    o = torch.bmm(p, Vs[0][b, h])  # [R, G*bm, Dv]
+                    if biases[0] is not None:  # rows with no visible key: zeros, not softmax's NaN
+                        R_, GM, Dv = o.shape
+                        o.view(R_, G, GM // G, Dv).masked_fill_(_empty_rows(chunk.steps[0], biases[0])[:, None, :, None], 0.0)
                     _write_rows(out[b, h], o, chunk)
                     continue
                 m_run = l_run = acc = None

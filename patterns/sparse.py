@@ -95,6 +95,8 @@ def bigbird(block: int = 64, window_blocks: int = 3, global_blocks: int = 2, ran
     """
     if window_blocks < 1 or window_blocks % 2 == 0:
         raise ac.PatternError(f"window_blocks={window_blocks} must be a positive odd number (centred window)")
+    if global_blocks < 0:
+        raise ac.PatternError(f"global_blocks={global_blocks} must be >= 0")
     p = ac.block_window(window_blocks // 2, block)
     if global_blocks:
         p = p | ac.global_tokens(range(global_blocks * block))
@@ -114,6 +116,8 @@ def longformer(window: int = 256, dilation: int = 1, global_indices: Sequence[in
         global_indices: positions with global attention (e.g. [CLS]). Default (0,).
         causal: restrict to keys at or before the query. Default False.
     """
+    if dilation < 1:
+        raise ac.PatternError(f"dilation={dilation} must be >= 1 (1 = no dilation)")
     p = ac.dilated_window(window, dilation) if dilation > 1 else ac.sliding_window(window)
     if global_indices:
         p = p | ac.global_tokens(global_indices)

@@ -5,6 +5,9 @@ import os
 import pytest
 import torch
 
+# Two torch threads on a 2-core CI machine mostly wait on each other for these small tensors.
+torch.set_num_threads(int(os.environ.get("ATTNC_TEST_THREADS", "1")))
+
 # Must happen before anything imports triton (DESIGN section 6).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
