@@ -1,0 +1,113 @@
+"""Template: block-sparse flash-attention forward (online softmax over a BCSR layout).
+
+One program computes TM query rows of one (batch, head). It walks the full key blocks of its
+layout row without any mask work, then the partial blocks through ``_allowed``. Layout blocks
+(BM x BN) are cut into kernel tiles (TM x TN) that divide them.
+"""
+
+import triton
+import triton.language as tl
+
+from common import LN2, LOG2E, _allowed  # noqa: F401  (the generated file holds both parts)
+
+# --- template body ---
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n0, d_ok, dv_ok,
+              b, h, q_lo, k_lo, mask_tab, tile_id, bufs, buf_meta, qk_scale, kv_len,
+              stride_kn, stride_vn,
+              BM: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr,
+              OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = start_n + offs_n0  # [TN]
+    n_ok = offs_n < kv_len
+    k = tl.load(k_ptrs + offs_n[:, None] * stride_kn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [TN, D]
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [TM, TN], log2 units
+    if MASKED:
+        ok = _allowed(b, h, offs_m[:, None], offs_n[None, :], q_lo, k_lo, mask_tab, tile_id,
+                      bufs, buf_meta, BM, BN, OPAQUE)
+        s = tl.where(ok & n_ok[None, :], s, float("-inf"))
+    elif not EVEN_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # [TM]
+    # Rows that have seen no visible key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])  # [TM, TN]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs + offs_n[:, None] * stride_vn, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # [TN, DV]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Out, Lse,
+    kv_num, kv_idx, full_num, full_idx, mask_ids,  # BCSR [Bm, Hm, NQB(, W)] int32
+    mask_tab, bufs, buf_meta,  # opaque byte masks; predicate buffers
+    sm_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, G, Bm, Hm, NQB, W, q_len, kv_len, head_dim, v_dim,
+    BM: tl.constexpr, BN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
+    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, EVEN_N: tl.constexpr,
+    OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    kh = h // G  # GQA: G query heads share one key/value head
+    row = pid_m * TM // BM  # layout row of this tile
+    q_lo = row * BM
+    lay = ((b % Bm) * Hm + h % Hm) * NQB + row
+
+    offs_m = pid_m * TM + tl.arange(0, TM)
+    offs_n0 = tl.arange(0, TN)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < v_dim
+    m_ok = offs_m < q_len
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [TM, D]
+    k_ptrs = K + b.to(tl.int64) * stride_kb + kh.to(tl.int64) * stride_kh + offs_d[None, :] * stride_kd
+    v_ptrs = V + b.to(tl.int64) * stride_vb + kh.to(tl.int64) * stride_vh + offs_dv[None, :] * stride_vd
+    qk_scale = sm_scale * LOG2E
+
+    acc = tl.zeros([TM, DV_PAD], dtype=tl.float32)
+    m_i = tl.full([TM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([TM], dtype=tl.float32)
+
+    # Full blocks: no predicate.
+    n_full = tl.load(full_num + lay)
+    for j in range(0, n_full):
+        c = tl.load(full_idx + lay.to(tl.int64) * W + j)
+        for t in tl.static_range(BN // TN):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, c * BN + t * TN, offs_m, offs_n0,
+                                      d_ok, dv_ok, b, h, q_lo, c * BN, mask_tab, 0, bufs, buf_meta,
+                                      qk_scale, kv_len, stride_kn, stride_vn,
+                                      BM, BN, False, EVEN_N, OPAQUE, DOT_PREC)
+    # Partial blocks: the predicate decides element by element.
+    n_part = tl.load(kv_num + lay)
+    for j in range(0, n_part):
+        c = tl.load(kv_idx + lay.to(tl.int64) * W + j)
+        tile_id = tl.load(mask_ids + lay.to(tl.int64) * W + j)
+        for t in tl.static_range(BN // TN):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, c * BN + t * TN, offs_m, offs_n0,
+                                      d_ok, dv_ok, b, h, q_lo, c * BN, mask_tab, tile_id, bufs, buf_meta,
+                                      qk_scale, kv_len, stride_kn, stride_vn,
+                                      BM, BN, True, EVEN_N, OPAQUE, DOT_PREC)
+
+    # Rows with no visible key: output zeros and log-sum-exp -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+    tl.store(Lse + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=m_ok)
