@@ -1,0 +1,81 @@
+"""PNG figure of an analysis: the mask, receptive-field growth per layer, the spectrum.
+
+matplotlib is optional (``pip install 'attncompiler[plot]'``); without it :func:`save_png`
+raises :class:`~attncompiler.errors.UnsupportedError` with that hint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UnsupportedError
+from ..pattern import Pattern
+from .report import AnalysisReport
+
+_MAX_PIXELS = 512
+_DENSE_SPECTRUM = 1500
+
+
+def _mask_image(pattern: Pattern, L: int) -> np.ndarray:
+    """Fraction of allowed pairs per cell of an at most 512 x 512 grid (exact block counts)."""
+    from .mask_graph import block_adjacency
+
+    blk = max(1, -(-L // _MAX_PIXELS))
+    adj, _, _ = block_adjacency(pattern, L, blk)
+    nb = adj.shape[0]
+    sizes = np.minimum(blk, L - blk * np.arange(nb))
+    img = adj.toarray() / np.outer(sizes, sizes)
+    return img
+
+
+def _spectrum(pattern: Pattern, report: AnalysisReport) -> np.ndarray | None:
+    from .graph import attention_graph
+    from .quotient import from_graph
+
+    graph = attention_graph(pattern, report.seq_len, level=report.level, block=max(report.block, 1))
+    q = from_graph(graph, compress=not report.causal)
+    if q.n > _DENSE_SPECTRUM:
+        return None
+    w = q.sym.toarray()
+    deg = w.sum(axis=1)
+    keep = deg > 0
+    inv = 1.0 / np.sqrt(deg[keep])
+    c = inv[:, None] * w[np.ix_(keep, keep)] * inv[None, :]
+    return np.sort(1.0 - np.linalg.eigvalsh(c))
+
+
+def save_png(report: AnalysisReport, pattern: Pattern, path: str) -> None:
+    """Write the mask, the reach fraction per layer and the Laplacian spectrum to ``path``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UnsupportedError(f"--png {path} needs matplotlib; install it with "
+                               "pip install 'attncompiler[plot]' (or pip install matplotlib)") from None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    if pattern.family == "mask":
+        axes[0].imshow(_mask_image(pattern, report.seq_len), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+        axes[0].set_title("mask (query rows, key columns)")
+        axes[0].set_xlabel("key")
+        axes[0].set_ylabel("query")
+    else:
+        axes[0].axis("off")
+    xs = np.arange(1, len(report.reach_fraction) + 1)
+    axes[1].plot(xs, report.reach_fraction, marker="o")
+    axes[1].set_ylim(0, 1.05)
+    axes[1].set_xlabel("layers")
+    axes[1].set_ylabel("fraction of legal pairs reached")
+    axes[1].set_title(f"receptive field (hops_to_full = {report.hops_to_full if report.hops_to_full is not None else 'never'})")
+    spec = _spectrum(pattern, report)
+    if spec is not None:
+        axes[2].plot(spec, marker=".", linestyle="none")
+        axes[2].set_ylabel("normalized Laplacian eigenvalue")
+    else:
+        axes[2].bar(["lambda_2", "1 - slem"], [report.spectral_gap, 1 - report.slem])
+    axes[2].set_title(f"spectrum (gap {report.spectral_gap:.3g})")
+    fig.suptitle(report.pattern[:120])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
