@@ -174,7 +174,12 @@ class _Operands:
             sB, sH, sK, sN, sX = blocks_view.stride()
             return blocks_view.as_strided((B, Hkv, R, C * bn, X), (sB, sH, st * sK, sN, sX),
                                           blocks_view.storage_offset() + c0 * sK)
-        return blocks_view.index_select(2, step.index).view(B, Hkv, R, C * bn, X)
+        # A 2-D row gather is much faster than index_select on dim 2 of a 5-D tensor.
+        nkb = blocks_view.shape[2]
+        offsets = torch.arange(B * Hkv, device=blocks_view.device)[:, None] * nkb
+        idx = (offsets + step.index.to(blocks_view.device)[None, :]).reshape(-1)
+        rows = blocks_view.reshape(B * Hkv * nkb, bn * X).index_select(0, idx)
+        return rows.view(B, Hkv, R, C * bn, X)
 
 
 def _fold(t: torch.Tensor) -> torch.Tensor:

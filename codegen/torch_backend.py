@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from attncompiler.program import BlockSparseAttention
 
+from . import torch_combiner  # noqa: F401  (registers the Combiner stages)
+from . import torch_diffusion  # noqa: F401  (registers the diffusion stages)
+from . import torch_memory  # noqa: F401  (registers the ABC memory stages)
 from .registry import RunContext, register_stage
 from .torch_attention import block_sparse_attention
 

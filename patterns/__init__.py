@@ -4,6 +4,9 @@
 docstring cites its source and states its parameters and defaults.
 """
 
+from .combiner import combiner_axial, combiner_fixed, combiner_logsparse, combiner_mixture
+from .diffuser import diffuser, diffuser_heat
+from .abc import abc_cluster, abc_linformer, abc_window, abc_mlp
 from .sparse import (axial, bigbird, causal, document, logsparse, longformer, prefix_lm,
                      sliding_window, sparse_transformer_fixed, sparse_transformer_strided)
 
@@ -18,6 +21,16 @@ CATALOGUE = {
     "strided": sparse_transformer_strided,
     "logsparse": logsparse,
     "axial": axial,
+    "combiner_fixed": combiner_fixed,
+    "combiner_logsparse": combiner_logsparse,
+    "combiner_axial": combiner_axial,
+    "combiner_mixture": combiner_mixture,
+    "diffuser": diffuser,
+    "diffuser_heat": diffuser_heat,
+    "abc_mlp": abc_mlp,
+    "abc_linformer": abc_linformer,
+    "abc_window": abc_window,
+    "abc_cluster": abc_cluster,
 }
 
 
