@@ -18,3 +18,5 @@ from .memory_slots import (ClusterControl, LinformerControl, MemoryAttention, ML
 
 __version__ = "0.1.0"
 from .analysis import AnalysisReport, analyze
+from . import nn
+from .reuse import ReusePlan, attention_similarity, reuse_savings, suggest_reuse

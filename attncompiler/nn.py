@@ -1,0 +1,359 @@
+"""Model-level modules: multi-head attention, pre-norm transformer blocks and stacks.
+
+Attention inside every layer is an ``ac.compile(pattern, backend=...)`` module, so any pattern
+family that maps ``[B, H, L, D]`` q/k/v to ``[B, H, L, D]`` works per layer. A stack takes one
+pattern per layer and a reuse plan (see :mod:`attncompiler.reuse`): reused heads skip their Q/K
+projections and attend with the effective Q/K of the head they reuse, through that head's
+compiled attention, with the current layer's values.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError, PatternError, UnsupportedError
+from .module import compile as compile_attention
+from .pattern import Pattern, full
+from .reuse import (HeadSource, LayerAttention, ReusePatternMode, ReusePlan, merge_heads, resolve_sources,
+                    select_heads)
+from .schedule import Schedule
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with a compiled pattern; batch-first drop-in for the common uses of
+    ``torch.nn.MultiheadAttention`` (same parameter names, so ``load_state_dict`` of a torch
+    module's state works; ``ac.full()`` reproduces it).
+
+    Args:
+        embed_dim: model width E.
+        num_heads: H; E must be divisible by H.
+        pattern: attention pattern (any family). Default ``ac.full()``.
+        bias: projection biases, as in torch.
+        batch_first: inputs are ``[B, L, E]`` (default) or ``[L, B, E]``.
+        backend, schedule: passed to :func:`attncompiler.compile`.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, pattern: Pattern | None = None, *, bias: bool = True,
+                 batch_first: bool = True, backend: str = "auto", schedule: Schedule | None = None,
+                 dropout: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        for name, v in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise InputError(f"{name}={v!r} must be a positive integer")
+        if embed_dim % num_heads:
+            raise InputError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        if dropout:
+            raise UnsupportedError(f"dropout={dropout}: attention dropout is not supported by compiled attention; "
+                                   "apply dropout to the output instead")
+        kw = dict(device=device, dtype=dtype)
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.batch_first = batch_first
+        self.pattern = full() if pattern is None else pattern
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw)) if bias else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.attention = compile_attention(self.pattern, backend, schedule=schedule)
+        self._rows: dict[tuple[int, ...], torch.Tensor] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch's initialization (Xavier-uniform in-projection, zero biases)."""
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    # -- projections -----------------------------------------------------------------------
+    def _split(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        B, L, _ = t.shape
+        return t.view(B, L, heads, self.head_dim).transpose(1, 2)  # [B, heads, L, D]
+
+    def _weight_rows(self, kept: tuple[int, ...]) -> torch.Tensor:
+        """In-projection rows for the Q and K of ``kept`` heads and all of V."""
+        rows = self._rows.get(kept)
+        if rows is None:
+            E, D = self.embed_dim, self.head_dim
+            qk = [part * E + h * D + i for part in (0, 1) for h in kept for i in range(D)]
+            rows = self._rows[kept] = torch.tensor(qk + list(range(2 * E, 3 * E)))
+        return rows.to(self.in_proj_weight.device)
+
+    def project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kept: tuple[int, ...] | None = None):
+        """Q and K of the ``kept`` heads (all by default) and V of all heads, each ``[B, h, L, D]``."""
+        E, H = self.embed_dim, self.num_heads
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if query is key and key is value and kept is not None and len(kept) < H:
+            # Self-attention with reused heads: one matmul over the rows still needed.
+            rows = self._weight_rows(kept)
+            x = F.linear(query, w.index_select(0, rows), None if b is None else b.index_select(0, rows))
+            n = len(kept) * self.head_dim
+            q, k, v = x.split([n, n, E], dim=-1)
+            return self._split(q, len(kept)), self._split(k, len(kept)), self._split(v, H)
+        if query is key and key is value:
+            q, k, v = F.linear(query, w, b).chunk(3, dim=-1)  # [B, L, E] each
+        else:
+            wq, wk, wv = w.chunk(3)
+            bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+            q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        q, k, v = self._split(q, H), self._split(k, H), self._split(v, H)
+        if kept is not None and len(kept) < H:
+            q, k = (select_heads(q, kept), select_heads(k, kept)) if kept else (None, None)
+        return q, k, v
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        """``[B, H, L, D]`` attention output -> output projection ``[B, L, E]``."""
+        B, H, L, D = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                key_padding_mask=None, need_weights: bool = False, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        """``(output [B, L, E], None)`` like ``torch.nn.MultiheadAttention`` with ``need_weights=False``.
+
+        Masks are part of the pattern: ``attn_mask``/``key_padding_mask`` are not accepted (use
+        ``ac.causal()``, ``ac.document(...)`` or ``ac.mask(fn)``), nor are attention weights
+        (they would be an L x L matrix; use ``ac.reference`` or ``ac.attention_similarity``).
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        if need_weights:
+            raise UnsupportedError("need_weights=True would materialize L x L attention weights; pass "
+                                   "need_weights=False (use ac.reference(pattern, q, k, v) to inspect maps)")
+        if attn_mask is not None or key_padding_mask is not None:
+            raise UnsupportedError("attn_mask/key_padding_mask are not accepted: declare the mask as the "
+                                   "module's pattern (ac.causal(), ac.document(lengths), ac.mask(fn))")
+        if is_causal and self.pattern.family != "mask":
+            raise UnsupportedError(f"is_causal=True needs a mask pattern, not {self.pattern!r}; declare causality in the pattern")
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != self.embed_dim:
+                raise InputError(f"{name} must be a 3-D tensor with last dimension {self.embed_dim}, "
+                                 f"got {getattr(t, 'shape', type(t).__name__)}")
+        if not self.batch_first:  # keep object identity: it selects the fused self-attention path
+            q_in = query.transpose(0, 1)
+            k_in = q_in if key is query else key.transpose(0, 1)
+            value = k_in if value is key else (q_in if value is query else value.transpose(0, 1))
+            query, key = q_in, k_in
+        q, k, v = self.project(query, key, value)
+        attention = self.attention
+        if is_causal:
+            attention = compile_attention(self.pattern.causal(), self.attention.backend)
+        out = self.merge(attention(q, k, v))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, pattern={self.pattern!r}"
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``.
+
+    Args:
+        d_model, num_heads: width and heads.
+        pattern: this layer's attention pattern.
+        mlp_ratio: MLP hidden width / d_model; 0 gives an attention-only block.
+        backend, schedule: passed to :func:`attncompiler.compile`.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, pattern: Pattern, *, mlp_ratio: float = 4.0,
+                 backend: str = "auto", schedule: Schedule | None = None, bias: bool = True):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = MultiheadAttention(d_model, num_heads, pattern, bias=bias, backend=backend, schedule=schedule)
+        hidden = int(round(d_model * mlp_ratio))
+        self.mlp_hidden = hidden
+        if hidden:
+            self.ln2 = nn.LayerNorm(d_model)
+            self.mlp = nn.Sequential(nn.Linear(d_model, hidden, bias=bias), nn.GELU(),
+                                     nn.Linear(hidden, d_model, bias=bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, L, E] -> [B, L, E]`` without reuse."""
+        y, _ = self.attend(x, {}, None, ())
+        return y
+
+    def attend(self, x: torch.Tensor, sources: Mapping[int, int], prev_qk, groups):
+        """One block with reused heads.
+
+        Args:
+            x: ``[B, L, E]``.
+            sources: ``{head: source head}`` reused from the previous layer's effective Q/K.
+            prev_qk: the previous layer's effective ``(q, k)`` ``[B, H, L, D]`` each.
+            groups: ``(attention module, heads)`` for heads computed by another layer's module.
+
+        Returns:
+            ``(x [B, L, E], (q, k))``: the block output and this layer's effective Q/K.
+        """
+        a = self.attn
+        H = a.num_heads
+        h_in = self.ln1(x)
+        kept = tuple(h for h in range(H) if h not in sources)
+        q_own, k_own, v = a.project(h_in, h_in, h_in, kept if sources else None)
+        if sources:
+            src = [sources[h] for h in sorted(sources)]
+            parts_q = [(kept, q_own)] if kept else []
+            parts_k = [(kept, k_own)] if kept else []
+            q = merge_heads(parts_q + [(sorted(sources), select_heads(prev_qk[0], src))], H)  # [B, H, L, D]
+            k = merge_heads(parts_k + [(sorted(sources), select_heads(prev_qk[1], src))], H)
+        else:
+            q, k = q_own, k_own
+        if not groups:
+            out = a.attention(q, k, v)  # [B, H, L, D]
+        else:
+            parts = []
+            for module, heads in groups:
+                if module.pattern.family == "mask" and module.pattern.head_period == 1:
+                    o = module(select_heads(q, heads), select_heads(k, heads), select_heads(v, heads))
+                else:  # head-dependent pattern: keep head numbering, run all heads, keep some
+                    o = select_heads(module(q, k, v), heads)
+                parts.append((heads, o))
+            out = merge_heads(parts, H)
+        x = x + a.merge(out)
+        if self.mlp_hidden:
+            x = x + self.mlp(self.ln2(x))
+        return x, (q, k)
+
+
+class TransformerStack(nn.Module):
+    """A stack of pre-norm blocks with one pattern per layer and cross-layer attention reuse.
+
+    Args:
+        d_model, num_heads: width and heads of every layer.
+        patterns: one pattern per layer, or a single pattern for all ``num_layers`` layers.
+        num_layers: required when ``patterns`` is a single pattern.
+        reuse: ``{layer: heads}`` (see :class:`attncompiler.reuse.ReusePlan`), e.g. ``{1: "all"}``.
+        reuse_pattern: ``"same"`` (default) makes reuse across different patterns an error;
+            ``"previous"`` lets reused heads keep the reused layer's pattern.
+        mlp_ratio: MLP width / d_model (0: attention-only blocks).
+        final_norm: end with a LayerNorm.
+        backend, schedule: passed to :func:`attncompiler.compile` for every layer.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, patterns: Pattern | Sequence[Pattern], *,
+                 num_layers: int | None = None, reuse: Mapping[int, Any] | ReusePlan | None = None,
+                 reuse_pattern: str = ReusePatternMode.SAME, mlp_ratio: float = 4.0, final_norm: bool = True,
+                 backend: str = "auto", schedule: Schedule | None = None):
+        super().__init__()
+        if isinstance(patterns, Pattern):
+            if num_layers is None:
+                raise PatternError("a single pattern needs num_layers=; or pass one pattern per layer")
+            patterns = [patterns] * num_layers
+        patterns = list(patterns)
+        if num_layers is not None and num_layers != len(patterns):
+            raise PatternError(f"num_layers={num_layers} but {len(patterns)} patterns were given")
+        if not patterns or not all(isinstance(p, Pattern) for p in patterns):
+            raise PatternError(f"patterns must be a non-empty list of attention patterns, got {patterns!r}")
+        self.d_model, self.num_heads, self.patterns = d_model, num_heads, tuple(patterns)
+        self.mlp_ratio, self.backend, self.reuse_pattern = mlp_ratio, backend, reuse_pattern
+        self.layers = nn.ModuleList(TransformerBlock(d_model, num_heads, p, mlp_ratio=mlp_ratio, backend=backend,
+                                                     schedule=schedule) for p in patterns)
+        self.mlp_hidden = self.layers[0].mlp_hidden
+        self.norm = nn.LayerNorm(d_model) if final_norm else None
+        self.set_reuse(reuse, reuse_pattern)
+
+    def set_reuse(self, reuse: Mapping[int, Any] | ReusePlan | None, reuse_pattern: str | None = None) -> None:
+        """Replace the reuse plan (weights are unchanged; validated like the constructor's)."""
+        mode = self.reuse_pattern if reuse_pattern is None else reuse_pattern
+        plan = ReusePlan.build(reuse, len(self.patterns), self.num_heads)
+        self._sources = resolve_sources(plan, self.patterns, mode)
+        self.plan, self.reuse_pattern = plan, mode
+
+    def _groups(self, layer: int):
+        """``(module, heads)`` per attention module computing this layer's maps; ``()`` when the
+        layer's own module computes every head."""
+        own = self.layers[layer].attn.attention
+        by_module: dict[int, tuple[Any, list[int]]] = {}
+        for h, s in enumerate(self._sources[layer]):
+            m = self._module_for(s, own)
+            by_module.setdefault(id(m), (m, []))[1].append(h)
+        if len(by_module) == 1 and next(iter(by_module.values()))[0] is own:
+            return ()
+        return tuple((m, tuple(hs)) for m, hs in by_module.values())
+
+    def _module_for(self, s: HeadSource, own):
+        m = self.layers[s.layer].attn.attention
+        # Parameter-free modules with the same program are interchangeable: keep one call.
+        if m is own or (not any(True for _ in m.parameters()) and m.pattern == own.pattern
+                        and m.backend == own.backend and m.program == own.program):
+            return own
+        return m
+
+    def forward(self, x: torch.Tensor, *, record: list | None = None) -> torch.Tensor:
+        """``[B, L, d_model] -> [B, L, d_model]``. ``record`` (a list) receives one
+        :class:`~attncompiler.reuse.LayerAttention` per layer."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise InputError(f"input must be [batch, seq, {self.d_model}], got {getattr(x, 'shape', type(x).__name__)}")
+        qk = None
+        for l, block in enumerate(self.layers):
+            x, qk = block.attend(x, self.plan.sources(l), qk, self._groups(l))
+            if record is not None:
+                heads = tuple((self.patterns[s.layer], s.head) for s in self._sources[l])
+                record.append(LayerAttention(qk[0], qk[1], self.layers[l].attn.head_dim ** -0.5, heads))
+        return self.norm(x) if self.norm is not None else x
+
+    def attention_inputs(self, x: torch.Tensor) -> list[LayerAttention]:
+        """Every layer's effective Q/K and masks on input ``x`` (for the similarity analysis)."""
+        rec: list[LayerAttention] = []
+        self.forward(x, record=rec)
+        return rec
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def config(self) -> dict:
+        """Constructor arguments as plain values (patterns as their code, which ``repr`` gives)."""
+        return dict(d_model=self.d_model, num_heads=self.num_heads, patterns=[repr(p) for p in self.patterns],
+                    reuse={str(k): {str(h): s for h, s in v.items()} for k, v in self.plan.to_spec().items()},
+                    reuse_pattern=self.reuse_pattern, mlp_ratio=self.mlp_ratio, final_norm=self.norm is not None)
+
+    def extra_repr(self) -> str:
+        return f"{self.plan}"
+
+
+CHECKPOINT_FORMAT = "attncompiler.nn.TransformerStack/1"
+
+
+def parse_pattern(code: str) -> Pattern:
+    """Rebuild a pattern from its ``repr`` (code over ``ac`` only; no builtins)."""
+    import attncompiler as ac
+
+    try:
+        p = eval(code, {"__builtins__": {"range": range}, "ac": ac})  # noqa: S307  (repr of our own DSL)
+    except Exception as e:  # noqa: BLE001  (any failure means the repr is not rebuildable)
+        raise InputError(f"cannot rebuild the pattern {code!r} from its code: {e}") from e
+    if not isinstance(p, Pattern):
+        raise InputError(f"{code!r} does not build an attention pattern")
+    return p
+
+
+def save_checkpoint(stack: TransformerStack, path, **extra) -> None:
+    """Write ``stack``'s config and weights (loadable with ``torch.load(weights_only=True)``).
+
+    Raises:
+        InputError: a pattern whose ``repr`` does not rebuild it (e.g. an opaque ``ac.mask``).
+    """
+    cfg = stack.config()
+    for p, code in zip(stack.patterns, cfg["patterns"]):
+        if parse_pattern(code) != p:
+            raise InputError(f"pattern {p!r} cannot be saved: its code does not rebuild it")
+    torch.save({"format": CHECKPOINT_FORMAT, "config": cfg, "state_dict": stack.state_dict(), "extra": extra}, path)
+
+
+def load_checkpoint(path, *, backend: str = "auto") -> TransformerStack:
+    """Rebuild a :class:`TransformerStack` written by :func:`save_checkpoint`."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise InputError(f"cannot read checkpoint {str(path)!r}: {e}") from e
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{str(path)!r} is not an attncompiler.nn checkpoint (expected format {CHECKPOINT_FORMAT!r}); "
+                         "write one with attncompiler.nn.save_checkpoint(stack, path)")
+    cfg = dict(ck["config"])
+    patterns = [parse_pattern(c) for c in cfg.pop("patterns")]
+    reuse = {int(k): {int(h): int(s) for h, s in v.items()} for k, v in cfg.pop("reuse").items()}
+    stack = TransformerStack(cfg.pop("d_model"), cfg.pop("num_heads"), patterns, reuse=reuse, backend=backend, **cfg)
+    stack.load_state_dict(ck["state_dict"])
+    return stack
