@@ -199,45 +199,79 @@ def _pad_len(t: torch.Tensor, n: int) -> torch.Tensor:
     return t if L == n else torch.nn.functional.pad(t, (0, 0, 0, n - L))
 
 
-# Additive masks (0 / -inf) are cached per step while their total size stays under this.
-_BIAS_CACHE_BYTES = 256 << 20
-_bias_cache: dict[int, torch.Tensor] = {}
-_bias_cache_used = [0]
+@dataclass(frozen=True, eq=False)
+class StepMask:
+    """The additive mask (0 / -inf) of one step, kept only on block columns that need it.
+
+    Attributes:
+        runs: ``(j0, j1)`` ranges of block columns holding partial or padded blocks.
+        biases: one ``[R, bm, (j1-j0)*bn]`` tensor per run.
+        empty_rows: ``[R, bm]`` bool of query rows that see no key in the step, or None.
+    """
+
+    runs: tuple[tuple[int, int], ...]
+    biases: tuple[torch.Tensor, ...]
+    empty_rows: torch.Tensor | None
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.biases)
+
+    def dense(self, num_cols: int, block_n: int) -> torch.Tensor:
+        """The whole ``[R, bm, num_cols*block_n]`` additive mask (for stages that want it dense)."""
+        R, bm, _ = self.biases[0].shape
+        out = self.biases[0].new_zeros(R, bm, num_cols * block_n)
+        for (j0, j1), bias in zip(self.runs, self.biases):
+            out[:, :, j0 * block_n:j1 * block_n] = bias
+        return out
 
 
-def _step_bias(blocks: Blocks2D, chunk: Chunk, step: Step, dtype, device) -> torch.Tensor:
-    """``[R, bm, C*bn]`` additive mask: 0 where allowed, -inf elsewhere (partial blocks and padding)."""
-    key = id(step)
-    bias = _bias_cache.get(key)
-    if bias is not None and bias.dtype == dtype and bias.device == device:
-        return bias
-    bias = torch.zeros(_step_mask(blocks, chunk, step, device).shape, dtype=dtype, device=device)
-    bias.masked_fill_(~_step_mask(blocks, chunk, step, device), NEG_INF)
-    size = bias.numel() * bias.element_size()
-    if _bias_cache_used[0] + size <= _BIAS_CACHE_BYTES:
-        _bias_cache[key] = bias
-        _bias_cache_used[0] += size
-        weakref.finalize(step, _forget_bias, key, size)
-    return bias
+# Step masks are cached per step while their total size stays under this budget.
+_MASK_CACHE_BYTES = 256 << 20
+_mask_cache: dict[int, StepMask] = {}
+_mask_cache_used = [0]
 
 
-def _forget_bias(key: int, size: int) -> None:
-    if _bias_cache.pop(key, None) is not None:
-        _bias_cache_used[0] -= size
-    _empty_cache.pop(key, None)
+def _step_bias(blocks: Blocks2D, chunk: Chunk, step: Step, dtype, device) -> StepMask:
+    """The step's :class:`StepMask` (cached)."""
+    cached = _mask_cache.get(id(step))
+    if cached is not None and cached.biases[0].dtype == dtype and cached.biases[0].device == device:
+        return cached
+    g = blocks.geom
+    m = _step_mask(blocks, chunk, step, device)  # [R, bm, C*bn]
+    R, C = len(chunk.rows), step.c1 - step.c0
+    need = ~m.view(R, g.block_m, C, g.block_n).all(dim=3).all(dim=1).all(dim=0)  # [C] columns to mask
+    runs = _runs(need.cpu().numpy())
+    if sum(j1 - j0 for j0, j1 in runs) * 2 > C:  # mostly masked: one run is cheaper than many
+        runs = [(0, C)]
+    bn = g.block_n
+    biases = tuple(torch.zeros(R, g.block_m, (j1 - j0) * bn, dtype=dtype, device=device)
+                   .masked_fill_(~m[:, :, j0 * bn:j1 * bn], NEG_INF) for j0, j1 in runs)
+    empty = ~m.any(dim=-1)
+    sm = StepMask(tuple(runs), biases, empty if bool(empty.any()) else None)
+    if _mask_cache_used[0] + sm.nbytes() <= _MASK_CACHE_BYTES:
+        _mask_cache[id(step)] = sm
+        _mask_cache_used[0] += sm.nbytes()
+        weakref.finalize(step, _forget_mask, id(step), sm.nbytes())
+    return sm
 
 
-_empty_cache: dict[int, torch.Tensor] = {}
+def _runs(flags) -> list[tuple[int, int]]:
+    """Maximal ``[j0, j1)`` ranges where ``flags`` is true."""
+    out, j = [], 0
+    while j < len(flags):
+        if flags[j]:
+            j0 = j
+            while j < len(flags) and flags[j]:
+                j += 1
+            out.append((j0, j))
+        else:
+            j += 1
+    return out
 
 
-def _empty_rows(step: Step, bias: torch.Tensor) -> torch.Tensor:
-    """``[R, bm]`` bool: query rows whose additive mask hides every key of the step."""
-    rows = _empty_cache.get(id(step))
-    if rows is None or rows.device != bias.device:
-        rows = torch.isneginf(bias).all(dim=-1)
-        if id(step) in _bias_cache:  # same lifetime as the cached bias
-            _empty_cache[id(step)] = rows
-    return rows
+def _forget_mask(key: int, size: int) -> None:
+    if _mask_cache.pop(key, None) is not None:
+        _mask_cache_used[0] -= size
 
 
 def _step_mask(blocks: Blocks2D, chunk: Chunk, step: Step, device) -> torch.Tensor:
@@ -259,15 +293,17 @@ def _step_mask(blocks: Blocks2D, chunk: Chunk, step: Step, device) -> torch.Tens
     return m
 
 
-def _scores(q: torch.Tensor, K: torch.Tensor, bias: torch.Tensor | None, G: int) -> torch.Tensor:
-    """``q [R, G*bm, D] @ K[R, C*bn, D]^T`` plus the step's additive mask ``[R, bm, C*bn]``."""
-    if bias is None:
+def _scores(q: torch.Tensor, K: torch.Tensor, mask: StepMask | None, G: int, bn: int) -> torch.Tensor:
+    """``q [R, G*bm, D] @ K[R, C*bn, D]^T`` plus the step's additive mask on its masked columns."""
+    if mask is None:
         return torch.bmm(q, K.transpose(1, 2))
-    if G == 1:
-        return torch.baddbmm(bias, q, K.transpose(1, 2))
-    s = torch.bmm(q, K.transpose(1, 2))
+    if G == 1 and mask.runs == ((0, K.shape[1] // bn),):
+        return torch.baddbmm(mask.biases[0], q, K.transpose(1, 2))
+    s = torch.bmm(q, K.transpose(1, 2))  # [R, G*bm, C*bn]
     R, GM, N = s.shape
-    s.view(R, G, GM // G, N).add_(bias[:, None])
+    s5 = s.view(R, G, GM // G, N)
+    for (j0, j1), bias in zip(mask.runs, mask.biases):
+        s5[..., j0 * bn:j1 * bn].add_(bias[:, None])
     return s
 
 
@@ -288,16 +324,20 @@ def forward_group(blocks: Blocks2D, plan, ops: _Operands, out, lse) -> None:
             for h in range(ops.Hkv):
                 qt = _fold(q_rows[b, h])  # [R, G*bm, D]
                 if lse is None and len(chunk.steps) == 1:
-                    p = torch.softmax(_scores(qt, Ks[0][b, h], biases[0], G), dim=-1)
-                    o = torch.bmm(p, Vs[0][b, h])  # [R, G*bm, Dv]
-                    if biases[0] is not None:  # rows with no visible key: zeros, not softmax's NaN
+                    p = torch.softmax(_scores(qt, Ks[0][b, h], biases[0], G, ops.bn), dim=-1)
+                    direct = G == 1 and chunk.q_slice is not None
+                    dst = out[b, h, 0, chunk.q_slice[0]:chunk.q_slice[1]] if direct else None
+                    o = torch.bmm(p, Vs[0][b, h], out=dst)  # [R, G*bm, Dv]
+                    if biases[0] is not None and biases[0].empty_rows is not None:
+                        # rows with no visible key: zeros, not softmax's NaN
                         R_, GM, Dv = o.shape
-                        o.view(R_, G, GM // G, Dv).masked_fill_(_empty_rows(chunk.steps[0], biases[0])[:, None, :, None], 0.0)
-                    _write_rows(out[b, h], o, chunk)
+                        o.view(R_, G, GM // G, Dv).masked_fill_(biases[0].empty_rows[:, None, :, None], 0.0)
+                    if not direct:
+                        _write_rows(out[b, h], o, chunk)
                     continue
                 m_run = l_run = acc = None
                 for i in range(len(chunk.steps)):
-                    s = _scores(qt, Ks[i][b, h], biases[i], G)  # [R, G*bm, C*bn]
+                    s = _scores(qt, Ks[i][b, h], biases[i], G, ops.bn)  # [R, G*bm, C*bn]
                     m = s.amax(dim=-1, keepdim=True)
                     m.masked_fill_(m == NEG_INF, 0.0)
                     p = s.sub_(m).exp_()
@@ -348,7 +388,7 @@ def backward_group(blocks: Blocks2D, plan, ops: _Operands, dout, lse, delta, dq,
                 dq_acc = None
                 for i, st in enumerate(chunk.steps):
                     K, V = Ks[i][b, h], Vs[i][b, h]
-                    p = _scores(qt, K, biases[i], G).sub_(row_lse).exp_()  # [R, G*bm, C*bn]
+                    p = _scores(qt, K, biases[i], G, ops.bn).sub_(row_lse).exp_()  # [R, G*bm, C*bn]
                     ds = torch.bmm(do, V.transpose(1, 2)).sub_(row_delta).mul_(p)
                     part = torch.bmm(ds, K)  # [R, G*bm, D]
                     dq_acc = part if dq_acc is None else dq_acc.add_(part)
@@ -408,8 +448,6 @@ def _split_by_group(layout, q, k, v, fn):
 def _run_forward(q, k, v, layout, schedule, scale, need_lse=True):
     cdt = _compute_dtype(q.dtype)
     B, H, Lq, _ = q.shape
-    out = q.new_zeros((B, H, Lq, v.shape[-1]))
-    lse = torch.full((B, H, Lq), NEG_INF, dtype=cdt, device=q.device) if need_lse else None
 
     def one(blocks, qq, kk, vv):
         g = blocks.geom
@@ -423,15 +461,16 @@ def _run_forward(q, k, v, layout, schedule, scale, need_lse=True):
         return (o.view(Bq, Hq, g.nqb * g.block_m, ops.Dv)[:, :, :Lq],
                 l.view(Bq, Hq, g.nqb * g.block_m)[:, :, :Lq] if need_lse else None)
 
-    for b, h, (o, l) in _split_by_group(layout, q, k, v, one):
-        if b is None:
-            out.copy_(o)
-            if need_lse:
-                lse.copy_(l)
-        else:
-            out[b, h] = o[0, 0]
-            if need_lse:
-                lse[b, h] = l[0, 0]
+    results = _split_by_group(layout, q, k, v, one)
+    if results[0][0] is None:  # one layout for every (batch, head): its buffers are the result
+        o, l = results[0][2]
+        return o.to(q.dtype), l
+    out = q.new_zeros((B, H, Lq, v.shape[-1]))
+    lse = torch.full((B, H, Lq), NEG_INF, dtype=cdt, device=q.device) if need_lse else None
+    for b, h, (o, l) in results:
+        out[b, h] = o[0, 0]
+        if need_lse:
+            lse[b, h] = l[0, 0]
     return out, lse
 
 

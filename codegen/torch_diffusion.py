@@ -180,7 +180,7 @@ def _probs_forward(item: _Item, q, k, scale, cdt) -> torch.Tensor:
             else:
                 s[:, :, _cols(st, bn)] = _bmm_keys(qt, K, R, transpose=True)
             if st.needs_mask:
-                bias = _step_bias(item.blocks, chunk, st, cdt, q.device)  # [R, BM, Cs*BN]
+                bias = _step_bias(item.blocks, chunk, st, cdt, q.device).dense(st.c1 - st.c0, bn)  # [R, BM, Cs*BN]
                 s.view(item.bh, R, bm, -1)[..., _cols(st, bn)].add_(bias)
         # One fused softmax pass, in place (row-local: each element is read before it is written).
         torch.ops.aten._softmax.out(s, -1, False, out=s)
@@ -201,7 +201,8 @@ def _has_empty_rows(blocks: Blocks2D, chunk: Chunk, dtype, device) -> bool:
         else:
             allowed = None
             for st in chunk.steps:
-                row_any = (_step_bias(blocks, chunk, st, dtype, device) == 0).any(dim=-1)  # [R, BM]
+                bn = blocks.geom.block_n
+                row_any = (_step_bias(blocks, chunk, st, dtype, device).dense(st.c1 - st.c0, bn) == 0).any(dim=-1)  # [R, BM]
                 allowed = row_any if allowed is None else allowed | row_any
             flag = not bool(allowed.all())
         _EMPTY_ROWS[chunk] = flag
