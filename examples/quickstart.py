@@ -1,4 +1,4 @@
-"""Quickstart: declare a pattern, look at its layout, compile it, run it on CPU, check it.
+"""Quickstart: declare a pattern, look at its layout, analyze it, compile it, run it on CPU, check it.
 
     python examples/quickstart.py [--seq-len 1024] [--heads 4] [--head-dim 64]
 
@@ -39,14 +39,19 @@ def main(argv: list[str] | None = None) -> int:
               f"(block density {layout.block_density:.3f}); exact density {layout.density():.4f}")
         print(render_text(pattern, L, width=32))
 
-        # 3. Compile and run on random inputs (CPU: the torch backend).
+        # 3. Analyze: how well does it connect tokens, and what does it cost?
+        rep = ac.analyze(pattern, seq_len=L)
+        print(f"analysis: density {rep.density:.4f}, every legal key reaches every query after "
+              f"{rep.hops_to_full} layer(s), spectral gap {rep.spectral_gap:.4f}")
+
+        # 4. Compile and run on random inputs (CPU: the torch backend).
         attn = ac.compile(pattern, backend="auto")
         q, k, v = (torch.randn(1, H, L, D) for _ in range(3))  # [B, H, L, D]
         t0 = time.perf_counter()
         out = attn(q, k, v)  # [B, H, L, D]
         elapsed = time.perf_counter() - t0
 
-        # 4. Verify against the float64 dense reference.
+        # 5. Verify against the float64 dense reference.
         ref = attn.reference(q, k, v)  # [B, H, L, D] float64
         err = (out.double() - ref).abs().max().item()
         status = "ok" if err < 1e-4 else "MISMATCH"
