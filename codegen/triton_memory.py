@@ -96,8 +96,7 @@ def triton_causal_read(q: torch.Tensor, mem: SlotMemory, scale: float) -> tuple[
     N, _, Hkv, C, F = mem.kv1.shape
     n, Dv = mem.e.shape[-1], F - D - 1
     Lr = min(Lq, mem.kv_len)
-    if mem.dtype != torch.float32:
-        raise NotImplementedError  # float64 memories (huge logit spreads) take the torch path
+    assert mem.dtype == torch.float32, "float64 memories (huge logit spreads) take the torch path"
     out = torch.empty(B, H, Lr, Dv, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, H, Lr, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(Lr, C), B * H)
