@@ -530,3 +530,12 @@ def block_sparse_attention(q, k, v, layout: BlockLayout, schedule: Schedule, sca
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return BlockSparseAttentionFn.apply(q, k, v, layout, schedule, scale)
     return _run_forward(q, k, v, layout, schedule, scale, need_lse)
+
+
+def block_sparse_attention_backward(q, k, v, out, lse, dout, layout: BlockLayout, schedule: Schedule, scale: float):
+    """``(dq, dk, dv)`` of block-sparse attention given its (possibly merged) ``out`` and ``lse``.
+
+    Used where partial results are merged outside this module (e.g. the distributed ring), so
+    the gradient must be taken with the merged log-sum-exp.
+    """
+    return _run_backward(q, k, v, out, lse, dout, layout, schedule, scale)
