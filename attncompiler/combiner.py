@@ -145,14 +145,15 @@ class Combiner(Pattern):
     # -- what every single factorization defines --------------------------------------------
     def direct(self) -> Pattern:
         """The direct set ``D_i`` as a mask pattern over the L tokens."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define direct() (abstract Combiner method)")
 
     def build_table(self, L: int) -> SpanTable:
-        raise NotImplementedError
+        """The spans summarized at length ``L`` and which queries read each of them."""
+        raise NotImplementedError(f"{type(self).__name__} must define build_table() (abstract Combiner method)")
 
     def summary_relation(self, table: SpanTable, q: Expr, s: Expr) -> Expr:
         """Whether query ``q`` reads summary ``s`` (0 <= s < num_summaries), as an index expression."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define summary_relation() (abstract Combiner method)")
 
     # -- optional: a token order that makes the direct set block-friendly --------------------
     def token_order(self, L: int) -> np.ndarray | None:
