@@ -7,10 +7,13 @@
    resident memory above the process's baseline (Linux ``VmHWM``).
 3. Decoding: ``attn.step`` for many tokens (constant state) vs SDPA over a growing KV cache.
 
+4. GPU (``--device cuda``): the Triton chunked path (write scan, read and their backward
+   kernels) against causal SDPA and the cumulative-sum peer, forward and forward + backward
+   times (alternated, medians) and peak CUDA memory of forward + backward.
+
 Run: ``python benchmarks/memory_bench.py`` (targets: L=16384, H=4, D=64, n=64, 4096 steps) or
 ``python benchmarks/memory_bench.py --small`` for a quick check; on a GPU,
-``--device cuda --backend triton`` times the Triton chunked read against SDPA (memory and
-decoding figures stay on CPU). Absolute times on a shared
+``python benchmarks/memory_bench.py --device cuda`` (section 4 only). Absolute times on a shared
 machine are noise; the ratios measured side by side are the figures (the load is printed).
 """
 
@@ -137,6 +140,68 @@ def decoding(steps: int, H: int = 4, D: int = 64, n: int = 64) -> dict:
             "abc_ms_per_token": 1e3 * ours / steps, "kv_cache_sdpa_ms_per_token": 1e3 * peer / steps}
 
 
+def _peak(fn, device: str) -> float:
+    """Peak device memory (MiB) allocated by ``fn`` above what was live before it (CUDA only)."""
+    if not str(device).startswith("cuda"):
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def gpu_compare(L: int, H: int = 4, D: int = 64, n: int = 64, reps: int = 5, device: str = "cuda",
+                backend: str = "triton") -> list[dict]:
+    """Causal ABC-MLP on ``backend`` vs causal SDPA and :func:`cumsum_abc`, fp32 on ``device``.
+
+    Forward and forward + backward medians (the contenders alternated in each repetition),
+    ratios to ABC, and peak memory of one forward + backward. The cumulative-sum peer is
+    skipped (reported as None) when its ``[T, n, D]`` tensors would not fit.
+    """
+    if backend == "triton":
+        from attncompiler.codegen import triton_memory  # noqa: F401  (registers the Triton memory stages)
+    q, k, v = (t.requires_grad_() for t in _inputs(L, H, D, device=device))
+    attn = ac.compile(memory(n, MLPControl(), causal=True), backend=backend, check_finite=False).to(device)
+    attn.materialize(D, device)
+    W = attn.control_param.detach()
+    scale = D ** -0.5
+    cumsum_bytes = 6 * H * L * n * D * 4  # kt, vt, their products and cumsums (saved for backward)
+    on_cuda = str(device).startswith("cuda")
+    free = torch.cuda.mem_get_info()[0] if on_cuda else 0
+    runs = {"abc_" + backend: lambda: attn(q, k, v),
+            "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+    if not on_cuda or cumsum_bytes < 0.8 * free:
+        runs["cumsum"] = lambda: cumsum_abc(q, k, v, W, scale)
+    g = torch.randn(1, H, L, D, device=device)
+
+    def fwd_bwd(fn):
+        return lambda: torch.autograd.grad(fn(), (q, k, v), g)
+
+    results = []
+    for mode in ("forward", "forward+backward"):
+        wrap = (lambda fn: lambda: fn()) if mode == "forward" else fwd_bwd
+        times = {name: [] for name in runs}
+        ctx = torch.no_grad() if mode == "forward" else torch.enable_grad()
+        with ctx:
+            for fn in runs.values():
+                wrap(fn)()  # compile kernels, warm caches
+            for _ in range(reps):
+                for name, fn in runs.items():
+                    times[name].append(_timed(wrap(fn), device))
+        med = {name: statistics.median(t) for name, t in times.items()}
+        ours = med["abc_" + backend]
+        res = {"mode": mode, "L": L, "device": device, **{f"{k}_s": v for k, v in med.items()},
+               **{f"{k}_spread_s": [min(t), max(t)] for k, t in times.items()},
+               "sdpa_over_abc": med["sdpa_causal"] / ours,
+               "cumsum_over_abc": med["cumsum"] / ours if "cumsum" in med else None}
+        if mode == "forward+backward":
+            res.update({f"{k}_peak_mib": _peak(fwd_bwd(fn), device) for k, fn in runs.items()})
+        results.append(res)
+    return results
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="quick check: L=2048, memory at 1024, 256 steps")
@@ -144,7 +209,7 @@ def main(argv=None) -> None:
     ap.add_argument("--mem-seq-len", type=int, default=None, help="L of the memory comparison (default: --seq-len)")
     ap.add_argument("--steps", type=int, default=4096)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU speed comparison")
-    ap.add_argument("--backend", default="torch", help="torch or triton (the Triton chunked read; CUDA)")
+    ap.add_argument("--backend", default="torch", help="torch or triton (on cuda: triton unless told otherwise)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (on an oversubscribed machine, 1 avoids spin-waits in small ops)")
     ap.add_argument("--peak-child", nargs=5, help=argparse.SUPPRESS)
@@ -156,6 +221,10 @@ def main(argv=None) -> None:
         return _peak_child(which, *map(int, dims))
     L, ML, steps = (2048, 1024, 256) if a.small else (a.seq_len, a.mem_seq_len or a.seq_len, a.steps)
     print(json.dumps({"load_avg": os.getloadavg(), "threads": torch.get_num_threads(), "torch": torch.__version__}))
+    if a.device != "cpu":
+        for res in gpu_compare(L, device=a.device, backend=a.backend if a.backend != "torch" else "triton"):
+            print(json.dumps(res))
+        return
     print(json.dumps(forward_speed(L, device=a.device, backend=a.backend)))
     print(json.dumps(peak_memory(ML)))
     print(json.dumps(decoding(steps)))

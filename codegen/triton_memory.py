@@ -1,146 +1,354 @@
-"""Triton implementation of the ABC memory stages.
+"""Triton implementation of the ABC memory stages: chunked SlotWrite and SlotRead, with backward.
 
-The causal read (``SlotRead``) is one Triton kernel: a program per (chunk, batch * query head)
-loads its query chunk, the chunk's keys/values/write weights and the memory entering the
-chunk (from ``SlotWrite``), and computes ``(q S^T + tril(q k^T) e) / Z``, the softmax over
-slots and ``(p / Z) S_v + tril((p / Z) e^T) v`` in registers, the same math as the torch
-backend (see :mod:`attncompiler.codegen.torch_memory`). The kernel is a plain module-level
-``@triton.jit`` function (it does not depend on the pattern), so it needs no rendering.
+The kernels live in ``templates/memory.py``; like every generated kernel they are written to
+the on-disk kernel cache (keyed by a content hash of the template and library versions) and
+imported from there, never exec'd from a string. They do not depend on the pattern or the
+sequence length (chunk size, head dims and slot count are ``tl.constexpr``).
 
-``SlotControl``, ``SlotWrite`` (one matmul and an O(T / C) scan of ``[n, D]`` states) and the
-bidirectional read are a few large tensor ops and run as torch ops on the same device. The
-backward pass of the read recomputes it with the torch implementation under autograd
-(memory stays bounded, as there).
+Forward, with chunks of ``C = schedule.block_m`` tokens (N chunks; capped by
+:func:`kernel_chunk` so that the tiles fit a GPU's shared memory):
 
-Interpreter note: tests run this under ``TRITON_INTERPRET=1`` at tiny sizes.
+* **SlotWrite** = ``_mem_chunk_sums`` (one program per chunk: the chunk's own sums
+  ``e^T [k | v | 1]`` relative to its own logit max, all tokens in parallel) then ``_mem_scan``
+  (one program per kv head and column tile, sequential over the N chunks: the running max
+  ``R_c`` and the memory entering each chunk, rescaled by factors ``<= 1``: running
+  log-sum-exp normalization). Stored: ``[N, n, D + Dv + 1]`` chunk-boundary states and
+  ``[N, n]`` references per head, never a per-token ``[T, n, D]`` memory.
+* **SlotRead**: causal ``_mem_read_causal`` (one program per chunk and query head: the state
+  entering the chunk plus the chunk's own tokens ``j <= i``), or ``_mem_read_full`` for one
+  complete memory (bidirectional, and causal queries past the last key).
+
+Backward: ``_mem_read_causal_bwd`` / ``_mem_read_full_bwd`` recompute the read and give dq and
+the read's dk, dv, dw and d(state); ``_mem_scan_bwd`` is the reverse chunk scan turning
+d(state), d(final) into each chunk's gradient, and ``_mem_write_bwd`` turns that into dk, dv,
+dw, chunk-parallel. The chunk references are constants for autograd (the result does not
+depend on them), exactly as in the torch backend.
+
+All four controls run on kernels: MLP (logits ``k W`` or caller logits) and cluster (0 / -inf
+logits) are normalized writes, Linformer is a raw-weight write through the same kernels, and a
+window memory lowers to ``BlockSparseAttention`` (the generated block-sparse kernels). The
+control logits themselves (``k @ W``, the nearest centroid) are one matmul / argmin in torch.
+
+Two cases run the torch implementation on the same device instead: float64 inputs (Triton has
+no fast float64 path), and causal normalized writes whose logits spread more than
+``SPREAD_LIMIT`` within one chunk (a row's normalizer relative to its chunk reference would
+leave float32 range; the torch path then computes in float64). Checking the spread costs one
+device-to-host sync per call.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import hashlib
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
-import triton
-import triton.language as tl
 
 from attncompiler.memory_slots import SlotControl, SlotRead, SlotWrite
 
+from . import cache
 from .registry import RunContext, register_stage
-from .torch_memory import SlotMemory, read_memory, run_slot_control, run_slot_write
+from .render import _BODY, TEMPLATE_DIR
+from .torch_memory import (NEG_INF, SPREAD_LIMIT, SlotMemory, logit_spread, read_memory, run_slot_control,
+                           write_memory)
+from .triton_kernels import _on_device, _versions
+
+TEMPLATE = "memory.py"
+CACHE_PREFIX = "abcmem"  # generated files: abcmem_<key>.py in the kernel cache
+KERNELS = ("_mem_chunk_sums", "_mem_scan", "_mem_read_causal", "_mem_read_full", "_mem_read_causal_bwd",
+           "_mem_read_full_bwd", "_mem_scan_bwd", "_mem_write_bwd")
+SCAN_COLS = 32  # column tile of the sequential scans (elementwise: any power of two)
+READ_ROWS = 32  # query rows per program of the complete-memory read
+_INT_ARGS = ("Lk", "Lr", "Lq", "N", "H", "G", "NBK")  # integer kernel arguments (the rest: pointers, scale)
 
 
-@triton.jit
-def _slot_read_kernel(q_ptr, kv_ptr, e_ptr, st_ptr, out_ptr, lse_ptr, scale, Lr, B, H, G, Hkv,
-                      s_qb, s_qh, s_ql, s_ob, s_oh, s_ol,
-                      C: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, NS: tl.constexpr,
-                      BC: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BN: tl.constexpr,
-                      NORMALIZED: tl.constexpr, MAY_BE_EMPTY: tl.constexpr, DOT_PREC: tl.constexpr):
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    rows = tl.arange(0, BC)
-    dd = tl.arange(0, BD)
-    dv = tl.arange(0, BDV)
-    ss = tl.arange(0, BN)
-    pos = c * C + rows  # token positions of this chunk
-    row_ok = (rows < C) & (pos < Lr)
-    q = tl.load(q_ptr + b * s_qb + h * s_qh + pos[:, None] * s_ql + dd[None, :],
-                mask=row_ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32) * scale  # [BC, BD]
-    chunk = (c * B + b) * Hkv + hk  # flat index into the [N, B, Hkv] leading dims of the memory tensors
-    kvb = kv_ptr + chunk * C * F
-    k = tl.load(kvb + rows[:, None] * F + dd[None, :], mask=(rows[:, None] < C) & (dd[None, :] < D), other=0.0)
-    v = tl.load(kvb + rows[:, None] * F + D + dv[None, :], mask=(rows[:, None] < C) & (dv[None, :] < DV), other=0.0)
-    e = tl.load(e_ptr + chunk * C * NS + rows[:, None] * NS + ss[None, :],
-                mask=(rows[:, None] < C) & (ss[None, :] < NS), other=0.0)  # [BC, BN]
-    stb = st_ptr + chunk * NS * F
-    sk = tl.load(stb + ss[:, None] * F + dd[None, :], mask=(ss[:, None] < NS) & (dd[None, :] < D), other=0.0)
-    sv = tl.load(stb + ss[:, None] * F + D + dv[None, :], mask=(ss[:, None] < NS) & (dv[None, :] < DV), other=0.0)
-    causal = rows[:, None] >= rows[None, :]
-    a = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BC, BC] q_i . k_j
-    a = tl.where(causal, a, 0.0)
-    score = tl.dot(q, tl.trans(sk), input_precision=DOT_PREC) + tl.dot(a, e, input_precision=DOT_PREC)  # [BC, BN]
-    slot_ok = ss[None, :] < NS
-    if NORMALIZED:
-        zin = tl.load(stb + ss * F + (F - 1), mask=ss < NS, other=0.0)  # [BN]
-        z = zin[None, :] + tl.cumsum(e, axis=0)  # [BC, BN] normalizer of each row's memory
-        if MAY_BE_EMPTY:
-            slot_ok = slot_ok & (z > 0)
-        zs = tl.where(z > 0, z, 1.0)
-        score = score / zs
-    score = tl.where(slot_ok, score, float("-inf"))
-    m = tl.max(score, axis=1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp(score - m_safe[:, None])  # empty slots: 0
-    l = tl.sum(p, axis=1)
-    l_safe = tl.where(l > 0, l, 1.0)
-    p = p / l_safe[:, None]
-    lse = tl.where(l > 0, m_safe + tl.log(l_safe), float("-inf"))
-    if NORMALIZED:
-        p = p / zs
-    bmat = tl.where(causal, tl.dot(p, tl.trans(e), input_precision=DOT_PREC), 0.0)  # [BC, BC]
-    out = tl.dot(p, sv, input_precision=DOT_PREC) + tl.dot(bmat, v, input_precision=DOT_PREC)  # [BC, BDV]
-    tl.store(out_ptr + b * s_ob + h * s_oh + pos[:, None] * s_ol + dv[None, :], out,
-             mask=row_ok[:, None] & (dv[None, :] < DV))
-    tl.store(lse_ptr + bh * Lr + pos, lse, mask=row_ok)
+def memory_source(key: str = "") -> str:
+    """The generated module: a header and the template body."""
+    body = (TEMPLATE_DIR / TEMPLATE).read_text().split(_BODY, 1)[1]
+    return ("# Generated by attncompiler: ABC memory-slot kernels (chunked SlotWrite scan, SlotRead, backward).\n"
+            f"# Kernels: {', '.join(KERNELS)}.\n"
+            f"# cache key: {key}\n"
+            "# Regenerated from the template when missing or corrupt; edits are overwritten.\n"
+            "\nimport triton\nimport triton.language as tl\n" + body)
+
+
+@functools.lru_cache(maxsize=None)
+def memory_cache_key() -> str:
+    """Content hash of the template and the library versions."""
+    digest = hashlib.sha256((TEMPLATE_DIR / TEMPLATE).read_bytes()).hexdigest()[:16]
+    return cache.content_key({"template": digest, "versions": _versions()})
+
+
+def memory_kernels() -> ModuleType:
+    """The imported kernel module (written to the cache directory first when missing)."""
+    key = memory_cache_key()
+    return cache.load(key, memory_source(key), prefix=CACHE_PREFIX)[0]
 
 
 def _p2(x: int) -> int:
-    return max(16, triton.next_power_of_2(x))
+    return max(16, 1 << (x - 1).bit_length())  # tl.dot needs every dim >= 16
 
 
-def triton_causal_read(q: torch.Tensor, mem: SlotMemory, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward of the causal read with the Triton kernel -> ``out [B, H, Lr, Dv]``, ``lse [B, H, Lr]``."""
-    B, H, Lq, D = q.shape
-    N, _, Hkv, C, F = mem.kv1.shape
-    n, Dv = mem.e.shape[-1], F - D - 1
-    Lr = min(Lq, mem.kv_len)
-    assert mem.dtype == torch.float32, "float64 memories (huge logit spreads) take the torch path"
-    out = torch.empty(B, H, Lr, Dv, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, H, Lr, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(Lr, C), B * H)
-    _slot_read_kernel[grid](q, mem.kv1, mem.e, mem.state, out, lse, scale, Lr, B, H, H // Hkv, Hkv,
-                            q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                            C=C, D=D, DV=Dv, F=F, NS=n, BC=_p2(C), BD=_p2(D), BDV=_p2(Dv), BN=_p2(n),
-                            NORMALIZED=mem.normalized, MAY_BE_EMPTY=mem.may_be_empty, DOT_PREC="ieee")
-    return out, lse
+def kernel_chunk(chunk: int, *dims: int) -> int:
+    """The chunk the kernels use: the schedule's, halved until a ``[chunk, max(D, Dv, n)]`` tile
+    holds at most 4096 elements. Shared memory grows with it: compiled for sm_90, the causal
+    read's backward takes 208 KiB at chunk = D = n = 64, 320 KiB at D = 128 (over the H100's
+    227 KiB) and 184 KiB at D = 128 with chunk 32. Results do not depend on the chunk."""
+    widest = max(_p2(d) for d in dims)
+    while chunk > 16 and _p2(chunk) * widest > 4096:
+        chunk = _p2(chunk) // 2
+    return chunk
 
 
-class _TritonReadFn(torch.autograd.Function):
-    """Triton forward; backward recomputes the read with the torch implementation."""
+def _warps(rows: int, *cols: int) -> int:
+    """8 warps once the [rows, cols] fp32 tiles of a program would crowd 4 warps' registers."""
+    return 8 if _p2(rows) * max(_p2(c) for c in cols) >= 4096 else 4
+
+
+@dataclass(frozen=True, eq=False)
+class TritonMemory:
+    """What the Triton SlotWrite hands to SlotRead.
+
+    ``k, v, w``: contiguous ``[B*Hkv, Lk, *]`` float32 inputs of the write (kept: the causal
+    read recomputes each chunk's weights ``exp(w - R_c)``); ``ref [B*Hkv, N, n]`` chunk
+    references; ``state [B*Hkv, N, n, F]`` memory entering each chunk (causal; else None);
+    ``final [B*Hkv, n, F]``.
+    """
+
+    causal: bool
+    normalized: bool
+    may_be_empty: bool
+    chunk: int
+    batch: int
+    kv_heads: int
+    k: torch.Tensor
+    v: torch.Tensor
+    w: torch.Tensor
+    ref: torch.Tensor
+    state: torch.Tensor | None
+    final: torch.Tensor
+
+    @property
+    def kv_len(self) -> int:
+        return self.k.shape[1]
+
+    def warps(self, rows: int) -> int:
+        """Launch warps of a read kernel with ``rows`` query rows per program."""
+        return _warps(rows, self.k.shape[-1], self.v.shape[-1], self.w.shape[-1])
+
+    def consts(self) -> dict:
+        D, Dv, n = self.k.shape[-1], self.v.shape[-1], self.w.shape[-1]
+        return dict(D=D, DV=Dv, NS=n, BD=_p2(D), BDV=_p2(Dv), BN=_p2(n), NORMALIZED=self.normalized,
+                    DOT_PREC="ieee")
+
+
+class _WriteFn(torch.autograd.Function):
+    """``(k, v, w) -> (ref, state, final)``: chunk sums, then the carried scan; backward is the
+    reverse scan and a chunk-parallel kernel."""
 
     @staticmethod
-    def forward(ctx, q, kv1, e, state, final, mem: SlotMemory, scale: float):
-        ctx.mem, ctx.scale = mem, scale
-        ctx.save_for_backward(q, kv1, e, state, final)
-        out, lse = triton_causal_read(q.float(), mem, scale)
+    def forward(ctx, k, v, w, causal: bool, normalized: bool, chunk: int):
+        BK, Lk, D = k.shape
+        Dv, n = v.shape[-1], w.shape[-1]
+        N, F = -(-Lk // chunk), D + Dv + 1
+        mod = memory_kernels()
+        c = dict(D=D, DV=Dv, NS=n, BD=_p2(D), BDV=_p2(Dv), BN=_p2(n), NORMALIZED=normalized)
+        loc = torch.empty(BK, N, n, F, dtype=torch.float32, device=k.device)
+        mc = torch.empty(BK, N, n, dtype=torch.float32, device=k.device)
+        ref = torch.zeros(BK, N, n, dtype=torch.float32, device=k.device)
+        state = torch.empty(BK, N, n, F, dtype=torch.float32, device=k.device) if causal else loc[:, :1]
+        final = torch.empty(BK, n, F, dtype=torch.float32, device=k.device)
+        with _on_device(k):
+            mod._mem_chunk_sums[(N, BK)](k, v, w, loc, mc, Lk, N, C=chunk, BC=_p2(chunk), DOT_PREC="ieee",
+                                         num_warps=_warps(chunk, D, Dv, n), **c)
+            mod._mem_scan[(BK, -(-F // SCAN_COLS))](loc, mc, state, ref, final, N, F=F, NS=n, BN=_p2(n),
+                                                    BF=SCAN_COLS, NORMALIZED=normalized, STORE_STATE=causal)
+        ctx.save_for_backward(k, v, w, ref)
+        ctx.cfg = (causal, normalized, chunk)
+        ctx.mark_non_differentiable(ref)
+        return ref, (state if causal else None), final
+
+    @staticmethod
+    def backward(ctx, _g_ref, g_state, g_final):
+        k, v, w, ref = ctx.saved_tensors
+        causal, normalized, chunk = ctx.cfg
+        BK, Lk, D = k.shape
+        Dv, n = v.shape[-1], w.shape[-1]
+        N, F = ref.shape[1], D + Dv + 1
+        g_final = torch.zeros(BK, n, F, dtype=torch.float32, device=k.device) if g_final is None else g_final
+        has_gs = causal and g_state is not None
+        g_loc = torch.empty(BK, N, n, F, dtype=torch.float32, device=k.device)
+        dk, dv, dw = torch.empty_like(k), torch.empty_like(v), torch.empty_like(w)
+        mod = memory_kernels()
+        with _on_device(k):
+            mod._mem_scan_bwd[(BK, -(-F // SCAN_COLS))](
+                g_state.contiguous() if has_gs else g_final, g_final.contiguous(), ref, g_loc, N, F=F, NS=n,
+                BN=_p2(n), BF=SCAN_COLS, NORMALIZED=normalized, HAS_GSTATE=has_gs)
+            mod._mem_write_bwd[(N, BK)](k, v, w, ref, g_loc, dk, dv, dw, Lk, N, C=chunk, D=D, DV=Dv, NS=n,
+                                        BC=_p2(chunk), BD=_p2(D), BDV=_p2(Dv), BN=_p2(n),
+                                        NORMALIZED=normalized, DOT_PREC="ieee",
+                                        num_warps=_warps(chunk, D, Dv, n))
+        return dk, dv, dw, None, None, None
+
+
+class _CausalReadFn(torch.autograd.Function):
+    """Causal read of queries ``q [B*H, Lr, D]`` (``Lr <= Lk``) -> ``out [B*H, Lr, Dv]``, ``lse``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, ref, state, mem: TritonMemory, heads: int, scale: float):
+        BH, Lr, D = q.shape
+        BK, Lk = k.shape[:2]
+        N, C = ref.shape[1], mem.chunk
+        out = torch.empty(BH, Lr, v.shape[-1], dtype=torch.float32, device=q.device)
+        lse = torch.empty(BH, Lr, dtype=torch.float32, device=q.device)
+        with _on_device(q):
+            memory_kernels()._mem_read_causal[(-(-Lr // C), BH)](
+                q, k, v, w, ref, state, out, lse, scale, Lr, Lk, N, heads, BH // BK,
+                C=C, BC=_p2(C), MAY_BE_EMPTY=mem.may_be_empty, num_warps=mem.warps(C), **mem.consts())
+        ctx.save_for_backward(q, k, v, w, ref, state)
+        ctx.mem, ctx.heads, ctx.scale = mem, heads, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, kv1, e, state, final = (t.detach().requires_grad_() for t in ctx.saved_tensors)
-        mem = dataclasses.replace(ctx.mem, kv1=kv1, e=e, state=state, final=final)
-        with torch.enable_grad():
-            out, _ = read_memory(q, mem, ctx.scale, need_lse=False)
-            grads = torch.autograd.grad(out[:, :, :dout.shape[2]], (q, kv1, e, state, final), dout,
-                                        allow_unused=True)
-        return (*grads, None, None)
+        q, k, v, w, ref, state = ctx.saved_tensors
+        mem = ctx.mem
+        BH, Lr, D = q.shape
+        BK, Lk = k.shape[:2]
+        N, C = ref.shape[1], mem.chunk
+        dq = torch.empty_like(q)
+        # chunks past the last query are not visited: their key gradients from the read are 0
+        dk, dv, dw, dstate = (torch.zeros_like(t) for t in (k, v, w, state))
+        with _on_device(q):
+            memory_kernels()._mem_read_causal_bwd[(-(-Lr // C), BK)](
+                q, k, v, w, ref, state, dout.contiguous(), dq, dk, dv, dw, dstate, ctx.scale, Lr, Lk, N, ctx.heads,
+                BH // BK, C=C, BC=_p2(C), MAY_BE_EMPTY=mem.may_be_empty, num_warps=mem.warps(C), **mem.consts())
+        return dq, dk, dv, dw, None, dstate, None, None, None
 
 
-register_stage("triton", SlotControl)(run_slot_control)
-register_stage("triton", SlotWrite)(run_slot_write)
+class _FullReadFn(torch.autograd.Function):
+    """Read of the complete memory ``final [B*Hkv, n, F]`` by ``q [B*H, L, D]``."""
+
+    @staticmethod
+    def forward(ctx, q, final, mem: TritonMemory, heads: int, scale: float):
+        BH, L, D = q.shape
+        Dv = mem.v.shape[-1]
+        out = torch.empty(BH, L, Dv, dtype=torch.float32, device=q.device)
+        lse = torch.empty(BH, L, dtype=torch.float32, device=q.device)
+        with _on_device(q):
+            memory_kernels()._mem_read_full[(-(-L // READ_ROWS), BH)](
+                q, final, out, lse, scale, L, heads, BH // final.shape[0], BM=READ_ROWS,
+                MAY_BE_EMPTY=mem.may_be_empty, num_warps=mem.warps(READ_ROWS), **mem.consts())
+        ctx.save_for_backward(q, final)
+        ctx.mem, ctx.heads, ctx.scale = mem, heads, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, final = ctx.saved_tensors
+        BH, L, D = q.shape
+        BK = final.shape[0]
+        tiles = -(-L // READ_ROWS)
+        dq = torch.empty_like(q)
+        part = torch.empty(tiles, *final.shape, dtype=torch.float32, device=q.device)  # per-tile d(final)
+        with _on_device(q):
+            memory_kernels()._mem_read_full_bwd[(tiles, BK)](
+                q, final, dout.contiguous(), dq, part, ctx.scale, L, ctx.heads, BH // BK, BK, BM=READ_ROWS,
+                MAY_BE_EMPTY=ctx.mem.may_be_empty, num_warps=ctx.mem.warps(READ_ROWS), **ctx.mem.consts())
+        return dq, part.sum(0), None, None, None
+
+
+def triton_write(k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, causal: bool, normalized: bool,
+                 chunk: int) -> TritonMemory | SlotMemory:
+    """SlotWrite on the Triton kernels: ``k [B,Hkv,Lk,D]``, ``v [B,Hkv,Lk,Dv]``, ``w [B,Hkv,Lk,n]``.
+
+    Returns a :class:`SlotMemory` (the torch implementation) for float64 inputs and for causal
+    logits whose within-chunk spread exceeds ``SPREAD_LIMIT`` (see the module docstring).
+    """
+    B, Hkv, Lk, D = k.shape
+    empty = normalized and bool(w.detach().amin() == NEG_INF)  # clustering: slots may hold nothing
+    if (k.dtype == torch.float64 or w.dtype == torch.float64
+            or (normalized and causal and logit_spread(w, chunk, empty) > SPREAD_LIMIT)):
+        return write_memory(k, v, w, causal, normalized, chunk)
+    chunk = kernel_chunk(chunk, D, v.shape[-1], w.shape[-1])
+    k32, v32, w32 = (t.float().reshape(B * Hkv, Lk, t.shape[-1]).contiguous() for t in (k, v, w))
+    ref, state, final = _WriteFn.apply(k32, v32, w32, causal, normalized, chunk)
+    return TritonMemory(causal, normalized, empty, chunk, B, Hkv, k32, v32, w32, ref, state, final)
+
+
+def triton_read(q: torch.Tensor, mem: TritonMemory, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SlotRead on the Triton kernels: ``q [B, H, Lq, D]`` -> ``out [B, H, Lq, Dv]``, ``lse [B, H, Lq]``."""
+    B, H, Lq, D = q.shape
+    q32 = q.float().reshape(B * H, Lq, D)
+    if not mem.causal:
+        out, lse = _FullReadFn.apply(q32.contiguous(), mem.final, mem, H, scale)
+    else:
+        Lr = min(Lq, mem.kv_len)  # queries past the last key read the final memory
+        out, lse = _CausalReadFn.apply(q32[:, :Lr].contiguous(), mem.k, mem.v, mem.w, mem.ref, mem.state, mem, H,
+                                       scale)
+        if Lq > Lr:
+            o2, l2 = _FullReadFn.apply(q32[:, Lr:].contiguous(), mem.final, mem, H, scale)
+            out, lse = torch.cat([out, o2], 1), torch.cat([lse, l2], 1)
+    return out.view(B, H, Lq, -1), lse.view(B, H, Lq)
+
+
+def compile_memory_for_target(arch: int = 90, head_dim: int = 64, slots: int = 64, chunk: int = 64,
+                              num_warps: int = 8, only: tuple[str, ...] = KERNELS) -> dict[str, int]:
+    """Compile every memory kernel (normalized, may-be-empty variants) for ``sm_{arch}`` without a
+    GPU, like :func:`attncompiler.codegen.triton_aot.compile_for_target`; returns shared bytes per
+    kernel (``only``: these kernels). Needs ``TRITON_INTERPRET`` unset in this process.
+
+    Raises:
+        UnsupportedError: ``TRITON_INTERPRET`` is set.
+    """
+    import os
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from attncompiler.errors import UnsupportedError
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise UnsupportedError("compile_memory_for_target needs TRITON_INTERPRET unset (run it in a fresh process)")
+    mod = memory_kernels()
+    D = Dv = head_dim
+    consts = dict(C=chunk, D=D, DV=Dv, NS=slots, F=D + Dv + 1, BC=_p2(chunk), BD=_p2(D), BDV=_p2(Dv), BN=_p2(slots),
+                  BF=SCAN_COLS, BM=READ_ROWS, NORMALIZED=True, MAY_BE_EMPTY=True, STORE_STATE=True, HAS_GSTATE=True,
+                  DOT_PREC="ieee")
+    out = {}
+    for name in only:
+        fn = getattr(mod, name)
+        c = {n: v for n, v in consts.items() if n in fn.arg_names}
+        sig = {n: "fp32" if n == "scale" else "i32" if n in _INT_ARGS else "*fp32" for n in fn.arg_names}
+        sig.update({n: "constexpr" for n in c})
+        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in c.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        out[name] = int(k.metadata.shared)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage registrations
+# ---------------------------------------------------------------------------------------------
+
+register_stage("triton", SlotControl)(run_slot_control)  # k @ W or the nearest centroid: one torch op
+
+
+@register_stage("triton", SlotWrite)
+def run_slot_write(stage: SlotWrite, env: dict, ctx: RunContext) -> dict:
+    k, v, w = (env[n] for n in stage.inputs)
+    return {stage.outputs[0]: triton_write(k, v, w, stage.causal, stage.normalized, stage.schedule.block_m)}
 
 
 @register_stage("triton", SlotRead)
 def run_slot_read(stage: SlotRead, env: dict, ctx: RunContext) -> dict:
     q, mem = (env[name] for name in stage.inputs)
-    need_lse = ctx.extra.get("need_lse", True)
-    if not mem.causal or mem.dtype != torch.float32 or q.shape[2] > mem.kv_len:
-        # bidirectional: two small matmuls; float64 memories and queries past the last key:
-        # the torch implementation on the same device
-        out, lse = read_memory(q, mem, ctx.scale, need_lse, stage.schedule.tile_elems)
-        return dict(zip(stage.outputs, (out, lse)))
-    out, lse = _TritonReadFn.apply(q, mem.kv1, mem.e, mem.state, mem.final, mem, ctx.scale)
+    if isinstance(mem, SlotMemory):  # the torch fallback of the write (float64)
+        out, lse = read_memory(q, mem, ctx.scale, ctx.extra.get("need_lse", True), stage.schedule.tile_elems)
+    else:
+        out, lse = triton_read(q, mem, ctx.scale)
     return dict(zip(stage.outputs, (out, lse)))
