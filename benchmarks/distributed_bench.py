@@ -1,11 +1,24 @@
-"""Distributed attention benchmark: measured bytes and time of the sparse vs dense ring.
+"""Distributed attention benchmark: bytes, overlap and causal load balance of the ring.
 
-Spawns ``P`` local processes (gloo on CPU, NCCL when every rank has a GPU), runs forward and
-backward of :func:`attncompiler.distributed.ring_attention` with the sparsity-aware plan and
-with the dense-ring baseline, and prints the bytes actually handed to torch.distributed next
-to the plan's prediction.
+Spawns ``P`` local processes (gloo on CPU, NCCL when every rank has a GPU) and runs forward +
+backward of :func:`attncompiler.distributed.ring_attention` for several cases, alternating
+them round-robin ``--repeat`` times:
 
-    python benchmarks/distributed_bench.py --pattern "sliding_window(window=256)" -L 65536 -P 2 4
+* ``window sparse`` / ``window dense``: sliding_window(W) at ``-L``, sparsity-aware ring vs the
+  dense ring (every shard whole around the ring); bytes handed to torch.distributed are
+  measured and compared with the plan's prediction.
+* ``window dense no-overlap``: the dense ring waiting for each step before computing.
+* ``causal <sharding>``: causal attention at ``--causal-len`` with contiguous, zigzag and
+  striped sharding: blocks per rank (plan) and measured compute seconds per rank.
+* ``causal zigzag no-overlap``: the same without communication/compute overlap.
+
+Prints one JSON line per (case, P): medians with [min, max] over the repeats. One thread per
+process. On a 2-core machine 4 processes oversubscribe the CPU, so per-rank times measured
+in the processes are squeezed together (a rank that finishes early frees a core for the
+others). ``isolated`` lines therefore also time each rank's compute (exactly its sub-problems,
+forward + backward, on random data) alone in the parent process, one rank after another.
+
+    python benchmarks/distributed_bench.py -L 65536 --causal-len 16384 -P 2 4 --repeat 3
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ import datetime
 import json
 import os
 import socket
+import statistics
 import tempfile
 import time
 
@@ -23,40 +37,114 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank, world, port, args, path):
-    from attncompiler.cli_analysis import resolve_pattern
-    from attncompiler.distributed import plan_attention, ring_attention, shard_bounds
+def _cases(args):
+    import attncompiler as ac
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    win = ac.sliding_window(args.window)
+    cases = [("window sparse", win, args.seq_len, "contiguous", False, True),
+             ("window dense", win, args.seq_len, "contiguous", True, True),
+             ("window dense no-overlap", win, args.seq_len, "contiguous", True, False)]
+    for sh in ("contiguous", "zigzag", "striped"):
+        cases.append((f"causal {sh}", ac.causal(), args.causal_len, sh, False, True))
+    cases.append(("causal zigzag no-overlap", ac.causal(), args.causal_len, "zigzag", False, False))
+    return cases
+
+
+def _worker(rank, world, port, args, path):
+    from attncompiler.distributed import plan_attention, ring_attention
+
+    torch.set_num_threads(1)
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=300))
-    pattern = resolve_pattern(args.pattern)
-    L, H, D = args.seq_len, args.heads, args.head_dim
-    a, b = shard_bounds(L, world)[rank:rank + 2]
-    g = torch.Generator().manual_seed(rank)
-    q, k, v, do = (torch.randn(1, H, b - a, D, generator=g).to(dev) for _ in range(4))  # [B, H, Lr, D]
-    plan = plan_attention(pattern, L, world, batch=1, heads=H, head_dim=D, elem_bytes=4)
-    res = {}
-    for name, dense in (("sparse", False), ("dense", True)):
-        times = []
-        for _ in range(args.repeat):
+                            world_size=world, timeout=datetime.timedelta(seconds=600))
+    H, D = args.heads, args.head_dim
+    prepared = []
+    for name, pattern, L, sharding, dense, overlap in _cases(args):
+        plan = plan_attention(pattern, L, world, batch=1, heads=H, head_dim=D, elem_bytes=4, sharding=sharding)
+        n = plan.sharding.local_len(rank)
+        g = torch.Generator().manual_seed(rank)
+        tensors = [torch.randn(1, H, n, D, generator=g).to(dev) for _ in range(4)]  # [B, H, Lr, D]
+        prepared.append((name, pattern, L, plan, dense, overlap, tensors))
+    res = {name: {"rank_s": [], "wall_s": [], "compute_s": [], "wait_s": []} for name, *_ in prepared}
+    for it in range(args.repeat + 1):  # round-robin over the cases; iteration 0 warms up
+        for name, pattern, L, plan, dense, overlap, (q, k, v, do) in prepared:
             qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
             stats: dict = {}
             dist.barrier()
             t0 = time.perf_counter()
-            out, _ = ring_attention(pattern, qq, kk, vv, seq_len=L, plan=plan, stats=stats, dense_ring=dense)
+            out, _ = ring_attention(pattern, qq, kk, vv, seq_len=L, plan=plan, stats=stats, dense_ring=dense,
+                                    overlap=overlap)
             (out * do).sum().backward()
+            if cuda:
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
             dist.barrier()
-            times.append(time.perf_counter() - t0)
-        res[name] = {"fwd_bytes": stats.get("forward_bytes_sent", 0), "bwd_bytes": stats.get("backward_bytes_sent", 0),
-                     "seconds": min(times)}
-    res["plan_sparse_bytes"] = plan.ranks[rank].bytes_sent
-    res["plan_dense_bytes"] = plan.ranks[rank].dense_bytes_sent
+            t2 = time.perf_counter()
+            r = res[name]
+            r["bytes"] = stats.get("forward_bytes_sent", 0) + stats.get("backward_bytes_sent", 0)
+            r["planned"] = plan.ranks[rank].bytes_sent + plan.ranks[rank].bytes_recv
+            r["dense_planned"] = plan.ranks[rank].dense_bytes_sent + plan.ranks[rank].dense_bytes_recv
+            r["blocks"] = plan.ranks[rank].blocks_computed
+            if it:
+                r["rank_s"].append(t1 - t0)
+                r["wall_s"].append(t2 - t0)
+                r["compute_s"].append(stats.get("compute_s", 0.0))
+                r["wait_s"].append(stats.get("wait_s", 0.0))
     with open(f"{path}.{rank}", "w") as f:
         json.dump(res, f)
     dist.destroy_process_group()
+
+
+def _isolated(pattern, L, world, shardings, args):
+    """Seconds of each rank's ring compute (forward + backward) timed alone with 1 thread.
+
+    Shardings and ranks alternate within every repeat, so load from other jobs hits them alike.
+    """
+    from attncompiler.codegen.torch_attention import block_sparse_attention, block_sparse_attention_backward
+    from attncompiler.distributed import merge_partials, plan_attention
+    from attncompiler.distributed.ring_fn import Ring
+
+    torch.set_num_threads(1)
+    H, D = args.heads, args.head_dim
+    g = torch.Generator().manual_seed(0)
+    plans, work = {}, {}
+    for sh in shardings:
+        plan = plans[sh] = plan_attention(pattern, L, world, heads=H, head_dim=D, sharding=sh)
+        for r in range(world):
+            ring = Ring(pattern, plan, plan, r, None, D ** -0.5, None, True, None)
+            n = plan.sharding.local_len(r)
+            q, do = (torch.randn(1, H, n, D, generator=g) for _ in range(2))  # [B, H, Lr, D]
+            jobs = []
+            for o in map(int, plan.need[r].nonzero()[0]):
+                w = int(plan.key_range[r, o, 1] - plan.key_range[r, o, 0])
+                k, v = (torch.randn(1, H, w, D, generator=g) for _ in range(2))  # [B, H, w, D]
+                jobs += [(k, v) + sub for sub in ring.subproblems(o, 1, H)]
+            work[sh, r] = (q, do, jobs)
+    times = {key: [] for key in work}
+    for _ in range(args.repeat + 1):
+        for key, (q, do, jobs) in work.items():
+            t0 = time.perf_counter()
+            acc = {}
+            for k, v, qa, qb, ka, kb, layout, sched in jobs:
+                o, lse = block_sparse_attention(q[:, :, qa:qb], k[:, :, ka:kb], v[:, :, ka:kb], layout, sched, D ** -0.5)
+                acc[qa, qb] = (o, lse) if (qa, qb) not in acc else merge_partials([acc[qa, qb][0], o],
+                                                                                  [acc[qa, qb][1], lse])
+            for k, v, qa, qb, ka, kb, layout, sched in jobs:
+                out, lse = acc[qa, qb]
+                block_sparse_attention_backward(q[:, :, qa:qb], k[:, :, ka:kb], v[:, :, ka:kb], out, lse,
+                                                do[:, :, qa:qb].contiguous(), layout, sched, D ** -0.5)
+            times[key].append(time.perf_counter() - t0)
+    rows = []
+    for sh, plan in plans.items():
+        per = [times[sh, r][1:] for r in range(world)]  # iteration 0 warms up
+        med = [statistics.median(t) for t in per]
+        crit = [max(x) for x in zip(*per)]  # busiest rank, per repeat
+        rows.append({"case": f"isolated {pattern!r} {sh}", "L": L, "P": world,
+                     "blocks_per_rank": [x.blocks_computed for x in plan.ranks],
+                     "imbalance_blocks": round(plan.imbalance, 3), "rank_s": [_spread(t) for t in per],
+                     "imbalance_time": round(max(med) / statistics.mean(med), 3), "critical_path_s": _spread(crit)})
+    return rows
 
 
 def _port() -> int:
@@ -65,28 +153,54 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _spread(xs) -> list:
+    return [round(statistics.median(xs), 3), round(min(xs), 3), round(max(xs), 3)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pattern", default="sliding_window(window=256)")
-    ap.add_argument("--seq-len", "-L", type=int, default=65536)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--seq-len", "-L", type=int, default=65536, help="sliding-window cases")
+    ap.add_argument("--causal-len", type=int, default=16384, help="causal (load-balance) cases")
     ap.add_argument("--world-sizes", "-P", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--heads", type=int, default=1)
     ap.add_argument("--head-dim", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-isolated", action="store_true", help="skip the per-rank compute timed alone")
+    ap.add_argument("--isolated-only", action="store_true", help="only the per-rank compute timed alone")
     args = ap.parse_args()
     for world in args.world_sizes:
+        if args.isolated_only:
+            _print_isolated(world, args)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "res")
             mp.spawn(_worker, args=(world, _port(), args, path), nprocs=world, join=True)
             ranks = [json.load(open(f"{path}.{r}")) for r in range(world)]
-        tot = {k: sum(r[k]["fwd_bytes"] + r[k]["bwd_bytes"] for r in ranks) for k in ("sparse", "dense")}
-        pred = sum(r["plan_sparse_bytes"] for r in ranks) * 2
-        row = {"pattern": args.pattern, "L": args.seq_len, "P": world,
-               "sparse_bytes_measured": tot["sparse"], "sparse_bytes_planned": pred,
-               "dense_bytes_measured": tot["dense"], "reduction": round(tot["dense"] / max(tot["sparse"], 1), 2),
-               "sparse_s": round(max(r["sparse"]["seconds"] for r in ranks), 3),
-               "dense_s": round(max(r["dense"]["seconds"] for r in ranks), 3)}
-        print(json.dumps(row))
+        for name in ranks[0]:
+            per = [r[name] for r in ranks]
+            row = {"case": name, "P": world, "bytes_measured": sum(p["bytes"] for p in per),
+                   "bytes_planned": sum(p["planned"] for p in per),
+                   "dense_bytes_planned": sum(p["dense_planned"] for p in per),
+                   "blocks_per_rank": [p["blocks"] for p in per],
+                   "imbalance_blocks": round(max(p["blocks"] for p in per) / statistics.mean(p["blocks"] for p in per),
+                                             3),
+                   # wall: slowest rank's fwd+bwd per repeat (median [min, max]); per-rank medians after it
+                   "wall_s": _spread([max(x) for x in zip(*(p["wall_s"] for p in per))]),
+                   "rank_compute_s": [round(statistics.median(p["compute_s"]), 3) for p in per],
+                   "rank_wait_s": [round(statistics.median(p["wait_s"]), 3) for p in per]}
+            c = row["rank_compute_s"]
+            row["imbalance_time"] = round(max(c) / statistics.mean(c), 3) if statistics.mean(c) else None
+            print(json.dumps(row), flush=True)
+        if not args.no_isolated:
+            _print_isolated(world, args)
+
+
+def _print_isolated(world, args) -> None:
+    import attncompiler as ac
+
+    for row in _isolated(ac.causal(), args.causal_len, world, ("contiguous", "zigzag", "striped"), args):
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

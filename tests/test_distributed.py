@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 import time
 
@@ -13,8 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import attncompiler as ac
-from attncompiler.distributed import (dense_plan, head_parallel_attention, plan_attention, ring_attention,
-                                     shard_bounds)
+from attncompiler.distributed import dense_plan, head_parallel_attention, plan_attention, ring_attention
 from attncompiler.distributed.comm import CommunicationError
 
 
@@ -36,34 +34,40 @@ def _inputs(L: int, H: int = 2, D: int = 8):
     return q, k, v, do
 
 
-def _check_ring(pattern, L: int, rank: int, world: int, dense_ring: bool = False) -> None:
+def _check_ring(pattern, L: int, rank: int, world: int, sharding: str = "contiguous", dense_ring: bool = False,
+                overlap: bool = True, group=None) -> None:
     q, k, v, do = _inputs(L)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     ref, ref_lse = ac.reference(pattern, *ref_in, return_lse=True)
     (ref * do).sum().backward()
-    a, b = shard_bounds(L, world)[rank:rank + 2]
-    ql, kl, vl = (t[:, :, a:b].clone().requires_grad_() for t in (q, k, v))
+    plan = plan_attention(pattern, L, world, batch=1, heads=2, head_dim=8, elem_bytes=8, sharding=sharding)
+    sh = plan.sharding
+    ql, kl, vl = (sh.shard(t, rank).clone().requires_grad_() for t in (q, k, v))
     stats: dict = {}
-    out, lse = ring_attention(pattern, ql, kl, vl, seq_len=L, stats=stats, dense_ring=dense_ring)
-    (out * do[:, :, a:b]).sum().backward()
-    torch.testing.assert_close(out, ref[:, :, a:b].detach(), atol=1e-9, rtol=1e-7)
-    torch.testing.assert_close(lse, ref_lse[:, :, a:b].detach(), atol=1e-9, rtol=1e-7)
+    out, lse = ring_attention(pattern, ql, kl, vl, seq_len=L, stats=stats, plan=plan, dense_ring=dense_ring,
+                              overlap=overlap, group=group)
+    (out * sh.shard(do, rank)).sum().backward()
+    torch.testing.assert_close(out, sh.shard(ref, rank).detach(), atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(lse, sh.shard(ref_lse, rank).detach(), atol=1e-9, rtol=1e-7)
     for got, want in zip((ql, kl, vl), ref_in):
-        torch.testing.assert_close(got.grad, want.grad[:, :, a:b], atol=1e-9, rtol=1e-7)
-    plan = plan_attention(pattern, L, world, batch=1, heads=2, head_dim=8, elem_bytes=8)
+        torch.testing.assert_close(got.grad, sh.shard(want.grad, rank), atol=1e-9, rtol=1e-7)
     plan = dense_plan(plan) if dense_ring else plan
     # the plan's byte counts are the bytes actually handed to torch.distributed, both directions
     assert stats.get("forward_bytes_sent", 0) == plan.ranks[rank].bytes_sent, (stats, plan.ranks[rank])
     assert stats.get("backward_bytes_sent", 0) == plan.ranks[rank].bytes_recv, (stats, plan.ranks[rank])
+    # and what every rank sent is what the others received (sum over ranks, both passes)
+    sent = torch.tensor([stats.get("forward_bytes_sent", 0), plan.ranks[rank].bytes_recv], dtype=torch.float64)
+    dist.all_reduce(sent, group=group)
+    assert sent[0] == sent[1], sent
 
 
-def _check_heads(pattern, L: int, H: int, rank: int, world: int, gather: bool) -> None:
+def _check_heads(pattern, L: int, H: int, rank: int, world: int, gather: bool, group=None) -> None:
     q, k, v, do = _inputs(L, H=H)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = ac.reference(pattern, *ref_in)
     (ref * do).sum().backward()
     mine = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, (h0, h1) = head_parallel_attention(pattern, *mine, gather=gather)
+    out, (h0, h1) = head_parallel_attention(pattern, *mine, gather=gather, group=group)
     if gather:
         torch.testing.assert_close(out, ref.detach(), atol=1e-9, rtol=1e-7)
         (out * do).sum().backward()
@@ -84,43 +88,58 @@ _PATTERNS = {
 }
 
 
-def _worker(rank: int, world: int, port: int, L: int) -> None:
+# (pattern, sharding): every sharding on a causal pattern, the others where they matter
+_RING_CASES = [("causal", "contiguous"), ("causal", "zigzag"), ("causal", "striped"), ("window", "contiguous"),
+               ("global_window", "zigzag"), ("document_causal", "auto"), ("per_head", "striped"),
+               ("window", "auto")]
+
+
+def _stall_check(rank: int, path: str) -> None:
+    """Global rank 2 never joins the exchange (a hung or dead peer) and outlives rank 0's 2 s timeout."""
+    group = dist.new_group([0, 2], timeout=datetime.timedelta(seconds=2.0))
+    if rank == 2:
+        time.sleep(4.0)
+    if rank != 0:
+        return
+    q, k, v, _ = _inputs(20)
+    t0 = time.perf_counter()
+    try:
+        ring_attention(ac.full(), q[:, :, :10], k[:, :, :10], v[:, :, :10], seq_len=20, group=group)
+    except CommunicationError as e:
+        with open(path, "w") as f:
+            f.write(f"{time.perf_counter() - t0:.1f}\n{e}")
+
+
+def _cases(rank: int, world: int, L: int, group) -> None:
+    for name, sharding in _RING_CASES:
+        _check_ring(_PATTERNS[name](), L, rank, world, sharding=sharding, group=group)
+    _check_ring(ac.sliding_window(3), L, rank, world, dense_ring=True, group=group)  # the measured baseline
+    _check_ring(ac.causal(), L, rank, world, sharding="zigzag", overlap=False, group=group)
+    _check_heads(ac.causal(), L, 5, rank, world, gather=False, group=group)   # 5 heads: uneven split
+    _check_heads(ac.per_head([ac.causal(), ac.sliding_window(4)]), L, 4, rank, world, gather=True, group=group)
+
+
+def _worker(rank: int, world: int, port: int, path: str) -> None:
+    # one spawn of 4 processes (a spawn costs seconds of imports per process): world size 4 on the
+    # world group, world size 2 on the subgroup of global ranks {1, 3} (P2P ops map group ranks to
+    # global ones), then the stall check on {0, 2}
     _init(rank, world, port)
     try:
-        for name, make in _PATTERNS.items():
-            _check_ring(make(), L, rank, world)
-        _check_ring(ac.sliding_window(3), L, rank, world, dense_ring=True)  # the measured baseline
-        _check_heads(ac.causal(), L, 5, rank, world, gather=False)   # 5 heads: uneven split
-        _check_heads(ac.per_head([ac.causal(), ac.sliding_window(4)]), L, 4, rank, world, gather=True)
+        _cases(rank, world, 30, None)
+        pair = dist.new_group([1, 3])
+        if rank in (1, 3):
+            _cases(dist.get_rank(pair), 2, 23, pair)
+        _stall_check(rank, path)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,L", [(2, 23), (4, 30)])
-def test_ring_and_heads_match_reference(world, L):
-    mp.spawn(_worker, args=(world, _free_port(), L), nprocs=world, join=True)
-
-
-def _stalling_worker(rank: int, world: int, port: int, path: str) -> None:
-    _init(rank, world, port, timeout_s=2.0)
-    if rank == 1:  # never joins the exchange (a hung or dead peer), outlives rank 0's timeout
-        time.sleep(4.0)
-        return
-    q, k, v, _ = _inputs(20)
-    try:
-        ring_attention(ac.full(), q[:, :, :10], k[:, :, :10], v[:, :, :10], seq_len=20)
-    except CommunicationError as e:
-        with open(path, "w") as f:
-            f.write(str(e))
-
-
-def test_stalled_rank_gives_clear_error_not_hang(tmp_path):
+def test_ring_and_heads_match_reference_on_2_and_4_ranks_and_stall_gives_clear_error(tmp_path):
     path = tmp_path / "err.txt"
-    t0 = time.perf_counter()
-    mp.spawn(_stalling_worker, args=(2, _free_port(), str(path)), nprocs=2, join=True)
-    assert time.perf_counter() - t0 < 30
-    msg = path.read_text()
-    assert "rank 0" in msg and "ranks [1]" in msg and "timeout" in msg, msg
+    mp.spawn(_worker, args=(4, _free_port(), str(path)), nprocs=4, join=True)
+    seconds, msg = path.read_text().split("\n", 1)  # a stalled peer: a clear error after the timeout, no hang
+    assert float(seconds) < 20
+    assert "rank 0" in msg and "ranks [2]" in msg and "timeout" in msg, msg
 
 
 def test_structural_family_rejected():

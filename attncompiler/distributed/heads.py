@@ -1,7 +1,7 @@
 """Head-parallel attention: each rank computes a contiguous slice of the heads.
 
 Every rank holds the whole sequence; rank ``r`` computes heads ``[h0, h1)`` as
-:func:`~attncompiler.distributed.plan.shard_bounds` splits them (uneven counts allowed). The
+:func:`~attncompiler.distributed.sharding.shard_bounds` splits them (uneven counts allowed). The
 output stays sharded by head, or is all-gathered (padded to equal chunks) on request.
 """
 
@@ -14,7 +14,8 @@ import torch.distributed as dist
 from ..errors import InputError, LayoutError
 from ..layout import BlockLayout
 from ..schedule import Schedule
-from .plan import require_mask_family, shard_bounds
+from .plan import require_mask_family
+from .sharding import shard_bounds
 
 
 def head_range(heads: int, world_size: int, rank: int) -> tuple[int, int]:

@@ -1,15 +1,19 @@
-"""Sparsity-aware distribution plans: who needs which key shard, bytes moved, blocks computed.
+"""Sparsity-aware distribution plans: sharding, ring routes, bytes moved, blocks computed per rank.
 
 The plan is computed from the pattern's block layout only (no tensors, no processes), so
-``attnc plan`` can print it for any L and world size. Sequence-parallel ("ring") mode splits
-the sequence into ``P`` contiguous shards; query shard ``i`` needs key shard ``j`` when some
-non-empty layout block overlaps both, and then only needs the key range ``key_range[i, j]``
-covered by those blocks (a sliding window needs a window-wide strip of each neighbour). At
-ring step ``s`` (1..P-1) rank ``r`` sends to rank ``(r + s) % P`` only the key/value rows that
-rank needs, if any; the dense ring sends the whole shard at every step. Head-parallel
-("heads") mode needs no key exchange; only the optional output gather moves bytes. The
-backward pass mirrors the forward exchange (gradients of the received shards go back to
-their owners), so it moves the same bytes again.
+``attnc plan`` can print it for any L and world size. Sequence-parallel ("ring") mode:
+
+* the sequence is split by a :class:`~attncompiler.distributed.sharding.Sharding`
+  (contiguous, zigzag or striped); ``sharding="auto"`` picks the one whose busiest rank
+  computes the fewest layout blocks, preferring contiguous (fewest bytes) unless another cuts
+  the busiest rank's work by more than 10%;
+* ``need[i, j]``: rank i's queries attend to keys held by rank j, namely the *local* key rows
+  ``key_range[i, j] = (lo, hi)`` of rank j;
+* the bidirectional ring routes (:mod:`~attncompiler.distributed.routes`) carry each shard
+  only as far, and only the rows, that some rank ahead still needs; ``bytes_sent`` is exactly
+  what the ring hands to torch.distributed in the forward pass (backward: ``bytes_recv``).
+
+Head-parallel ("heads") mode needs no key exchange; only the optional output gather moves bytes.
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LayoutError, UnsupportedError
+from .needs import chunk_blocks, chunk_needs, chunk_of
+from .routes import SIGN, dense_routes, route_bytes, sparse_routes
+from .sharding import DEFAULT_STRIPES, KINDS, Sharding, make_sharding, shard_bounds
 
 MODES = ("ring", "heads")
+SHARDINGS = KINDS + ("auto",)
+AUTO_GAIN = 0.9  # leave contiguous only if the busiest rank's blocks drop below this fraction
 
 
 def require_mask_family(pattern, what: str = "distributed attention") -> None:
@@ -34,46 +43,61 @@ def require_mask_family(pattern, what: str = "distributed attention") -> None:
             "which is not implemented")
 
 
-def shard_bounds(seq_len: int, world_size: int) -> tuple[int, ...]:
-    """Contiguous shard boundaries ``b[0]=0 < ... < b[P]=L``; sizes differ by at most one."""
-    for name, v in (("seq_len", seq_len), ("world_size", world_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-            raise LayoutError(f"{name}={v!r} must be a positive integer")
-    if world_size > seq_len:
-        raise LayoutError(f"world_size={world_size} exceeds seq_len={seq_len}; every rank needs at least one token")
-    return tuple(r * seq_len // world_size for r in range(world_size + 1))
-
-
 @dataclass(frozen=True)
 class RankPlan:
-    """One rank's share of the work (forward pass; backward moves the same bytes back)."""
+    """One rank's share of the work (forward pass; backward sends ``bytes_recv`` back)."""
 
     rank: int
-    q_range: tuple[int, int]
-    needs: tuple[int, ...]        # key shards this rank's queries attend to
+    segments: tuple[tuple[int, int], ...]  # global query/key ranges held, in local order
+    needs: tuple[int, ...]        # ranks whose keys this rank's queries attend to
     bytes_sent: int
     bytes_recv: int
     dense_bytes_sent: int
     dense_bytes_recv: int
     blocks_computed: int
 
+    @property
+    def q_range(self) -> tuple[int, int]:
+        """First and last global position held (the shard itself when sharding is contiguous)."""
+        return self.segments[0][0], self.segments[-1][1]
+
+
+@dataclass(frozen=True)
+class ShardingSummary:
+    """Load balance and bytes of one sharding candidate (what ``auto`` chose from)."""
+
+    kind: str
+    blocks: tuple[int, ...]
+    total_bytes: int
+
+    @property
+    def imbalance(self) -> float:
+        """Busiest rank's blocks over the mean (1.0: perfectly balanced)."""
+        mean = sum(self.blocks) / len(self.blocks)
+        return max(self.blocks) / mean if mean else 1.0
+
 
 @dataclass(frozen=True)
 class DistributedPlan:
-    """A distribution plan (ring mode: ``need[i, j]``: query shard i needs keys of shard j, namely the
-    global key range ``key_range[i, j] = (lo, hi)``; ``pair_bytes[i, j]``: bytes of those rows)."""
+    """A distribution plan. Ring mode: ``need``/``key_range`` [P, P(, 2)] in the key owner's local
+    rows, ``pair_bytes[i, j]`` the bytes of those rows, ``hops`` [P, 2] and ``hop_range`` [P, 2, P, 2]
+    the ring routes (direction 0 forward, 1 backward)."""
 
     pattern: object
     mode: str
     seq_len: int
     world_size: int
-    bounds: tuple[int, ...]
+    sharding: Sharding
     need: np.ndarray
     ranks: tuple[RankPlan, ...]
     block: int
     shard_bytes: tuple[int, ...]
     key_range: np.ndarray
     pair_bytes: np.ndarray
+    row_bytes: int
+    hops: np.ndarray
+    hop_range: np.ndarray
+    alternatives: tuple[ShardingSummary, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -83,57 +107,72 @@ class DistributedPlan:
     def dense_total_bytes(self) -> int:
         return sum(r.dense_bytes_sent for r in self.ranks)
 
-    def sends(self, rank: int) -> list[tuple[int, int]]:
-        """``(step, destination)`` of each key/value shard this rank sends, in ring order."""
-        P = self.world_size
-        return [(s, (rank + s) % P) for s in range(1, P) if self.need[(rank + s) % P, rank]]
+    @property
+    def imbalance(self) -> float:
+        """Busiest rank's computed blocks over the mean."""
+        return ShardingSummary(self.sharding.kind, tuple(r.blocks_computed for r in self.ranks), 0).imbalance
 
-    def recvs(self, rank: int) -> list[tuple[int, int]]:
-        """``(step, source)`` of each key/value shard this rank receives, in ring order."""
-        P = self.world_size
-        return [(s, (rank - s) % P) for s in range(1, P) if self.need[rank, (rank - s) % P]]
+    @property
+    def steps(self) -> int:
+        """Ring steps (the longest route in either direction)."""
+        return int(self.hops.max()) if self.hops.size else 0
+
+    def send(self, rank: int, step: int, d: int):
+        """``(origin, lo, hi)``: the rows of shard ``origin`` that ``rank`` sends at ``step`` in direction ``d``."""
+        o = (rank - SIGN[d] * (step - 1)) % self.world_size
+        if self.hops[o, d] < step:
+            return None
+        return o, int(self.hop_range[o, d, step, 0]), int(self.hop_range[o, d, step, 1])
+
+    def recv(self, rank: int, step: int, d: int):
+        """``(origin, lo, hi)``: the rows of shard ``origin`` that ``rank`` receives at ``step`` in direction ``d``."""
+        o = (rank - SIGN[d] * step) % self.world_size
+        if self.hops[o, d] < step:
+            return None
+        return o, int(self.hop_range[o, d, step, 0]), int(self.hop_range[o, d, step, 1])
 
 
 def dense_plan(plan: DistributedPlan) -> DistributedPlan:
-    """The same sharding with a dense ring: every rank receives every other shard whole.
+    """The same sharding and computation with the dense ring's routes (every shard whole, P-1 hops).
 
-    Used as the baseline whose bytes the sparsity-aware plan is measured against.
+    The baseline whose bytes the sparsity-aware plan is measured against.
     """
-    P, b = plan.world_size, np.asarray(plan.bounds)
-    key_range = np.stack(np.broadcast_arrays(b[None, :-1], b[None, 1:]), axis=-1).repeat(P, axis=0)  # [P, P, 2]
-    pair_bytes = np.broadcast_to(np.asarray(plan.shard_bytes)[None, :], (P, P)).copy()
-    ranks = tuple(dataclasses.replace(r, needs=tuple(range(P)), bytes_sent=r.dense_bytes_sent,
-                                      bytes_recv=r.dense_bytes_recv) for r in plan.ranks)
-    return dataclasses.replace(plan, need=np.ones((P, P), dtype=bool), key_range=key_range,
-                               pair_bytes=pair_bytes, ranks=ranks)
+    sizes = [plan.sharding.local_len(r) for r in range(plan.world_size)]
+    hops, hop_range = dense_routes(sizes)
+    ranks = tuple(dataclasses.replace(r, bytes_sent=r.dense_bytes_sent, bytes_recv=r.dense_bytes_recv)
+                  for r in plan.ranks)
+    return dataclasses.replace(plan, hops=hops, hop_range=hop_range, ranks=ranks)
 
 
-def _shard_of(bounds: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    return np.searchsorted(bounds, idx, side="right") - 1
+def _default_block(L: int, bounds_list) -> int:
+    """A layout block of about L/2048 (>= 64) that divides every chunk boundary if possible."""
+    block = max(64, -(-L // 2048))
+    gcd = int(np.gcd.reduce(np.concatenate([np.asarray(b[1:], dtype=np.int64) for b in bounds_list])))
+    aligned = [d for d in range(min(block, gcd), 0, -1) if gcd % d == 0 and d * 4 >= block]
+    return aligned[0] if aligned else block
 
 
-def _refine_straddling(grp, g, b_arr, lo, hi, which, q0, q1, k0, k1) -> None:
-    """Widen key ranges for blocks that straddle shard boundaries, evaluating only undecided pieces."""
-    import torch
-
-    for i in which:
-        r, c = int(grp.rows[i]), int(grp.cols[i])
-        for qi in {int(q0[i]), int(q1[i])}:
-            for kj in {int(k0[i]), int(k1[i])}:
-                qa, qb = max(g.q_lo(r), b_arr[qi]), min(g.q_hi(r) + 1, b_arr[qi + 1])
-                ka, kb = max(g.k_lo(c), b_arr[kj]), min(g.k_hi(c) + 1, b_arr[kj + 1])
-                if lo[qi, kj] <= ka and hi[qi, kj] >= kb:
-                    continue  # already covered
-                q = torch.arange(qa, qb)[:, None]  # [bm', 1]
-                k = torch.arange(ka, kb)[None, :]  # [1, bn']
-                if bool(grp.pattern.evaluate(0, 0, q, k, g.q_len, g.kv_len).any()):
-                    lo[qi, kj] = min(lo[qi, kj], ka)
-                    hi[qi, kj] = max(hi[qi, kj], kb)
+def _rank_needs(sharding: Sharding, fine: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """Aggregate fine-chunk needs (global rows) into rank needs (local rows of the key owner)."""
+    P = sharding.world_size
+    cb = np.asarray(sharding.chunk_bounds)
+    coarse = chunk_of(cb, fine[:-1])  # coarse chunk of each fine chunk
+    owner = np.asarray(sharding.chunk_owner)[coarse]
+    shift = sharding.chunk_local_start()[coarse] - cb[coarse]  # global -> local row, per fine chunk
+    qi, kj = np.nonzero(hi > lo)
+    rlo = np.full((P, P), np.iinfo(np.int64).max, dtype=np.int64)
+    rhi = np.zeros((P, P), dtype=np.int64)
+    np.minimum.at(rlo, (owner[qi], owner[kj]), lo[qi, kj] + shift[kj])
+    np.maximum.at(rhi, (owner[qi], owner[kj]), hi[qi, kj] + shift[kj])
+    need = rhi > 0
+    key_range = np.stack([np.where(need, rlo, 0), np.where(need, rhi, 0)], axis=-1)  # [P, P, 2]
+    return need, key_range, owner
 
 
 def plan_attention(pattern, seq_len: int, world_size: int, mode: str = "ring", *, batch: int = 1,
                    heads: int = 1, kv_heads: int | None = None, head_dim: int = 64, elem_bytes: int = 4,
-                   block: int | None = None, gather: bool = False) -> DistributedPlan:
+                   block: int | None = None, gather: bool = False, sharding: str = "contiguous",
+                   stripes: int = DEFAULT_STRIPES) -> DistributedPlan:
     """Plan distributed attention of ``pattern`` over ``world_size`` ranks without running it.
 
     Args:
@@ -142,10 +181,11 @@ def plan_attention(pattern, seq_len: int, world_size: int, mode: str = "ring", *
         world_size: number of ranks P.
         mode: ``"ring"`` (sequence-parallel) or ``"heads"`` (head-parallel).
         batch, heads, kv_heads, head_dim, elem_bytes: tensor sizes for byte counts.
-        block: layout block size used to decide shard needs (default: keeps <= ~2048 blocks per
-            side, at least 64 and at most the smallest shard); coarser blocks may over-approximate
-            needs, never miss one.
+        block: layout block size used to decide needs (default: about L/2048, at least 64, at most
+            the smallest chunk); coarser blocks may over-approximate needs, never miss one.
         gather: head mode only: whether the output heads are all-gathered.
+        sharding: ring mode: "contiguous", "zigzag", "striped" or "auto" (see the module doc).
+        stripes: chunks per rank of the striped sharding.
 
     Returns:
         A :class:`DistributedPlan` with per-rank bytes sent/received and blocks computed.
@@ -155,86 +195,96 @@ def plan_attention(pattern, seq_len: int, world_size: int, mode: str = "ring", *
     require_mask_family(pattern, "distributed attention planning")
     if mode not in MODES:
         raise UnsupportedError(f"mode={mode!r} is not supported; choose one of {MODES}")
-    bounds = shard_bounds(seq_len, world_size)
+    if sharding not in SHARDINGS:
+        raise LayoutError(f"sharding={sharding!r} is not one of {SHARDINGS}")
     P, L = world_size, seq_len
-    kvh = heads if kv_heads is None else kv_heads
-    min_shard = min(b - a for a, b in zip(bounds, bounds[1:]))
+    shard_bounds(L, P)  # validates
+    kinds = [sharding] if sharding != "auto" else [k for k in KINDS if k != "striped" or P * stripes <= L]
+    if mode == "heads":
+        kinds = ["contiguous"]
+    cands = {k: make_sharding(k, L, P, stripes=stripes) for k in kinds}
+    # one fine chunk grid refining every candidate's chunks: shard_bounds(L, n*m)[m*i] == shard_bounds(L, n)[i]
+    n_fine = int(np.lcm.reduce([len(s.chunk_owner) for s in cands.values()]))
+    fine = np.asarray(shard_bounds(L, n_fine)) if n_fine <= L else None
+    if fine is None:
+        raise LayoutError(f"L={L} is too short for sharding={sharding!r} over {P} ranks")
     if block is None:
-        block = max(64, -(-L // 2048))
-        # prefer a block size that divides every shard boundary: then no block straddles two shards
-        gcd = int(np.gcd.reduce(np.asarray(bounds[1:], dtype=np.int64)))
-        aligned = [d for d in range(min(block, gcd), 0, -1) if gcd % d == 0 and d * 4 >= block]
-        if aligned:
-            block = aligned[0]
-    block = max(1, min(int(block), min_shard))
+        block = _default_block(L, [fine])
+    block = max(1, min(int(block), int(np.diff(fine).min())))
     layout = build_layout(pattern, L, L, block, block, batch=batch, heads=heads)
-    g = layout.geom
-    b_arr = np.asarray(bounds)
-    lo = np.full((P, P), L, dtype=np.int64)
-    hi = np.zeros((P, P), dtype=np.int64)
-    for grp in layout.groups:
-        rows, cols = grp.rows, grp.cols
-        if len(rows) == 0:
-            continue
-        q0, q1 = _shard_of(b_arr, g.q_lo(rows)), _shard_of(b_arr, g.q_hi(rows))
-        k0, k1 = _shard_of(b_arr, g.k_lo(cols)), _shard_of(b_arr, g.k_hi(cols))
-        # block <= smallest shard, so a block spans at most two shards per side
-        whole = (q0 == q1) & (k0 == k1)
-        np.minimum.at(lo, (q0[whole], k0[whole]), g.k_lo(cols[whole]))
-        np.maximum.at(hi, (q0[whole], k0[whole]), g.k_hi(cols[whole]) + 1)
-        _refine_straddling(grp, g, b_arr, lo, hi, np.flatnonzero(~whole), q0, q1, k0, k1)
-    need = hi > lo
-    lo, hi = np.where(need, lo, 0), np.where(need, hi, 0)
-    row_bytes = batch * kvh * 2 * head_dim * elem_bytes  # one key + value row, all heads
-    pair_bytes = (hi - lo) * row_bytes
-    sizes = np.diff(b_arr)
-    shard_bytes = tuple(int(batch * kvh * n * 2 * head_dim * elem_bytes) for n in sizes)
-    gi = layout.group_index
+    kvh = heads if kv_heads is None else kv_heads
+    row_bytes = batch * kvh * 2 * head_dim * elem_bytes  # one key + value row, all kv heads
+    if mode == "heads":
+        return _heads_plan(pattern, layout, cands["contiguous"], block, heads, batch, head_dim, elem_bytes,
+                           gather, row_bytes)
+    lo, hi = chunk_needs(layout, fine)
+    fine_blocks = chunk_blocks(layout, fine, batch, heads)
+    plans = {k: _ring_plan(pattern, s, fine, lo, hi, fine_blocks, block, row_bytes) for k, s in cands.items()}
+    summaries = tuple(ShardingSummary(k, tuple(r.blocks_computed for r in p.ranks), p.total_bytes)
+                      for k, p in plans.items())
+    best = plans[kinds[0]]
+    if sharding == "auto":
+        worst = {s.kind: max(s.blocks) for s in summaries}
+        bal = [p for k, p in plans.items() if k != "contiguous" and worst[k] < AUTO_GAIN * worst["contiguous"]]
+        if bal:
+            best = min(bal, key=lambda p: (max(r.blocks_computed for r in p.ranks), p.total_bytes))
+    return dataclasses.replace(best, alternatives=summaries)
+
+
+def _ring_plan(pattern, sharding, fine, lo, hi, fine_blocks, block, row_bytes) -> DistributedPlan:
+    P = sharding.world_size
+    need, key_range, owner = _rank_needs(sharding, fine, lo, hi)
+    sizes = [sharding.local_len(r) for r in range(P)]
+    pair_bytes = (key_range[..., 1] - key_range[..., 0]) * row_bytes
+    hops, hop_range = sparse_routes(need, key_range, sizes)
+    sent, recv = route_bytes(hops, hop_range, row_bytes)
+    dsent, drecv = route_bytes(*dense_routes(sizes), row_bytes)
+    blocks = np.bincount(owner, weights=fine_blocks, minlength=P).astype(np.int64)
+    ranks = tuple(RankPlan(r, tuple((a, b) for a, b, _ in sharding.segments(r)),
+                           tuple(np.flatnonzero(need[r]).tolist()), int(sent[r]), int(recv[r]), int(dsent[r]),
+                           int(drecv[r]), int(blocks[r])) for r in range(P))
+    return DistributedPlan(pattern, "ring", sharding.seq_len, P, sharding, need, ranks, block,
+                           tuple(n * row_bytes for n in sizes), key_range, pair_bytes, row_bytes, hops, hop_range)
+
+
+def _heads_plan(pattern, layout, sharding, block, heads, batch, head_dim, elem_bytes, gather, row_bytes):
+    P, L = sharding.world_size, sharding.seq_len
+    if heads < P:
+        raise LayoutError(f"head-parallel mode needs heads >= world_size, got heads={heads}, world_size={P}")
+    hb = shard_bounds(heads, P)
     ranks = []
-    if mode == "ring":
-        # blocks computed by rank r: layout blocks whose query block starts in r's shard
-        blocks = np.zeros(P, dtype=np.int64)
-        for idx in gi.reshape(-1):
-            grp = layout.groups[idx]
-            blocks += np.bincount(_shard_of(b_arr, g.q_lo(grp.rows)), minlength=P)[:P]
-        if gi.size < batch * heads:  # pattern shared over batch/heads: count every (b, h)
-            blocks *= (batch * heads) // gi.size
-        for r in range(P):
-            sent = int(sum(pair_bytes[i, r] for i in range(P) if i != r))
-            recv = int(sum(pair_bytes[r, j] for j in range(P) if j != r))
-            dense = shard_bytes[r] * (P - 1)
-            dense_recv = sum(shard_bytes[j] for j in range(P) if j != r)
-            ranks.append(RankPlan(r, (bounds[r], bounds[r + 1]), tuple(np.flatnonzero(need[r]).tolist()),
-                                  sent, recv, dense, dense_recv, int(blocks[r])))
-    else:
-        if heads < P:
-            raise LayoutError(f"head-parallel mode needs heads >= world_size, got heads={heads}, world_size={P}")
-        hb = shard_bounds(heads, P)
-        for r in range(P):
-            blocks = sum(layout.group_for(b, h).num_blocks for b in range(batch) for h in range(hb[r], hb[r + 1]))
-            out_bytes = batch * -(-heads // P) * L * head_dim * elem_bytes  # padded equal chunks
-            sent = out_bytes * (P - 1) if gather else 0
-            ranks.append(RankPlan(r, (0, L), tuple(range(P)), sent, sent, sent, sent, int(blocks)))
-        need = np.ones((P, P), dtype=bool)
-    key_range = np.stack([lo, hi], axis=-1)  # [P, P, 2]
-    return DistributedPlan(pattern, mode, L, P, bounds, need, tuple(ranks), block, shard_bytes, key_range,
-                           pair_bytes)
+    for r in range(P):
+        blocks = sum(layout.group_for(b, h).num_blocks for b in range(batch) for h in range(hb[r], hb[r + 1]))
+        out_bytes = batch * -(-heads // P) * L * head_dim * elem_bytes  # padded equal chunks
+        sent = out_bytes * (P - 1) if gather else 0
+        ranks.append(RankPlan(r, ((0, L),), tuple(range(P)), sent, sent, sent, sent, int(blocks)))
+    need = np.ones((P, P), dtype=bool)
+    zeros = np.zeros((P, P, 2), dtype=np.int64)
+    return DistributedPlan(pattern, "heads", L, P, sharding, need, tuple(ranks), block, (0,) * P, zeros,
+                           np.zeros((P, P), dtype=np.int64), row_bytes, np.zeros((P, 2), dtype=np.int64),
+                           np.zeros((P, 2, P, 2), dtype=np.int64))
 
 
 def format_plan(plan: DistributedPlan) -> str:
     """A human-readable table of the plan (what ``attnc plan`` prints)."""
     lines = [f"pattern {plan.pattern!r}  L={plan.seq_len}  world_size={plan.world_size}  mode={plan.mode}  "
-             f"(need block {plan.block})",
-             f"{'rank':>4} {'queries':>23} {'key shards needed':>24} {'sent':>12} {'recv':>12} "
+             f"sharding={plan.sharding.kind}  (need block {plan.block})",
+             f"{'rank':>4} {'tokens':>23} {'key shards needed':>24} {'sent':>12} {'recv':>12} "
              f"{'dense sent':>12} {'blocks':>10}"]
     for r in plan.ranks:
         needs = ",".join(map(str, r.needs)) if len(r.needs) <= 8 else f"{len(r.needs)} shards"
-        lines.append(f"{r.rank:>4} {f'[{r.q_range[0]}, {r.q_range[1]})':>23} {needs:>24} {_fmt(r.bytes_sent):>12} "
+        segs = " ".join(f"[{a}, {b})" for a, b in r.segments) if len(r.segments) <= 2 else \
+            f"{len(r.segments)} chunks from {r.segments[0][0]}"
+        lines.append(f"{r.rank:>4} {segs:>23} {needs:>24} {_fmt(r.bytes_sent):>12} "
                      f"{_fmt(r.bytes_recv):>12} {_fmt(r.dense_bytes_sent):>12} {r.blocks_computed:>10}")
     tot, dense = plan.total_bytes, plan.dense_total_bytes
     ratio = f"{dense / tot:.2f}x fewer" if tot else "no communication"
     lines.append(f"total forward bytes {_fmt(tot)} vs dense ring {_fmt(dense)} ({ratio}); "
-                 "backward moves the same again")
+                 f"backward moves the same again; ring steps {plan.steps}; "
+                 f"blocks imbalance (max/mean) {plan.imbalance:.2f}")
+    for s in plan.alternatives if len(plan.alternatives) > 1 else ():
+        lines.append(f"  sharding {s.kind:<10} imbalance {s.imbalance:.2f}  busiest rank {max(s.blocks)} blocks  "
+                     f"bytes {_fmt(s.total_bytes)}" + ("  <- chosen" if s.kind == plan.sharding.kind else ""))
     return "\n".join(lines)
 
 
