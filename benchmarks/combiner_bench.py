@@ -4,19 +4,24 @@ For each length: Combiner-Fixed (span ~ sqrt(L), causal) against Sparse Transfor
 pattern (merged head: own block + the last ``summary`` positions of every block, causal, the
 same stride) and against dense causal attention (our torch backend and PyTorch SDPA with
 ``is_causal``). Optionally (``--all``) also Combiner-Logsparse vs LogSparse and
-Combiner-Axial vs axial. Contenders alternate on the same inputs after one warm-up call;
-reported: median forward and forward+backward time, the ratio to the sparse pattern, peak
-tensor memory of one forward (``attncompiler.bench.peak_memory``), and whether every query
-reaches every key in one layer.
+Combiner-Axial vs axial. ``--shared-slots`` adds, for each Combiner contender, the same
+program with one shared slot per summary (``name/shared``: the joint layout before packed
+summary slots, see :mod:`attncompiler.combiner_joint`), for a before/after comparison in one
+process. Contenders alternate on the same inputs after one warm-up call; reported: median
+(and min-max) forward and forward+backward time, the ratio to the sparse pattern, peak tensor
+memory of one forward (``attncompiler.bench.peak_memory``), and whether every query reaches
+every key in one layer.
 
 Usage (from the repository root)::
 
     python benchmarks/combiner_bench.py --lengths 4096 16384 --heads 4 --reps 5
+    python benchmarks/combiner_bench.py --lengths 4096 16384 --all --shared-slots --no-dense --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -26,6 +31,7 @@ import torch
 import attncompiler as ac
 from attncompiler import combiner as C
 from attncompiler.bench import peak_memory
+from attncompiler.program import BlockSparseAttention
 from attncompiler.patterns import sparse
 
 
@@ -42,6 +48,19 @@ def _contenders(L: int, everything: bool, dense: bool = True):
         yield "axial", sparse.axial(span, causal=True), "axial"
 
 
+def with_shared_slots(attn: torch.nn.Module) -> torch.nn.Module:
+    """``attn`` (a compiled Combiner) switched to one shared slot per summary, in id order."""
+    stages = []
+    for st in attn.program.stages:
+        if isinstance(st, BlockSparseAttention) and isinstance(st.pattern, C.JointMask):
+            st = dataclasses.replace(st, pattern=dataclasses.replace(st.pattern, pack=None))
+        elif isinstance(st, C.ConcatSummaries):
+            st = dataclasses.replace(st, joint=None)
+        stages.append(st)
+    attn.program = dataclasses.replace(attn.program, stages=tuple(stages))
+    return attn
+
+
 def _one_layer_full(pattern, L: int) -> str:
     if isinstance(pattern, C.Combiner):
         return "yes (by construction; checked by tests at small L)"
@@ -49,14 +68,18 @@ def _one_layer_full(pattern, L: int) -> str:
 
 
 def run(lengths, heads: int, head_dim: int, reps: int, everything: bool, backward: bool,
-        dense: bool = True) -> list[dict]:
+        dense: bool = True, shared_slots: bool = False, only: tuple[str, ...] = ()) -> list[dict]:
     rows = []
     for L in lengths:
         q, k, v = (torch.randn(1, heads, L, head_dim) for _ in range(3))
         fns = {}
         for name, p, fam in _contenders(L, everything, dense):
+            if only and name not in only:
+                continue
             attn = ac.compile(p, backend="torch")
             fns[name] = (attn, fam, p)
+            if shared_slots and isinstance(p, C.Combiner):
+                fns[f"{name}/shared"] = (with_shared_slots(ac.compile(p, backend="torch")), fam, p)
         if dense:
             fns["sdpa_causal"] = (lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True), None, None)
@@ -80,10 +103,13 @@ def run(lengths, heads: int, head_dim: int, reps: int, everything: bool, backwar
         med = {n: statistics.median(t) for n, t in times.items()}
         for n, (f, fam, p) in fns.items():
             peer = {"fixed": "sparse_fixed(merged)", "logsparse": "logsparse", "axial": "axial"}.get(fam)
+            peer = peer if peer in med else None
             with torch.no_grad():
                 mem = peak_memory(lambda: f(q, k, v), q.device)
             row = dict(L=L, name=n, fwd_ms=1e3 * med[n], mem_mb=mem / 2 ** 20,
+                       fwd_range_ms=(1e3 * min(times[n]), 1e3 * max(times[n])),
                        fwdbwd_ms=1e3 * statistics.median(btimes[n]) if backward else None,
+                       fwdbwd_range_ms=(1e3 * min(btimes[n]), 1e3 * max(btimes[n])) if backward else None,
                        vs_sparse=(med[n] / med[peer]) if peer and peer != n else None,
                        one_layer_full=_one_layer_full(p, L) if p is not None else "yes")
             rows.append(row)
@@ -99,14 +125,26 @@ def main(argv=None) -> None:
     ap.add_argument("--all", action="store_true", help="also logsparse and axial")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense contenders (long lengths)")
+    ap.add_argument("--shared-slots", action="store_true",
+                    help="also run each Combiner with shared summary slots (the layout before packing)")
+    ap.add_argument("--only", nargs="+", default=(), metavar="NAME",
+                    help="run only these contenders (e.g. combiner_logsparse logsparse; with --all for those)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, heads {a.heads}, head_dim {a.head_dim}, "
           f"reps {a.reps} (medians)")
-    print(f"{'L':>6} {'contender':<22} {'fwd ms':>9} {'fwd+bwd ms':>11} {'x sparse':>9} {'peak MB':>8}  one-layer full")
-    for r in run(a.lengths, a.heads, a.head_dim, a.reps, a.all, not a.no_backward, not a.no_dense):
+    print(f"{'L':>6} {'contender':<29} {'fwd ms':>9} {'fwd min-max':>15} {'fwd+bwd ms':>11} {'f+b min-max':>15} "
+          f"{'x sparse':>9} {'peak MB':>8}  one-layer full")
+    for r in run(a.lengths, a.heads, a.head_dim, a.reps, a.all, not a.no_backward, not a.no_dense, a.shared_slots,
+                 tuple(a.only)):
         fb = f"{r['fwdbwd_ms']:.1f}" if r["fwdbwd_ms"] is not None else "-"
         vs = f"{r['vs_sparse']:.2f}" if r["vs_sparse"] is not None else "-"
-        print(f"{r['L']:>6} {r['name']:<22} {r['fwd_ms']:>9.1f} {fb:>11} {vs:>9} {r['mem_mb']:>8.1f}  {r['one_layer_full']}")
+        rng = "{:.0f}-{:.0f}".format(*r["fwd_range_ms"])
+        brng = "{:.0f}-{:.0f}".format(*r["fwdbwd_range_ms"]) if r["fwdbwd_range_ms"] else "-"
+        print(f"{r['L']:>6} {r['name']:<29} {r['fwd_ms']:>9.1f} {rng:>15} {fb:>11} {brng:>15} {vs:>9} "
+              f"{r['mem_mb']:>8.1f}  {r['one_layer_full']}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 The joint softmax over ``[keys ; summaries]`` -- the O(L sqrt L) / O(L log L) part -- is the
 shared ``BlockSparseAttention`` stage, so on this backend it runs in the generated Triton
 kernels (forward and backward), with the Combiner predicate rendered into them; its block
-layout and the span tables are runtime data, so the kernel source does not depend on L.
+layout, the summary slot tables and the span tables are runtime data, so the kernel source does
+not depend on L (nor on whether the slots are shared or packed at that length).
 The summary stages (span pooling, the local expectation, concatenation, token reordering, the
 mixture mean) are
 O(L)-sized batched tensor ops (O(L sqrt L) for causal prefix columns); they run as PyTorch ops

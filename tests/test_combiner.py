@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import attncompiler as ac
 from attncompiler import combiner as C
+from attncompiler.combiner_joint import slot_plan
+from attncompiler.program import BlockSparseAttention
 from oracle import assert_matches_oracle
 
 SCHED = ac.Schedule(block_m=16, block_n=16)
@@ -155,18 +158,27 @@ def test_causal_variants_leak_nothing(pattern):
         assert not torch.equal(out[:, :, pos], base[:, :, pos])
 
 
+@pytest.mark.parametrize("pack", [None, (8, 8)], ids=["shared", "pack8"])
 @pytest.mark.parametrize("pattern", [f for p in VARIANTS for f in p.factorizations()], ids=repr)
-def test_joint_predicate_matches_span_table(pattern):
+def test_joint_predicate_matches_span_table(pattern, pack):
     L = 29
-    joint = C.JointMask(pattern, 32)
+    joint = C.JointMask(pattern, 32, pack)
     table = C.span_table(pattern, L)
+    plan = slot_plan(joint, L)
     dense = joint.to_dense(L, joint.kv_len(L))
     off = joint.offset(L)
     order = pattern.token_order(L)
     order = torch.arange(L) if order is None else torch.from_numpy(order)  # rows/columns in token order
     assert torch.equal(dense[:, :L], pattern.direct().to_dense(L)[order][:, order])
     assert not dense[:, L:off].any()
-    assert torch.equal(dense[:, off:], C.summary_readers(table)[order])
+    # Each summary a query reads is visible through exactly one slot (a second copy would count
+    # twice in the softmax); padding slots are never visible.
+    S = table.num_summaries
+    held = torch.zeros(plan.num_slots, S + 1, dtype=torch.float64)
+    held[torch.arange(plan.num_slots), torch.from_numpy(np.where(plan.summary >= 0, plan.summary, S))] = 1
+    reads = dense[:, off:].double() @ held  # [L, S + 1]: how many visible slots hold each summary
+    assert not reads[:, S].any()
+    assert torch.equal(reads[:, :S], C.summary_readers(table)[order].double())
     # The analytic layout equals the layout of the dense mask.
     lay = joint.layout(L, joint.kv_len(L), 8, 8)
     blocks = lay.groups[0]
@@ -177,6 +189,27 @@ def test_joint_predicate_matches_span_table(pattern):
             assert bool(sel.any()) == bool(tile.any())
             if sel.any():
                 assert bool(blocks.full[sel][0]) == bool(tile.all() and tile.numel() == 64)
+
+
+@pytest.mark.parametrize("pattern, packed", [
+    (C.combiner_logsparse(causal=True), True),  # one summary per dyadic level: far apart in id order
+    (C.combiner_logsparse(), True),
+    (C.combiner_fixed(32, causal=True), False),  # the earlier spans are already contiguous
+    (C.combiner_axial(32), False),
+], ids=repr)
+def test_slot_arrangement_needs_fewer_blocks(pattern, packed):
+    L, block = 1024, (64, 64)
+    shared, chosen = C.JointMask(pattern, 128), C.JointMask(pattern, 128, block)
+    plan = slot_plan(chosen, L)
+    assert plan.packed == packed
+    n_shared = shared.layout(L, None, *block).num_blocks
+    n_chosen = chosen.layout(L, None, *block).num_blocks
+    assert n_chosen < n_shared if packed else n_chosen <= n_shared
+    assert plan.num_slots % block[1] == 0  # whole key blocks: the attention never pads k/v
+    if packed:  # at most a few key blocks of summaries per block of 64 queries
+        assert n_chosen <= 5 * (L // 64)
+    prog = ac.lower(pattern, ac.Schedule(block_m=64, block_n=64))
+    assert [s.pattern.pack for s in prog.stages if isinstance(s, BlockSparseAttention)] == [block]
 
 
 def test_lse_and_no_lse_for_mixture():

@@ -9,6 +9,7 @@ import torch
 import attncompiler as ac
 from attncompiler import combiner as C
 from attncompiler.codegen.render import render_predicate
+from attncompiler.combiner_joint import slot_plan
 from oracle import assert_matches_oracle
 
 pytest.importorskip("triton")
@@ -30,7 +31,14 @@ def test_triton_matches_reference(pattern):
 
 @pytest.mark.parametrize("pattern", [C.combiner_fixed(4, causal=True), C.combiner_logsparse(),
                                      C.combiner_axial(5, variant="rowmajor")], ids=repr)
-def test_kernel_source_independent_of_length(pattern):
-    joint = C.JointMask(pattern, 128)
+@pytest.mark.parametrize("pack", [None, (16, 16)], ids=["shared", "pack16"])
+def test_kernel_source_independent_of_length(pattern, pack):
+    joint = C.JointMask(pattern, 128, pack)
     sources = {render_predicate(joint.predicate(L, joint.kv_len(L))) for L in (20, 37, 300)}
     assert len(sources) == 1
+
+
+def test_kernel_source_same_for_shared_and_packed_slots():
+    joint = C.JointMask(C.combiner_axial(5, variant="rowmajor", causal=True), 128, (16, 16))
+    assert {slot_plan(joint, L).packed for L in (20, 23)} == {True, False}  # the slot arrangement changes
+    assert len({render_predicate(joint.predicate(L, joint.kv_len(L))) for L in (20, 23)}) == 1
