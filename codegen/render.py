@@ -51,13 +51,45 @@ def _nonneg(e: Expr) -> bool:
     return False
 
 
-class _Emitter:
-    """Expression -> Triton text, with buffer positions assigned in first-use order."""
+def _count_subtrees(e: Expr, counts: dict[Expr, int]) -> None:
+    counts[e] = counts.get(e, 0) + 1
+    for c in e.children():
+        _count_subtrees(c, counts)
 
-    def __init__(self, buffers):
+
+class _Emitter:
+    """Expression -> Triton text, with buffer positions assigned in first-use order.
+
+    A subexpression that occurs more than once (a table lookup feeding several comparisons,
+    say) is bound once to a temporary ``t<i>``: Triton evaluates every operand of ``&``, ``|``
+    and ``tl.where`` anyway, so hoisting changes nothing but the number of loads and ops.
+    """
+
+    def __init__(self, buffers, root: Expr | None = None):
         self.slot = {buf: i for i, buf in enumerate(buffers)}
+        self.counts: dict[Expr, int] = {}
+        if root is not None:
+            _count_subtrees(root, self.counts)
+        self.temps: dict[Expr, str] = {}
+        self.lines: list[str] = []  # temporaries, in dependency order
+
+    def statement(self, name: str, e: Expr) -> None:
+        """Append ``name = <e>`` after the temporaries it needs."""
+        text = self.emit(e)[0]
+        self.lines.append(f"    {name} = {text}")
 
     def emit(self, e: Expr) -> tuple[str, int]:
+        if e in self.temps:
+            return self.temps[e], 10
+        text, prec = self._emit(e)
+        if self.counts.get(e, 0) > 1 and not isinstance(e, (Var, Const)):
+            name = f"t{len(self.temps)}"
+            self.lines.append(f"    {name} = {text}")
+            self.temps[e] = name
+            return name, 10
+        return text, prec
+
+    def _emit(self, e: Expr) -> tuple[str, int]:
         match e:
             case Var(name):
                 return _VAR_NAMES[name], 10
@@ -119,21 +151,19 @@ def render_predicate(expr: Expr | None) -> str:
     if isinstance(expr, Const):  # still a [TM, TN] block, whatever the indices
         cmp = "==" if expr.value else "!="
         return head + f"    return (q_idx {cmp} q_idx) & (kv_idx == kv_idx)\n"
-    em = _Emitter(expr.buffers())
+    em = _Emitter(expr.buffers(), expr)
     text = repr(expr)
-    lines = [f"    # {text}"] if len(text) <= 160 else []  # the expression as the user wrote it
+    comment = [f"    # {text}"] if len(text) <= 160 else []  # the expression as the user wrote it
     for op, sym in (("or", "|"), ("and", "&")):
         terms = _terms(expr, op)
         if len(terms) > 1:
-            names = []
             for i, t in enumerate(terms):
-                lines.append(f"    m{i} = {em.emit(t)[0]}")
-                names.append(f"m{i}")
-            lines.append(f"    return {f' {sym} '.join(names)}")
+                em.statement(f"m{i}", t)
+            result = f" {sym} ".join(f"m{i}" for i in range(len(terms)))
             break
     else:
-        lines.append(f"    return {em.emit(expr)[0]}")
-    return head + "\n".join(lines) + "\n"
+        result = em.emit(expr)[0]
+    return head + "\n".join(comment + em.lines + [f"    return {result}"]) + "\n"
 
 
 @functools.lru_cache(maxsize=None)
