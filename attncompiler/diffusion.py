@@ -29,7 +29,8 @@ import torch
 from .errors import InputError, PatternError
 from .inputs import check_qkv, default_scale
 from .module import CompiledAttention, _resolve_backend, compile_program, register_module
-from .pattern import Family, Pattern, _check_int, _require_mask
+from .pattern import (Family, GlobalTokens, Intersection, Pattern, Union, _check_int, _require_mask, global_tokens,
+                      intersection, union)
 from .program import BlockSparseAttention, Program, Stage, register_lowering
 from .reference import dense_masks, register_reference
 from .schedule import Schedule
@@ -140,20 +141,74 @@ def diffuse(base: Pattern, hops: int = 5, alpha: float = 0.1, kernel: str | Kern
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class GlobalSplit:
+    """A base graph ``(rest | global_tokens(G)) & within`` cut into its thin and sparse parts.
+
+    Global tokens make whole query rows and key columns dense; in a block layout they drag
+    whole blocks into every row, which the block-sparse stages would compute and store for a
+    handful of true pairs. Split apart, the rows ``q in G`` are one dense ``[|G|, L]`` product,
+    the columns ``k in G`` one thin ``[L, |G|]`` product, and only ``light`` (the pairs with
+    neither end global) goes through the block layout. P's row-softmax still spans all parts.
+
+    Attributes:
+        light: ``rest & within & ~global_tokens(G)``: the pairs with neither end in ``G``.
+        tokens: the global token positions ``G``, sorted.
+        within: the mask every global pair must also satisfy (e.g. ``causal()``), or None.
+    """
+
+    light: Pattern
+    tokens: tuple[int, ...]
+    within: Pattern | None
+
+
+# Splitting pays while the dense rows and columns stay thin next to the block-sparse part.
+_MAX_SPLIT_TOKENS = 256
+
+
+def split_global_tokens(base: Pattern) -> GlobalSplit | None:
+    """Schedule decision: the :class:`GlobalSplit` of ``base``, or None when it has no global
+    tokens at the top (``a | global_tokens(G)`` or ``(a | global_tokens(G)) & m``), depends on
+    the batch or head, or has more than 256 global tokens."""
+    within: Pattern | None = None
+    node = base
+    if isinstance(base, Intersection):
+        unions = [p for p in base.parts if isinstance(p, Union) and any(isinstance(x, GlobalTokens) for x in p.parts)]
+        if len(unions) != 1:
+            return None
+        node = unions[0]
+        others = [p for p in base.parts if p is not node]
+        within = intersection(*others) if others else None
+    if not isinstance(node, Union) or base.head_period != 1 or base.batch_dependent:
+        return None
+    tokens = sorted({i for p in node.parts if isinstance(p, GlobalTokens) for i in p.indices})
+    rest = [p for p in node.parts if not isinstance(p, GlobalTokens)]
+    if not tokens or not rest or len(tokens) > _MAX_SPLIT_TOKENS:
+        return None
+    light = union(*rest) & ~global_tokens(tokens)
+    if within is not None:
+        light = light & within
+    return GlobalSplit(light, tuple(tokens), within)
+
+
+@dataclass(frozen=True)
 class SparseProbs(Stage):
     """``probs = rowsoftmax(scale * q k^T)`` over the base layout, kept block-sparse.
 
-    Shapes: q ``[B, H, L, D]``, k ``[B, Hkv, L, D]`` -> probs: one ``[R, BM, C*BN]`` tile per
-    chunk of query blocks (O(nnz) memory; empty rows are zero).
+    Shapes: q ``[B, H, L, D]``, k ``[B, Hkv, L, D]`` -> probs: one ``[R, BM, W]`` tile per
+    chunk of query blocks (O(nnz) memory; empty rows are zero). With ``split_globals`` (a
+    schedule choice, see :func:`split_global_tokens`) the global rows and columns are thin
+    dense parts and only the remaining pairs use the block layout.
     """
 
     inputs: tuple[str, ...] = ("q", "k")
     outputs: tuple[str, ...] = ("probs",)
     pattern: Pattern | None = None
     schedule: Schedule = Schedule()
+    split_globals: bool = False
 
     def describe(self) -> str:
-        return f"SparseProbs({self.pattern!r}) with {self.schedule}"
+        split = "; global rows/columns apart" if self.split_globals else ""
+        return f"SparseProbs({self.pattern!r}{split}) with {self.schedule}"
 
 
 @dataclass(frozen=True)
@@ -213,7 +268,8 @@ def lower_diffusion(pattern: Diffusion, schedule: Schedule) -> Program:
     K = pattern.hops
     if K == 0:
         return Program(pattern, (PassThrough(),))
-    stages: list[Stage] = [SparseProbs(pattern=pattern.base, schedule=schedule)]
+    split = split_global_tokens(pattern.base) is not None
+    stages: list[Stage] = [SparseProbs(pattern=pattern.base, schedule=schedule, split_globals=split)]
     z = "v"
     for j, (beta, gamma) in enumerate(pattern.hop_coefficients()):
         out = _hop_names(K, j)
@@ -299,8 +355,8 @@ class DiffusionAttention(CompiledAttention):
 
     ``hops_mode`` picks the schedule: ``"materialize"`` (P stored once, SpMM hops: the fast path
     on CPU), ``"recompute"`` (fused attention per hop, see :func:`recompute_hops`), or
-    ``"auto"`` (materialize on the torch backend, recompute on triton). Diffusion has no
-    log-sum-exp output.
+    ``"auto"`` (:func:`choose_hops_mode` decides per backend and head dim). Both schedules run
+    on both backends. Diffusion has no log-sum-exp output.
     """
 
     def __init__(self, pattern, backend="auto", schedule=None, check_finite=True):
@@ -308,12 +364,12 @@ class DiffusionAttention(CompiledAttention):
         self.auto_block = schedule is None
         self.hops_mode = "auto"
 
-    def program_for(self, backend: str, seq_len: int | None = None) -> Program:
+    def program_for(self, backend: str, seq_len: int | None = None, head_dim: int | None = None) -> Program:
         """The program run on ``backend`` under the current ``hops_mode`` (and, without an explicit
         schedule, the block size :func:`choose_block` picks for ``seq_len``)."""
         mode = self.hops_mode
         if mode == "auto":
-            mode = "recompute" if backend == "triton" else "materialize"
+            mode = choose_hops_mode(self.pattern, backend, head_dim)
         if mode not in ("materialize", "recompute"):
             raise InputError(f"hops_mode={self.hops_mode!r} must be 'auto', 'materialize' or 'recompute'")
         program = self.program
@@ -328,12 +384,12 @@ class DiffusionAttention(CompiledAttention):
     def forward(self, q, k, v, scale: float | None = None, *, return_lse: bool = False, **stage_inputs):
         if return_lse:
             raise InputError("diffusion attention has no log-sum-exp; call it without return_lse")
-        L = None
+        L = D = None
         if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == k.dim() == 4:
             self.pattern.validate(q.shape[2], k.shape[2])
-            L = q.shape[2]
+            L, D = q.shape[2], q.shape[3]
         backend = _resolve_backend(self.backend, getattr(q, "device", None))
-        self.program = self.program_for(backend, L)
+        self.program = self.program_for(backend, L, D)
         from attncompiler.codegen.registry import RunContext, stage_impl
 
         dims = check_qkv(q, k, v, check_finite=self.check_finite)
@@ -348,6 +404,26 @@ class DiffusionAttention(CompiledAttention):
         return env["out"].to(q.dtype)
 
 
+# Recomputing a score costs 2 * head_dim flops (plus the exp); storing it costs reading 4 bytes
+# of P per hop. On a GPU (tensor cores against HBM) a byte of traffic is worth about this many
+# flops (H100: ~400 TFLOP/s tf32-class matmul against ~3.3 TB/s); on CPU the torch backend's
+# SpMM hops beat per-hop attention by far (measured, benchmarks/diffusion_bench.py).
+_GPU_FLOPS_PER_BYTE = 100
+
+
+def choose_hops_mode(pattern: Diffusion, backend: str, head_dim: int | None = None) -> str:
+    """Schedule decision: ``"materialize"`` (store P, SpMM hops) or ``"recompute"`` (P per hop).
+
+    torch backend: materialize (one score pass instead of K). triton backend: recompute while
+    recomputing a score (``2 * head_dim`` flops) is cheaper than reading its stored 4 bytes,
+    i.e. ``head_dim < 2 * _GPU_FLOPS_PER_BYTE``; larger heads store P. Zero hops: no P at all.
+    """
+    if backend != "triton" or not pattern.hops:
+        return "materialize"
+    d = head_dim if head_dim is not None else 64
+    return "recompute" if 2 * d < 4 * _GPU_FLOPS_PER_BYTE else "materialize"
+
+
 # Candidate layout block sizes and the per-block cost of a tile (loop and small-matmul overhead),
 # in element-equivalents; measured on CPU with the diffuser catalogue graph.
 _BLOCK_CANDIDATES = (32, 64, 128)
@@ -356,12 +432,15 @@ _BLOCK_OVERHEAD = 2048
 
 def choose_block(pattern: Diffusion, seq_len: int) -> int:
     """Schedule decision: the layout block size storing the fewest elements of P (plus a
-    per-block overhead), among 32, 64 and 128. Stored P and every hop scale with it."""
+    per-block overhead), among 32, 64 and 128, counted on the layout the stages use (the light
+    part when global tokens are split apart). Stored P and every hop scale with it."""
+    split = split_global_tokens(pattern.base)
+    base = split.light if split is not None else pattern.base
     best, best_cost = _BLOCK_CANDIDATES[0], None
     for b in _BLOCK_CANDIDATES:
         if b > max(16, seq_len):
             break
-        lay = pattern.base.layout(seq_len, seq_len, b, b)
+        lay = base.layout(seq_len, seq_len, b, b)
         cost = sum(g.num_blocks for g in lay.groups) * (b * b + _BLOCK_OVERHEAD)
         if best_cost is None or cost < best_cost:
             best, best_cost = b, cost

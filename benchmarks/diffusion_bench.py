@@ -7,8 +7,8 @@ segment reductions, then K ``torch.sparse.mm`` hops with the PPR update. Both co
 on the same inputs, one thread each, forward (no grad) and forward+backward.
 
 Times: both contenders are built in one process on the same inputs, warmed, then alternated
-run by run; medians are reported (ratios measured side by side are the figures on a shared
-machine). Peak memory: each contender runs in a fresh subprocess (``MALLOC_MMAP_THRESHOLD_`` set
+run by run; medians of wall-clock and of thread CPU time are reported, with the spread of the
+per-round ratios (ratios measured side by side are the figures on a shared machine). Peak memory: each contender runs in a fresh subprocess (``MALLOC_MMAP_THRESHOLD_`` set
 so freed tensors leave the resident set) that warms up, resets the resident-set high-water
 mark (``/proc/self/clear_refs``) and reports the peak above the pre-run level of one run.
 
@@ -150,18 +150,22 @@ def measure_memory(impl: str, L: int, B: int, H: int, D: int, hops: int, mode: s
 
 
 def time_both(L: int, B: int, H: int, D: int, hops: int, mode: str, block: int, reps: int) -> dict:
-    """Median seconds of both contenders, built in this process and alternated run by run."""
+    """Per contender: wall-clock and thread CPU seconds of each run, built in this process and
+    alternated run by run. CPU time (``time.thread_time``; torch runs one thread here) does not
+    count the time other processes hold the core, so it is the steadier figure on a shared
+    machine; cache contention still shows in both."""
     torch.set_num_threads(1)
     runs = {impl: _contender(impl, L, B, H, D, hops, mode, block) for impl in ("ours", "csr")}
-    times: dict[str, list[float]] = {impl: [] for impl in runs}
+    times: dict[str, dict[str, list[float]]] = {impl: {"wall": [], "cpu": []} for impl in runs}
     for once in runs.values():
         once()  # warm
     for _ in range(reps):
         for impl, once in runs.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             once()
-            times[impl].append(time.perf_counter() - t0)
-    return {impl: statistics.median(t) for impl, t in times.items()}
+            times[impl]["cpu"].append(time.thread_time() - c0)
+            times[impl]["wall"].append(time.perf_counter() - t0)
+    return times
 
 
 def run_child(*args) -> dict:
@@ -183,15 +187,22 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     args = ap.parse_args(argv)
     print(f"diffuser(hops={args.hops}) B={args.batch} H={args.heads} D={args.head_dim}, 1 thread, "
-          f"block={args.block}, median of {args.reps} alternated runs; peak RSS in fresh processes")
-    print(f"{'L':>6} {'mode':>8} | {'ours s':>8} {'csr s':>8} {'speedup':>7} | {'ours MiB':>8} {'csr MiB':>8} {'ratio':>6}")
+          f"block={args.block}, median of {args.reps} alternated runs (wall and thread CPU time; "
+          "speedup range: min-max of the per-round ratios); peak RSS in fresh processes")
+    print(f"{'L':>6} {'mode':>8} | {'clock':>5} {'ours s':>8} {'csr s':>8} {'speedup':>7} {'range':>11} | "
+          f"{'ours MiB':>8} {'csr MiB':>8} {'ratio':>6}")
     for L in args.lengths:
         for mode in args.modes:
             t = time_both(L, args.batch, args.heads, args.head_dim, args.hops, mode, args.block, args.reps)
             m = {impl: run_child(impl, L, args.batch, args.heads, args.head_dim, args.hops, mode, args.block)["peak_mib"]
                  for impl in ("ours", "csr")}
-            print(f"{L:>6} {mode:>8} | {t['ours']:8.3f} {t['csr']:8.3f} {t['csr'] / t['ours']:6.2f}x | "
-                  f"{m['ours']:8.1f} {m['csr']:8.1f} {m['ours'] / m['csr']:6.2f}", flush=True)
+            for clock in ("wall", "cpu"):
+                ours, csr = t["ours"][clock], t["csr"][clock]
+                ratios = [c / o for o, c in zip(ours, csr)]
+                mo, mc = statistics.median(ours), statistics.median(csr)
+                mem = f"{m['ours']:8.1f} {m['csr']:8.1f} {m['ours'] / m['csr']:6.2f}" if clock == "wall" else ""
+                print(f"{L:>6} {mode:>8} | {clock:>5} {mo:8.3f} {mc:8.3f} {mc / mo:6.2f}x "
+                      f"{min(ratios):5.2f}-{max(ratios):<5.2f} | {mem}", flush=True)
 
 
 if __name__ == "__main__":

@@ -160,5 +160,6 @@ def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) ->
 
 # Stages of the structural families (imported last: they use this module's registrations).
 from . import torch_diffusion  # noqa: E402,F401  (device-agnostic diffusion stages, also used on triton)
+from . import triton_diffusion  # noqa: E402,F401  (stored-P diffusion kernels)
 from . import triton_combiner  # noqa: E402,F401
 from . import triton_memory  # noqa: E402,F401

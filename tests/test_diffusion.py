@@ -230,3 +230,76 @@ def test_catalogue_base_graph_is_the_papers_overlapping_windows():
     assert torch.equal(g, diffuser_graph(window=w, random_blocks=1, num_global=2, seed=3).to_dense(L))
     with pytest.raises(ac.PatternError, match="window"):
         diffuser_graph(window=7)
+
+
+SPLITS = [
+    ac.sliding_window(3) | ac.global_tokens([0, 9]),
+    (ac.block_window(1, block=4) | ac.random_blocks(1, block=4, seed=1) | ac.global_tokens([2, 3])) & ac.causal(),
+    (ac.sliding_window(2) | ac.global_tokens([5])) & ac.mask(lambda b, h, q_idx, kv_idx: q_idx != 7),
+]
+
+
+@pytest.mark.parametrize("base", SPLITS, ids=repr)
+def test_global_split_partitions_the_base_graph(base):
+    """light pairs + global rows + global columns (restricted by ``within``) == the base graph."""
+    from attncompiler.diffusion import split_global_tokens
+
+    L = 23
+    split = split_global_tokens(base)
+    assert split is not None
+    dense = base.to_dense(L)
+    g = torch.zeros(L, dtype=torch.bool)
+    g[list(split.tokens)] = True
+    within = split.within.to_dense(L) if split.within is not None else torch.ones(L, L, dtype=torch.bool)
+    light = split.light.to_dense(L)
+    assert not (light & (g[:, None] | g[None, :])).any()  # no pair with a global end stays in the layout
+    assert torch.equal(light | ((g[:, None] | g[None, :]) & within), dense)
+    assert split_global_tokens(ac.sliding_window(3)) is None
+    assert split_global_tokens(ac.per_head([ac.causal(), ac.sliding_window(1) | ac.global_tokens([0])])) is None
+
+
+PLANNED = [
+    # varied "other" blocks per row (strided keys), ragged length, a chunk of non-consecutive rows
+    (diffuse(ac.sliding_window(4) | ac.strided(11) | ac.global_tokens([1]), hops=2, alpha=0.25), 53, 8, 500),
+    # no band at all (non-square blocks), one row per chunk
+    (diffuse(ac.random_blocks(2, block=8, seed=4) | ac.global_tokens([0, 30]), hops=2, kernel="heat"), 40, (8, 16), 64),
+]
+
+
+@pytest.mark.parametrize("case", PLANNED, ids=[repr(c[0])[:60] for c in PLANNED])
+def test_torch_plan_with_small_tiles_matches_reference(case):
+    pattern, L, block, tile_elems = case
+    bm, bn = block if isinstance(block, tuple) else (block, block)
+    q, k, v = _rand(1, 2, 1, L, 8)
+    sched = ac.Schedule(block_m=bm, block_n=bn, tile_elems=tile_elems)  # several chunks per bucket
+    attn = ac.compile(pattern, backend="torch", schedule=sched)
+    out = attn(q, k, v)
+    assert attn.program.stages[0].split_globals
+    assert_matches_oracle(out, ac.reference(pattern, q, k, v), (q, k, v), atol=1e-5, grad_atol=1e-5)
+
+
+def test_stored_p_is_close_to_the_true_pairs_on_the_diffuser_graph():
+    """Global tokens split apart: P stores about the allowed pairs, not whole global blocks."""
+    from attncompiler.codegen.torch_diffusion_plan import plan_for
+    from attncompiler.diffusion import split_global_tokens
+
+    p, L = diffuser(), 1024
+    split = split_global_tokens(p.base)
+    b = choose_block(p, L)
+    plan = plan_for(split.light.layout(L, L, b, b).groups[0], ac.Schedule(block_m=b, block_n=b), split)
+    stored = plan.size + len(split.tokens) * L
+    true = int(p.base.to_dense(L).sum())
+    assert true <= stored <= 1.06 * true
+    assert p.base.layout(L, L, b, b).groups[0].num_blocks * b * b > 1.3 * true  # what the split saves
+
+
+def test_hops_mode_choice_per_backend():
+    from attncompiler.diffusion import choose_hops_mode
+
+    p = diffuse(ac.sliding_window(3), hops=3)
+    assert choose_hops_mode(p, "torch", 64) == "materialize"
+    assert choose_hops_mode(p, "triton", 64) == "recompute"  # a score is cheaper to recompute than to read
+    assert choose_hops_mode(p, "triton", 512) == "materialize"
+    attn = ac.compile(p, backend="triton", schedule=ac.Schedule(block_m=16, block_n=16))
+    names = [type(s).__name__ for s in attn.program_for("triton", 32, 512).stages]
+    assert names == ["SparseProbs"] + ["DiffusionHop"] * 3

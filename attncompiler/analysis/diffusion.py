@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 import sympy
 
-from ..diffusion import DIFFUSION, Diffusion, Kernel
+from ..diffusion import DIFFUSION, Diffusion, Kernel, split_global_tokens
 from ..errors import UnsupportedError
 from .graph import AttentionGraph, attention_graph, register_graph_builder
 
@@ -244,9 +244,12 @@ def diffusion_cost(pattern: Diffusion, seq_len: int | None = None, head_dim: int
         if block is None:
             E = int(base_adjacency(pattern, seq_len).nnz) if seq_len <= 8192 else \
                 pattern.base.layout(seq_len, seq_len, 128, 128).groups[0].allowed_pairs()
-        else:
-            lay = pattern.base.layout(seq_len, seq_len, block, block)
-            E = lay.groups[0].num_blocks * block * block
+        else:  # the torch backend's stored P: the layout's blocks, global rows/columns apart
+            split = split_global_tokens(pattern.base)
+            base = split.light if split is not None else pattern.base
+            E = base.layout(seq_len, seq_len, block, block).groups[0].num_blocks * block * block
+            if split is not None:
+                E += 2 * len(split.tokens) * seq_len
         values = ((L_, seq_len), (D_, head_dim), (K_, pattern.hops), (E_, E))
     return DiffusionCost(sympy.expand(flops), memory, "O((K+1) |E| D)", values)
 
