@@ -76,20 +76,41 @@ def _attention_stages(pattern, sched, opts):
     return program, out
 
 
+def _family_kernel_files(program, opts) -> list[tuple[list[int], Path]]:
+    """``(stage indices, path)`` of the family kernel files (stored-P diffusion, ABC memory slots)
+    the program's other stages run; one entry per file, whichever stages share it."""
+    from attncompiler.codegen.registry import stage_source
+    from attncompiler.program import BlockSparseAttention
+
+    files: dict[Path, list[int]] = {}
+    for i, st in enumerate(program.stages):
+        if not isinstance(st, BlockSparseAttention):
+            path = stage_source(st, opts.seq_len)
+            if path is not None:
+                files.setdefault(Path(path), []).append(i)
+    return [(idx, path) for path, idx in files.items()]
+
+
 def cmd_compile(args) -> int:
     """Write the generated kernel source of one pattern into ``--emit DIR``."""
     from attncompiler.codegen.cache import atomic_write
 
     pattern, opts, sched = _parse("compile", args)
-    _, stages = _attention_stages(pattern, sched, opts)
-    if not stages:
-        print(f"{pattern!r} lowers to no BlockSparseAttention stage: nothing is generated for it")
+    program, stages = _attention_stages(pattern, sched, opts)
+    family = _family_kernel_files(program, opts)
+    if not stages and not family:
+        print(f"{pattern!r} lowers to no stage with a generated kernel: nothing is generated for it")
         return 0
     for i, _, _, _, key, text in stages:
         suffix = "" if len(stages) == 1 else f"_stage{i}"
         out = Path(opts.emit) / f"{args.pattern}_{opts.dtype}{suffix}.py"
         atomic_write(out, text)
         print(f"wrote {out} ({len(text.splitlines())} lines, cache key {key})")
+    for idx, path in family:
+        text = path.read_text()
+        out = Path(opts.emit) / f"{args.pattern}_{path.stem.rsplit('_', 1)[0]}.py"
+        atomic_write(out, text)
+        print(f"wrote {out} ({len(text.splitlines())} lines; stages {idx}; one file for every dtype: Triton specializes it at launch)")
     return 0
 
 
@@ -124,8 +145,11 @@ def cmd_explain(args) -> int:
         print("   predicate helper (partial blocks only):")
         for line in src.predicate.rstrip().splitlines():
             print("     " + line)
-    if not stages:
-        print("4. kernels   none: this program has no BlockSparseAttention stage")
+    family = _family_kernel_files(program, opts)
+    for idx, path in family:
+        print(f"5. kernels   {path}  (stages {idx}, {len(path.read_text().splitlines())} lines)")
+    if not stages and not family:
+        print("4. kernels   none: every stage of this program runs as PyTorch ops")
     return 0
 
 

@@ -37,6 +37,29 @@ def register_stage(backend: str, stage_type: type):
     return deco
 
 
+_SOURCES: dict[type, Callable] = {}
+
+
+def register_source(stage_type: type):
+    """Register ``fn(stage, q_len) -> Path`` of the generated Triton file that runs ``stage_type``
+    stages (written to the kernel cache), so ``attnc compile/explain`` can show every kernel a
+    program uses, not only the block-sparse attention ones."""
+
+    def deco(fn):
+        _SOURCES[stage_type] = fn
+        return fn
+
+    return deco
+
+
+def stage_source(stage, q_len: int):
+    """The generated Triton file behind ``stage`` at length ``q_len``, or None when its stage
+    type has no kernel file of its own (it runs as PyTorch ops or through another stage)."""
+    _load("triton")
+    fn = _SOURCES.get(type(stage))
+    return None if fn is None else fn(stage, q_len)
+
+
 def stage_impl(backend: str, stage_type: type) -> Callable:
     """The registered implementation, or :class:`UnsupportedError` naming what is missing."""
     _load(backend)

@@ -26,7 +26,7 @@ from attncompiler.layout import BlockLayout
 from attncompiler.errors import ScheduleError
 
 from . import cache, torch_diffusion
-from .registry import RunContext, register_stage
+from .registry import RunContext, register_source, register_stage
 from .render import _PRED_BEGIN, _PRED_END, TEMPLATE_DIR, _template, render_predicate
 from .triton_backend import _check_device
 from .triton_kernels import _VALID_TILES, _pad_dim, _predicate_for, _versions, dot_precision, layout_tensors
@@ -207,6 +207,12 @@ def _check_blocks(layout: BlockLayout) -> None:
         if b not in _VALID_TILES:
             raise ScheduleError(f"{name}={b} is not usable by the stored-P triton kernels; layout blocks are "
                                 f"the kernel tiles and must be one of {_VALID_TILES} (tl.dot needs >= 16)")
+
+
+@register_source(SparseProbs)
+def sparse_probs_source(stage: SparseProbs, q_len: int):
+    """The stored-P kernel file of ``stage`` at length ``q_len`` (its hops run from the same file)."""
+    return diffusion_kernels(stage.pattern, q_len, stage.schedule.block_m, stage.schedule.block_n)[1]
 
 
 @register_stage("triton", SparseProbs)

@@ -48,7 +48,7 @@ import torch
 from attncompiler.memory_slots import SlotControl, SlotRead, SlotWrite
 
 from . import cache
-from .registry import RunContext, register_stage
+from .registry import RunContext, register_source, register_stage
 from .render import _BODY, TEMPLATE_DIR
 from .torch_memory import (NEG_INF, SPREAD_LIMIT, SlotMemory, logit_spread, read_memory, run_slot_control,
                            write_memory)
@@ -84,6 +84,12 @@ def memory_kernels() -> ModuleType:
     """The imported kernel module (written to the cache directory first when missing)."""
     key = memory_cache_key()
     return cache.load(key, memory_source(key), prefix=CACHE_PREFIX)[0]
+
+
+def memory_kernel_file(stage=None, q_len: int = 0):
+    """Path of the kernel file every SlotWrite/SlotRead stage runs (one file for all shapes)."""
+    key = memory_cache_key()
+    return cache.load(key, memory_source(key), prefix=CACHE_PREFIX)[1]
 
 
 def _p2(x: int) -> int:
@@ -336,6 +342,10 @@ def compile_memory_for_target(arch: int = 90, head_dim: int = 64, slots: int = 6
 # ---------------------------------------------------------------------------------------------
 
 register_stage("triton", SlotControl)(run_slot_control)  # k @ W or the nearest centroid: one torch op
+
+
+register_source(SlotWrite)(memory_kernel_file)
+register_source(SlotRead)(memory_kernel_file)
 
 
 @register_stage("triton", SlotWrite)

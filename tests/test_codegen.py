@@ -251,6 +251,20 @@ def test_cli_compile_emits_source(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name, kernels", [("diffuser", ("_diff_probs", "_diff_hop")),
+                                           ("abc_mlp", ("_mem_scan", "_mem_read_full"))])
+def test_cli_compile_emits_family_kernels(tmp_path, capsys, name, kernels):
+    """Structural families whose stages run their own kernel files emit those files too."""
+    assert main(["compile", name, "--seq-len", "512", "--emit", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    files = list(tmp_path.glob(f"{name}_*.py"))
+    assert files and "wrote" in out
+    text = "\n".join(f.read_text() for f in files)
+    for kernel in kernels:
+        assert f"def {kernel}(" in text, kernel
+    compile(text, "emitted", "exec")
+
+
 def test_cli_explain_shows_every_layer(capsys):
     assert main(["explain", "bigbird", "--block", "32", "--seq-len", "512", "--tile", "32", "16"]) == 0
     out = capsys.readouterr().out
