@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--block-rows", type=int, default=None, help="query rows per block of the analysis")
     p.add_argument("--seq-savings", type=int, default=None,
                    help="also print the savings of the plan at this sequence length")
+    p.add_argument("--schedule", choices=["stored_probs", "recompute"], default=None,
+                   help="reuse schedule whose savings --seq-savings reports (default: what the model runs on CPU)")
     p.add_argument("--no-reuse", action="store_true",
                    help="measure every layer's own maps, ignoring the checkpoint's reuse plan")
     p.add_argument("--seed", type=int, default=0, help="seed of the random probe input")
@@ -62,5 +64,5 @@ def run_similarity(args: argparse.Namespace) -> int:
     print(f"as code: reuse={plan.to_spec()}")
     if args.seq_savings:
         print()
-        print(reuse_savings(stack, args.seq_savings, plan=plan))
+        print(reuse_savings(stack, args.seq_savings, plan=plan, schedule=args.schedule))
     return 0

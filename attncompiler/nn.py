@@ -3,8 +3,9 @@
 Attention inside every layer is an ``ac.compile(pattern, backend=...)`` module, so any pattern
 family that maps ``[B, H, L, D]`` q/k/v to ``[B, H, L, D]`` works per layer. A stack takes one
 pattern per layer and a reuse plan (see :mod:`attncompiler.reuse`): reused heads skip their Q/K
-projections and attend with the effective Q/K of the head they reuse, through that head's
-compiled attention, with the current layer's values.
+projections and apply the map of the head they reuse to the current layer's values, either from
+the probabilities that head's layer stored over its block layout (``stored_probs``) or by
+recomputing it from that head's kept Q/K (``recompute``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from torch import nn
 from .errors import InputError, PatternError, UnsupportedError
 from .module import compile as compile_attention
 from .pattern import Pattern, full
-from .reuse import (HeadSource, LayerAttention, ReusePatternMode, ReusePlan, merge_heads, resolve_sources,
-                    select_heads)
+from .program import BlockSparseAttention
+from .reuse import (HeadSource, LayerAttention, ReusePatternMode, ReusePlan, ReuseSchedule, merge_heads,
+                    resolve_sources, select_heads, stored_heads)
 from .schedule import Schedule
 
 
@@ -87,6 +89,9 @@ class MultiheadAttention(nn.Module):
         """Q and K of the ``kept`` heads (all by default) and V of all heads, each ``[B, h, L, D]``."""
         E, H = self.embed_dim, self.num_heads
         w, b = self.in_proj_weight, self.in_proj_bias
+        if kept is not None and not kept:  # every head reused: only V (a view of the weight, no copy)
+            v = F.linear(value, w[2 * E:], None if b is None else b[2 * E:])
+            return None, None, self._split(v, H)
         if query is key and key is value and kept is not None and len(kept) < H:
             # Self-attention with reused heads: one matmul over the rows still needed.
             rows = self._weight_rows(kept)
@@ -109,6 +114,30 @@ class MultiheadAttention(nn.Module):
         """``[B, H, L, D]`` attention output -> output projection ``[B, L, E]``."""
         B, H, L, D = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, L, H * D))
+
+    # -- stored probabilities (cross-layer reuse) -------------------------------------------
+    def supports_probs(self, device: torch.device | None = None) -> bool:
+        """Whether :meth:`attend_with_probs` can run here: the torch backend on ``device`` and a
+        mask pattern lowered to one block-sparse stage whose layout is the same for every batch
+        and head (the Triton backend keeps the recompute path)."""
+        from .module import _resolve_backend
+
+        stages = self.attention.program.stages
+        p = self.pattern
+        return (_resolve_backend(self.attention.backend, device) == "torch" and len(stages) == 1
+                and isinstance(stages[0], BlockSparseAttention) and p.family == "mask"
+                and p.head_period == 1 and not p.batch_dependent)
+
+    def attend_with_probs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, workspace=None):
+        """``(out [B, h, L, D], StoredProbs)``: this module's attention that also keeps its
+        probabilities over the block layout (see :mod:`attncompiler.codegen.torch_probs`)."""
+        from .codegen.torch_probs import attention_with_probs
+
+        stage = self.attention.program.stages[0]
+        sch = stage.schedule
+        layout = stage.pattern.layout(q.shape[2], k.shape[2], sch.block_m, sch.block_n, batch=q.shape[0],
+                                      heads=q.shape[1])
+        return attention_with_probs(q, k, v, layout, sch, self.head_dim ** -0.5, workspace=workspace)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
@@ -219,6 +248,47 @@ class TransformerBlock(nn.Module):
         return x, (q, k)
 
 
+    def attend_stored(self, x: torch.Tensor, reused, store: tuple[int, ...], workspace=None):
+        """One block under the ``stored_probs`` reuse schedule.
+
+        Args:
+            x: ``[B, L, E]``.
+            reused: ``(heads, StoredProbs)`` pairs: these heads apply stored probabilities
+                (one map per head, in order) to this layer's values.
+            store: own heads whose probabilities later layers reuse (kept and returned).
+            workspace: a :class:`~attncompiler.codegen.torch_probs.ProbsWorkspace` (inference).
+
+        Returns:
+            ``(x [B, L, E], StoredProbs of the `store` heads or None)``.
+        """
+        from .codegen.torch_probs import apply_probs
+
+        a = self.attn
+        H = a.num_heads
+        h_in = self.ln1(x)
+        taken = {h for heads, _ in reused for h in heads}
+        kept = tuple(h for h in range(H) if h not in taken)
+        q, k, v = a.project(h_in, h_in, h_in, kept if taken else None)  # q, k: kept heads only
+        parts, probs = [], None
+        keep_pos = [i for i, h in enumerate(kept) if h in store]
+        plain_pos = [i for i, h in enumerate(kept) if h not in store]
+        if keep_pos:
+            heads = [kept[i] for i in keep_pos]
+            o, probs = a.attend_with_probs(select_heads(q, keep_pos), select_heads(k, keep_pos),
+                                           select_heads(v, heads), workspace)
+            parts.append((heads, o))
+        if plain_pos:
+            heads = [kept[i] for i in plain_pos]
+            parts.append((heads, a.attention(select_heads(q, plain_pos), select_heads(k, plain_pos),
+                                             select_heads(v, heads))))
+        for heads, p in reused:
+            parts.append((heads, apply_probs(p, select_heads(v, heads))))  # P @ V_l only
+        x = x + a.merge(merge_heads(parts, H))
+        if self.mlp_hidden:
+            x = x + self.mlp(self.ln2(x))
+        return x, probs
+
+
 class TransformerStack(nn.Module):
     """A stack of pre-norm blocks with one pattern per layer and cross-layer attention reuse.
 
@@ -229,6 +299,11 @@ class TransformerStack(nn.Module):
         reuse: ``{layer: heads}`` (see :class:`attncompiler.reuse.ReusePlan`), e.g. ``{1: "all"}``.
         reuse_pattern: ``"same"`` (default) makes reuse across different patterns an error;
             ``"previous"`` lets reused heads keep the reused layer's pattern.
+        reuse_schedule: how reused heads get their map (:class:`~attncompiler.reuse.ReuseSchedule`):
+            ``"stored_probs"`` (source layers keep P over their layout; reused heads compute only
+            P @ V), ``"recompute"`` (scores recomputed from the kept Q/K) or ``"auto"`` (default:
+            stored_probs where every source layer runs the torch backend with a batch- and
+            head-independent mask pattern, else recompute; the Triton backend recomputes).
         mlp_ratio: MLP width / d_model (0: attention-only blocks).
         final_norm: end with a LayerNorm.
         backend, schedule: passed to :func:`attncompiler.compile` for every layer.
@@ -236,8 +311,9 @@ class TransformerStack(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, patterns: Pattern | Sequence[Pattern], *,
                  num_layers: int | None = None, reuse: Mapping[int, Any] | ReusePlan | None = None,
-                 reuse_pattern: str = ReusePatternMode.SAME, mlp_ratio: float = 4.0, final_norm: bool = True,
-                 backend: str = "auto", schedule: Schedule | None = None):
+                 reuse_pattern: str = ReusePatternMode.SAME, reuse_schedule: str = ReuseSchedule.AUTO,
+                 mlp_ratio: float = 4.0, final_norm: bool = True, backend: str = "auto",
+                 schedule: Schedule | None = None):
         super().__init__()
         if isinstance(patterns, Pattern):
             if num_layers is None:
@@ -250,18 +326,48 @@ class TransformerStack(nn.Module):
             raise PatternError(f"patterns must be a non-empty list of attention patterns, got {patterns!r}")
         self.d_model, self.num_heads, self.patterns = d_model, num_heads, tuple(patterns)
         self.mlp_ratio, self.backend, self.reuse_pattern = mlp_ratio, backend, reuse_pattern
+        self.reuse_schedule = reuse_schedule
+        self._workspace = None  # ProbsWorkspace for inference under stored_probs (made on first use)
         self.layers = nn.ModuleList(TransformerBlock(d_model, num_heads, p, mlp_ratio=mlp_ratio, backend=backend,
                                                      schedule=schedule) for p in patterns)
         self.mlp_hidden = self.layers[0].mlp_hidden
         self.norm = nn.LayerNorm(d_model) if final_norm else None
-        self.set_reuse(reuse, reuse_pattern)
+        self.set_reuse(reuse, reuse_pattern, reuse_schedule)
 
-    def set_reuse(self, reuse: Mapping[int, Any] | ReusePlan | None, reuse_pattern: str | None = None) -> None:
-        """Replace the reuse plan (weights are unchanged; validated like the constructor's)."""
+    def set_reuse(self, reuse: Mapping[int, Any] | ReusePlan | None, reuse_pattern: str | None = None,
+                  reuse_schedule: str | None = None) -> None:
+        """Replace the reuse plan (and optionally the reuse pattern mode and schedule); weights
+        are unchanged; validated like the constructor's arguments."""
         mode = self.reuse_pattern if reuse_pattern is None else reuse_pattern
+        sched = self.reuse_schedule if reuse_schedule is None else reuse_schedule
+        if sched not in ReuseSchedule.ALL:
+            raise InputError(f"reuse_schedule={sched!r} must be one of {ReuseSchedule.ALL}")
         plan = ReusePlan.build(reuse, len(self.patterns), self.num_heads)
-        self._sources = resolve_sources(plan, self.patterns, mode)
-        self.plan, self.reuse_pattern = plan, mode
+        sources = resolve_sources(plan, self.patterns, mode)
+        store = stored_heads(sources)
+        if sched == ReuseSchedule.STORED_PROBS:
+            bad = [l for l, (heads, _) in enumerate(store) if heads and not self._probs_capable(l)]
+            if bad:
+                raise UnsupportedError(
+                    f"reuse_schedule='stored_probs' needs the torch backend and a mask pattern with one layout "
+                    f"for every batch and head in the reused layers; layer {bad[0]} has "
+                    f"{self.patterns[bad[0]]!r} on backend {self.backend!r}. Use reuse_schedule='recompute' or 'auto'")
+        self._sources, self._store = sources, store
+        self.plan, self.reuse_pattern, self.reuse_schedule = plan, mode, sched
+
+    def _probs_capable(self, layer: int, device: torch.device | None = None) -> bool:
+        return self.layers[layer].attn.supports_probs(device)
+
+    def resolved_reuse_schedule(self, device: torch.device | None = None) -> str:
+        """The schedule a forward pass on ``device`` (default CPU) uses: ``"stored_probs"`` or
+        ``"recompute"``."""
+        if self.reuse_schedule == ReuseSchedule.RECOMPUTE:
+            return ReuseSchedule.RECOMPUTE
+        ok = all(self._probs_capable(l, device) for l, (heads, _) in enumerate(self._store) if heads)
+        if not ok and self.reuse_schedule == ReuseSchedule.STORED_PROBS:
+            raise UnsupportedError(f"reuse_schedule='stored_probs' cannot run on {device}: the Triton backend "
+                                   "keeps the recompute path; use reuse_schedule='auto' or 'recompute'")
+        return ReuseSchedule.STORED_PROBS if ok else ReuseSchedule.RECOMPUTE
 
     def _groups(self, layer: int):
         """``(module, heads)`` per attention module computing this layer's maps; ``()`` when the
@@ -288,6 +394,10 @@ class TransformerStack(nn.Module):
         :class:`~attncompiler.reuse.LayerAttention` per layer."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             raise InputError(f"input must be [batch, seq, {self.d_model}], got {getattr(x, 'shape', type(x).__name__)}")
+        if record is None and self.plan.layers and \
+                self.resolved_reuse_schedule(x.device) == ReuseSchedule.STORED_PROBS:
+            x = self._forward_stored(x)
+            return self.norm(x) if self.norm is not None else x
         qk = None
         for l, block in enumerate(self.layers):
             x, qk = block.attend(x, self.plan.sources(l), qk, self._groups(l))
@@ -295,6 +405,34 @@ class TransformerStack(nn.Module):
                 heads = tuple((self.patterns[s.layer], s.head) for s in self._sources[l])
                 record.append(LayerAttention(qk[0], qk[1], self.layers[l].attn.head_dim ** -0.5, heads))
         return self.norm(x) if self.norm is not None else x
+
+    def _forward_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks under ``stored_probs``: each layer's probabilities that later layers reuse
+        are kept until their last reader, then dropped (or, without autograd, recycled)."""
+        from .codegen.torch_probs import ProbsWorkspace
+
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        grad = grad or (torch.is_grad_enabled() and x.requires_grad)
+        if not grad and self._workspace is None:
+            self._workspace = ProbsWorkspace()
+        ws = None if grad else self._workspace
+        maps: dict[int, Any] = {}  # layer -> StoredProbs of its stored heads
+        for l, block in enumerate(self.layers):
+            by_src: dict[int, list[tuple[int, int]]] = {}
+            for h in sorted(self.plan.sources(l)):
+                s = self._sources[l][h]
+                by_src.setdefault(s.layer, []).append((h, s.head))
+            reused = [(tuple(h for h, _ in pairs),
+                       maps[sl].select_heads([self._store[sl][0].index(sh) for _, sh in pairs]))
+                      for sl, pairs in by_src.items()]
+            x, probs = block.attend_stored(x, reused, self._store[l][0], ws)
+            if probs is not None:
+                maps[l] = probs
+            for sl in [sl for sl in maps if self._store[sl][1] == l]:
+                dead = maps.pop(sl)
+                if ws is not None:
+                    ws.release(dead)
+        return x
 
     def attention_inputs(self, x: torch.Tensor) -> list[LayerAttention]:
         """Every layer's effective Q/K and masks on input ``x`` (for the similarity analysis)."""
@@ -307,7 +445,8 @@ class TransformerStack(nn.Module):
         """Constructor arguments as plain values (patterns as their code, which ``repr`` gives)."""
         return dict(d_model=self.d_model, num_heads=self.num_heads, patterns=[repr(p) for p in self.patterns],
                     reuse={str(k): {str(h): s for h, s in v.items()} for k, v in self.plan.to_spec().items()},
-                    reuse_pattern=self.reuse_pattern, mlp_ratio=self.mlp_ratio, final_norm=self.norm is not None)
+                    reuse_pattern=self.reuse_pattern, reuse_schedule=self.reuse_schedule, mlp_ratio=self.mlp_ratio,
+                    final_norm=self.norm is not None)
 
     def extra_repr(self) -> str:
         return f"{self.plan}"

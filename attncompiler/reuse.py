@@ -2,15 +2,24 @@
 
 A reused head ``h`` of layer ``l`` computes ``softmax(scale * Q_src K_src^T) V_l``: the map of
 head ``src`` of layer ``l - 1`` applied to layer ``l``'s own values. In the compiler this is a
-cross-layer edge and a common-subexpression decision. The lowering keeps, per layer, the
-*effective* Q and K of every head (``[B, H, L, D]``, O(L D), never an L x L map): a reused head's
-effective Q/K is its source head's, so chains of reuse resolve to the layer that last computed
-its own projections. Reused heads skip their Q/K projections; their scores are recomputed by the
-compiled attention from the kept Q/K (the same program, layout and kernel as the source head).
+cross-layer edge and a common-subexpression decision; how the edge is lowered is a schedule
+choice (:class:`ReuseSchedule`):
+
+* ``stored_probs`` (the paper's variant; default where the torch backend runs the source
+  layer): the source layer's attention also returns its probabilities P over its block layout
+  (O(non-empty blocks x block area), never L x L) and a reused head computes only ``P @ V_l``:
+  no Q/K projections, no QK^T, no softmax. Gradients from every use of P meet in the source
+  layer's softmax backward.
+* ``recompute``: the lowering keeps, per layer, the *effective* Q and K of every head
+  (``[B, H, L, D]``, O(L D)): a reused head's effective Q/K is its source head's, so chains of
+  reuse resolve to the layer that last computed its own projections, and its scores are
+  recomputed by the compiled attention (same program, layout and kernel as the source head).
+  Reused heads still skip their Q/K projections. Used by the Triton backend, by per-head or
+  per-batch patterns and by the similarity analysis (which needs the effective Q/K).
 
 This module holds the plan (:class:`ReusePlan`), the lowering helpers used by
 :mod:`attncompiler.nn`, and the cost model (:func:`reuse_savings`). The similarity analysis that
-proposes plans is in the second half (:func:`attention_similarity`, :func:`suggest_reuse`).
+proposes plans is in :mod:`attncompiler.reuse_similarity` (re-exported here).
 """
 
 from __future__ import annotations
@@ -150,6 +159,32 @@ class ReusePatternMode:
     PREVIOUS = "previous"  # allowed: reused heads keep the reused layer's pattern
 
 
+class ReuseSchedule:
+    """How reused heads get their map (see the module docstring)."""
+
+    AUTO = "auto"                  # stored_probs where every source layer supports it, else recompute
+    STORED_PROBS = "stored_probs"  # source layers keep P over their layout; reused heads compute P @ V
+    RECOMPUTE = "recompute"        # reused heads recompute scores from the kept Q/K
+
+    ALL = (AUTO, STORED_PROBS, RECOMPUTE)
+
+
+def stored_heads(table: Sequence[Sequence[HeadSource]]) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """Per layer, ``(heads, last layer)``: its own heads whose map a later layer reuses (their
+    probabilities must be kept) and the last layer that reads them (-1 when none).
+
+    ``table`` is :func:`resolve_sources`' result (chains already resolved to the computing layer).
+    """
+    keep: list[set[int]] = [set() for _ in table]
+    last = [-1] * len(table)
+    for layer, row in enumerate(table):
+        for s in row:
+            if s.layer != layer:
+                keep[s.layer].add(s.head)
+                last[s.layer] = max(last[s.layer], layer)
+    return tuple((tuple(sorted(k)), l) for k, l in zip(keep, last))
+
+
 def resolve_sources(plan: ReusePlan, patterns: Sequence[Pattern], mode: str = ReusePatternMode.SAME
                     ) -> tuple[tuple[HeadSource, ...], ...]:
     """For every layer and head, the (layer, head) that really computes its attention map.
@@ -224,7 +259,12 @@ def merge_heads(parts: Sequence[tuple[Sequence[int], torch.Tensor]], num_heads: 
 
 @dataclass(frozen=True)
 class LayerSavings:
-    """FLOPs and activation bytes of one layer, and what its reused heads save."""
+    """FLOPs and activation bytes of one layer, and what its reused heads save.
+
+    ``score_flops_saved`` is the QK^T of the reused heads (what the stored-probabilities
+    schedule skips); ``probs_bytes`` is the memory that schedule keeps for this layer's
+    probabilities reused by later layers (one value per computed (q, k) pair and stored head).
+    """
 
     layer: int
     pattern: str
@@ -235,21 +275,23 @@ class LayerSavings:
     score_flops_saved: int
     activation_bytes: int
     activation_bytes_saved: int
+    probs_bytes: int = 0
 
 
 @dataclass(frozen=True)
 class ReuseSavings:
-    """Per-layer and whole-stack savings of a reuse plan (see :func:`reuse_savings`).
+    """Per-layer and whole-stack savings of a reuse plan under a schedule (see :func:`reuse_savings`).
 
-    ``score_flops`` counts QK^T and PV over the non-empty blocks the kernels compute. This
-    lowering recomputes a reused head's scores from the kept Q/K, so it saves the Q/K
-    projections and their activations; ``score_flops_saved`` is what the paper's stored-map
-    variant would save in addition (reported for comparison, not realized here).
+    ``score_flops`` counts QK^T and PV over the non-empty blocks the kernels compute.
+    Both schedules save the reused heads' Q/K projections and their activations;
+    ``stored_probs`` also saves their QK^T (and softmax) and counts it in ``flops_saved``,
+    while ``recompute`` does not (``score_flops_saved`` is then what stored maps would save).
     """
 
     seq_len: int
     batch: int
     layers: tuple[LayerSavings, ...]
+    schedule: str = ReuseSchedule.RECOMPUTE
 
     @property
     def flops(self) -> int:
@@ -268,6 +310,11 @@ class ReuseSavings:
         return sum(r.score_flops_saved for r in self.layers)
 
     @property
+    def realized_score_flops_saved(self) -> int:
+        """Attention-score FLOPs this schedule really skips."""
+        return self.score_flops_saved if self.schedule == ReuseSchedule.STORED_PROBS else 0
+
+    @property
     def activation_bytes(self) -> int:
         return sum(r.activation_bytes for r in self.layers)
 
@@ -275,21 +322,27 @@ class ReuseSavings:
     def activation_bytes_saved(self) -> int:
         return sum(r.activation_bytes_saved for r in self.layers)
 
+    @property
+    def probs_bytes(self) -> int:
+        return sum(r.probs_bytes for r in self.layers)
+
     def __str__(self) -> str:
         head = (f"{'layer':>5} {'reused':>6} {'GFLOP':>9} {'saved':>8} {'score GFLOP':>11} "
-                f"{'(stored-map)':>12} {'act MB':>8} {'saved':>7}  pattern")
-        lines = [f"reuse savings at seq_len={self.seq_len}, batch={self.batch} "
-                 "(realized: Q/K projections and activations; stored-map column: paper variant)", head]
+                f"{'QK^T saved':>10} {'act MB':>8} {'saved':>7} {'P kept MB':>9}  pattern")
+        lines = [f"reuse savings at seq_len={self.seq_len}, batch={self.batch}, schedule={self.schedule}", head]
         for r in self.layers:
             lines.append(f"{r.layer:>5} {r.reused:>6} {r.flops / 1e9:>9.2f} {r.flops_saved / 1e9:>8.2f} "
-                         f"{r.score_flops / 1e9:>11.2f} {r.score_flops_saved / 1e9:>12.2f} "
-                         f"{r.activation_bytes / 2**20:>8.1f} {r.activation_bytes_saved / 2**20:>7.1f}  {r.pattern}")
+                         f"{r.score_flops / 1e9:>11.2f} {r.score_flops_saved / 1e9:>10.2f} "
+                         f"{r.activation_bytes / 2**20:>8.1f} {r.activation_bytes_saved / 2**20:>7.1f} "
+                         f"{r.probs_bytes / 2**20:>9.1f}  {r.pattern}")
         f = self.flops_saved / max(self.flops, 1)
         a = self.activation_bytes_saved / max(self.activation_bytes, 1)
         s = self.score_flops_saved / max(self.score_flops, 1)
+        realized = (f"attention-score FLOPs saved {s:.1%}; probabilities kept {self.probs_bytes / 2**20:.1f} MB"
+                    if self.schedule == ReuseSchedule.STORED_PROBS else
+                    f"attention-score FLOPs saved 0 (recomputed), {s:.1%} with stored_probs")
         lines.append(f"stack: {self.flops / 1e9:.2f} GFLOP, saved {self.flops_saved / 1e9:.2f} ({f:.1%}); "
-                     f"activations {self.activation_bytes / 2**20:.1f} MB, saved {a:.1%}; "
-                     f"attention-score FLOPs saved 0 here, {s:.1%} with stored maps")
+                     f"Q/K activations saved {a:.1%} of {self.activation_bytes / 2**20:.1f} MB; {realized}")
         return "\n".join(lines)
 
 
@@ -303,7 +356,7 @@ def computed_pairs(pattern: Pattern, seq_len: int, heads: int, block: int = 64) 
 
 
 def reuse_savings(model, seq_len: int, batch: int = 1, *, plan: ReusePlan | Mapping | None = None,
-                  dtype_bytes: int = 4, block: int = 64) -> ReuseSavings:
+                  schedule: str | None = None, dtype_bytes: int = 4, block: int = 64) -> ReuseSavings:
     """FLOPs and activation memory of a :class:`~attncompiler.nn.TransformerStack` and what a
     reuse plan saves, per layer and for the stack.
 
@@ -313,14 +366,23 @@ def reuse_savings(model, seq_len: int, batch: int = 1, *, plan: ReusePlan | Mapp
         seq_len: sequence length L.
         batch: batch size B.
         plan: a plan to evaluate instead of the model's own.
+        schedule: ``"stored_probs"`` or ``"recompute"``; default: what the model runs on CPU
+            (``model.resolved_reuse_schedule()``), else ``"recompute"``.
         dtype_bytes: bytes per activation element.
         block: block size used to count computed score pairs.
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
         raise InputError(f"seq_len={seq_len!r} must be a positive integer")
+    if schedule is None:
+        resolve = getattr(model, "resolved_reuse_schedule", None)
+        schedule = resolve() if resolve is not None else ReuseSchedule.RECOMPUTE
+    if schedule not in (ReuseSchedule.STORED_PROBS, ReuseSchedule.RECOMPUTE):
+        raise InputError(f"schedule={schedule!r} must be 'stored_probs' or 'recompute'")
+    stored = schedule == ReuseSchedule.STORED_PROBS
     E, H = model.d_model, model.num_heads
     D = E // H
     plan = model.plan if plan is None else ReusePlan.build(plan, len(model.patterns), H)
+    keep = stored_heads(resolve_sources(plan, model.patterns, ReusePatternMode.PREVIOUS)) if stored else None
     B, L = batch, seq_len
     proj = 2 * B * L * E * D  # one head's share of one projection
     rows = []
@@ -332,141 +394,14 @@ def reuse_savings(model, seq_len: int, batch: int = 1, *, plan: ReusePlan | Mapp
         mlp = 2 * 2 * B * L * E * model.mlp_hidden
         flops = 4 * H * proj + score + mlp
         acts = dtype_bytes * B * L * (4 * E + 2 * model.mlp_hidden)  # q, k, v, attention out; MLP
-        rows.append(LayerSavings(layer, repr(pattern), reused, flops, score, 2 * reused * proj, saved_score,
-                                 acts, dtype_bytes * 2 * reused * B * L * D))
-    return ReuseSavings(L, B, tuple(rows))
+        probs = dtype_bytes * B * sum(pairs[h] for h in keep[layer][0]) if stored else 0
+        rows.append(LayerSavings(layer, repr(pattern), reused, flops, score,
+                                 2 * reused * proj + (saved_score if stored else 0), saved_score,
+                                 acts, dtype_bytes * 2 * reused * B * L * D, probs))
+    return ReuseSavings(L, B, tuple(rows), schedule)
 
 
-# ---------------------------------------------------------------------------------------------
-# Similarity analysis
-# ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, eq=False)
-class LayerAttention:
-    """What one layer attended with: effective ``q, k [B, H, L, D]``, the scale, and per head
-    the pattern (and the head index it is evaluated at) that masks its map."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    scale: float
-    head_patterns: tuple[tuple[Pattern, int], ...]
-
-
-@dataclass(frozen=True)
-class PairSimilarity:
-    """Similarity of layer ``layer`` to layer ``layer - 1``: for each head of ``layer``, the best
-    matching head of ``layer - 1`` and its similarity (1 - mean total-variation distance)."""
-
-    layer: int
-    best: tuple[float, ...]
-    best_head: tuple[int, ...]
-    matrix: tuple[tuple[float, ...], ...]  # [head of layer, head of layer - 1]
-
-    @property
-    def mean(self) -> float:
-        return sum(self.best) / len(self.best)
-
-
-@dataclass(frozen=True)
-class SimilarityReport:
-    """Adjacent-layer attention similarity of a model on given inputs."""
-
-    num_layers: int
-    num_heads: int
-    pairs: tuple[PairSimilarity, ...]
-
-    def __str__(self) -> str:
-        H = self.num_heads
-        lines = ["attention similarity of adjacent layers (best-matching head, 1 - mean TV distance)",
-                 f"{'layers':>8} {'mean':>6}  " + " ".join(f"h{h:<5}" for h in range(H))]
-        for p in self.pairs:
-            cells = " ".join(f"{s:.3f}{'' if j == h else '*'}".ljust(6) for h, (s, j) in
-                             enumerate(zip(p.best, p.best_head)))
-            lines.append(f"{p.layer - 1:>3}->{p.layer:<4} {p.mean:>6.3f}  {cells}")
-        lines.append("(* best match is a different head of the previous layer)")
-        return "\n".join(lines)
-
-
-def _probabilities(la: LayerAttention, rows: slice, L: int) -> torch.Tensor:
-    """Attention probabilities of query rows ``rows`` for all heads: ``[B, H, R, L]`` (float64;
-    rows with no visible key are zero)."""
-    q = la.q[:, :, rows].double()  # [B, H, R, D]
-    s = torch.matmul(q, la.k.double().transpose(-1, -2)) * la.scale  # [B, H, R, L]
-    q_idx = torch.arange(rows.start, rows.stop)[:, None]
-    k_idx = torch.arange(L)[None, :]
-    B = q.shape[0]
-    masks = []
-    for h, (pattern, eval_h) in enumerate(la.head_patterns):
-        if pattern.family != Family.MASK:
-            raise UnsupportedError(f"attention_similarity needs mask patterns; head {h} uses the "
-                                   f"{pattern.family} pattern {pattern!r}")
-        per_b = [pattern.specialize(b, eval_h).evaluate(b, eval_h, q_idx, k_idx, L, L)
-                 for b in range(B if pattern.batch_dependent else 1)]
-        masks.append(torch.stack(per_b))  # [Bm, R, L]
-    mask = torch.stack(masks, dim=1)  # [Bm, H, R, L]
-    s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    return torch.nan_to_num(p, nan=0.0)  # all-masked rows: zeros
-
-
-def map_similarity(a: LayerAttention, b: LayerAttention, *, block_rows: int | None = None) -> torch.Tensor:
-    """``[H_b, H_a]`` similarity 1 - mean_rows TV(P_b[i, row], P_a[j, row]), computed over query
-    blocks of ``block_rows`` rows so memory stays O(block_rows * L) per head."""
-    B, Ha, L, _ = a.q.shape
-    Hb = b.q.shape[1]
-    if block_rows is None:
-        block_rows = max(1, (1 << 22) // max(1, B * max(Ha, Hb) * L))
-    tv = torch.zeros(Hb, Ha, dtype=torch.float64)
-    for r0 in range(0, L, block_rows):
-        rows = slice(r0, min(L, r0 + block_rows))
-        pa = _probabilities(a, rows, L)  # [B, Ha, R, L]
-        pb = _probabilities(b, rows, L)  # [B, Hb, R, L]
-        for i in range(Hb):
-            tv[i] += 0.5 * (pb[:, i:i + 1] - pa).abs().sum(dim=-1).sum(dim=(0, 2))  # [Ha]
-    return 1.0 - tv / (B * L)
-
-
-def attention_similarity(model, inputs: torch.Tensor, *, block_rows: int | None = None) -> SimilarityReport:
-    """Per pair of adjacent layers, the best-matching-head attention similarity (the paper's
-    measure: 1 - mean total-variation distance between attention rows).
-
-    Args:
-        model: a ``TransformerStack`` (or any module with ``attention_inputs(inputs)`` returning
-            a list of :class:`LayerAttention`).
-        inputs: the model's input, e.g. ``[B, L, d_model]`` for a stack.
-        block_rows: query rows per block (default: about 4M probabilities per block).
-    """
-    if not hasattr(model, "attention_inputs"):
-        raise InputError(f"attention_similarity needs a model built with attncompiler.nn, got {type(model).__name__}")
-    with torch.no_grad():
-        layers = model.attention_inputs(inputs)
-    pairs = []
-    for l in range(1, len(layers)):
-        m = map_similarity(layers[l - 1], layers[l], block_rows=block_rows)
-        best, arg = m.max(dim=1)
-        pairs.append(PairSimilarity(l, tuple(best.tolist()), tuple(arg.tolist()),
-                                    tuple(tuple(r) for r in m.tolist())))
-    H = layers[0].q.shape[1] if layers else 0
-    return SimilarityReport(len(layers), H, tuple(pairs))
-
-
-def suggest_reuse(report: SimilarityReport, threshold: float = 0.9, *, same_head: bool = False,
-                  max_layers: int | None = None) -> ReusePlan:
-    """Propose a plan: every head whose best similarity to the previous layer is at least
-    ``threshold`` reuses that best-matching head (or, with ``same_head``, reuses its own index
-    when that similarity passes). ``max_layers`` keeps only the most similar layers.
-    """
-    if not 0.0 <= threshold <= 1.0:
-        raise InputError(f"threshold={threshold!r} must be in [0, 1]")
-    chosen = {}
-    for p in report.pairs:
-        if same_head:
-            m = {h: h for h in range(report.num_heads) if p.matrix[h][h] >= threshold}
-        else:
-            m = {h: j for h, (s, j) in enumerate(zip(p.best, p.best_head)) if s >= threshold}
-        if m:
-            chosen[p.layer] = m
-    if max_layers is not None and len(chosen) > max_layers:
-        by_mean = sorted(chosen, key=lambda l: -report.pairs[l - 1].mean)[:max_layers]
-        chosen = {l: chosen[l] for l in by_mean}
-    return ReusePlan.build(chosen, report.num_layers, report.num_heads)
+# The similarity half lives in its own module; re-exported so ``attncompiler.reuse`` stays the
+# one import for everything about reuse.
+from .reuse_similarity import (LayerAttention, PairSimilarity, SimilarityReport,  # noqa: E402,F401
+                               attention_similarity, map_similarity, suggest_reuse)

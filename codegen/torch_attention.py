@@ -14,6 +14,9 @@ How it is organized (per layout group, i.e. per distinct 2-D block layout):
 * **GQA**: the query heads sharing one key/value head are folded into the rows of one matmul.
 * **Backward**: recomputes probabilities from the saved log-sum-exp (flash-attention style),
   so memory stays O(L D) besides one chunk's tile; dk/dv are scatter-added per key block.
+
+:mod:`torch_probs` reuses the plan, key views and step masks for attention that also keeps its
+probabilities (cross-layer reuse applies them to another layer's values).
 """
 
 from __future__ import annotations
@@ -144,19 +147,21 @@ def _affine(cols: np.ndarray) -> tuple[int, int] | None:
 
 
 class _Operands:
-    """q/k/v padded to whole blocks and viewed block-wise, in the compute dtype."""
+    """q/k/v padded to whole blocks and viewed block-wise, in the compute dtype (``v`` may be
+    None for stages that only need scores, e.g. :mod:`torch_probs`)."""
 
     def __init__(self, q, k, v, g, scale, compute_dtype):
         B, H, Lq, D = q.shape
         Hkv = k.shape[1]
         self.G = H // Hkv
-        self.B, self.Hkv, self.D, self.Dv = B, Hkv, D, v.shape[-1]
+        self.B, self.Hkv, self.D = B, Hkv, D
+        self.Dv = D if v is None else v.shape[-1]
         self.nqb, self.nkb = g.nqb, g.nkb
         self.bm, self.bn = g.block_m, g.block_n
         qs = q.to(compute_dtype) * scale
         self.q = _pad_len(qs, g.nqb * g.block_m).view(B, Hkv, self.G, g.nqb, g.block_m, D)
-        self.k = _pad_len(k.to(compute_dtype), g.nkb * g.block_n).contiguous().view(B, Hkv, g.nkb, g.block_n, D)
-        self.v = _pad_len(v.to(compute_dtype), g.nkb * g.block_n).contiguous().view(B, Hkv, g.nkb, g.block_n, self.Dv)
+        self.k = key_blocks(k, g, compute_dtype)
+        self.v = None if v is None else key_blocks(v, g, compute_dtype)
 
     def rows(self, t: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         """``[B, Hkv, G, nqb, bm, X]`` -> the chunk's rows ``[B, Hkv, G, R, bm, X]`` (a view if consecutive)."""
@@ -165,21 +170,32 @@ class _Operands:
         return t.index_select(3, chunk.q_index)
 
     def keys(self, blocks_view: torch.Tensor, step: Step, R: int) -> torch.Tensor:
-        """Key (or value) blocks of a step as ``[B, Hkv, R, C*bn, X]``: a strided view for
-        affine bands (no copy; per-head slices are plain 3-D strided matrices), else a gather."""
-        C = step.c1 - step.c0
-        B, Hkv, _, bn, X = blocks_view.shape
-        if step.affine is not None:
-            c0, st = step.affine
-            sB, sH, sK, sN, sX = blocks_view.stride()
-            return blocks_view.as_strided((B, Hkv, R, C * bn, X), (sB, sH, st * sK, sN, sX),
-                                          blocks_view.storage_offset() + c0 * sK)
-        # A 2-D row gather is much faster than index_select on dim 2 of a 5-D tensor.
-        nkb = blocks_view.shape[2]
-        offsets = torch.arange(B * Hkv, device=blocks_view.device)[:, None] * nkb
-        idx = (offsets + step.index.to(blocks_view.device)[None, :]).reshape(-1)
-        rows = blocks_view.reshape(B * Hkv * nkb, bn * X).index_select(0, idx)
-        return rows.view(B, Hkv, R, C * bn, X)
+        """Key (or value) blocks of a step as ``[B, Hkv, R, C*bn, X]`` (see :func:`step_keys`)."""
+        return step_keys(blocks_view, step, R)
+
+
+def key_blocks(t: torch.Tensor, g, compute_dtype) -> torch.Tensor:
+    """``[B, Hkv, Lk, X]`` -> padded block view ``[B, Hkv, nkb, bn, X]`` in the compute dtype."""
+    B, Hkv, _, X = t.shape
+    return _pad_len(t.to(compute_dtype), g.nkb * g.block_n).contiguous().view(B, Hkv, g.nkb, g.block_n, X)
+
+
+def step_keys(blocks_view: torch.Tensor, step: Step, R: int) -> torch.Tensor:
+    """Key (or value) blocks of a step as ``[B, Hkv, R, C*bn, X]``: a strided view for
+    affine bands (no copy; per-head slices are plain 3-D strided matrices), else a gather."""
+    C = step.c1 - step.c0
+    B, Hkv, _, bn, X = blocks_view.shape
+    if step.affine is not None:
+        c0, st = step.affine
+        sB, sH, sK, sN, sX = blocks_view.stride()
+        return blocks_view.as_strided((B, Hkv, R, C * bn, X), (sB, sH, st * sK, sN, sX),
+                                      blocks_view.storage_offset() + c0 * sK)
+    # A 2-D row gather is much faster than index_select on dim 2 of a 5-D tensor.
+    nkb = blocks_view.shape[2]
+    offsets = torch.arange(B * Hkv, device=blocks_view.device)[:, None] * nkb
+    idx = (offsets + step.index.to(blocks_view.device)[None, :]).reshape(-1)
+    rows = blocks_view.reshape(B * Hkv * nkb, bn * X).index_select(0, idx)
+    return rows.view(B, Hkv, R, C * bn, X)
 
 
 def _fold(t: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,14 @@
 
 Reuse Transformers (Bhojanapalli et al. 2021) report equal quality when some layers reuse the
 previous layer's attention. This example trains the same model (same initialization, same
-batches) twice on a generated text, once with a plain 4-layer stack and once with layers 1 and
-3 reusing all heads of the layer before them, and writes the two validation-loss curves:
-``reuse_lm_loss.csv``, a text plot ``reuse_lm_loss.txt`` and, when matplotlib is importable,
-``reuse_lm_loss.png`` (into ``--out``, default: this folder).
+batches per seed) with a plain 4-layer stack and with layers 1 and 3 reusing all heads of the
+layer before them (stored probabilities: the reused layers compute only P @ V), for several
+seeds, and writes the validation-loss curves: ``reuse_lm_loss.csv`` (every run), a text plot
+``reuse_lm_loss.txt`` of the per-variant mean with the final-loss mean and spread and, when
+matplotlib is importable (``pip install attncompiler[plot]``), ``reuse_lm_loss.png`` (mean curves
+with the per-seed curves faint), into ``--out`` (default: this folder).
 
-    python examples/reuse_lm.py                # a few minutes on one idle CPU core
+    python examples/reuse_lm.py                # 3 seeds x 2 variants x 300 steps: ~5-10 min on 2 cores
     python examples/reuse_lm.py --steps 100    # quicker
 """
 
@@ -142,7 +144,7 @@ def main(argv=None) -> None:
     ap.add_argument("--window", type=int, default=48)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed and variant")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed and variant")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: OpenMP threads spin badly on a busy shared machine)")
     ap.add_argument("--save-checkpoint", type=Path, default=None,
@@ -165,7 +167,8 @@ def main(argv=None) -> None:
             model, curve = train(args, reuse, train_data, val_data, len(chars), seed)
             results[(name, seed)] = curve
             print(f"{name:>9} seed {seed}: final val loss {curve[-1][2]:.4f} "
-                  f"(train {curve[-1][1]:.4f}) in {time.perf_counter() - t0:.1f} s")
+                  f"(train {curve[-1][1]:.4f}) in {time.perf_counter() - t0:.1f} s"
+                  f"{'' if reuse is None else ', reuse schedule ' + model.stack.resolved_reuse_schedule()}")
             if reuse is None and seed == args.seeds[0]:
                 similarity_of(model, val_data[:4 * args.seq_len].view(4, args.seq_len), args)
 
@@ -176,30 +179,68 @@ def main(argv=None) -> None:
         for (name, seed), curve in results.items():
             for step, tr, va in curve:
                 w.writerow([name, seed, step, f"{tr:.5f}", f"{va:.5f}"])
-    first = args.seeds[0]
-    series = {name: [(s, va) for s, _, va in results[(name, first)][1:]] for name in variants}
-    finals = {name: [results[(name, s)][-1][2] for s in args.seeds] for name in variants}
-    summary = "\n".join(f"{name}: final val loss per seed {', '.join(f'{v:.4f}' for v in vals)}"
-                        for name, vals in finals.items())
-    plot = f"validation loss (seed {first}), {args.layers} layers, {args.steps} steps\n{text_plot(series)}\n{summary}\n"
+    curves = {name: mean_curve([results[(name, seed)] for seed in args.seeds]) for name in variants}
+    summary = summarize(results, list(variants), args.seeds)
+    plot = (f"mean validation loss over seeds {args.seeds}, {args.layers} layers, {args.steps} steps\n"
+            f"{text_plot(curves)}\n{summary}\n")
     (args.out / "reuse_lm_loss.txt").write_text(plot)
     print(plot)
+    write_png(results, list(variants), args)
+
+
+def mean_curve(runs: list[list[tuple[int, float, float]]]) -> list[tuple[int, float]]:
+    """``(step, mean validation loss)`` over runs evaluated at the same steps (step 0 left out)."""
+    return [(rows[0][0], sum(r[2] for r in rows) / len(rows)) for rows in zip(*(run[1:] for run in runs))]
+
+
+def _mean_std(vals: list[float]) -> tuple[float, float]:
+    m = sum(vals) / len(vals)
+    return m, (sum((v - m) ** 2 for v in vals) / max(len(vals) - 1, 1)) ** 0.5
+
+
+def summarize(results, variants: list[str], seeds: list[int]) -> str:
+    """Final validation loss per variant (mean, sample std, range) and the paired difference
+    (same seed: same initialization and batches) of the reuse variant against no reuse."""
+    lines = []
+    finals = {name: [results[(name, s)][-1][2] for s in seeds] for name in variants}
+    for name, vals in finals.items():
+        m, sd = _mean_std(vals)
+        lines.append(f"{name}: final val loss mean {m:.4f}, std {sd:.4f}, range {min(vals):.4f}..{max(vals):.4f} "
+                     f"(per seed {', '.join(f'{v:.4f}' for v in vals)})")
+    base, other = variants[0], variants[1]
+    diffs = [b - a for a, b in zip(finals[base], finals[other])]
+    m, sd = _mean_std(diffs)
+    lines.append(f"{other} - {base}, paired by seed: mean {m:+.4f}, std {sd:.4f} "
+                 f"(per seed {', '.join(f'{d:+.4f}' for d in diffs)})")
+    return "\n".join(lines)
+
+
+def write_png(results, variants: list[str], args) -> None:
+    """Mean validation-loss curve per variant, per-seed curves faint (skipped without matplotlib)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"matplotlib is not installed: wrote {args.out / 'reuse_lm_loss.csv'} and the text plot instead of a PNG")
+        print(f"matplotlib is not installed (pip install attncompiler[plot]): wrote {args.out / 'reuse_lm_loss.csv'} "
+              "and the text plot instead of a PNG")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (name, seed), curve in results.items():
-        ax.plot([s for s, _, _ in curve[1:]], [v for _, _, v in curve[1:]], label=f"{name} (seed {seed})")
+    for name, color in zip(variants, ("tab:blue", "tab:orange")):
+        runs = [results[(name, s)] for s in args.seeds]
+        for run in runs:
+            ax.plot([s for s, _, _ in run[1:]], [v for _, _, v in run[1:]], color=color, alpha=0.25, linewidth=1)
+        mean = mean_curve(runs)
+        ax.plot([s for s, _ in mean], [v for _, v in mean], color=color, linewidth=2,
+                label=f"{name} (mean of {len(runs)} seeds)")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
+    ax.set_title(f"char LM, {args.layers} layers: with and without attention reuse")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.out / "reuse_lm_loss.png", dpi=120)
+    fig.savefig(args.out / "reuse_lm_loss.png", dpi=100)
+    plt.close(fig)
     print(f"wrote {args.out / 'reuse_lm_loss.png'}")
 
 

@@ -118,11 +118,11 @@ def test_checkpoint_round_trip(tmp_path):
     from attncompiler import patterns
 
     pats = [patterns.bigbird(block=8, random_blocks=1), patterns.bigbird(block=8, random_blocks=1), ac.causal()]
-    st = TransformerStack(E, H, pats, reuse={1: [0, 3]}, backend="torch")
+    st = TransformerStack(E, H, pats, reuse={1: [0, 3]}, backend="torch", reuse_schedule="recompute")
     path = tmp_path / "stack.pt"
     save_checkpoint(st, path, steps=3)
     back = load_checkpoint(path, backend="torch")
-    assert back.patterns == st.patterns and back.plan == st.plan
+    assert back.patterns == st.patterns and back.plan == st.plan and back.reuse_schedule == "recompute"
     x = torch.randn(1, 40, E)
     torch.testing.assert_close(back(x), st(x))
 

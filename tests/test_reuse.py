@@ -1,18 +1,24 @@
-"""Cross-layer attention reuse: lowering vs an explicit float64 computation, plans, similarity,
-the cost model and ``attnc similarity``."""
+"""Cross-layer attention reuse: lowering vs an explicit float64 computation under both schedules
+(stored probabilities, recompute from kept Q/K), plans, the cost model vs counted FLOPs, and
+``attnc similarity``. Similarity analysis tests are in the second half."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import attncompiler as ac
+from attncompiler import patterns as catalogue
 from attncompiler.nn import TransformerStack, save_checkpoint
 from attncompiler.reuse import (LayerAttention, PairSimilarity, ReusePlan, SimilarityReport, attention_similarity,
                                 map_similarity, reuse_savings, suggest_reuse)
+from attncompiler.schedule import Schedule
 
 E, H, D = 32, 4, 8
+SCHEDULES = ["stored_probs", "recompute"]
+SMALL = Schedule(block_m=8, block_n=8, tile_elems=256)  # several blocks, chunks and buckets at L ~ 45
 
 
 def explicit(stack: TransformerStack, x: torch.Tensor, sources, patterns=None) -> torch.Tensor:
@@ -40,7 +46,10 @@ def explicit(stack: TransformerStack, x: torch.Tensor, sources, patterns=None) -
     return st.norm(x)
 
 
-def _check(stack, sources, patterns=None, L=29):
+def _check(stack, sources, patterns=None, L=29, schedule=None):
+    if schedule is not None:
+        stack.set_reuse(stack.plan, reuse_schedule=schedule)
+        assert stack.resolved_reuse_schedule() == schedule  # the schedule under test really runs
     x = torch.randn(2, L, E, requires_grad=True)
     y = stack(x)
     x64 = x.detach().double().requires_grad_()
@@ -61,29 +70,47 @@ def _check(stack, sources, patterns=None, L=29):
             assert bool((wq[h] == 0).all()) != used, (l, h)
 
 
-def test_reused_heads_equal_explicit_previous_layer_qk_forward_backward():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_reused_heads_equal_explicit_previous_layer_qk_forward_backward(schedule):
     pattern = ac.sliding_window(4) | ac.global_tokens([0])
     st = TransformerStack(E, H, pattern, num_layers=3, reuse={1: [0, 2]}, backend="torch")
     srcs = [[(0, h) for h in range(H)], [(0, 0), (1, 1), (0, 2), (1, 3)], [(2, h) for h in range(H)]]
-    _check(st, srcs)
+    _check(st, srcs, schedule=schedule)
 
 
-def test_reuse_chains_and_head_mappings_resolve_to_the_computing_layer():
+_BIGBIRD = catalogue.bigbird(block=8, window_blocks=3, global_blocks=1, random_blocks=2, seed=0)
+
+
+@pytest.mark.parametrize("pattern", [ac.sliding_window(6), _BIGBIRD, ac.sliding_window(9) & ac.causal()],
+                         ids=["sliding_window", "bigbird", "causal_window"])
+def test_stored_probs_equal_explicit_computation_per_family(pattern):
+    """Multi-block layouts (block 8, L=45: ragged last block, several chunks): every second layer
+    reuses all heads, one layer reuses two heads with swapped sources."""
+    st = TransformerStack(E, H, pattern, num_layers=4, reuse={1: "all", 3: {0: 1, 1: 0}}, backend="torch",
+                          schedule=SMALL)
+    srcs = [[(0, h) for h in range(H)], [(0, h) for h in range(H)], [(2, h) for h in range(H)],
+            [(2, 1), (2, 0), (3, 2), (3, 3)]]
+    _check(st, srcs, L=45, schedule="stored_probs")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_reuse_chains_and_head_mappings_resolve_to_the_computing_layer(schedule):
     pattern = ac.causal()
     st = TransformerStack(E, H, pattern, num_layers=4, reuse={1: "all", 2: {0: 3, 1: 1}, 3: 2},
                           backend="torch")
     srcs = [[(0, h) for h in range(H)], [(0, h) for h in range(H)],
             [(0, 3), (0, 1), (2, 2), (2, 3)], [(0, 3), (0, 1), (3, 2), (3, 3)]]
-    _check(st, srcs)
+    _check(st, srcs, schedule=schedule)
 
 
-def test_reuse_across_different_patterns_is_an_error_unless_previous_pattern_is_requested():
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_reuse_across_different_patterns_is_an_error_unless_previous_pattern_is_requested(schedule):
     pats = [ac.sliding_window(3), ac.causal(), ac.causal()]
     with pytest.raises(ac.PatternError, match=r"layer 1 reuses head 0 of layer 0.*differ.*reuse_pattern='previous'"):
         TransformerStack(E, H, pats, reuse={1: [0]}, backend="torch")
     st = TransformerStack(E, H, pats, reuse={1: [0], 2: [0, 1]}, reuse_pattern="previous", backend="torch")
     srcs = [[(0, h) for h in range(H)], [(0, 0), (1, 1), (1, 2), (1, 3)], [(0, 0), (1, 1), (2, 2), (2, 3)]]
-    _check(st, srcs)
+    _check(st, srcs, schedule=schedule)
 
 
 def test_per_head_pattern_reuse_keeps_head_numbering():
@@ -91,8 +118,105 @@ def test_per_head_pattern_reuse_keeps_head_numbering():
     with pytest.raises(ac.PatternError, match="per-head pattern"):
         TransformerStack(E, H, pattern, num_layers=2, reuse={1: {1: 0}}, backend="torch")
     st = TransformerStack(E, H, pattern, num_layers=2, reuse={1: {1: 3, 2: 2}}, backend="torch")
+    assert st.resolved_reuse_schedule() == "recompute"  # one layout per head: stored P does not apply
+    with pytest.raises(ac.UnsupportedError, match="stored_probs.*layer 0"):
+        st.set_reuse(st.plan, reuse_schedule="stored_probs")
     srcs = [[(0, h) for h in range(H)], [(1, 0), (0, 3), (0, 2), (1, 3)]]
     _check(st, srcs, L=21)
+
+
+def test_both_schedules_agree_and_zero_reuse_is_the_plain_stack():
+    pattern = ac.sliding_window(5) & ac.causal()
+    st = TransformerStack(E, H, pattern, num_layers=4, reuse={1: "all", 2: [1, 3], 3: "all"}, backend="torch",
+                          schedule=SMALL)
+    x = torch.randn(2, 40, E, requires_grad=True)
+    outs = {}
+    for sched in SCHEDULES:
+        st.set_reuse(st.plan, reuse_schedule=sched)
+        y = st(x)
+        outs[sched] = (y, torch.autograd.grad(y.square().sum(), [x, *st.parameters()]))
+    (ya, ga), (yb, gb) = outs.values()
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # inference: the stored path recycles its storage across calls
+        torch.testing.assert_close(st(x), yb.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(st(x), yb.detach(), rtol=1e-5, atol=1e-5)
+    for sched in SCHEDULES:
+        st.set_reuse({}, reuse_schedule=sched)
+        plain = x
+        for block in st.layers:
+            plain = block(plain)
+        torch.testing.assert_close(st(x), st.norm(plain), rtol=0, atol=0)
+
+
+def test_triton_backend_keeps_the_recompute_schedule():
+    st = TransformerStack(E, H, ac.causal(), num_layers=2, reuse={1: "all"}, backend="triton")
+    assert st.resolved_reuse_schedule() == "recompute"
+    with pytest.raises(ac.UnsupportedError, match="torch backend"):
+        TransformerStack(E, H, ac.causal(), num_layers=2, reuse={1: "all"}, backend="triton",
+                         reuse_schedule="stored_probs")
+    with pytest.raises(ac.InputError, match="reuse_schedule"):
+        st.set_reuse({1: "all"}, reuse_schedule="cache")
+
+
+# ---------------------------------------------------------------------------------------------
+# Codegen: attention with probabilities out, apply stored probabilities
+# ---------------------------------------------------------------------------------------------
+
+def _dense_reference_probs(pattern, q, k):
+    """float64 softmax of the masked scores, ``[B, H, Lq, Lk]`` (zeros for rows without keys)."""
+    L = q.shape[2]
+    mask = pattern.to_dense(L)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.nan_to_num(torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1))
+
+
+@pytest.mark.parametrize("pattern", [_BIGBIRD, ac.sliding_window(3) & ac.causal() | ac.global_tokens([0]),
+                                     ac.causal() & ~ac.sliding_window(0)],
+                         ids=["bigbird", "window_causal_global", "strictly_causal_empty_row"])
+@pytest.mark.parametrize("heads, kv_heads", [(3, 3), (4, 2)])
+def test_attention_with_probs_and_apply_equal_the_reference(pattern, heads, kv_heads):
+    """out = P V1 and a second use P V2: values, stored P and all gradients (through both uses)
+    against the float64 reference; GQA folds query heads; a row without keys gives zeros."""
+    from attncompiler.codegen.torch_probs import apply_probs, attention_with_probs
+
+    L = 45
+    q = torch.randn(2, heads, L, D, dtype=torch.float64, requires_grad=True)
+    k, v1, v2 = (torch.randn(2, kv_heads, L, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    layout = pattern.layout(L, L, 8, 8, batch=2, heads=heads)
+    out, probs = attention_with_probs(q, k, v1, layout, SMALL, D ** -0.5)
+    y = out + 2 * apply_probs(probs, v2)
+    G = heads // kv_heads
+    kr, v1r, v2r = (t.repeat_interleave(G, 1) for t in (k, v1, v2))
+    want = ac.reference(pattern, q, kr, v1r) + 2 * ac.reference(pattern, q, kr, v2r)
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(probs.to_dense(), _dense_reference_probs(pattern, q, kr), rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, [q, k, v1, v2], g), torch.autograd.grad(want, [q, k, v1, v2], g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    # storage is O(non-empty blocks): never more than the layout's blocks (+ merge padding) x block area
+    assert probs.p.shape[-1] <= 1.25 * layout.groups[0].num_blocks * 64 * G + 64 * 8 * G
+
+
+def test_probs_workspace_recycles_storage_and_errors_are_clear():
+    from attncompiler.codegen.torch_probs import ProbsWorkspace, apply_probs, attention_with_probs
+
+    pattern = ac.sliding_window(7)
+    q, k, v = (torch.randn(1, 2, 40, D) for _ in range(3))
+    layout = pattern.layout(40, 40, 8, 8, heads=2)
+    ws = ProbsWorkspace()
+    with torch.no_grad():
+        o1, p1 = attention_with_probs(q, k, v, layout, SMALL, 0.3, workspace=ws)
+        dense, ptr = p1.to_dense().clone(), p1.p.data_ptr()
+        ws.release(p1)
+        o2, p2 = attention_with_probs(q, k, v, layout, SMALL, 0.3, workspace=ws)
+    assert p2.p.data_ptr() == ptr and torch.equal(o1, o2) and torch.equal(p2.to_dense(), dense)
+    with pytest.raises(ac.InputError, match="do not match"):
+        apply_probs(p2, torch.randn(1, 2, 41, D))
+    per_head = ac.per_head([ac.sliding_window(2), ac.causal()])
+    with pytest.raises(ac.UnsupportedError, match="one block layout for every batch and head"):
+        attention_with_probs(q, k, v, per_head.layout(40, 40, 8, 8, heads=2), SMALL, 0.3)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -188,22 +312,52 @@ def test_similarity_rejects_models_without_attention_inputs():
 def test_savings_closed_form_for_full_attention():
     L, B = 128, 2
     st = TransformerStack(E, H, ac.full(), num_layers=4, reuse={1: "all", 3: [0]}, backend="torch")
-    s = reuse_savings(st, L, B, block=32)
     proj = 2 * B * L * E * D
+    score = 2 * B * L * L * D  # one head's QK^T (or PV)
+    s = reuse_savings(st, L, B, block=32, schedule="recompute")
     assert [r.flops_saved for r in s.layers] == [0, 2 * H * proj, 0, 2 * proj]
-    assert s.score_flops == 4 * H * 2 * 2 * B * L * L * D
-    assert s.score_flops_saved == (H + 1) * 2 * B * L * L * D
-    assert s.flops == 4 * (4 * H * proj + H * 2 * 2 * B * L * L * D + 2 * 2 * B * L * E * 4 * E)
+    assert s.score_flops == 4 * H * 2 * score and s.score_flops_saved == (H + 1) * score
+    assert s.realized_score_flops_saved == 0 and s.probs_bytes == 0
+    assert s.flops == 4 * (4 * H * proj + H * 2 * score + 2 * 2 * B * L * E * 4 * E)
     assert s.activation_bytes_saved == 4 * 2 * (H + 1) * B * L * D
-    assert "stack:" in str(s)
+    assert "stack:" in str(s) and "0 (recomputed)" in str(s)
+    stored = reuse_savings(st, L, B, block=32)  # the model's own schedule on CPU: stored probabilities
+    assert stored.schedule == "stored_probs" and stored.flops == s.flops
+    assert [r.flops_saved for r in stored.layers] == [0, 2 * H * proj + H * score, 0, 2 * proj + score]
+    assert stored.realized_score_flops_saved == (H + 1) * score
+    # layer 0 keeps all heads' P (read by layer 1), layer 2 keeps head 0's (read by layer 3)
+    assert [r.probs_bytes for r in stored.layers] == [4 * B * L * L * H, 0, 4 * B * L * L, 0]
     none = reuse_savings(st, L, B, plan={})
-    assert none.flops_saved == 0 and none.flops == s.flops
+    assert none.flops_saved == 0 and none.flops == s.flops and none.probs_bytes == 0
 
 
 def test_savings_count_computed_blocks_of_sparse_patterns():
     st = TransformerStack(E, H, ac.block_local(32), num_layers=2, reuse={1: "all"}, backend="torch")
     s = reuse_savings(st, 128, block=32)
     assert s.layers[1].score_flops_saved == H * 2 * 128 * 32 * D
+
+
+def _bmm_flops(stack, x):
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        stack(x)
+    return sum(v for op, v in fc.get_flop_counts()["Global"].items() if "bmm" in str(op))
+
+
+@pytest.mark.parametrize("pattern", [ac.block_local(16), ac.sliding_window(20), ac.causal()])
+def test_counted_attention_flops_drop_by_the_predicted_amount(pattern):
+    """The QK^T + PV matmuls really executed (counted by torch's FLOP counter) drop by exactly the
+    cost model's attention-score saving under stored probabilities, and not at all under recompute."""
+    plan = {1: "all", 3: [0, 2]}
+    st = TransformerStack(E, H, pattern, num_layers=4, reuse=plan, backend="torch").eval()
+    x = torch.randn(2, 128, E)
+    st.set_reuse({})
+    base = _bmm_flops(st, x)
+    st.set_reuse(plan, reuse_schedule="stored_probs")
+    stored = _bmm_flops(st, x)
+    st.set_reuse(plan, reuse_schedule="recompute")
+    assert _bmm_flops(st, x) == base
+    s = reuse_savings(st, 128, 2, schedule="stored_probs", block=64)  # the stack's block size
+    assert base == s.score_flops and base - stored == s.score_flops_saved > 0
 
 
 def test_cli_similarity(tmp_path, capsys):
@@ -215,22 +369,30 @@ def test_cli_similarity(tmp_path, capsys):
     assert main(["similarity", str(path), "--seq-len", "20", "--threshold", "0.999", "--seq-savings", "64"]) == 0
     out = capsys.readouterr().out
     assert "1->2" in out and "proposed at threshold 0.999" in out and "2: all" in out and "stack:" in out
+    assert "schedule=stored_probs" in out
+    assert main(["similarity", str(path), "--seq-len", "20", "--seq-savings", "64", "--schedule", "recompute"]) == 0
+    assert "schedule=recompute" in capsys.readouterr().out
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert main(["similarity", str(tmp_path / "junk.pt")]) == 2
     assert "InputError" in capsys.readouterr().err
 
 
 def test_reuse_lm_example_runs_tiny(tmp_path):
+    import importlib.util
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "examples" / "reuse_lm.py"
-    proc = subprocess.run([sys.executable, str(script), "--steps", "3", "--eval-every", "3", "--seeds", "0",
-                           "--seq-len", "64", "--layers", "2", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), "--steps", "3", "--eval-every", "3", "--seeds", "0", "1",
+                           "--seq-len", "32", "--layers", "2", "--d-model", "16", "--heads", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "reuse 1 seed 0: final val loss" in proc.stdout and "0->1" in proc.stdout
+    assert "reuse 1 seed 1: final val loss" in proc.stdout and "0->1" in proc.stdout
+    assert "reuse schedule stored_probs" in proc.stdout
     rows = (tmp_path / "reuse_lm_loss.csv").read_text().splitlines()
-    assert rows[0] == "variant,seed,step,train_loss,val_loss" and len(rows) == 1 + 2 * 2
-    assert "o = no reuse" in (tmp_path / "reuse_lm_loss.txt").read_text()
+    assert rows[0] == "variant,seed,step,train_loss,val_loss" and len(rows) == 1 + 2 * 2 * 2
+    txt = (tmp_path / "reuse_lm_loss.txt").read_text()
+    assert "o = no reuse" in txt and "final val loss mean" in txt and "paired by seed" in txt
+    has_plot = importlib.util.find_spec("matplotlib") is not None
+    assert (tmp_path / "reuse_lm_loss.png").exists() == has_plot
