@@ -16,12 +16,15 @@ def _cmd_plan(args) -> int:
     pattern = resolve_pattern(args.pattern)
     plan = plan_attention(pattern, args.seq_len, args.world_size, args.mode, batch=args.batch, heads=args.heads,
                           head_dim=args.head_dim, elem_bytes=args.elem_bytes, block=args.block,
-                          gather=args.gather, sharding=args.sharding, stripes=args.stripes)
+                          gather=args.gather, sharding=args.sharding, stripes=args.stripes,
+                          dense_rows={"auto": None, "on": True, "off": False}[args.dense_rows])
     if args.json:
         print(json.dumps({"pattern": repr(pattern), "mode": plan.mode, "seq_len": plan.seq_len,
                           "world_size": plan.world_size, "chunk_bounds": list(plan.sharding.chunk_bounds),
                           "sharding": plan.sharding.kind, "imbalance": plan.imbalance, "ring_steps": plan.steps,
                           "total_bytes": plan.total_bytes, "dense_total_bytes": plan.dense_total_bytes,
+                          "total_bytes_fwd_bwd": plan.total_bytes_fwd_bwd,
+                          "dense_rows": [[list(x) for x in rows] for rows in plan.dense_rows],
                           "ranks": [r.__dict__ | {"needs": list(r.needs), "segments": [list(x) for x in r.segments]}
                                     for r in plan.ranks],
                           "alternatives": [{"sharding": a.kind, "blocks": list(a.blocks), "imbalance": a.imbalance,
@@ -48,6 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--sharding", choices=("contiguous", "zigzag", "striped", "auto"), default="contiguous",
                    help="ring mode: how the sequence is split (auto: best load balance, then fewest bytes)")
     p.add_argument("--stripes", type=int, default=4, help="chunks per rank of the striped sharding")
+    p.add_argument("--dense-rows", choices=("auto", "on", "off"), default="auto",
+                   help="ring mode: send query rows that attend to most keys (global tokens) to the key owners "
+                        "(auto: when it moves fewer bytes)")
     p.add_argument("--gather", action="store_true", help="heads mode: all-gather the output")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_plan)

@@ -12,6 +12,12 @@ them round-robin ``--repeat`` times:
   striped sharding: blocks per rank (plan) and measured compute seconds per rank.
 * ``causal zigzag no-overlap``: the same without communication/compute overlap.
 
+With ``--pattern NAME ...`` (catalogue names such as ``bigbird``, or ``swg`` for
+``sliding_window(256) | global_tokens([0, 1, 2, 3])``) only those patterns run at ``-L``:
+``<name> sparse`` (the plan's choice, dense query rows included), ``<name> pieces-only`` (no
+dense-row exchange: global query rows receive the keys over the ring) and ``<name> dense``
+(the dense ring), without the isolated timings.
+
 Prints one JSON line per (case, P): medians with [min, max] over the repeats. One thread per
 process. On a 2-core machine 4 processes oversubscribe the CPU, so per-rank times measured
 in the processes are squeezed together (a rank that finishes early frees a core for the
@@ -19,6 +25,7 @@ others). ``isolated`` lines therefore also time each rank's compute (exactly its
 forward + backward, on random data) alone in the parent process, one rank after another.
 
     python benchmarks/distributed_bench.py -L 65536 --causal-len 16384 -P 2 4 --repeat 3
+    python benchmarks/distributed_bench.py -L 65536 -P 2 4 --repeat 3 --pattern swg bigbird
 """
 
 from __future__ import annotations
@@ -37,21 +44,40 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def _pattern(name: str):
+    """``swg``: sliding_window(256) | global_tokens([0, 1, 2, 3]); anything else: a catalogue name."""
+    import attncompiler as ac
+    from attncompiler.cli_analysis import resolve_pattern
+
+    if name == "swg":
+        return ac.sliding_window(256) | ac.global_tokens([0, 1, 2, 3])
+    return resolve_pattern(name)
+
+
 def _cases(args):
+    """``(name, pattern, L, sharding, dense_ring, overlap, dense_rows)`` of every case."""
     import attncompiler as ac
 
+    if args.pattern:
+        cases = []
+        for name in args.pattern:
+            p = _pattern(name)
+            cases += [(f"{name} sparse", p, args.seq_len, "contiguous", False, True, None),
+                      (f"{name} pieces-only", p, args.seq_len, "contiguous", False, True, False),
+                      (f"{name} dense", p, args.seq_len, "contiguous", True, True, None)]
+        return cases
     win = ac.sliding_window(args.window)
-    cases = [("window sparse", win, args.seq_len, "contiguous", False, True),
-             ("window dense", win, args.seq_len, "contiguous", True, True),
-             ("window dense no-overlap", win, args.seq_len, "contiguous", True, False)]
+    cases = [("window sparse", win, args.seq_len, "contiguous", False, True, None),
+             ("window dense", win, args.seq_len, "contiguous", True, True, None),
+             ("window dense no-overlap", win, args.seq_len, "contiguous", True, False, None)]
     for sh in ("contiguous", "zigzag", "striped"):
-        cases.append((f"causal {sh}", ac.causal(), args.causal_len, sh, False, True))
-    cases.append(("causal zigzag no-overlap", ac.causal(), args.causal_len, "zigzag", False, False))
+        cases.append((f"causal {sh}", ac.causal(), args.causal_len, sh, False, True, None))
+    cases.append(("causal zigzag no-overlap", ac.causal(), args.causal_len, "zigzag", False, False, None))
     return cases
 
 
 def _worker(rank, world, port, args, path):
-    from attncompiler.distributed import plan_attention, ring_attention
+    from attncompiler.distributed import dense_plan, plan_attention, ring_attention
 
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
@@ -60,8 +86,9 @@ def _worker(rank, world, port, args, path):
                             world_size=world, timeout=datetime.timedelta(seconds=600))
     H, D = args.heads, args.head_dim
     prepared = []
-    for name, pattern, L, sharding, dense, overlap in _cases(args):
-        plan = plan_attention(pattern, L, world, batch=1, heads=H, head_dim=D, elem_bytes=4, sharding=sharding)
+    for name, pattern, L, sharding, dense, overlap, dense_rows in _cases(args):
+        plan = plan_attention(pattern, L, world, batch=1, heads=H, head_dim=D, elem_bytes=4, sharding=sharding,
+                              dense_rows=dense_rows)
         n = plan.sharding.local_len(rank)
         g = torch.Generator().manual_seed(rank)
         tensors = [torch.randn(1, H, n, D, generator=g).to(dev) for _ in range(4)]  # [B, H, Lr, D]
@@ -83,7 +110,8 @@ def _worker(rank, world, port, args, path):
             t2 = time.perf_counter()
             r = res[name]
             r["bytes"] = stats.get("forward_bytes_sent", 0) + stats.get("backward_bytes_sent", 0)
-            r["planned"] = plan.ranks[rank].bytes_sent + plan.ranks[rank].bytes_recv
+            pr = (dense_plan(plan) if dense else plan).ranks[rank]  # what this case should hand to torch.distributed
+            r["planned"] = pr.bytes_sent + pr.backward_bytes_sent
             r["dense_planned"] = plan.ranks[rank].dense_bytes_sent + plan.ranks[rank].dense_bytes_recv
             r["blocks"] = plan.ranks[rank].blocks_computed
             if it:
@@ -168,7 +196,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-isolated", action="store_true", help="skip the per-rank compute timed alone")
     ap.add_argument("--isolated-only", action="store_true", help="only the per-rank compute timed alone")
+    ap.add_argument("--pattern", nargs="+", default=None,
+                    help="run only these patterns at -L (swg: sliding_window(256) | global_tokens([0,1,2,3]))")
     args = ap.parse_args()
+    if args.pattern:
+        args.no_isolated = True
     for world in args.world_sizes:
         if args.isolated_only:
             _print_isolated(world, args)
@@ -182,6 +214,8 @@ def main() -> None:
             row = {"case": name, "P": world, "bytes_measured": sum(p["bytes"] for p in per),
                    "bytes_planned": sum(p["planned"] for p in per),
                    "dense_bytes_planned": sum(p["dense_planned"] for p in per),
+                   "reduction_vs_dense": round(sum(p["dense_planned"] for p in per)
+                                               / max(1, sum(p["bytes"] for p in per)), 2),
                    "blocks_per_rank": [p["blocks"] for p in per],
                    "imbalance_blocks": round(max(p["blocks"] for p in per) / statistics.mean(p["blocks"] for p in per),
                                              3),

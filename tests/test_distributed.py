@@ -35,12 +35,15 @@ def _inputs(L: int, H: int = 2, D: int = 8):
 
 
 def _check_ring(pattern, L: int, rank: int, world: int, sharding: str = "contiguous", dense_ring: bool = False,
-                overlap: bool = True, group=None) -> None:
+                overlap: bool = True, group=None, dense_rows: bool | None = None) -> None:
     q, k, v, do = _inputs(L)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
     ref, ref_lse = ac.reference(pattern, *ref_in, return_lse=True)
     (ref * do).sum().backward()
-    plan = plan_attention(pattern, L, world, batch=1, heads=2, head_dim=8, elem_bytes=8, sharding=sharding)
+    plan = plan_attention(pattern, L, world, batch=1, heads=2, head_dim=8, elem_bytes=8, sharding=sharding,
+                          dense_rows=dense_rows)
+    if dense_rows is not None:  # the case exercises (or avoids) the dense-row exchange
+        assert any(plan.dense_rows) == dense_rows, plan.dense_rows
     sh = plan.sharding
     ql, kl, vl = (sh.shard(t, rank).clone().requires_grad_() for t in (q, k, v))
     stats: dict = {}
@@ -54,11 +57,13 @@ def _check_ring(pattern, L: int, rank: int, world: int, sharding: str = "contigu
     plan = dense_plan(plan) if dense_ring else plan
     # the plan's byte counts are the bytes actually handed to torch.distributed, both directions
     assert stats.get("forward_bytes_sent", 0) == plan.ranks[rank].bytes_sent, (stats, plan.ranks[rank])
-    assert stats.get("backward_bytes_sent", 0) == plan.ranks[rank].bytes_recv, (stats, plan.ranks[rank])
+    assert stats.get("backward_bytes_sent", 0) == plan.ranks[rank].backward_bytes_sent, (stats, plan.ranks[rank])
     # and what every rank sent is what the others received (sum over ranks, both passes)
-    sent = torch.tensor([stats.get("forward_bytes_sent", 0), plan.ranks[rank].bytes_recv], dtype=torch.float64)
+    mine = plan.ranks[rank]
+    sent = torch.tensor([stats.get("forward_bytes_sent", 0), mine.bytes_recv, stats.get("backward_bytes_sent", 0),
+                         mine.backward_bytes_recv], dtype=torch.float64)
     dist.all_reduce(sent, group=group)
-    assert sent[0] == sent[1], sent
+    assert sent[0] == sent[1] and sent[2] == sent[3], sent
 
 
 def _check_heads(pattern, L: int, H: int, rank: int, world: int, gather: bool, group=None) -> None:
@@ -83,6 +88,8 @@ _PATTERNS = {
     "causal": lambda: ac.causal(),
     "window": lambda: ac.sliding_window(3),
     "global_window": lambda: ac.sliding_window(2) | ac.global_tokens([1]),
+    # global tokens at the start and inside a shard, per head: dense query rows on several ranks
+    "global_query": lambda: ac.per_head([ac.sliding_window(1) | ac.global_tokens([0, 13]), ac.sliding_window(3)]),
     "document_causal": lambda: ac.document([7, 9, 14]).causal(),
     "per_head": lambda: ac.per_head([ac.causal(), ac.sliding_window(4)]),
 }
@@ -92,6 +99,9 @@ _PATTERNS = {
 _RING_CASES = [("causal", "contiguous"), ("causal", "zigzag"), ("causal", "striped"), ("window", "contiguous"),
                ("global_window", "zigzag"), ("document_causal", "auto"), ("per_head", "striped"),
                ("window", "auto")]
+# (pattern, sharding, dense_rows): global query rows by the dense-row exchange or by the ring (pieces only)
+_DENSE_CASES = [("global_query", "contiguous", True), ("global_query", "striped", True),
+                ("global_window", "contiguous", False)]
 
 
 def _stall_check(rank: int, path: str) -> None:
@@ -113,7 +123,10 @@ def _stall_check(rank: int, path: str) -> None:
 def _cases(rank: int, world: int, L: int, group) -> None:
     for name, sharding in _RING_CASES:
         _check_ring(_PATTERNS[name](), L, rank, world, sharding=sharding, group=group)
+    for name, sharding, dense in _DENSE_CASES:
+        _check_ring(_PATTERNS[name](), L, rank, world, sharding=sharding, dense_rows=dense, group=group)
     _check_ring(ac.sliding_window(3), L, rank, world, dense_ring=True, group=group)  # the measured baseline
+    _check_ring(_PATTERNS["global_window"](), L, rank, world, dense_ring=True, group=group)
     _check_ring(ac.causal(), L, rank, world, sharding="zigzag", overlap=False, group=group)
     _check_heads(ac.causal(), L, 5, rank, world, gather=False, group=group)   # 5 heads: uneven split
     _check_heads(ac.per_head([ac.causal(), ac.sliding_window(4)]), L, 4, rank, world, gather=True, group=group)

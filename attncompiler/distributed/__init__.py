@@ -4,7 +4,8 @@
   rank needs (from the block layout), ring routes, bytes sent/received and blocks computed per
   rank, without running anything (``attnc plan``).
 * :func:`ring_attention`: sequence-parallel, sparsity-aware bidirectional ring with overlapped
-  ``batch_isend_irecv``, log-sum-exp merge, reverse-ring backward.
+  ``batch_isend_irecv``, log-sum-exp merge, reverse-ring backward; shards travel as a few row
+  pieces, and query rows attending to most keys (global tokens) go to the key owners instead.
 * :func:`head_parallel_attention`: each rank computes a slice of the heads.
 * :class:`Sharding`: cut full tensors into a rank's local part and reassemble them.
 """

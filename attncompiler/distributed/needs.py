@@ -1,14 +1,24 @@
 """Which keys each chunk of queries needs, read from the pattern's block layout (no tensors).
 
 Chunks are contiguous ranges of the sequence (``chunk_bounds``). Query chunk ``a`` needs key
-chunk ``b`` when a non-empty layout block overlaps both, and then only the global key range
-``[lo[a, b], hi[a, b])`` those blocks cover. Blocks that straddle a chunk boundary are refined
-by evaluating only their undecided pieces, so no need is missed and few are over-estimated.
+chunk ``b`` when a non-empty layout block overlaps both, and then only the global key rows
+those blocks cover, kept as a few disjoint intervals (:mod:`~attncompiler.distributed.pieces`):
+global key columns and a window strip stay two small pieces instead of one hull. Blocks that
+straddle a chunk boundary are refined by evaluating only their undecided pieces, so no need is
+missed and few are over-estimated.
+
+"Dense" query rows (:func:`dense_block_rows`: block rows that attend to at least half of all
+key blocks, such as global query tokens) can be left out of the needs; the ring then sends
+those few query rows to the key owners instead of sending every key to them.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .pieces import covers, merge
+
+DENSE_FRACTION = 0.5  # a block row attending to at least this share of key blocks is a dense candidate
 
 
 def chunk_of(bounds: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -16,8 +26,17 @@ def chunk_of(bounds: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return np.searchsorted(bounds, idx, side="right") - 1
 
 
-def _refine_straddling(grp, g, b_arr, lo, hi, which, q0, q1, k0, k1) -> None:
-    """Widen key ranges for blocks that straddle chunk boundaries, evaluating only undecided pieces."""
+def dense_block_rows(layout, fraction: float = DENSE_FRACTION) -> np.ndarray:
+    """Bool [nqb]: block rows whose blocks (in some group) cover at least ``fraction`` of the key blocks."""
+    g = layout.geom
+    out = np.zeros(g.nqb, dtype=bool)
+    for grp in layout.groups:
+        out |= np.bincount(grp.rows, minlength=g.nqb)[:g.nqb] >= max(1.0, fraction * g.nkb)
+    return out
+
+
+def _refine_straddling(grp, g, b_arr, extra, which, q0, q1, k0, k1) -> None:
+    """Add the exact key pieces of blocks that straddle chunk boundaries, evaluating only undecided pieces."""
     import torch
 
     for n, i in enumerate(which):
@@ -26,61 +45,99 @@ def _refine_straddling(grp, g, b_arr, lo, hi, which, q0, q1, k0, k1) -> None:
             for kj in {int(k0[n]), int(k1[n])}:
                 qa, qb = max(g.q_lo(r), b_arr[qi]), min(g.q_hi(r) + 1, b_arr[qi + 1])
                 ka, kb = max(g.k_lo(c), b_arr[kj]), min(g.k_hi(c) + 1, b_arr[kj + 1])
-                if lo[qi, kj] <= ka and hi[qi, kj] >= kb:
-                    continue  # already covered
+                have = extra.setdefault((qi, kj), [])
+                if qa >= qb or ka >= kb or covers(merge(have), ((ka, kb),)):
+                    continue  # empty or already covered
                 q = torch.arange(qa, qb)[:, None]  # [bm', 1]
                 k = torch.arange(ka, kb)[None, :]  # [1, bn']
                 if bool(grp.pattern.evaluate(0, 0, q, k, g.q_len, g.kv_len).any()):
-                    lo[qi, kj] = min(lo[qi, kj], ka)
-                    hi[qi, kj] = max(hi[qi, kj], kb)
+                    have.append((ka, kb))
 
 
-def chunk_needs(layout, chunk_bounds) -> tuple[np.ndarray, np.ndarray]:
-    """Global key ranges ``(lo, hi)`` [C, C] that query chunk a needs from key chunk b (``hi <= lo``: none).
+def chunk_needs(layout, chunk_bounds, skip_rows: np.ndarray | None = None) -> dict:
+    """``{(a, b): pieces}``: global key intervals of chunk b that query chunk a needs (absent: none).
 
-    The layout's blocks must be no larger than the smallest chunk (a block then spans at most
-    two chunks per side).
+    Block rows flagged in ``skip_rows`` (bool [nqb]) are left out. The layout's blocks must be
+    no larger than the smallest chunk (a block then spans at most two chunks per side).
     """
     g = layout.geom
     b_arr = np.asarray(chunk_bounds)
     C = len(b_arr) - 1
-    lo = np.full((C, C), g.kv_len, dtype=np.int64)
-    hi = np.zeros((C, C), dtype=np.int64)
     # chunks of each block row / column (per row and column, not per block: 1M tokens has 4M blocks)
     r_idx, c_idx = np.arange(g.nqb), np.arange(g.nkb)
     rq0, rq1 = chunk_of(b_arr, g.q_lo(r_idx)), chunk_of(b_arr, g.q_hi(r_idx))
     ck0, ck1 = chunk_of(b_arr, g.k_lo(c_idx)), chunk_of(b_arr, g.k_hi(c_idx))
     whole_col = ck0 == ck1
+    keep_row = np.ones(g.nqb, dtype=bool) if skip_rows is None else ~skip_rows
+    seen = np.zeros((C, g.nkb), dtype=bool)  # [query chunk, key block column]: some block there
+    extra: dict = {}
     for grp in layout.groups:
         rows, cols = grp.rows, grp.cols
         if len(rows) == 0:
             continue
-        whole = (rq0 == rq1)[rows] & whole_col[cols]
-        seen = np.zeros((C, g.nkb), dtype=bool)  # [query chunk, key block column]: some block there
+        kept = keep_row[rows]
+        whole = (rq0 == rq1)[rows] & whole_col[cols] & kept
         seen[rq0[rows[whole]], cols[whole]] = True
-        for kc in range(C):
-            cs = np.flatnonzero(whole_col & (ck0 == kc))  # columns inside key chunk kc, ascending
-            if len(cs) == 0:
-                continue
-            sub = seen[:, cs]  # [C, n]
-            hit = sub.any(1)
-            first = cs[sub.argmax(1)]
-            last = cs[len(cs) - 1 - sub[:, ::-1].argmax(1)]
-            lo[hit, kc] = np.minimum(lo[hit, kc], g.k_lo(first[hit]))
-            hi[hit, kc] = np.maximum(hi[hit, kc], g.k_hi(last[hit]) + 1)
-        straddle = np.flatnonzero(~whole)
-        _refine_straddling(grp, g, b_arr, lo, hi, straddle, rq0[rows[straddle]], rq1[rows[straddle]],
+        straddle = np.flatnonzero(~whole & kept)
+        _refine_straddling(grp, g, b_arr, extra, straddle, rq0[rows[straddle]], rq1[rows[straddle]],
                            ck0[cols[straddle]], ck1[cols[straddle]])
-    return lo, hi
+    out: dict = {}
+    for a in range(C):
+        cs = np.flatnonzero(seen[a] & whole_col)
+        if len(cs) == 0:
+            continue
+        # runs of consecutive columns inside one key chunk -> one interval each
+        brk = np.flatnonzero((np.diff(cs) != 1) | (np.diff(ck0[cs]) != 0)) + 1
+        starts, ends = cs[np.r_[0, brk]], cs[np.r_[brk - 1, len(cs) - 1]]
+        for s, e in zip(starts, ends):
+            out.setdefault((a, int(ck0[s])), []).append((int(g.k_lo(s)), int(g.k_hi(e)) + 1))
+    for key, ivs in extra.items():
+        if ivs:
+            out.setdefault(key, []).extend(ivs)
+    return {key: merge(ivs) for key, ivs in out.items()}
 
 
-def chunk_blocks(layout, chunk_bounds, batch: int, heads: int) -> np.ndarray:
-    """Layout blocks whose query block starts in each chunk, summed over every (batch, head)."""
+def dense_chunk_needs(layout, chunk_bounds, rows: np.ndarray) -> np.ndarray:
+    """Bool [C, C]: query chunk a holds some of the block ``rows`` (bool [nqb]) and they touch key chunk b."""
+    g = layout.geom
+    b_arr = np.asarray(chunk_bounds)
+    C = len(b_arr) - 1
+    out = np.zeros((C, C), dtype=bool)
+    r_idx, c_idx = np.arange(g.nqb), np.arange(g.nkb)
+    rq = (chunk_of(b_arr, g.q_lo(r_idx)), chunk_of(b_arr, g.q_hi(r_idx)))
+    ck = (chunk_of(b_arr, g.k_lo(c_idx)), chunk_of(b_arr, g.k_hi(c_idx)))
+    for grp in layout.groups:
+        sel = rows[grp.rows]
+        r, c = grp.rows[sel], grp.cols[sel]
+        for qa in rq:
+            for kb in ck:
+                out[qa[r], kb[c]] = True
+    return out
+
+
+def dense_row_intervals(layout, rows: np.ndarray):
+    """Global query intervals of the block ``rows`` (bool [nqb]), merged."""
+    g = layout.geom
+    idx = np.flatnonzero(rows)
+    return merge((int(g.q_lo(r)), int(g.q_hi(r)) + 1) for r in idx)
+
+
+def chunk_blocks(layout, chunk_bounds, batch: int, heads: int, dense_rows: np.ndarray | None = None) -> np.ndarray:
+    """Layout blocks computed in each chunk, summed over every (batch, head).
+
+    A block belongs to the chunk where its query block starts, except in ``dense_rows``
+    (bool [nqb]), computed by the key owner: there the chunk where its key block starts.
+    """
     g = layout.geom
     b_arr = np.asarray(chunk_bounds)
     C = len(b_arr) - 1
     row_chunk = chunk_of(b_arr, g.q_lo(np.arange(g.nqb)))
-    per_group = [np.bincount(row_chunk[grp.rows], minlength=C)[:C] for grp in layout.groups]
+    col_chunk = chunk_of(b_arr, g.k_lo(np.arange(g.nkb)))
+    per_group = []
+    for grp in layout.groups:
+        d = np.zeros(len(grp.rows), dtype=bool) if dense_rows is None else dense_rows[grp.rows]
+        per_group.append(np.bincount(row_chunk[grp.rows[~d]], minlength=C)[:C]
+                         + np.bincount(col_chunk[grp.cols[d]], minlength=C)[:C])
     gi = layout.group_index
     blocks = np.zeros(C, dtype=np.int64)
     for idx, n in zip(*np.unique(gi.reshape(-1), return_counts=True)):

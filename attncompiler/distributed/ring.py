@@ -43,7 +43,7 @@ def ring_attention(pattern, q, k, v, *, seq_len: int, group=None, scale: float |
             but contiguous, cut the inputs and reassemble outputs with ``plan.sharding`` (every rank
             computes the same plan, so "auto" agrees everywhere).
         dense_ring: baseline for measurements: every shard travels whole P-1 hops forward (the dense
-            ring's bytes); the compute is the same.
+            ring's bytes) and every rank computes its queries on every shard (empty blocks skipped).
         overlap: post each step's communication before computing on the previous one (default);
             False waits for it first (for measuring what the overlap buys).
 
@@ -57,7 +57,7 @@ def ring_attention(pattern, q, k, v, *, seq_len: int, group=None, scale: float |
         raise InputError(f"q, k, v must be [B, H, L, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if plan is None:
         plan = plan_attention(pattern, seq_len, P, "ring", batch=q.shape[0], heads=q.shape[1],
-                              kv_heads=k.shape[1], head_dim=(k.shape[3] + v.shape[3]) // 2,
+                              kv_heads=k.shape[1], head_dim=k.shape[3], value_dim=v.shape[3],
                               elem_bytes=k.element_size(), sharding=sharding)
     if plan.mode != "ring" or plan.world_size != P or plan.seq_len != seq_len:
         raise InputError(f"the plan is for mode={plan.mode!r}, L={plan.seq_len}, P={plan.world_size}; this call "
@@ -67,5 +67,7 @@ def ring_attention(pattern, q, k, v, *, seq_len: int, group=None, scale: float |
         raise InputError(f"rank {r} holds {q.shape[2]} queries / {k.shape[2]} keys, but its {plan.sharding.kind} "
                          f"shard of L={seq_len} over {P} ranks has {n} tokens; cut it with plan.sharding.shard()")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    ring = Ring(pattern, plan, dense_plan(plan) if dense_ring else plan, r, group, scale, schedule, overlap, stats)
+    if dense_ring:
+        plan = dense_plan(plan)
+    ring = Ring(pattern, plan, plan, r, group, scale, schedule, overlap, stats)
     return RingAttentionFn.apply(q, k, v, ring)

@@ -4,8 +4,10 @@ Forward, at ring step ``s`` rank ``r`` holds the buffers that arrived at step ``
 shard at step 0). It first posts, in one ``batch_isend_irecv``, the sends that forward those
 buffers one hop on (forward and backward direction) and the receives of the next ones, then
 computes on what it holds while the messages are in flight, merging partial results by their
-log-sum-exp. What a buffer carries, and how far it goes, is the plan's route; a rank whose
-queries do not need a buffer it relays skips the compute.
+log-sum-exp. What a buffer carries (a few row pieces of its shard, packed), and how far it
+goes, is the plan's route; a rank whose queries do not need a buffer it relays skips the
+compute. The plan's dense query rows (global query tokens) take the dense-row exchange of
+:mod:`~attncompiler.distributed.dense` instead, overlapped with the ring.
 
 Backward retraces every hop in reverse: the rank at the end of a route computes the key/value
 gradient of the rows it used, sends it one hop back, and each rank on the way adds its own
@@ -23,7 +25,9 @@ import torch
 
 from ..schedule import Schedule
 from .comm import global_rank, post
+from .dense import DenseRows
 from .local import merge_partials, shifted_pattern
+from .pieces import add_packed, length, merge, offset, pack, subtract
 from .plan import DistributedPlan
 from .routes import BWD, FWD, SIGN
 
@@ -50,28 +54,39 @@ class Ring:
         P = self.plan.world_size
         return global_rank(self.group, (self.rank + (SIGN[d] if ahead else -SIGN[d])) % P)
 
-    def subproblems(self, o: int, batch: int, heads: int):
-        """``(q_lo, q_hi, k_lo, k_hi, layout, schedule)`` of local queries against rank ``o``'s needed rows.
+    def query_intervals(self):
+        """``(global_lo, global_hi, local_lo)`` of this rank's queries served by the ring (not dense rows)."""
+        dense = merge((a, b) for a, b, _ in self.plan.dense_rows[self.rank]) if self.plan.dense_rows else ()
+        return [(a, b, lq0 + a - gq0) for gq0, gq1, lq0 in self.plan.sharding.segments(self.rank)
+                for a, b in subtract(((gq0, gq1),), dense)]
 
-        Key rows are relative to ``key_range[rank, o]``; each query chunk meets each key chunk
-        with the pattern shifted to their global offsets, empty pairs dropped.
+    def peer_of(self, rank: int) -> int:
+        """Global rank of group rank ``rank``."""
+        return global_rank(self.group, rank)
+
+    def subproblems(self, o: int, batch: int, heads: int):
+        """``(q_lo, q_hi, k_lo, k_hi, layout, schedule)`` of ring queries against rank ``o``'s needed rows.
+
+        Key rows index the packed ``key_pieces[rank][o]``; each query interval meets each piece
+        of each key chunk with the pattern shifted to their global offsets, empty pairs dropped.
         """
         if o in self._subs:
             return self._subs[o]
         sh, L = self.plan.sharding, self.plan.seq_len
-        lo, hi = (int(x) for x in self.plan.key_range[self.rank, o])
+        want = self.plan.key_pieces[self.rank][o]
         subs = []
-        for gq0, gq1, lq0 in sh.segments(self.rank):
-            for gk0, gk1, lk0 in sh.segments(o):
-                a, b = max(lk0, lo), min(lk0 + gk1 - gk0, hi)
-                if a >= b:
-                    continue
-                nq, nk = gq1 - gq0, b - a
-                sched = self.schedule or Schedule(block_m=min(64, nq), block_n=min(64, nk))
-                sub = shifted_pattern(self.pattern, gq0, gk0 + a - lk0, L)
-                layout = sub.layout(nq, nk, sched.block_m, sched.block_n, batch=batch, heads=heads)
-                if layout.num_blocks:
-                    subs.append((lq0, lq0 + nq, a - lo, b - lo, layout, sched))
+        for gq0, gq1, lq0 in self.query_intervals():
+            for lo, hi in want:
+                for gk0, gk1, lk0 in sh.segments(o):
+                    a, b = max(lk0, lo), min(lk0 + gk1 - gk0, hi)
+                    if a >= b:
+                        continue
+                    nq, nk, at = gq1 - gq0, b - a, offset(want, a, b)
+                    sched = self.schedule or Schedule(block_m=min(64, nq), block_n=min(64, nk))
+                    sub = shifted_pattern(self.pattern, gq0, gk0 + a - lk0, L)
+                    layout = sub.layout(nq, nk, sched.block_m, sched.block_n, batch=batch, heads=heads)
+                    if layout.num_blocks:
+                        subs.append((lq0, lq0 + nq, at, at + nk, layout, sched))
         self._subs[o] = subs
         return subs
 
@@ -81,16 +96,16 @@ class Ring:
         for d in (FWD, BWD):
             snd = self.comm.send(self.rank, step, d)
             if snd is not None:
-                kb, vb, buf_lo = cur[d]
-                a, b = snd[1] - buf_lo, snd[2] - buf_lo
-                spec += [("send", kb[:, :, a:b].contiguous(), self.peer(d, True), 2 * d),
-                         ("send", vb[:, :, a:b].contiguous(), self.peer(d, True), 2 * d + 1)]
+                kb, vb, have = cur[d]
+                spec += [("send", pack(kb, have, snd[1]).contiguous(), self.peer(d, True), 2 * d),
+                         ("send", pack(vb, have, snd[1]).contiguous(), self.peer(d, True), 2 * d + 1)]
             rcv = self.comm.recv(self.rank, step, d)
             if rcv is not None:
-                o, lo, hi = rcv
-                kr = self._k.new_empty(self._k.shape[:2] + (hi - lo, self._k.shape[3]))  # [B, Hkv, n, Dk]
-                vr = self._v.new_empty(self._v.shape[:2] + (hi - lo, self._v.shape[3]))  # [B, Hkv, n, Dv]
-                got[d] = (o, kr, vr, lo)
+                o, pieces = rcv
+                n = length(pieces)
+                kr = self._k.new_empty(self._k.shape[:2] + (n, self._k.shape[3]))  # [B, Hkv, n, Dk]
+                vr = self._v.new_empty(self._v.shape[:2] + (n, self._v.shape[3]))  # [B, Hkv, n, Dv]
+                got[d] = (o, kr, vr, pieces)
                 spec += [("recv", kr, self.peer(d, False), 2 * d), ("recv", vr, self.peer(d, False), 2 * d + 1)]
         return self._waiter(self.post(spec, "forward_bytes_sent"), got)
 
@@ -132,15 +147,16 @@ class RingAttentionFn(torch.autograd.Function):
 
         r, plan = ring.rank, ring.plan
         ring._k, ring._v = k, v
-        B, H = q.shape[:2]
+        B, H, n = q.shape[0], q.shape[1], k.shape[2]
         acc: dict = {}
         used: dict = {}
+        dense = DenseRows(ring, q, k, v)
 
-        def compute(o, kb, vb, buf_lo):
+        def compute(o, kb, vb, have):
             if not plan.need[r, o]:
                 return  # only relaying this shard
-            lo, hi = (int(x) - buf_lo for x in plan.key_range[r, o])
-            ks, vs = kb[:, :, lo:hi], vb[:, :, lo:hi]  # [B, Hkv, n, D]
+            want = plan.key_pieces[r][o]
+            ks, vs = pack(kb, have, want), pack(vb, have, want)  # [B, Hkv, n', D]: the rows used, packed
             used[o] = (ks, vs)
             t0 = time.perf_counter()
             for qa, qb, ka, kb_, layout, sched in ring.subproblems(o, B, H):
@@ -149,18 +165,22 @@ class RingAttentionFn(torch.autograd.Function):
                 acc[qa, qb] = _merge(acc.get((qa, qb)), out, lse)
             ring._tally("compute_s", time.perf_counter() - t0)
 
+        whole = ((0, n),)
+        wait_q = dense.post_queries()  # dense query rows out to the key owners first (same order everywhere)
         steps = ring.comm.steps
-        wait = ring.exchange(1, {FWD: (k, v, 0), BWD: (k, v, 0)}) if steps else (lambda: {})
-        compute(r, k, v, 0)  # own shard while step 1 is in flight
+        wait = ring.exchange(1, {FWD: (k, v, whole), BWD: (k, v, whole)}) if steps else (lambda: {})
+        compute(r, k, v, whole)  # own shard while step 1 is in flight
+        wait_p = dense.forward(wait_q)  # others' dense rows on local keys; partials posted back
         for s in range(1, steps + 1):
             got = wait()
             if s < steps:  # double buffering: post step s+1 before computing on step s
-                wait = ring.exchange(s + 1, {d: (kb, vb, lo) for d, (_, kb, vb, lo) in got.items()})
-            for _, (o, kb, vb, lo) in sorted(got.items()):
-                compute(o, kb, vb, lo)
-        out, lse = _assemble(q, v, acc, plan.sharding.segments(r))
+                wait = ring.exchange(s + 1, {d: (kb, vb, ps) for d, (_, kb, vb, ps) in got.items()})
+            for _, (o, kb, vb, ps) in sorted(got.items()):
+                compute(o, kb, vb, ps)
+        acc.update(dense.merge(wait_p))
+        out, lse = _assemble(q, v, acc)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring, ctx.used = ring, used
+        ctx.ring, ctx.used, ctx.dense = ring, used, dense
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -169,14 +189,15 @@ class RingAttentionFn(torch.autograd.Function):
         from ..codegen.torch_attention import block_sparse_attention_backward
 
         q, k, v, out, lse = ctx.saved_tensors
-        ring, used = ctx.ring, ctx.used
+        ring, used, dense = ctx.ring, ctx.used, ctx.dense
         r, plan, comm, P = ring.rank, ring.plan, ring.comm, ring.plan.world_size
         dout = dout.contiguous()
         dq = torch.zeros_like(q)
-        B, H = q.shape[:2]
+        B, H, n = q.shape[0], q.shape[1], k.shape[2]
+        whole = ((0, n),)
 
         def partial(o):
-            """dk, dv of the rows of shard o this rank used (None if it used none)."""
+            """dk, dv of the rows of shard o this rank used, packed as key_pieces[r][o] (None: used none)."""
             if o not in used:
                 return None
             ks, vs = used[o]
@@ -192,11 +213,12 @@ class RingAttentionFn(torch.autograd.Function):
             ring._tally("compute_s", time.perf_counter() - t0)
             return dks, dvs
 
-        def add_rows(dst, src, at):
+        def add(dst, dst_pieces, src, src_pieces):
             if src is not None:
-                dst[0][:, :, at:at + src[0].shape[2]] += src[0]
-                dst[1][:, :, at:at + src[1].shape[2]] += src[1]
+                add_packed(dst[0], dst_pieces, src[0], src_pieces)
+                add_packed(dst[1], dst_pieces, src[1], src_pieces)
 
+        wait_g = dense.post_grads(out, lse, dout)  # dense rows' out, d(out), lse out to the key owners first
         outbox: dict = {}  # direction -> gradient finished last iteration, to send one hop back
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         for s in range(comm.steps, -1, -1):
@@ -208,19 +230,19 @@ class RingAttentionFn(torch.autograd.Function):
                              ("send", g[1], ring.peer(d, False), 5 + 2 * d)]
                 o = (r - SIGN[d] * s) % P
                 if comm.hops[o, d] >= s + 1:  # the rank one hop ahead sends its accumulated gradient
-                    lo, hi = (int(x) for x in comm.hop_range[o, d, s + 1])
-                    g = (k.new_empty(k.shape[:2] + (hi - lo, k.shape[3])),
-                         v.new_empty(v.shape[:2] + (hi - lo, v.shape[3])))
-                    inbox[d] = (g, lo)
+                    ps = comm.hop_pieces[o][d][s + 1]
+                    g = (k.new_empty(k.shape[:2] + (length(ps), k.shape[3])),
+                         v.new_empty(v.shape[:2] + (length(ps), v.shape[3])))
+                    inbox[d] = (g, ps)
                     spec += [("recv", g[0], ring.peer(d, True), 4 + 2 * d),
                              ("recv", g[1], ring.peer(d, True), 5 + 2 * d)]
             wait = ring._waiter(ring.post(spec, "backward_bytes_sent"), inbox)
             if s == 0:
                 mine = partial(r)
                 wait()
-                add_rows((dk, dv), mine, int(plan.key_range[r, r, 0]) if mine is not None else 0)
-                for d, (g, lo) in inbox.items():
-                    add_rows((dk, dv), g, lo)
+                add((dk, dv), whole, mine, plan.key_pieces[r][r])
+                for d, (g, ps) in inbox.items():
+                    add((dk, dv), whole, g, ps)
                 break
             origins = {d: (r - SIGN[d] * s) % P for d in (FWD, BWD)}
             live = [d for d in (FWD, BWD) if comm.hops[origins[d], d] >= s]  # shards received at step s
@@ -229,28 +251,33 @@ class RingAttentionFn(torch.autograd.Function):
             outbox = {}
             for d in live:
                 o = origins[d]
-                lo, hi = (int(x) for x in comm.hop_range[o, d, s])
-                g = (k.new_zeros(k.shape[:2] + (hi - lo, k.shape[3])), v.new_zeros(v.shape[:2] + (hi - lo, v.shape[3])))
-                if parts[d] is not None:
-                    add_rows(g, parts[d], int(plan.key_range[r, o, 0]) - lo)
+                ps = comm.hop_pieces[o][d][s]
+                g = (k.new_zeros(k.shape[:2] + (length(ps), k.shape[3])),
+                     v.new_zeros(v.shape[:2] + (length(ps), v.shape[3])))
+                add(g, ps, parts[d], plan.key_pieces[r][o])
                 if d in inbox:
-                    add_rows(g, inbox[d][0], inbox[d][1] - lo)
+                    add(g, ps, *inbox[d])
                 outbox[d] = g
+        dense.backward(wait_g, dq, dk, dv)
         return dq, dk, dv, None
 
 
-def _assemble(q, v, acc, segments):
-    """This rank's output and lse in local order; rows that saw no key are 0 and -inf."""
+def _assemble(q, v, acc):
+    """This rank's output and lse in local order from partials over disjoint query intervals.
+
+    Rows that saw no key are 0 and -inf.
+    """
     outs, lses = [], []
     lse_dtype = next(iter(acc.values()))[1].dtype if acc else (torch.float64 if q.dtype == torch.float64
                                                                else torch.float32)
-    bounds = [lq0 for _, _, lq0 in segments] + [q.shape[2]]
-    for qa, qb in zip(bounds, bounds[1:]):
-        if (qa, qb) in acc:
+    at, n = 0, q.shape[2]
+    for qa, qb in sorted(acc) + [(n, n)]:
+        if qa > at:  # a gap: no key at all
+            outs.append(q.new_zeros(q.shape[:2] + (qa - at, v.shape[3])))  # [B, H, gap, Dv]
+            lses.append(torch.full(q.shape[:2] + (qa - at,), float("-inf"), dtype=lse_dtype, device=q.device))
+        if qb > qa:
             o, l = acc[qa, qb]
-        else:
-            o = q.new_zeros(q.shape[:2] + (qb - qa, v.shape[3]))  # [B, H, n, Dv]
-            l = torch.full(q.shape[:2] + (qb - qa,), float("-inf"), dtype=lse_dtype, device=q.device)
-        outs.append(o.to(q.dtype))
-        lses.append(l)
+            outs.append(o.to(q.dtype))
+            lses.append(l.to(lse_dtype))
+        at = qb
     return torch.cat(outs, 2), torch.cat(lses, 2)

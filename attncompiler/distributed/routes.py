@@ -5,8 +5,9 @@ backward ``o -> o-1 -> ... -> o-b`` (ranks mod P), one hop per ring step, each h
 the buffer the rank received at the previous step. ``f`` and ``b`` are the fewest hops that
 reach every rank whose queries need the shard (a sliding window: one hop each way; causal:
 forward only, as far as the last rank). At hop ``t`` the buffer holds only the rows still
-needed by the ranks ahead (the hull of their key ranges), so a shard shrinks as it travels
-and stops as soon as no rank further on needs it. The dense ring sends every shard whole
+needed by the ranks ahead (the union of their key pieces, at most ``MAX_PIECES`` intervals),
+so a shard shrinks as it travels and stops as soon as no rank further on needs it. Global key
+rows thus travel as their own small piece, next to each neighbour's window strip. The dense ring sends every shard whole
 P-1 hops forward. Backward gradients retrace each hop in reverse, with the same sizes.
 """
 
@@ -14,21 +15,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from .pieces import coarsen, hull, length, merge
+
 FWD, BWD = 0, 1
 SIGN = (1, -1)
 
 
-def sparse_routes(need: np.ndarray, key_range: np.ndarray, sizes) -> tuple[np.ndarray, np.ndarray]:
-    """``(hops [P, 2], hop_range [P, 2, P, 2])`` of the sparsity-aware bidirectional ring.
+def sparse_routes(need: np.ndarray, key_pieces, sizes):
+    """``(hops [P, 2], hop_pieces)`` of the sparsity-aware bidirectional ring.
 
-    ``hop_range[o, d, t]`` is the local row range of shard ``o`` carried on hop ``t`` in
-    direction ``d`` (``t = 0``: the whole shard at its owner).
+    ``hop_pieces[o][d][t]`` are the local row pieces of shard ``o`` carried on hop ``t`` in
+    direction ``d`` (``t = 0``: the whole shard at its owner). Each hop's pieces contain the
+    next hop's (built from the route's end backwards), and the key pieces of the rank reached.
     """
     P = need.shape[0]
     hops = np.zeros((P, 2), dtype=np.int64)
-    hop_range = np.zeros((P, 2, P, 2), dtype=np.int64)
+    hop_pieces = []
     for o in range(P):
-        hop_range[o, :, 0] = (0, sizes[o])
         offs = [t for t in range(1, P) if need[(o + t) % P, o]]
         best = None
         for cut in range(P):  # offsets <= cut go forward, the others backward
@@ -39,34 +42,47 @@ def sparse_routes(need: np.ndarray, key_range: np.ndarray, sizes) -> tuple[np.nd
                 best = (cost, f, b)
         _, f, b = best
         hops[o] = (f, b)
+        per_dir = []
         for d, h in ((FWD, f), (BWD, b)):
-            for t in range(1, h + 1):
-                dests = [(o + SIGN[d] * u) % P for u in range(t, h + 1)]
-                dests = [r for r in dests if need[r, o]]
-                hop_range[o, d, t] = (min(key_range[r, o, 0] for r in dests), max(key_range[r, o, 1] for r in dests))
-    return hops, hop_range
+            route = [((0, int(sizes[o])),)] + [()] * h
+            for t in range(h, 0, -1):
+                r = (o + SIGN[d] * t) % P
+                mine = key_pieces[r][o] if need[r, o] else ()
+                route[t] = coarsen(merge(mine + (route[t + 1] if t < h else ())))
+            per_dir.append(tuple(route))
+        hop_pieces.append(tuple(per_dir))
+    return hops, tuple(hop_pieces)
 
 
-def dense_routes(sizes) -> tuple[np.ndarray, np.ndarray]:
+def hop_hulls(hops: np.ndarray, hop_pieces) -> np.ndarray:
+    """``hop_range [P, 2, P, 2]``: the hull of each hop's pieces (zeros past the route's end)."""
+    P = hops.shape[0]
+    out = np.zeros((P, 2, P, 2), dtype=np.int64)
+    for o in range(P):
+        for d in (FWD, BWD):
+            for t, ps in enumerate(hop_pieces[o][d]):
+                out[o, d, t] = hull(ps)
+    return out
+
+
+def dense_routes(sizes):
     """The dense ring: every shard whole, P-1 hops forward."""
     P = len(sizes)
     hops = np.zeros((P, 2), dtype=np.int64)
     hops[:, FWD] = P - 1
-    hop_range = np.zeros((P, 2, P, 2), dtype=np.int64)
-    hop_range[:, FWD, :, 1] = np.asarray(sizes)[:, None]
-    hop_range[:, BWD, 0, 1] = np.asarray(sizes)
-    return hops, hop_range
+    hop_pieces = tuple((tuple(((0, int(n)),) for _ in range(P)), (((0, int(n)),),)) for n in sizes)
+    return hops, hop_pieces
 
 
-def route_bytes(hops: np.ndarray, hop_range: np.ndarray, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bytes each rank sends and receives in the forward pass (backward: the same, swapped)."""
+def route_bytes(hops: np.ndarray, hop_pieces, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes each rank sends and receives on the ring in the forward pass (backward: the same, swapped)."""
     P = hops.shape[0]
     sent = np.zeros(P, dtype=np.int64)
     recv = np.zeros(P, dtype=np.int64)
     for o in range(P):
         for d in (FWD, BWD):
             for t in range(1, int(hops[o, d]) + 1):
-                w = int(hop_range[o, d, t, 1] - hop_range[o, d, t, 0]) * row_bytes
+                w = length(hop_pieces[o][d][t]) * row_bytes
                 sent[(o + SIGN[d] * (t - 1)) % P] += w
                 recv[(o + SIGN[d] * t) % P] += w
     return sent, recv
