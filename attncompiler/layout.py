@@ -241,6 +241,8 @@ def _random(g: Geometry, pat: P.RandomBlocks) -> BlockSet:
         return BlockSet.make(g, [], [], [])
     prow = np.repeat(np.arange(tab.shape[0], dtype=np.int64), tab.shape[1])
     pcol = tab.reshape(-1)
+    if g.block_m % blk == 0 and g.block_n % blk == 0:
+        return _random_coarse(g, blk, prow, pcol)
     # Layout blocks overlapping each allowed pattern cell.
     r_lo, r_hi = prow * blk // g.block_m, np.minimum((prow + 1) * blk, g.q_len) - 1
     r_hi = r_hi // g.block_m
@@ -253,6 +255,20 @@ def _random(g: Geometry, pat: P.RandomBlocks) -> BlockSet:
     # A layout block lying entirely inside one allowed cell is full; others need a look.
     inside = ((g.q_lo(r) // blk == g.q_hi(r) // blk) & (g.k_lo(c) // blk == g.k_hi(c) // blk))
     return BlockSet.make(g, r, c, np.where(inside, FULL, UNKNOWN))
+
+
+def _random_coarse(g: Geometry, blk: int, prow, pcol) -> BlockSet:
+    """Random cells when layout blocks are whole multiples of the pattern's block: every cell lies
+    in exactly one layout block, which is full exactly when all the cells it covers are allowed
+    (counted, no element evaluation: a misaligned block size would have to evaluate them)."""
+    ok = (pcol >= 0) & (pcol * blk < g.kv_len) & (prow * blk < g.q_len)
+    ncell_cols = -(-g.kv_len // blk)
+    cells = np.unique(prow[ok] * ncell_cols + pcol[ok])  # duplicates in a row count once
+    r, c = (cells // ncell_cols) * blk // g.block_m, (cells % ncell_cols) * blk // g.block_n
+    keys, count = np.unique(r * g.nkb + c, return_counts=True)
+    r, c = keys // g.nkb, keys % g.nkb
+    covered = (-(-(g.q_hi(r) - g.q_lo(r) + 1) // blk)) * (-(-(g.k_hi(c) - g.k_lo(c) + 1) // blk))
+    return BlockSet.make(g, r, c, np.where(count == covered, FULL, PARTIAL))
 
 
 def _document(g: Geometry, pat: P.Document) -> BlockSet:

@@ -38,6 +38,17 @@ def test_analytic_layout_equals_dense_evaluation(case, blocks):
     np.testing.assert_array_equal(layout.block_kinds()[0, 0], expected, err_msg=repr(case))
 
 
+@pytest.mark.parametrize("bm, bn", [(8, 8), (16, 8), (8, 32), (24, 16), (6, 6)])
+@pytest.mark.parametrize("q_len, kv_len", [(100, 100), (77, 130)])
+def test_random_blocks_layout_at_multiples_of_the_pattern_block(bm, bn, q_len, kv_len):
+    """Layout blocks that are whole multiples of the random cells are counted, not evaluated; a
+    misaligned size (6) still goes through evaluation. Both must equal the dense definition."""
+    for pattern in (ac.random_blocks(3, block=4, seed=1), ac.random_blocks(2, block=4) | ac.block_window(1, 4)):
+        layout = build_layout(pattern, q_len, kv_len, bm, bn)
+        expected = dense_block_kinds(pattern, q_len, kv_len, bm, bn)
+        np.testing.assert_array_equal(layout.block_kinds()[0, 0], expected, err_msg=f"{pattern!r} {bm}x{bn}")
+
+
 @given(cases(max_len=60, max_leaves=2), cases(max_len=60, max_leaves=2), block_sizes(), st.integers(1, 4))
 @settings(max_examples=15)
 def test_per_head_and_per_batch_layouts(c1, c2, blocks, heads):
