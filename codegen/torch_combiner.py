@@ -164,6 +164,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 @register_stage("torch", SpanPool)
 def run_span_pool(stage: SpanPool, env: dict, ctx: RunContext) -> dict:
+    """Pooled queries and keys of every span of the factorization's span table."""
     q, k = (env[n] for n in stage.inputs)
     if q.shape[2] != k.shape[2]:
         raise InputError(f"Combiner is self-attention: q has {q.shape[2]} positions but k has {k.shape[2]}")
@@ -174,6 +175,7 @@ def run_span_pool(stage: SpanPool, env: dict, ctx: RunContext) -> dict:
 
 @register_stage("torch", SpanAttention)
 def run_span_attention(stage: SpanAttention, env: dict, ctx: RunContext) -> dict:
+    """Local expectation inside each span: the summary keys and values the joint softmax reads."""
     q_sum, k, v = (env[n] for n in stage.inputs)
     cdt = _compute_dtype(v)
     k, v = _expand_heads(k, ctx.heads).to(cdt), _expand_heads(v, ctx.heads).to(cdt)
@@ -199,6 +201,7 @@ def _slot_index(joint: JointMask, L: int, device: str) -> tuple[torch.Tensor | N
 
 @register_stage("torch", ConcatSummaries)
 def run_concat(stage: ConcatSummaries, env: dict, ctx: RunContext) -> dict:
+    """Keys and values joined with their summary slots along the key axis ([keys ; summaries])."""
     k, v, k_sum, v_sum = (env[n] for n in stage.inputs)
     k, v, k_sum = (_expand_heads(t, ctx.heads) for t in (k, v, k_sum))
     B, H, L, D = k.shape
@@ -217,6 +220,7 @@ def run_concat(stage: ConcatSummaries, env: dict, ctx: RunContext) -> dict:
 
 @register_stage("torch", MixOutputs)
 def run_mix(stage: MixOutputs, env: dict, ctx: RunContext) -> dict:
+    """Mixture variants: the mean of the component factorizations' outputs."""
     outs = [env[n] for n in stage.inputs]
     return {stage.outputs[0]: sum(outs[1:], outs[0]) / len(outs)}
 
@@ -229,6 +233,7 @@ def _order_index(f: Combiner, L: int, inverse: bool, device: str) -> torch.Tenso
 
 @register_stage("torch", ReorderTokens)
 def run_reorder(stage: ReorderTokens, env: dict, ctx: RunContext) -> dict:
+    """Permute tokens into (or back from) the order a factorization works in (axial variants)."""
     ts = [env[n] for n in stage.inputs]
     L = ts[0].shape[2]
     idx = _order_index(stage.factorization, L, stage.inverse, str(ts[0].device))

@@ -350,12 +350,14 @@ register_source(SlotRead)(memory_kernel_file)
 
 @register_stage("triton", SlotWrite)
 def run_slot_write(stage: SlotWrite, env: dict, ctx: RunContext) -> dict:
+    """SlotWrite with the chunked Triton scan (see :func:`triton_write`)."""
     k, v, w = (env[n] for n in stage.inputs)
     return {stage.outputs[0]: triton_write(k, v, w, stage.causal, stage.normalized, stage.schedule.block_m)}
 
 
 @register_stage("triton", SlotRead)
 def run_slot_read(stage: SlotRead, env: dict, ctx: RunContext) -> dict:
+    """SlotRead with the Triton read kernels (the torch read for a float64 torch-written memory)."""
     q, mem = (env[name] for name in stage.inputs)
     if isinstance(mem, SlotMemory):  # the torch fallback of the write (float64)
         out, lse = read_memory(q, mem, ctx.scale, ctx.extra.get("need_lse", True), stage.schedule.tile_elems)
