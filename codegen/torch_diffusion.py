@@ -37,53 +37,59 @@ from attncompiler.schedule import Schedule
 from .registry import RunContext, register_stage
 from .torch_attention import _compute_dtype
 from .torch_diffusion_plan import (Item, as_blocks, band_view, chunk_rows, chunk_tile, global_parts, items_for,
-                                   other_blocks, padded_blocks)
+                                   padded_blocks, rest_rows)
 
 # ---------------------------------------------------------------------------------------------
 # P = rowsoftmax(scale q k^T)
 # ---------------------------------------------------------------------------------------------
+
+def _scores(a: torch.Tensor, b_t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * a @ b_t`` into a fresh contiguous tensor (the scale rides on the gemm)."""
+    out = torch.empty(a.shape[0], a.shape[1], b_t.shape[2], dtype=a.dtype, device=a.device)
+    return out.baddbmm_(a, b_t, beta=0.0, alpha=scale)
+
+
+def _mask_tile(tile: torch.Tensor, c) -> None:
+    """Add the chunk's additive mask to the rows that need one (edges, partial blocks, globals)."""
+    if c.patch is not None:
+        sub = tile[:, c.patch_rows]
+        sub += c.patch.to(device=tile.device, dtype=tile.dtype)
+        tile[:, c.patch_rows] = sub
+
 
 def _probs_forward(it: Item, split, q, k, scale, cdt):
     """``(P flat [bh * size], PG [bh, G, L] or None)`` of one item."""
     plan, bh = it.plan, it.bh
     g = plan.blocks.geom
     bm, bn, nb, ng = g.block_m, g.block_n, plan.nb, plan.ng
-    qs = q.to(cdt) * scale
-    qb = as_blocks(qs, g.nqb, bm)  # [BH, nqb, BM, D]
+    qb = as_blocks(q.to(cdt), g.nqb, bm)  # [BH, nqb, BM, D]
     kp = padded_blocks(k.to(cdt), plan)  # [BH, npad, BN, D]
     P = torch.empty(bh * plan.size, dtype=cdt, device=q.device)
-    gp = global_parts(split, g.q_len, g.nqb, bm, str(q.device)) if ng else None
-    kg = k.to(cdt).reshape(bh, -1, k.shape[-1])[:, gp[0]] if ng else None  # [BH, G, D]
     for c in plan.chunks:
         R, W = len(c.rows), plan.width(c)
-        lw = W - ng
         tile, qr = chunk_tile(P, plan, c, bh), chunk_rows(qb, c)  # [BH, R, BM, W], [BH, R, BM, D]
-        ko = other_blocks(kp, c) if c.wo else None
+        kr = rest_rows(kp, c) if c.nr else None
         for i in range(bh):
-            # Each part into its own contiguous product, then one cat into the tile: a bmm whose
-            # output is a column slice falls back to one small gemm per batch entry.
-            parts = []
-            if nb:
-                parts.append(torch.bmm(qr[i], band_view(kp, i, plan, c).transpose(1, 2)))
-            if c.wo:
-                parts.append(torch.bmm(qr[i], ko[i].transpose(1, 2)))
-            if ng:
-                parts.append(torch.matmul(qr[i], kg[i].t()))
-            torch.cat(parts, dim=-1, out=tile[i])
-        if c.patch is not None:
-            sub = tile[:, c.patch_rows]
-            sub[..., :lw] += c.patch.to(device=q.device, dtype=cdt)
-            tile[:, c.patch_rows] = sub
-        if ng:
-            tile[..., lw:] += chunk_rows(gp[1].view(1, g.nqb, bm, ng), c).to(cdt)
+            # A gemm writing a column slice of the tile would fall back to one small gemm per
+            # batch entry: each part gets its own contiguous product, then one cat.
+            keys = ([band_view(kp, i, plan, c)] if nb else []) + ([kr[i]] if c.nr else [])
+            if not keys:  # no key at all: a zero-width tile
+                continue
+            if len(keys) == 1:  # the tile is the product: no copy
+                tile[i].baddbmm_(qr[i], keys[0].transpose(1, 2), beta=0.0, alpha=scale)
+            else:
+                torch.cat([_scores(qr[i], x.transpose(1, 2), scale) for x in keys], dim=-1, out=tile[i])
+        _mask_tile(tile, c)
         torch.ops.aten._softmax.out(tile, -1, False, out=tile)
-        if c.empty:
-            tile.nan_to_num_(0.0)  # rows with no visible key: zeros, not softmax's NaN
+        if c.empty_tokens is not None:  # rows with no visible key: zeros, not softmax's NaN
+            tile.view(bh, R * bm, W)[:, c.empty_tokens.to(q.device)] = 0.0
     PG = None
     if ng:
-        s = torch.matmul(qs.reshape(bh, -1, qs.shape[-1])[:, gp[0]], k.to(cdt).reshape(bh, -1, k.shape[-1]).transpose(1, 2))
-        if gp[2] is not None:
-            s += gp[2].to(cdt)
+        G, _, row_bias = global_parts(split, g.q_len, g.nqb, bm, str(q.device))
+        D = q.shape[-1]
+        s = _scores(q.to(cdt).reshape(bh, -1, D)[:, G], k.to(cdt).reshape(bh, -1, D).transpose(1, 2), scale)
+        if row_bias is not None:
+            s += row_bias.to(cdt)
         PG = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # [BH, G, L]
     return P, PG
 
@@ -99,39 +105,33 @@ def _probs_backward(it: Item, split, q, k, P, dP, PG, dPG, scale, cdt):
     kp = padded_blocks(k.to(cdt), plan)
     dq = torch.zeros(bh, g.nqb, bm, D, dtype=cdt, device=q.device)
     dkp = torch.zeros(bh * plan.npad, bn, D, dtype=cdt, device=q.device)
-    G = global_parts(split, L, g.nqb, bm, str(q.device))[0] if ng else None
-    kf = k.to(cdt).reshape(bh, L, D)
-    dkg = torch.zeros(bh, ng, D, dtype=cdt, device=q.device) if ng else None
+    dk_tok = dkp.view(-1, D)
     for c in plan.chunks:
-        R, W = len(c.rows), plan.width(c)
-        lw = W - ng
+        R = len(c.rows)
         p, ds = chunk_tile(P, plan, c, bh), chunk_tile(dP, plan, c, bh)
         ds.sub_((p * ds).sum(dim=-1, keepdim=True)).mul_(p)  # softmax backward, in place
         qr = chunk_rows(qb, c)
-        ko = other_blocks(kp, c) if c.wo else None
+        kr = rest_rows(kp, c) if c.nr else None
         acc = torch.zeros(bh, R, bm, D, dtype=cdt, device=q.device)
         for i in range(bh):
             d, a = ds[i], acc[i]
             if nb:
                 a.baddbmm_(d[:, :, :nb * bn], band_view(kp, i, plan, c))
                 t = torch.bmm(d[:, :, :nb * bn].transpose(1, 2), qr[i])  # [R, nb*BN, D]
-                dkp.index_add_(0, i * plan.npad + c.band_index, t.reshape(-1, bn, D))
-            if c.wo:
-                a.baddbmm_(d[:, :, nb * bn:lw], ko[i])
-                t = torch.bmm(d[:, :, nb * bn:lw].transpose(1, 2), qr[i])
-                dkp.index_add_(0, i * plan.npad + c.other_index, t.reshape(-1, bn, D))
-            if ng:
-                dg = d.reshape(R * bm, W)[:, lw:]  # [R*BM, G]
-                a.view(R * bm, D).addmm_(dg, kf[i, G])
-                dkg[i].addmm_(dg.t(), qr[i].reshape(R * bm, D))
+                dkp.index_add_(0, i * plan.npad + c.band_index.to(q.device), t.reshape(-1, bn, D))
+            if c.nr:
+                a.baddbmm_(d[:, :, nb * bn:], kr[i])
+                t = torch.bmm(d[:, :, nb * bn:].transpose(1, 2), qr[i])  # [R, nr, D]
+                dk_tok.index_add_(0, i * plan.npad * bn + c.rest_index.to(q.device), t.reshape(-1, D))
         if c.q_slice is not None:
             dq[:, c.q_slice[0]:c.q_slice[1]] += acc
         else:
-            dq.index_add_(1, c.q_index, acc)
+            dq.index_add_(1, c.q_index.to(q.device), acc)
     dk = dkp.view(bh, plan.npad, bn, D)[:, plan.pad_lo:plan.pad_lo + g.nkb].reshape(bh, -1, D)[:, :L].clone()
     dq = dq.view(bh, -1, D)[:, :L]
     if ng:
-        dk[:, G] += dkg
+        G = global_parts(split, L, g.nqb, bm, str(q.device))[0]
+        kf = k.to(cdt).reshape(bh, L, D)
         dsG = dPG.sub_((PG * dPG).sum(dim=-1, keepdim=True)).mul_(PG)  # [BH, G, L]
         dq[:, G] += torch.bmm(dsG, kf)
         dk += torch.bmm(dsG.transpose(1, 2), qs.reshape(bh, L, D)[:, G])
@@ -211,28 +211,24 @@ def _hop_forward(it: Item, split, P, PG, z, v, beta, gamma):
         out = buf[:, plan.pad_lo:plan.pad_lo + g.nqb]
     else:
         out = torch.empty(bh, g.nqb, bm, Dv, dtype=z.dtype, device=z.device)
-    G = global_parts(split, L, g.nqb, bm, str(z.device))[0] if ng else None
-    zg = z.reshape(bh, L, Dv)[:, G] if ng else None  # [BH, G, Dv]
     for c in plan.chunks:
-        R, W = len(c.rows), plan.width(c)
-        lw = W - ng
+        R = len(c.rows)
         tile = chunk_tile(P, plan, c, bh)
         dst = out[:, c.q_slice[0]:c.q_slice[1]] if c.q_slice is not None else torch.empty(
             bh, R, bm, Dv, dtype=z.dtype, device=z.device)
-        zo = other_blocks(zp, c) if c.wo else None
+        zr = rest_rows(zp, c) if c.nr else None
         torch.mul(chunk_rows(vb, c), gamma, out=dst)  # then beta * P z accumulates in place (fused in the gemms)
         for i in range(bh):
             t, o = tile[i], dst[i]  # [R, BM, W], [R, BM, Dv]
             if nb:
                 o.baddbmm_(t[:, :, :nb * bn], band_view(zp, i, plan, c), alpha=beta)
-            if c.wo:
-                o.baddbmm_(t[:, :, nb * bn:lw], zo[i], alpha=beta)
-            if ng:
-                o.view(R * bm, Dv).addmm_(t.view(R * bm, W)[:, lw:], zg[i], alpha=beta)
+            if c.nr:
+                o.baddbmm_(t[:, :, nb * bn:], zr[i], alpha=beta)
         if c.q_slice is None:
-            out.index_copy_(1, c.q_index, dst)
+            out.index_copy_(1, c.q_index.to(z.device), dst)
     flat = out.view(bh, -1, Dv)
     if ng:  # the dense global rows (their tile rows are empty: gamma * v so far)
+        G = global_parts(split, L, g.nqb, bm, str(z.device))[0]
         flat[:, G] += beta * torch.bmm(PG, z.reshape(bh, L, Dv))
     res = flat[:, :L].view(Bi, Hi, L, Dv)
     if nb:
@@ -249,33 +245,25 @@ def _hop_backward(it: Item, split, P, PG, z, gz, beta, need_dp: bool):
     zp = padded_blocks(z, plan)
     gb = as_blocks(gz, g.nqb, bm)  # [BH, nqb, BM, Dv]
     dzp = torch.zeros(bh * plan.npad, bn, Dv, dtype=z.dtype, device=z.device)
+    dz_tok = dzp.view(-1, Dv)
     dP = torch.empty_like(P) if need_dp else None
-    G = global_parts(split, L, g.nqb, bm, str(z.device))[0] if ng else None
-    zf = z.reshape(bh, L, Dv)
-    dzg = torch.zeros(bh, ng, Dv, dtype=z.dtype, device=z.device) if ng else None
     for c in plan.chunks:
-        R, W = len(c.rows), plan.width(c)
-        lw = W - ng
         tile, gr = chunk_tile(P, plan, c, bh), chunk_rows(gb, c)
         dtile = chunk_tile(dP, plan, c, bh) if need_dp else None
-        zo = other_blocks(zp, c) if c.wo else None
+        zr = rest_rows(zp, c) if c.nr else None
         for i in range(bh):
             t, gi = tile[i], gr[i]  # [R, BM, W], [R, BM, Dv]
             parts = []
             if nb:
-                dzp.index_add_(0, i * plan.npad + c.band_index,
+                dzp.index_add_(0, i * plan.npad + c.band_index.to(z.device),
                                torch.bmm(t[:, :, :nb * bn].transpose(1, 2), gi).view(-1, bn, Dv))
                 if need_dp:
                     parts.append(torch.bmm(gi, band_view(zp, i, plan, c).transpose(1, 2)))
-            if c.wo:
-                dzp.index_add_(0, i * plan.npad + c.other_index,
-                               torch.bmm(t[:, :, nb * bn:lw].transpose(1, 2), gi).view(-1, bn, Dv))
+            if c.nr:
+                dz_tok.index_add_(0, i * plan.npad * bn + c.rest_index.to(z.device),
+                                  torch.bmm(t[:, :, nb * bn:].transpose(1, 2), gi).view(-1, Dv))
                 if need_dp:
-                    parts.append(torch.bmm(gi, zo[i].transpose(1, 2)))
-            if ng:
-                dzg[i].addmm_(t.reshape(R * bm, W)[:, lw:].t(), gi.reshape(R * bm, Dv))
-                if need_dp:
-                    parts.append(torch.matmul(gi, zf[i, G].t()))
+                    parts.append(torch.bmm(gi, zr[i].transpose(1, 2)))
             if need_dp:
                 torch.cat(parts, dim=-1, out=dtile[i])  # contiguous products, one copy (see the forward)
     if need_dp:
@@ -283,11 +271,11 @@ def _hop_backward(it: Item, split, P, PG, z, gz, beta, need_dp: bool):
     dz = dzp.view(bh, plan.npad, bn, Dv)[:, plan.pad_lo:plan.pad_lo + g.nkb].reshape(bh, -1, Dv)[:, :L].clone()
     dPG = None
     if ng:
-        dz[:, G] += dzg
+        G = global_parts(split, L, g.nqb, bm, str(z.device))[0]
         gG = gz.reshape(bh, L, Dv)[:, G]  # [BH, G, Dv]
         dz += torch.bmm(PG.transpose(1, 2), gG)
         if need_dp:
-            dPG = torch.bmm(gG, zf.transpose(1, 2)).mul_(beta)
+            dPG = torch.bmm(gG, z.reshape(bh, L, Dv).transpose(1, 2)).mul_(beta)
     return dz.mul_(beta).view(Bi, Hi, L, Dv), dP, dPG
 
 

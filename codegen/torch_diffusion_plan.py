@@ -31,18 +31,24 @@ _TILE_SCALE = 4
 
 @dataclass(frozen=True, eq=False)
 class Chunk:
-    """Query blocks whose tiles are computed together (same number ``wo`` of other blocks)."""
+    """Query blocks whose tiles are computed together (same number ``wo`` of other blocks).
+
+    A tile row is ``[band | rest]``: ``nb * BN`` band columns read through a strided view, then
+    ``nr = wo * BN + |G|`` rest columns (the other blocks' keys, then the global keys) gathered
+    token by token, so the rest is one product however it is made up.
+    """
 
     rows: np.ndarray
     q_slice: tuple[int, int] | None  # consecutive rows: a slice of query blocks
     q_index: torch.Tensor  # [R]
     band_affine: tuple[int, int] | None  # (padded block of row 0's band, step between rows)
     band_index: torch.Tensor  # [R * nb] padded key-block ids of the band
-    other_index: torch.Tensor  # [R * wo] padded key-block ids of the other blocks (0: a zero block)
+    rest_index: torch.Tensor  # [R * nr] padded token ids of the rest (block 0 is zero: missing slots)
     wo: int
-    patch_rows: torch.Tensor | None  # [Rm] rows of the chunk whose light part needs a mask
-    patch: torch.Tensor | None  # [Rm, BM, (nb + wo) * BN] additive 0 / -inf
-    empty: bool  # some row has no visible key: softmax gives NaN there, set to 0
+    nr: int
+    patch_rows: torch.Tensor | None  # [Rm] rows of the chunk whose tile needs a mask
+    patch: torch.Tensor | None  # [Rm, BM, W] additive 0 / -inf
+    empty_tokens: torch.Tensor | None  # tile rows (of R * BM) with no visible key: softmax NaN -> 0
     offset: int  # element offset of the chunk's tile per (batch, head)
 
 
@@ -60,8 +66,8 @@ class Plan:
     size: int  # elements of P per (batch, head)
 
     def width(self, c: Chunk) -> int:
-        """Columns of chunk ``c``'s tile: band, other blocks, global keys."""
-        return (self.nb + c.wo) * self.blocks.geom.block_n + self.ng
+        """Columns of chunk ``c``'s tile: band, then the rest (other blocks, global keys)."""
+        return self.nb * self.blocks.geom.block_n + c.nr
 
 
 def _band(blocks: Blocks2D) -> tuple[int, int]:
@@ -97,21 +103,22 @@ def _buckets(counts: np.ndarray) -> list[tuple[np.ndarray, int]]:
 
 @functools.lru_cache(maxsize=64)
 def global_parts(split: GlobalSplit | None, L: int, nqb: int, bm: int, device: str):
-    """``(tokens [G], col_bias [nqb*BM, G], row_bias [G, L] or None, has_global_key [nqb*BM])``."""
+    """``(tokens [G], col_ok [nqb*BM, G] bool, row_bias [G, L] or None)``: which query rows may
+    see each global key (global rows take the dense row path, so none of theirs), and the mask
+    of the dense global rows."""
     if split is None:
         return None
     G = torch.tensor(split.tokens, dtype=torch.long)
     q = torch.arange(nqb * bm)
     ok = torch.ones(nqb * bm, len(G), dtype=torch.bool)
-    ok[G] = False  # global rows take the dense row path
+    ok[G] = False
     row_bias = None
     if split.within is not None:
         qc = q.clamp_max(L - 1)
         ok &= split.within.evaluate(0, 0, qc[:, None], G[None, :], L, L)
         row_ok = split.within.evaluate(0, 0, G[:, None], torch.arange(L)[None, :], L, L)
         row_bias = torch.zeros(len(G), L).masked_fill_(~row_ok, NEG_INF).to(device)
-    col_bias = torch.zeros(nqb * bm, len(G)).masked_fill_(~ok, NEG_INF)
-    return G.to(device), col_bias.to(device), row_bias, ok.any(dim=1)
+    return G.to(device), ok, row_bias
 
 
 @functools.lru_cache(maxsize=64)
@@ -123,14 +130,16 @@ def plan_for(blocks: Blocks2D, schedule: Schedule, split: GlobalSplit | None) ->
     pad_lo = max(1, -dlo)
     npad = pad_lo + nkb + max(0, dlo + nb - 1)
     ng = len(split.tokens) if split is not None else 0
-    has_gkey = global_parts(split, g.q_len, nqb, bm, "cpu")[3] if ng else torch.zeros(nqb * bm, dtype=torch.bool)
+    gtok = np.asarray(split.tokens if ng else (), dtype=np.int64) + pad_lo * bn  # padded token ids
+    gok = global_parts(split, g.q_len, nqb, bm, "cpu")[1] if ng else None
     rows, cols = blocks.rows, blocks.cols
     in_band = (cols - rows >= dlo) & (cols - rows < dlo + nb)
     keys = rows * nkb + cols  # CSR order is sorted by (row, col)
     counts = np.bincount(rows[~in_band], minlength=nqb)
     chunks, offset = [], 0
     for bucket, wo in _buckets(counts):
-        W = (nb + wo) * bn + ng
+        nr = wo * bn + ng
+        W = nb * bn + nr
         per_chunk = max(1, _TILE_SCALE * schedule.tile_elems // (bm * W))
         for s in range(0, len(bucket), per_chunk):
             r = bucket[s:s + per_chunk]
@@ -149,21 +158,30 @@ def plan_for(blocks: Blocks2D, schedule: Schedule, split: GlobalSplit | None) ->
             full = present & blocks.full[pos_c] if len(keys) else present
             ragged = (slots == nkb - 1) & (g.kv_len % bn != 0)
             need = ~(full & ~ragged).all(axis=1) | (nb + wo == 0)
-            patch_rows, patch, empty = None, None, False
+            tok = torch.from_numpy(r * bm)[:, None] + torch.arange(bm)  # [R, BM] query tokens
+            if ng:
+                need |= ~gok[tok].flatten(1).all(dim=1).numpy()
+            patch_rows, patch, empty = None, None, None
             if need.any():
                 pr = np.flatnonzero(need)
                 allowed = _slot_masks(blocks, r[pr], slots[pr], present[pr], full[pr])  # [Rm, BM, S*BN]
-                tok = torch.from_numpy(r[pr] * bm)[:, None] + torch.arange(bm)
-                empty = not bool((allowed.any(dim=-1) | has_gkey[tok]).all())
+                if ng:
+                    allowed = torch.cat([allowed, gok[tok[pr]]], dim=-1)
                 patch_rows = torch.from_numpy(pr)
                 patch = torch.zeros(allowed.shape).masked_fill_(~allowed, NEG_INF)
+                dead = (~allowed.any(dim=-1)).nonzero()  # (row of pr, token of the block)
+                if len(dead):
+                    empty = patch_rows[dead[:, 0]] * bm + dead[:, 1]
             consecutive = bool((np.diff(r) == 1).all())
             step = np.diff(r)
             affine = (int(r[0]) + dlo + pad_lo, int(step[0]) if R > 1 else 1) \
                 if nb and (R == 1 or (step == step[0]).all()) else None
-            pad = lambda x: torch.from_numpy(np.where(x >= 0, x + pad_lo, 0).reshape(-1).copy())  # noqa: E731
+            band_ids = np.where(band >= 0, band + pad_lo, 0).reshape(-1)
+            other_tok = (np.where(other >= 0, other + pad_lo, 0) * bn)[:, :, None] + np.arange(bn)
+            rest = np.concatenate([other_tok.reshape(R, wo * bn), np.broadcast_to(gtok, (R, ng))], axis=1)
             chunks.append(Chunk(r, (int(r[0]), int(r[-1]) + 1) if consecutive else None, torch.from_numpy(r.copy()),
-                                 affine, pad(band), pad(other), wo, patch_rows, patch, empty, offset))
+                                 affine, torch.from_numpy(band_ids.copy()), torch.from_numpy(rest.reshape(-1).copy()),
+                                 wo, nr, patch_rows, patch, empty, offset))
             offset += R * bm * W
     return Plan(blocks, nb, dlo, pad_lo, npad, ng, tuple(chunks), offset)
 
@@ -222,8 +240,12 @@ def padded_blocks(t: torch.Tensor, plan: Plan) -> torch.Tensor:
         return cached[1]
     g = plan.blocks.geom
     Bi, Hi, L, X = t.shape
-    out = t.new_zeros(Bi * Hi, plan.npad, g.block_n, X)
-    out[:, plan.pad_lo:plan.pad_lo + g.nkb].view(Bi * Hi, -1, X)[:, :L] = t.reshape(Bi * Hi, L, X)
+    out = t.new_empty(Bi * Hi, plan.npad, g.block_n, X)
+    flat = out.view(Bi * Hi, -1, X)
+    lo = plan.pad_lo * g.block_n
+    flat[:, :lo].zero_()
+    flat[:, lo + L:].zero_()
+    flat[:, lo:lo + L] = t.reshape(Bi * Hi, L, X)
     return out
 
 
@@ -240,11 +262,17 @@ def band_view(tp: torch.Tensor, i: int, plan: Plan, c: Chunk, r0: int = 0, r1: i
     return tp[i].index_select(0, c.band_index[r0 * plan.nb:r1 * plan.nb]).view(r1 - r0, plan.nb * bn, X)
 
 
-def other_blocks(tp: torch.Tensor, c: Chunk) -> torch.Tensor:
-    """The other blocks of every row of ``c``: ``[BH, R, wo*BN, X]`` (one 2-D gather)."""
+@functools.lru_cache(maxsize=256)
+def _rest_gather_index(c: Chunk, bh: int, npad_tokens: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(bh)[:, None] * npad_tokens + c.rest_index[None, :]).reshape(-1).to(device)
+
+
+def rest_rows(tp: torch.Tensor, c: Chunk) -> torch.Tensor:
+    """The rest columns' rows (other blocks, global keys) of every row of ``c``:
+    ``[BH, R, nr, X]`` (one token gather)."""
     BH, npad, bn, X = tp.shape
-    idx = (torch.arange(BH)[:, None] * npad + c.other_index[None, :]).reshape(-1)
-    return tp.view(BH * npad, bn * X).index_select(0, idx).view(BH, len(c.rows), c.wo * bn, X)
+    idx = _rest_gather_index(c, BH, npad * bn, tp.device)
+    return tp.reshape(BH * npad * bn, X).index_select(0, idx).view(BH, len(c.rows), c.nr, X)
 
 
 def chunk_rows(t: torch.Tensor, c: Chunk) -> torch.Tensor:
