@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from .errors import InputError, PatternError
+from .head_slices import choose_head_block, run_by_head_slices
 from .inputs import check_qkv, default_scale
 from .module import CompiledAttention, _resolve_backend, compile_program, register_module
-from .pattern import (Family, GlobalTokens, Intersection, Pattern, Union, _check_int, _require_mask, global_tokens,
+from .pattern import (GlobalTokens, Intersection, Pattern, Union, _check_int, _require_mask, global_tokens,
                       intersection, union)
 from .program import BlockSparseAttention, Program, Stage, register_lowering
 from .reference import dense_masks, register_reference
@@ -356,13 +357,17 @@ class DiffusionAttention(CompiledAttention):
     ``hops_mode`` picks the schedule: ``"materialize"`` (P stored once, SpMM hops: the fast path
     on CPU), ``"recompute"`` (fused attention per hop, see :func:`recompute_hops`), or
     ``"auto"`` (:func:`choose_hops_mode` decides per backend and head dim). Both schedules run
-    on both backends. Diffusion has no log-sum-exp output.
+    on both backends. ``head_block`` (``"auto"`` or an int) is how many query heads of one batch
+    entry run through the whole program together, ``batch * heads`` or more for all at once
+    (:func:`choose_diffusion_head_block`: on CPU, as many as keep their stored P in cache across
+    the hops). Diffusion has no log-sum-exp output.
     """
 
     def __init__(self, pattern, backend="auto", schedule=None, check_finite=True):
         super().__init__(pattern, backend, schedule, check_finite)
         self.auto_block = schedule is None
         self.hops_mode = "auto"
+        self.head_block: int | str = "auto"
 
     def program_for(self, backend: str, seq_len: int | None = None, head_dim: int | None = None) -> Program:
         """The program run on ``backend`` under the current ``hops_mode`` (and, without an explicit
@@ -389,19 +394,48 @@ class DiffusionAttention(CompiledAttention):
             self.pattern.validate(q.shape[2], k.shape[2])
             L, D = q.shape[2], q.shape[3]
         backend = _resolve_backend(self.backend, getattr(q, "device", None))
-        self.program = self.program_for(backend, L, D)
+        self.program = program = self.program_for(backend, L, D)
         from attncompiler.codegen.registry import RunContext, stage_impl
 
         dims = check_qkv(q, k, v, check_finite=self.check_finite)
-        ctx = RunContext(scale=default_scale(dims.head_dim, scale), batch=dims.batch, heads=dims.heads,
-                         extra={"need_lse": False})
-        env = {"q": q, "k": k, "v": v, **stage_inputs}
-        last_use = {name: i for i, st in enumerate(self.program.stages) for name in st.inputs}
-        for i, stage in enumerate(self.program.stages):
-            env.update(stage_impl(backend, type(stage))(stage, env, ctx))
-            for name in [n for n, j in last_use.items() if j == i and n != "out"]:
-                env.pop(name, None)  # z_k dies after the hop that reads it: O(L D) live, not O(K L D)
-        return env["out"].to(q.dtype)
+        scale = default_scale(dims.head_dim, scale)
+        last_use = {name: i for i, st in enumerate(program.stages) for name in st.inputs}
+
+        def run(qq, kk, vv):
+            ctx = RunContext(scale=scale, batch=qq.shape[0], heads=qq.shape[1], extra={"need_lse": False})
+            env = {"q": qq, "k": kk, "v": vv, **stage_inputs}
+            for i, stage in enumerate(program.stages):
+                env.update(stage_impl(backend, type(stage))(stage, env, ctx))
+                for name in [n for n, j in last_use.items() if j == i and n != "out"]:
+                    env.pop(name, None)  # z_k dies after the hop that reads it: O(L D) live, not O(K L D)
+            return env["out"]
+
+        base = self.pattern.base
+        if stage_inputs or base.batch_dependent or base.head_period != 1:
+            return run(q, k, v).to(q.dtype)  # a slice would see the layout of batch 0 / heads 0..
+        block = self.head_block
+        if block == "auto":
+            block = choose_diffusion_head_block(self.pattern, program, backend, q, k, v)
+        elif not isinstance(block, int) or isinstance(block, bool) or block < 1:
+            raise InputError(f"head_block={block!r} must be 'auto' or a positive int")
+        return run_by_head_slices(run, q, k, v, block).to(q.dtype)
+
+
+def choose_diffusion_head_block(pattern: Diffusion, program: Program, backend: str, q, k, v) -> int:
+    """Schedule decision (torch backend on CPU, stored P): query heads per slice so that a slice's
+    stored P and hop vectors stay in cache across the hops (:mod:`attncompiler.head_slices`).
+    Everything at once on other backends and devices and under the recompute schedule."""
+    B, H, L = q.shape[:3]
+    probs = next((st for st in program.stages if isinstance(st, SparseProbs)), None)
+    if backend != "torch" or q.device.type != "cpu" or probs is None:
+        return B * H
+    split = split_global_tokens(probs.pattern) if probs.split_globals else None
+    light = split.light if split is not None else probs.pattern
+    bm, bn = probs.schedule.block_m, probs.schedule.block_n
+    layout = light.layout(L, k.shape[2], bm, bn)
+    stored = layout.groups[0].num_blocks * bm * bn + (len(split.tokens) * k.shape[2] if split is not None else 0)
+    itemsize = 8 if q.dtype == torch.float64 else 4
+    return choose_head_block((stored + 4 * L * v.shape[-1]) * itemsize, B, H, k.shape[1])
 
 
 # Recomputing a score costs 2 * head_dim flops (plus the exp); storing it costs reading 4 bytes

@@ -61,7 +61,7 @@ def _probs_forward(it: Item, split, q, k, scale, cdt):
     """``(P flat [bh * size], PG [bh, G, L] or None)`` of one item."""
     plan, bh = it.plan, it.bh
     g = plan.blocks.geom
-    bm, bn, nb, ng = g.block_m, g.block_n, plan.nb, plan.ng
+    bm, nb, ng = g.block_m, plan.nb, plan.ng
     qb = as_blocks(q.to(cdt), g.nqb, bm)  # [BH, nqb, BM, D]
     kp = padded_blocks(k.to(cdt), plan)  # [BH, npad, BN, D]
     P = torch.empty(bh * plan.size, dtype=cdt, device=q.device)
