@@ -34,10 +34,11 @@ from attncompiler.diffusion import (Axpby, DiffusionHop, ExpandHeads, GlobalSpli
 from attncompiler.layout import BlockLayout
 from attncompiler.schedule import Schedule
 
+from . import cpu_diffusion
 from .registry import RunContext, register_stage
 from .torch_attention import _compute_dtype
-from .torch_diffusion_plan import (Item, as_blocks, band_view, chunk_rows, chunk_tile, global_parts, items_for,
-                                   padded_blocks, rest_rows)
+from .torch_diffusion_plan import (Item, as_blocks, band_view, chunk_rows, chunk_tile, dense_global_probs,
+                                   global_parts, items_for, padded_blocks, rest_rows)
 
 # ---------------------------------------------------------------------------------------------
 # P = rowsoftmax(scale q k^T)
@@ -58,10 +59,12 @@ def _mask_tile(tile: torch.Tensor, c) -> None:
 
 
 def _probs_forward(it: Item, split, q, k, scale, cdt):
-    """``(P flat [bh * size], PG [bh, G, L] or None)`` of one item."""
+    """``(P flat [bh * size], PG [bh, G, L] or None)`` of one item (the C kernels on CPU float32)."""
     plan, bh = it.plan, it.bh
+    if cpu_diffusion.usable(plan, cdt, q.device):
+        return cpu_diffusion.probs_forward(it, split, q.to(cdt), k.to(cdt), scale)
     g = plan.blocks.geom
-    bm, nb, ng = g.block_m, plan.nb, plan.ng
+    bm, nb = g.block_m, plan.nb
     qb = as_blocks(q.to(cdt), g.nqb, bm)  # [BH, nqb, BM, D]
     kp = padded_blocks(k.to(cdt), plan)  # [BH, npad, BN, D]
     P = torch.empty(bh * plan.size, dtype=cdt, device=q.device)
@@ -83,15 +86,7 @@ def _probs_forward(it: Item, split, q, k, scale, cdt):
         torch.ops.aten._softmax.out(tile, -1, False, out=tile)
         if c.empty_tokens is not None:  # rows with no visible key: zeros, not softmax's NaN
             tile.view(bh, R * bm, W)[:, c.empty_tokens.to(q.device)] = 0.0
-    PG = None
-    if ng:
-        G, _, row_bias = global_parts(split, g.q_len, g.nqb, bm, str(q.device))
-        D = q.shape[-1]
-        s = _scores(q.to(cdt).reshape(bh, -1, D)[:, G], k.to(cdt).reshape(bh, -1, D).transpose(1, 2), scale)
-        if row_bias is not None:
-            s += row_bias.to(cdt)
-        PG = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # [BH, G, L]
-    return P, PG
+    return P, dense_global_probs(split, q.to(cdt), k.to(cdt), scale, bh, g.q_len, g.nqb, bm)
 
 
 def _probs_backward(it: Item, split, q, k, P, dP, PG, dPG, scale, cdt):
@@ -198,7 +193,10 @@ def sparse_probs(q, k, layout: BlockLayout, schedule: Schedule, scale: float, sp
 # ---------------------------------------------------------------------------------------------
 
 def _hop_forward(it: Item, split, P, PG, z, v, beta, gamma):
+    """``beta P z + gamma v`` of one item (the C kernels on CPU float32)."""
     plan, bh = it.plan, it.bh
+    if cpu_diffusion.usable(plan, z.dtype, z.device, z.shape[-1]):
+        return cpu_diffusion.hop_forward(it, split, P, PG, z, v, beta, gamma)
     g = plan.blocks.geom
     bm, bn, nb, ng = g.block_m, g.block_n, plan.nb, plan.ng
     Bi, Hi, L, Dv = z.shape

@@ -121,6 +121,20 @@ def global_parts(split: GlobalSplit | None, L: int, nqb: int, bm: int, device: s
     return G.to(device), ok, row_bias
 
 
+def dense_global_probs(split: GlobalSplit | None, q: torch.Tensor, k: torch.Tensor, scale: float, bh: int, L: int,
+                       nqb: int, bm: int) -> torch.Tensor | None:
+    """``PG [BH, G, Lk]``: the dense rows of the global queries (softmax over every allowed key),
+    None without global tokens. ``q``, ``k`` are ``[Bi, Hi, L, D]`` in the compute dtype."""
+    if split is None:
+        return None
+    G, _, row_bias = global_parts(split, L, nqb, bm, str(q.device))
+    D = q.shape[-1]
+    s = torch.bmm(q.reshape(bh, -1, D)[:, G], k.reshape(bh, -1, D).transpose(1, 2)).mul_(scale)
+    if row_bias is not None:
+        s += row_bias.to(s.dtype)
+    return torch.softmax(s, dim=-1).nan_to_num_(0.0)  # [BH, G, Lk]
+
+
 @functools.lru_cache(maxsize=64)
 def plan_for(blocks: Blocks2D, schedule: Schedule, split: GlobalSplit | None) -> Plan:
     """The :class:`Plan` of one 2-D layout (cached): band, buckets, chunks, masks."""
@@ -176,7 +190,7 @@ def plan_for(blocks: Blocks2D, schedule: Schedule, split: GlobalSplit | None) ->
             step = np.diff(r)
             affine = (int(r[0]) + dlo + pad_lo, int(step[0]) if R > 1 else 1) \
                 if nb and (R == 1 or (step == step[0]).all()) else None
-            band_ids = np.where(band >= 0, band + pad_lo, 0).reshape(-1)
+            band_ids = (band + pad_lo).reshape(-1)  # >= 0: pad_lo covers the lowest band offset
             other_tok = (np.where(other >= 0, other + pad_lo, 0) * bn)[:, :, None] + np.arange(bn)
             rest = np.concatenate([other_tok.reshape(R, wo * bn), np.broadcast_to(gtok, (R, ng))], axis=1)
             chunks.append(Chunk(r, (int(r[0]), int(r[-1]) + 1) if consecutive else None, torch.from_numpy(r.copy()),

@@ -1,0 +1,105 @@
+"""The C kernels of the CPU diffusion stages (codegen/templates/cpu_diffusion.c) against the
+float64 reference and against the plain torch path, and their build fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncompiler as ac
+from attncompiler.codegen import cpu_build, cpu_diffusion
+from attncompiler.diffusion import diffuse, split_global_tokens
+from attncompiler.patterns.diffuser import diffuser
+from oracle import assert_matches_oracle
+
+pytestmark = pytest.mark.skipif(cpu_diffusion._library() is None,
+                                reason=f"C kernels unavailable here: {cpu_build.STATUS.get('cpu_diffusion')}")
+
+# Value heads a multiple of 16 so that the hop kernel runs too (the other diffusion tests use
+# odd value widths, which keep the torch hop).
+CASES = [
+    (diffuser(window=8, random_blocks=1, num_global=2, hops=3), 300, None),  # default block, ragged end
+    (diffuse(ac.sliding_window(5), hops=3), 50, 16),
+    (diffuser(window=8, random_blocks=1, num_global=1, hops=3, causal=True), 61, 16),
+    (diffuse(ac.sliding_window(3) | ac.global_tokens([0, 9]), hops=4, kernel="heat", t=2.0), 45, 8),
+    (diffuse(ac.random_blocks(2, block=8, seed=4) | ac.global_tokens([0, 30]), hops=2), 40, (8, 64)),
+    (diffuse(ac.block_local(8) & ac.mask(lambda b, h, q_idx, kv_idx: q_idx != 3), hops=2), 24, 8),  # an empty row
+]
+
+
+def _schedule(block):
+    if block is None:
+        return None
+    bm, tile = block if isinstance(block, tuple) else (block, 256 * 1024)
+    return ac.Schedule(block_m=bm, block_n=bm, tile_elems=tile)  # a small tile_elems: several chunks
+
+
+@pytest.mark.parametrize("case", CASES, ids=[repr(c[0])[:50] for c in CASES])
+def test_kernels_match_reference_forward_backward(case):
+    pattern, L, block = case
+    gen = torch.Generator().manual_seed(L)
+    q = torch.randn(2, 4, L, 16, generator=gen, requires_grad=True)
+    k = torch.randn(2, 2, L, 16, generator=gen, requires_grad=True)
+    v = torch.randn(2, 2, L, 32, generator=gen, requires_grad=True)
+    attn = ac.compile(pattern, backend="torch", schedule=_schedule(block))
+    out = attn(q, k, v)
+    assert_matches_oracle(out, ac.reference(pattern, q, k, v), (q, k, v), atol=2e-5, grad_atol=2e-5)
+
+
+def test_kernels_and_torch_ops_store_the_same_probabilities(monkeypatch):
+    from attncompiler.codegen import torch_diffusion as td
+    from attncompiler.codegen.torch_diffusion_plan import items_for
+
+    pattern = diffuser(window=16, random_blocks=2, num_global=3, hops=2)
+    split = split_global_tokens(pattern.base)
+    L = 200
+    layout = split.light.layout(L, L, 16, 16, batch=1, heads=2)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, L, 16, generator=gen) for _ in range(3))
+    sched = ac.Schedule(block_m=16, block_n=16, tile_elems=4096)
+    it = items_for(layout, sched, 1, 2, split)[0]
+    assert len(it.plan.chunks) > 1
+
+    def run():
+        P, PG = td._probs_forward(it, split, q, k, 0.25, torch.float32)
+        return P, td._hop_forward(it, split, P, PG, v, v, 0.9, 0.1)
+
+    native = run()
+    monkeypatch.setattr(cpu_diffusion, "usable", lambda *a, **kw: False)
+    plain = run()
+    for a, b in zip(native, plain):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_kernels_split_rows_across_threads():
+    pattern = diffuser(window=8, hops=2)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 3, 256, 16, generator=gen) for _ in range(3))
+    attn = ac.compile(pattern, backend="torch", schedule=ac.Schedule(block_m=16, block_n=16))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = attn(q, k, v)
+        torch.set_num_threads(2)
+        two = attn(q, k, v)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(one, two, atol=0, rtol=0)  # same arithmetic, row ranges only
+
+
+def test_build_falls_back_without_a_compiler_or_when_disabled(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    assert cpu_build._build("cpu_diffusion") is None
+    assert cpu_build.STATUS["cpu_diffusion"].startswith("build failed")
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    assert cpu_build._build("cpu_diffusion") is None
+    assert "no C compiler" in cpu_build.STATUS["cpu_diffusion"]
+    monkeypatch.setenv("ATTNC_CPU_KERNELS", "0")
+    assert not cpu_build.enabled()
+    assert cpu_build._build("cpu_diffusion") is None
+    monkeypatch.delenv("CC")
+    monkeypatch.delenv("ATTNC_CPU_KERNELS")
+    lib = cpu_build._build("cpu_diffusion")  # builds into the fresh cache directory
+    assert lib is not None and cpu_build.STATUS["cpu_diffusion"] == "loaded"
+    assert len(list(tmp_path.glob("cpu_diffusion_*.so"))) == 1
