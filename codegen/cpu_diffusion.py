@@ -135,5 +135,28 @@ def hop_forward(it, split, P, PG, z, v, beta: float, gamma: float):
         _run(one, R, bh)
     if plan.ng:  # the dense global rows (their tile rows are empty: gamma * v so far)
         G = global_parts(split, L, g.nqb, g.block_m, "cpu")[0]
-        out[:, G] += beta * torch.bmm(PG, zr)
+        out[:, G] += _dense_rows(lib, PG, zr, shift, beta)
     return out[:, :L].view(Bi, Hi, L, Dv)
+
+
+_ONE_ROW = (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+
+
+def _dense_rows(lib, PG: torch.Tensor, zr: torch.Tensor, shift: int, beta: float) -> torch.Tensor:
+    """``beta PG z`` ``[BH, G, Dv]``: the hop kernel on one block of the dense global rows (rows
+    padded to a multiple of 4) whose keys are all of ``z`` (the band from row 0)."""
+    bh, ng, Lk = PG.shape
+    Dv = zr.shape[-1]
+    pad = -ng % 4
+    PGp = torch.nn.functional.pad(PG, (0, 0, 0, pad)) if pad else PG.contiguous()
+    acc = torch.zeros(bh, ng + pad, Dv, dtype=torch.float32)  # also the "v" term, with gamma 0
+    band = torch.full((1,), shift, dtype=torch.long)
+    zero_row, empty = _ONE_ROW
+
+    def one(i, r0, r1):
+        return lib.hop_f32(PGp[i].data_ptr(), ng + pad, Lk, Lk, 0, Dv, band.data_ptr(), empty.data_ptr(), shift, Lk,
+                           zr[i].data_ptr(), acc[i].data_ptr(), zero_row.data_ptr(), acc[i].data_ptr(),
+                           zero_row.data_ptr(), beta, 0.0, r0, r1)
+
+    _run(one, 1, bh)
+    return acc[:, :ng]
