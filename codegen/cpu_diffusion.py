@@ -2,10 +2,11 @@
 
 For float32 on the CPU the torch stages (:mod:`.torch_diffusion`) hand each chunk of their plan
 to two kernels instead of torch ops: P (scores, mask and softmax in one pass per query block,
-keys read in place) and a hop (``gamma v + beta P z``, z rows read in place). The torch ops need
-a gathered copy of the other blocks, a separate product per part, a cat and separate axpby and
-softmax passes; the kernels do none of that. Stored P keeps its layout, so the backward (torch
-ops) is unchanged. Query blocks are split across ``torch.get_num_threads()`` threads.
+keys read in place) and a hop (``gamma v + beta P z``, z rows read in place; the dense global
+rows are one more block of it). The torch ops need a gathered copy of the other blocks, a
+separate product per part, a cat and separate axpby and softmax passes; the kernels do none of
+that. Stored P keeps its layout, so the backward (torch ops) is unchanged. Query blocks are
+split across ``torch.get_num_threads()`` threads.
 """
 
 from __future__ import annotations
@@ -64,20 +65,21 @@ def _chunk_args(plan, c) -> _ChunkArgs:
     return _ChunkArgs(band.contiguous(), c.rest_index.contiguous(), (c.q_index * g.block_m).contiguous(), pof, patch)
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 def _run(fn, R: int, bh: int) -> None:
-    """``fn(i, r0, r1)`` over heads and query-block ranges, on torch's thread count."""
+    """``fn(i, r0, r1)`` over heads and query-block ranges, on torch's thread count (a foreign
+    call releases the GIL)."""
     n = torch.get_num_threads()
     if n <= 1 or bh * R <= 1:
         codes = [fn(i, 0, R) for i in range(bh)]
     else:
-        global _POOL
-        if _POOL is None or _POOL._max_workers != n:
-            _POOL = ThreadPoolExecutor(max_workers=n)
+        pool = _POOLS.get(n)
+        if pool is None:
+            pool = _POOLS[n] = ThreadPoolExecutor(max_workers=n)
         step = -(-R // max(1, -(-n // bh)))  # row ranges per head so that every thread has work
-        codes = list(_POOL.map(lambda a: fn(*a), [(i, r0, min(R, r0 + step)) for i in range(bh)
+        codes = list(pool.map(lambda a: fn(*a), [(i, r0, min(R, r0 + step)) for i in range(bh)
                                                   for r0 in range(0, R, step)]))
     if any(codes):
         raise MemoryError("diffusion CPU kernel could not allocate its scratch buffers")
