@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from dataclasses import dataclass
 
@@ -166,6 +167,7 @@ class GlobalSplit:
 _MAX_SPLIT_TOKENS = 256
 
 
+@functools.lru_cache(maxsize=256)
 def split_global_tokens(base: Pattern) -> GlobalSplit | None:
     """Schedule decision: the :class:`GlobalSplit` of ``base``, or None when it has no global
     tokens at the top (``a | global_tokens(G)`` or ``(a | global_tokens(G)) & m``), depends on
@@ -368,6 +370,7 @@ class DiffusionAttention(CompiledAttention):
         self.auto_block = schedule is None
         self.hops_mode = "auto"
         self.head_block: int | str = "auto"
+        self._head_blocks: dict = {}  # head_block="auto" decisions per program and input shape
 
     def program_for(self, backend: str, seq_len: int | None = None, head_dim: int | None = None) -> Program:
         """The program run on ``backend`` under the current ``hops_mode`` (and, without an explicit
@@ -415,7 +418,14 @@ class DiffusionAttention(CompiledAttention):
             return run(q, k, v).to(q.dtype)  # a slice would see the layout of batch 0 / heads 0..
         block = self.head_block
         if block == "auto":
-            block = choose_diffusion_head_block(self.pattern, program, backend, q, k, v)
+            probs = next((st for st in program.stages if isinstance(st, SparseProbs)), None)
+            key = (probs and (probs.schedule, probs.split_globals), backend, q.device.type, q.dtype, tuple(q.shape),
+                   tuple(k.shape), v.shape[-1])
+            if key not in self._head_blocks:
+                if len(self._head_blocks) > 64:
+                    self._head_blocks.clear()
+                self._head_blocks[key] = choose_diffusion_head_block(self.pattern, program, backend, q, k, v)
+            block = self._head_blocks[key]
         elif not isinstance(block, int) or isinstance(block, bool) or block < 1:
             raise InputError(f"head_block={block!r} must be 'auto' or a positive int")
         return run_by_head_slices(run, q, k, v, block).to(q.dtype)

@@ -144,6 +144,11 @@ def hop_forward(it, split, P, PG, z, v, beta: float, gamma: float):
 _ONE_ROW = (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
 
 
+@functools.lru_cache(maxsize=64)
+def _band_from(shift: int) -> torch.Tensor:
+    return torch.full((1,), shift, dtype=torch.long)
+
+
 def _dense_rows(lib, PG: torch.Tensor, zr: torch.Tensor, shift: int, beta: float) -> torch.Tensor:
     """``beta PG z`` ``[BH, G, Dv]``: the hop kernel on one block of the dense global rows (rows
     padded to a multiple of 4) whose keys are all of ``z`` (the band from row 0)."""
@@ -152,7 +157,7 @@ def _dense_rows(lib, PG: torch.Tensor, zr: torch.Tensor, shift: int, beta: float
     pad = -ng % 4
     PGp = torch.nn.functional.pad(PG, (0, 0, 0, pad)) if pad else PG.contiguous()
     acc = torch.zeros(bh, ng + pad, Dv, dtype=torch.float32)  # also the "v" term, with gamma 0
-    band = torch.full((1,), shift, dtype=torch.long)
+    band = _band_from(shift)
     zero_row, empty = _ONE_ROW
 
     def one(i, r0, r1):

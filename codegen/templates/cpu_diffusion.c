@@ -61,6 +61,30 @@ static inline const float* key_row(const float* x, int64_t D, int64_t j, int64_t
     return p >= 0 && p < nrows ? x + p * D : zero;
 }
 
+/* dst[i * ld + t] = rows[t][d0 + i] for an 8 x 8 block (dst 32-byte aligned). */
+static inline void transpose8(const float* const* rows, int64_t d0, float* dst, int64_t ld) {
+    __m256 r0 = _mm256_loadu_ps(rows[0] + d0), r1 = _mm256_loadu_ps(rows[1] + d0);
+    __m256 r2 = _mm256_loadu_ps(rows[2] + d0), r3 = _mm256_loadu_ps(rows[3] + d0);
+    __m256 r4 = _mm256_loadu_ps(rows[4] + d0), r5 = _mm256_loadu_ps(rows[5] + d0);
+    __m256 r6 = _mm256_loadu_ps(rows[6] + d0), r7 = _mm256_loadu_ps(rows[7] + d0);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    _mm256_store_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_store_ps(dst + ld, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_store_ps(dst + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_store_ps(dst + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_store_ps(dst + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_store_ps(dst + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_store_ps(dst + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_store_ps(dst + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
 /* Softmax of one score row s[0..Wp) (entries W..Wp are padding) into out[0..W). */
 static void softmax_row(float* s, float* out, int64_t W, int64_t Wp) {
     for (int64_t j = W; j < Wp; j++) s[j] = -INFINITY;
@@ -101,7 +125,15 @@ int probs_f32(float* tile, int64_t BM, int64_t W, int64_t nbk, int64_t nr, int64
     }
     const __m256 sc = _mm256_set1_ps(scale);
     for (int64_t r = r0; r < r1; r++) {
-        for (int64_t j = 0; j < W; j++) {
+        int64_t j = 0;
+        if (D % 8 == 0) {  /* 8 keys x 8 dims at a time, transposed in registers */
+            const float* kr8[8];
+            for (; j + 8 <= W; j += 8) {
+                for (int t = 0; t < 8; t++) kr8[t] = key_row(k, D, j + t, r, nbk, nr, band_start, rest_idx, shift, nrows, zero);
+                for (int64_t d0 = 0; d0 < D; d0 += 8) transpose8(kr8, d0, KT + d0 * Wp + j, Wp);
+            }
+        }
+        for (; j < W; j++) {
             const float* kr = key_row(k, D, j, r, nbk, nr, band_start, rest_idx, shift, nrows, zero);
             for (int64_t d = 0; d < D; d++) KT[d * Wp + j] = kr[d];
         }
