@@ -416,19 +416,24 @@ class DiffusionAttention(CompiledAttention):
         base = self.pattern.base
         if stage_inputs or base.batch_dependent or base.head_period != 1:
             return run(q, k, v).to(q.dtype)  # a slice would see the layout of batch 0 / heads 0..
+        return run_by_head_slices(run, q, k, v, self._head_block_for(program, backend, q, k, v)).to(q.dtype)
+
+    def _head_block_for(self, program: Program, backend: str, q, k, v) -> int:
+        """``head_block`` as an int: ``"auto"`` asks :func:`choose_diffusion_head_block` once per
+        schedule and input shape."""
         block = self.head_block
-        if block == "auto":
-            probs = next((st for st in program.stages if isinstance(st, SparseProbs)), None)
-            key = (probs and (probs.schedule, probs.split_globals), backend, q.device.type, q.dtype, tuple(q.shape),
-                   tuple(k.shape), v.shape[-1])
-            if key not in self._head_blocks:
-                if len(self._head_blocks) > 64:
-                    self._head_blocks.clear()
-                self._head_blocks[key] = choose_diffusion_head_block(self.pattern, program, backend, q, k, v)
-            block = self._head_blocks[key]
-        elif not isinstance(block, int) or isinstance(block, bool) or block < 1:
-            raise InputError(f"head_block={block!r} must be 'auto' or a positive int")
-        return run_by_head_slices(run, q, k, v, block).to(q.dtype)
+        if block != "auto":
+            if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+                raise InputError(f"head_block={block!r} must be 'auto' or a positive int")
+            return block
+        probs = next((st for st in program.stages if isinstance(st, SparseProbs)), None)
+        key = (probs and (probs.schedule, probs.split_globals), backend, q.device.type, q.dtype, tuple(q.shape),
+               tuple(k.shape), v.shape[-1])
+        if key not in self._head_blocks:
+            if len(self._head_blocks) > 64:
+                self._head_blocks.clear()
+            self._head_blocks[key] = choose_diffusion_head_block(self.pattern, program, backend, q, k, v)
+        return self._head_blocks[key]
 
 
 def choose_diffusion_head_block(pattern: Diffusion, program: Program, backend: str, q, k, v) -> int:

@@ -6,17 +6,21 @@ How P is laid out (per 2-D layout, cached as a :class:`Plan`):
   (the band: sliding and block windows). Those blocks are a strided view of the keys (or of
   ``z`` in a hop), padded with zero blocks at both ends so every row reads the same band: no
   gather. The remaining blocks of a row (random blocks, ...) are gathered, ``wo`` per row
-  (rows are bucketed by how many they have; missing slots point at a zero block, masked).
+  (rows are bucketed by how many they have; missing slots point at a zero block, masked),
+  together with the global columns: the "rest" of the tile row.
 * **Global tokens apart** (schedule flag ``split_globals``, :func:`split_global_tokens`): the
   rows ``q in G`` are one dense ``[|G|, L]`` softmax, the columns ``k in G`` ``|G|`` extra columns
   of every tile; only the remaining pairs go through the layout, so global tokens no longer
-  drag whole blocks into every row. Each tile row ``[band | others | global columns]`` gets one
+  drag whole blocks into every row. Each tile row ``[band | other blocks | global keys]`` gets one
   in-place softmax, so P is normalized over all its parts.
-* **Masks** only on the rows that need them (edges, partial blocks, padding), precomputed.
+* **Masks** only on the rows that need them (edges, partial blocks, padding, global columns a
+  row may not see), precomputed.
 
-A hop is per (batch, head) one ``bmm`` on the band view, one ``baddbmm_`` on the gathered
-blocks and one ``addmm_`` on the global columns, written into the output rows in place.
-Backward: a hop gives ``dz = beta P^T g`` (scatter-added per key block), ``dv = gamma g`` and
+A hop is per (batch, head) one ``baddbmm_`` on the band view and one on the gathered rest
+(other blocks and global keys: one token gather), accumulated into the output rows in place
+after ``gamma * v``. On the CPU in float32 both the P stage and the hops run C kernels instead
+(:mod:`.cpu_diffusion`) on the same stored layout. Backward (torch ops): a hop gives
+``dz = beta P^T g`` (scatter-added per key block and rest row), ``dv = gamma g`` and
 ``dP = beta g z^T`` on the stored tiles; ``SparseProbs`` turns the summed ``dP`` into
 ``dS = P * (dP - rowsum(P * dP))`` in place and then into dq and dk.
 
