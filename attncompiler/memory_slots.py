@@ -287,7 +287,7 @@ def control_weights(pattern: Memory, k: torch.Tensor, param: torch.Tensor | None
 @register_reference(MEMORY)
 def _memory_reference(pattern: Memory, q, k, v, scale, *, param=None, control=None):
     B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = H // Hkv
     if isinstance(pattern.control, WindowControl):
         kt, vt, valid = _fifo_slots(k, v, pattern.slots, Lq)  # [B, Hkv, Lq, n, D], [Lq, n]

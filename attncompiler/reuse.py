@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import InputError, PatternError, UnsupportedError
+from .errors import InputError, PatternError
 from .pattern import Family, Pattern
 
 ALL = "all"

@@ -61,7 +61,7 @@ def layer_breakdown(stack: TransformerStack, x: torch.Tensor, reps: int) -> dict
     source layer keeping P, and a reused layer applying it."""
     blk0 = stack.layers[0]
     a = blk0.attn
-    E, H = a.embed_dim, a.num_heads
+    E = a.embed_dim
     h = blk0.ln1(x)
     q, k, v = a.project(h, h, h)
     ws = ProbsWorkspace()

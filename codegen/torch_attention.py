@@ -416,7 +416,6 @@ def backward_group(blocks: Blocks2D, plan, ops: _Operands, dout, lse, delta, dq,
 
 def _groups(layout: BlockLayout, B: int, H: int):
     """Yield (blocks, batch slice or index, head indices) covering every (b, h) once."""
-    gi = layout.group_index
     if len(layout.groups) == 1:
         yield layout.groups[0], None, None
         return

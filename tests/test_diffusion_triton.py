@@ -65,7 +65,7 @@ def test_triton_stored_p_kernels_store_the_softmax_on_the_layout():
     q, k = torch.randn(1, 1, 37, 16), torch.randn(1, 1, 37, 16)
     stage = SparseProbs(pattern=base, schedule=ac.Schedule(block_m=16, block_n=16))
     probs = run_sparse_probs(stage, {"q": q, "k": k}, RunContext(scale=0.25, batch=1, heads=1))["probs"]
-    lay, grp = probs.layout, probs.layout.groups[0]
+    grp = probs.layout.groups[0]
     dense = torch.zeros(48, 48)
     for blk, (r, c) in enumerate(zip(grp.rows, grp.cols)):
         dense[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = probs.tensors[0][0, blk]

@@ -1,0 +1,443 @@
+"""The primitive mask patterns (windows, strides, global tokens, random blocks, documents,
+traced ``mask_mod`` functions) and their public constructors, which validate the parameters.
+
+Each primitive knows its predicate as an :class:`~attncompiler.expr.Expr` and its block
+structure analytically (see :mod:`attncompiler.block_sets`). :mod:`attncompiler.pattern` holds
+the base class and the combinators and re-exports everything defined here.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from . import expr as E
+from .errors import PatternError
+from .expr import Expr
+from .expr_trace import trace
+from .pattern import Pattern, _check_int, _short_list
+
+# ---------------------------------------------------------------------------------------------
+# Primitives
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Full(Pattern):
+    """Every query sees every key."""
+
+    def predicate(self, q_len, kv_len):
+        return E.Const(True)
+
+    def __repr__(self) -> str:
+        return "ac.full()"
+
+
+@dataclass(frozen=True)
+class Causal(Pattern):
+    """Key ``k`` is visible to query ``q`` iff ``k <= q``."""
+
+    def predicate(self, q_len, kv_len):
+        return E.KV <= E.Q
+
+    def __repr__(self) -> str:
+        return "ac.causal()"
+
+
+@dataclass(frozen=True)
+class SlidingWindow(Pattern):
+    """``|q - k| <= window``."""
+
+    window: int
+
+    def predicate(self, q_len, kv_len):
+        return abs(E.Q - E.KV) <= self.window
+
+    def __repr__(self) -> str:
+        return f"ac.sliding_window({self.window})"
+
+
+@dataclass(frozen=True)
+class DilatedWindow(Pattern):
+    """``|q - k| <= window * dilation`` and ``(q - k) % dilation == 0``."""
+
+    window: int
+    dilation: int
+
+    def predicate(self, q_len, kv_len):
+        d = E.Q - E.KV
+        return (abs(d) <= self.window * self.dilation) & (d % self.dilation).eq(0)
+
+    def __repr__(self) -> str:
+        return f"ac.dilated_window({self.window}, {self.dilation})"
+
+
+@dataclass(frozen=True)
+class BlockLocal(Pattern):
+    """``q // block == k // block``."""
+
+    block: int
+
+    def predicate(self, q_len, kv_len):
+        return (E.Q // self.block).eq(E.KV // self.block)
+
+    def __repr__(self) -> str:
+        return f"ac.block_local({self.block})"
+
+
+@dataclass(frozen=True)
+class BlockWindow(Pattern):
+    """``|q // block - k // block| <= window``: a sliding window over whole blocks (BigBird)."""
+
+    window: int
+    block: int
+
+    def predicate(self, q_len, kv_len):
+        return abs(E.Q // self.block - E.KV // self.block) <= self.window
+
+    def __repr__(self) -> str:
+        return f"ac.block_window({self.window}, block={self.block})"
+
+
+@dataclass(frozen=True)
+class Strided(Pattern):
+    """``(q - k) % stride == 0``."""
+
+    stride: int
+
+    def predicate(self, q_len, kv_len):
+        return ((E.Q - E.KV) % self.stride).eq(0)
+
+    def __repr__(self) -> str:
+        return f"ac.strided({self.stride})"
+
+
+@dataclass(frozen=True)
+class GlobalTokens(Pattern):
+    """``q in indices or k in indices``: global tokens see and are seen by everything."""
+
+    indices: tuple[int, ...]
+
+    def validate(self, q_len, kv_len):
+        bad = [i for i in self.indices if i >= max(q_len, kv_len)]
+        if bad:
+            raise PatternError(
+                f"global token indices {bad[:5]} are out of range for q_len={q_len}, kv_len={kv_len}; "
+                "indices must be < the sequence length"
+            )
+
+    def runs(self) -> list[tuple[int, int]]:
+        """The indices as maximal half-open ranges ``[lo, hi)``."""
+        out: list[list[int]] = []
+        for i in self.indices:
+            if out and out[-1][1] == i:
+                out[-1][1] = i + 1
+            else:
+                out.append([i, i + 1])
+        return [(a, b) for a, b in out]
+
+    def predicate(self, q_len, kv_len):
+        runs = self.runs()
+        if len(runs) <= 4:  # a few range checks keep the rendered kernel independent of L
+            def member(x: Expr) -> Expr:
+                terms = [x.eq(lo) if hi == lo + 1 else (x >= lo) & (x < hi) for lo, hi in runs]
+                return functools.reduce(lambda a, b: a | b, terms)
+        else:
+            is_global = np.zeros(max(q_len, kv_len, self.indices[-1] + 1), dtype=np.int64)
+            is_global[list(self.indices)] = 1
+            buf = E.Buffer("is_global", is_global)
+
+            def member(x: Expr) -> Expr:
+                return E.Load(buf, x, 0).eq(1)
+        return member(E.Q) | member(E.KV)
+
+    def __repr__(self) -> str:
+        return f"ac.global_tokens({_short_list(self.indices)})"
+
+
+@dataclass(frozen=True)
+class RandomBlocks(Pattern):
+    """Each query block (of ``block`` rows) sees ``count`` distinct key blocks drawn from ``seed``."""
+
+    count: int
+    block: int
+    seed: int
+
+    def table(self, q_len: int, kv_len: int) -> np.ndarray:
+        """``[ceil(q_len/block), min(count, nkb)]`` key-block ids per query block (cached)."""
+        return _random_block_table(self.count, self.block, self.seed, -(-q_len // self.block), -(-kv_len // self.block))
+
+    def predicate(self, q_len, kv_len):
+        tab = self.table(q_len, kv_len)
+        r = tab.shape[1]
+        if r == 0:
+            return E.Const(False)
+        buf = E.Buffer("random_blocks", tab.reshape(-1))
+        row = (E.Q // self.block) * r
+        kb = E.KV // self.block
+        out: Expr = E.Const(False)
+        for j in range(r):
+            out = out | E.Load(buf, row + j).eq(kb)
+        return out
+
+    def __repr__(self) -> str:
+        return f"ac.random_blocks({self.count}, block={self.block}, seed={self.seed})"
+
+
+@functools.lru_cache(maxsize=64)
+def _random_block_table(count: int, block: int, seed: int, nqb: int, nkb: int) -> np.ndarray:
+    r = min(count, nkb)
+    if r == nkb:
+        tab = np.broadcast_to(np.arange(nkb, dtype=np.int64), (nqb, nkb)).copy()
+    else:
+        rng = np.random.default_rng(seed)
+        tab = np.empty((nqb, r), dtype=np.int64)
+        for j in range(r):  # draw column j; redraw the rows that collide with earlier picks
+            cand = rng.integers(0, nkb, size=nqb)
+            clash = (tab[:, :j] == cand[:, None]).any(axis=1)
+            while clash.any():
+                cand[clash] = rng.integers(0, nkb, size=int(clash.sum()))
+                clash = (tab[:, :j] == cand[:, None]).any(axis=1)
+            tab[:, j] = cand
+        tab.sort(axis=1)
+    tab.setflags(write=False)
+    return tab
+
+
+@dataclass(frozen=True)
+class PrefixLM(Pattern):
+    """``k < prefix or k <= q``: a bidirectional prefix followed by causal attention."""
+
+    prefix: int
+
+    def predicate(self, q_len, kv_len):
+        return (E.KV < self.prefix) | (E.KV <= E.Q)
+
+    def __repr__(self) -> str:
+        return f"ac.prefix_lm({self.prefix})"
+
+
+@dataclass(frozen=True)
+class Document(Pattern):
+    """Query and key lie in the same segment of a packed sequence of these lengths.
+
+    Positions past ``sum(lengths)`` belong to no document and see nothing.
+    """
+
+    lengths: tuple[int, ...]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+
+    def predicate(self, q_len, kv_len):
+        ids = np.repeat(np.arange(len(self.lengths), dtype=np.int64), self.lengths)
+        buf = E.Buffer("doc_id", ids)
+        return E.Load(buf, E.Q, -1).eq(E.Load(buf, E.KV, -2))
+
+    def __repr__(self) -> str:
+        return f"ac.document({_short_list(self.lengths)})"
+
+
+@dataclass(frozen=True, eq=False)
+class Mask(Pattern):
+    """A FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+
+    Traced into an :class:`Expr` when possible (``expr`` is then set and the pattern compares
+    structurally); otherwise kept opaque and evaluated chunk by chunk on tensors.
+    """
+
+    fn: Callable | None
+    expr: Expr | None
+    per_head: bool = False
+    per_batch: bool = False
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mask):
+            return NotImplemented
+        if self.expr is not None or other.expr is not None:
+            return self.expr == other.expr
+        return (self.fn, self.per_head, self.per_batch) == (other.fn, other.per_head, other.per_batch)
+
+    def __hash__(self) -> int:
+        return hash(("mask", self.expr)) if self.expr is not None else hash(("mask", self.fn, self.per_head, self.per_batch))
+
+    @property
+    def traced(self) -> bool:
+        return self.expr is not None
+
+    @property
+    def head_period(self):
+        if self.expr is not None:
+            return None if "h" in self.expr.variables() else 1
+        return None if self.per_head else 1
+
+    @property
+    def batch_dependent(self):
+        if self.expr is not None:
+            return "b" in self.expr.variables()
+        return self.per_batch
+
+    def specialize(self, b, h):
+        if self.expr is not None and self.expr.variables() & {"b", "h"}:
+            return Mask(None, E.substitute(self.expr, {"b": b, "h": h}))
+        if self.expr is None and (self.per_head or self.per_batch):
+            return Mask(functools.partial(_call_at, self.fn, b, h), None)
+        return self
+
+    def predicate(self, q_len, kv_len):
+        return self.expr
+
+    def evaluate(self, b, h, q_idx, kv_idx, q_len, kv_len):
+        if self.expr is not None:
+            return super().evaluate(b, h, q_idx, kv_idx, q_len, kv_len)
+        shape = torch.broadcast_shapes(q_idx.shape, kv_idx.shape)
+        try:
+            out = self.fn(torch.as_tensor(b), torch.as_tensor(h), q_idx, kv_idx)
+        except Exception as e:  # a user function failing on tensors: say which and how
+            raise PatternError(f"mask_mod {_fn_name(self.fn)} raised {type(e).__name__}: {e}") from e
+        if not isinstance(out, torch.Tensor):
+            try:
+                out = torch.as_tensor(out)
+            except (TypeError, RuntimeError, ValueError):
+                raise PatternError(
+                    f"mask_mod {_fn_name(self.fn)} returned {type(out).__name__} {out!r}; "
+                    "it must return a bool tensor") from None
+        if out.dtype != torch.bool:
+            raise PatternError(
+                f"mask_mod {_fn_name(self.fn)} returned dtype {out.dtype}; it must return a bool tensor"
+            )
+        try:
+            return torch.broadcast_to(out, shape)
+        except RuntimeError:
+            raise PatternError(
+                f"mask_mod {_fn_name(self.fn)} returned shape {tuple(out.shape)} for index tensors "
+                f"broadcasting to {tuple(shape)}; it must be element-wise"
+            ) from None
+
+    def __repr__(self) -> str:
+        if self.expr is not None:
+            return f"ac.mask(lambda b, h, q_idx, kv_idx: {self.expr!r})"
+        return f"ac.mask({_fn_name(self.fn)})"
+
+
+def _call_at(fn, b, h, _b, _h, q, k):
+    return fn(torch.as_tensor(b), torch.as_tensor(h), q, k)
+
+
+def _fn_name(fn) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.args[0] if fn.func is _call_at else fn.func
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public constructors (validation lives here)
+# ---------------------------------------------------------------------------------------------
+
+def full() -> Pattern:
+    """Dense attention: every query sees every key."""
+    return Full()
+
+
+def causal() -> Pattern:
+    """Causal attention: key ``k`` is visible to query ``q`` iff ``k <= q``."""
+    return Causal()
+
+
+def sliding_window(window: int) -> Pattern:
+    """Local attention: ``|q - k| <= window`` (``window`` keys on each side plus the diagonal)."""
+    return SlidingWindow(_check_int("window", window, 0))
+
+
+def dilated_window(window: int, dilation: int) -> Pattern:
+    """Dilated local attention: ``|q - k| <= window * dilation`` and ``(q - k) % dilation == 0``."""
+    return DilatedWindow(_check_int("window", window, 0), _check_int("dilation", dilation, 1))
+
+
+def block_local(block: int) -> Pattern:
+    """Block-diagonal attention: ``q // block == k // block``."""
+    return BlockLocal(_check_int("block", block, 1))
+
+
+def block_window(window: int, block: int) -> Pattern:
+    """Block-granular sliding window: ``|q // block - k // block| <= window`` (BigBird's window).
+
+    Args:
+        window: how many neighbouring blocks on each side a query block sees.
+        block: the block size in tokens.
+    """
+    return BlockWindow(_check_int("window", window, 0), _check_int("block", block, 1))
+
+
+def strided(stride: int) -> Pattern:
+    """Strided attention: ``(q - k) % stride == 0``."""
+    return Strided(_check_int("stride", stride, 1))
+
+
+def global_tokens(indices: Iterable[int]) -> Pattern:
+    """Global tokens: ``q in indices or k in indices``.
+
+    Args:
+        indices: positions that attend to, and are attended by, every position.
+    """
+    if isinstance(indices, (int, np.integer)):
+        indices = [indices]
+    try:
+        idx = sorted({_check_int("global token index", i, 0) for i in indices})
+    except TypeError:
+        raise PatternError(f"global_tokens needs an iterable of integers, got {indices!r}") from None
+    if not idx:
+        raise PatternError("global_tokens([]) is empty; pass at least one index (or drop the term)")
+    return GlobalTokens(tuple(idx))
+
+
+def random_blocks(count: int, block: int, seed: int = 0) -> Pattern:
+    """Random block attention (BigBird): each query block sees ``count`` distinct key blocks.
+
+    The draw is deterministic for a given ``seed`` and number of blocks. When there are fewer
+    than ``count`` key blocks, every key block is seen.
+    """
+    return RandomBlocks(_check_int("count", count, 0), _check_int("block", block, 1), _check_int("seed", seed, 0))
+
+
+def prefix_lm(prefix: int) -> Pattern:
+    """Prefix-LM attention: ``k < prefix or k <= q``."""
+    return PrefixLM(_check_int("prefix", prefix, 0))
+
+
+def document(lengths: Iterable[int]) -> Pattern:
+    """Document packing: query and key fall in the same segment of the packed sequence.
+
+    Args:
+        lengths: the length of each packed document, in order; positions past their sum
+            belong to no document and see no key.
+    """
+    try:
+        ls = tuple(_check_int("document length", n, 1) for n in lengths)
+    except TypeError:
+        raise PatternError(f"document needs an iterable of positive lengths, got {lengths!r}") from None
+    if not ls:
+        raise PatternError("document([]) has no documents; pass at least one length")
+    return Document(ls)
+
+
+def mask(fn: Callable, *, per_head: bool = False, per_batch: bool = False) -> Pattern:
+    """A pattern from a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+
+    ``fn`` is first called with symbolic indices. If it uses only arithmetic, comparisons,
+    ``& | ~ % //``, ``abs``, ``torch.where`` and indexing of 1-D integer tensors, the result
+    is an :class:`Expr` the compiler analyzes and renders into kernels, and ``b``/``h``
+    dependence is detected. Otherwise ``fn`` stays opaque and is evaluated chunk by chunk;
+    declare ``per_head``/``per_batch`` if it then depends on ``h``/``b`` (FlexAttention's
+    ``B=None, H=None`` broadcast is the default).
+    """
+    if not callable(fn):
+        raise PatternError(f"mask() needs a callable mask_mod(b, h, q_idx, kv_idx), got {fn!r}")
+    e = trace(fn)
+    if e is not None:
+        return Mask(None, e)
+    return Mask(fn, None, bool(per_head), bool(per_batch))
