@@ -9,7 +9,7 @@ any values (no projections, no QK^T, no softmax). Both are differentiable and ex
 ``dv = P^T dout`` and ``dP = dout v^T`` from every use are summed by autograd before the softmax
 backward ``dS = P * (dP - rowsum(P * dP))`` gives ``dq`` and ``dk``.
 
-The storage reuses :func:`torch_attention.make_plan`'s buckets, chunks, strided key views and
+The storage reuses :func:`torch_attention_plan.make_plan`'s buckets, chunks, strided key views and
 step masks, with one step per chunk (a whole row is normalized at once): per (batch, kv head)
 the flat tensor holds each chunk's ``[R, G*bm, W*bn]`` tile back to back (GQA query heads are
 folded into the rows, as in the attention kernel). Layouts whose block structure depends on the
@@ -28,8 +28,8 @@ from attncompiler.errors import InputError, UnsupportedError
 from attncompiler.layout import BlockLayout, Blocks2D
 from attncompiler.schedule import Schedule
 
-from .torch_attention import (Chunk, _compute_dtype, _fold, _Operands, _pad_len, _step_bias, _write_rows,
-                              key_blocks, make_plan, step_keys)
+from .torch_attention import _compute_dtype, _fold, _Operands, _pad_len, _write_rows, key_blocks, step_keys
+from .torch_attention_plan import Chunk, _step_bias, make_plan
 
 
 @dataclass(frozen=True, eq=False)
