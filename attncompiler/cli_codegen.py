@@ -150,7 +150,25 @@ def cmd_explain(args) -> int:
         print(f"5. kernels   {path}  (stages {idx}, {len(path.read_text().splitlines())} lines)")
     if not stages and not family:
         print("4. kernels   none: every stage of this program runs as PyTorch ops")
+    for line in _cpu_kernel_lines(program):
+        print(line)
     return 0
+
+
+def _cpu_kernel_lines(program) -> list[str]:
+    """Where the torch backend on CPU runs C kernels for this program's stages, and whether they
+    are built here (see ``codegen/cpu_build.py``)."""
+    from attncompiler.codegen import cpu_build
+    from attncompiler.diffusion import DiffusionHop, SparseProbs
+
+    idx = [i for i, st in enumerate(program.stages) if isinstance(st, (SparseProbs, DiffusionHop))]
+    if not idx:
+        return []
+    lib = cpu_build.load("cpu_diffusion")
+    state = f"built: {lib._name}" if lib is not None else f"not used here: {cpu_build.STATUS.get('cpu_diffusion')}"
+    return [f"6. CPU       torch backend, float32: stages {idx} run the C kernels of "
+            "codegen/templates/cpu_diffusion.c",
+            f"             ({state})"]
 
 
 def register(subparsers) -> None:

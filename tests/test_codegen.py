@@ -281,6 +281,20 @@ def test_cli_explain_per_head_pattern(capsys):
     assert "2 group(s) over 2 head(s)" in out and "h % 2 == 0" in out
 
 
+def test_cli_explain_names_the_cpu_kernels_of_diffusion(capsys, monkeypatch):
+    from attncompiler.codegen import cpu_build
+
+    assert main(["explain", "diffuser", "--seq-len", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "6. CPU" in out and "cpu_diffusion.c" in out and "stages [0, 1, 2, 3, 4, 5]" in out
+    monkeypatch.setattr(cpu_build, "_LIBS", {})
+    monkeypatch.setenv("ATTNC_CPU_KERNELS", "0")
+    assert main(["explain", "diffuser", "--seq-len", "256"]) == 0
+    assert "not used here: disabled" in capsys.readouterr().out
+    assert main(["explain", "bigbird", "--seq-len", "256"]) == 0
+    assert "6. CPU" not in capsys.readouterr().out
+
+
 def test_cli_bad_pattern_options(capsys):
     assert main(["explain", "bigbird", "--nonsense", "1"]) == 2
     assert "--nonsense" in capsys.readouterr().err
