@@ -24,6 +24,7 @@ CASES = [
     (diffuse(ac.sliding_window(3) | ac.global_tokens([0, 9]), hops=4, kernel="heat", t=2.0), 45, 8),
     (diffuse(ac.random_blocks(2, block=8, seed=4) | ac.global_tokens([0, 30]), hops=2), 40, (8, 64)),
     (diffuse(ac.block_local(8) & ac.mask(lambda b, h, q_idx, kv_idx: q_idx != 3), hops=2), 24, 8),  # an empty row
+    (diffuser(window=20, random_blocks=1, num_global=3, hops=2, causal=True), 97, 10),  # tails of 2 rows, no transpose
 ]
 
 
@@ -44,6 +45,18 @@ def test_kernels_match_reference_forward_backward(case):
     attn = ac.compile(pattern, backend="torch", schedule=_schedule(block))
     out = attn(q, k, v)
     assert_matches_oracle(out, ac.reference(pattern, q, k, v), (q, k, v), atol=2e-5, grad_atol=2e-5)
+
+
+@pytest.mark.parametrize("head_dim,block", [(12, 16), (12, 10), (40, 32)])
+def test_kernels_with_head_dims_off_the_vector_width(head_dim, block):
+    # head_dim % 8 != 0 takes the scalar key transposes; 40 with blocks of 32: two band tiles of
+    # 16 per key block and a rest of 36 keys padded to 48 columns.
+    pattern = diffuser(window=2 * block, random_blocks=1, num_global=2, hops=2)
+    gen = torch.Generator().manual_seed(head_dim + block)
+    q, k = (torch.randn(1, 2, 150, head_dim, generator=gen, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 2, 150, 16, generator=gen, requires_grad=True)
+    attn = ac.compile(pattern, backend="torch", schedule=ac.Schedule(block_m=block, block_n=block))
+    assert_matches_oracle(attn(q, k, v), ac.reference(pattern, q, k, v), (q, k, v), atol=2e-5, grad_atol=2e-5)
 
 
 def test_kernels_and_torch_ops_store_the_same_probabilities(monkeypatch):

@@ -1,17 +1,20 @@
 /* CPU kernels (x86-64, AVX2 + FMA) of the stored-P diffusion stages, float32.
  *
- * Both work on one chunk of the torch stages' plan (codegen/torch_diffusion_plan.py): query
+ * They work on one chunk of the torch stages' plan (codegen/torch_diffusion_plan.py): query
  * blocks r = r0..r1-1 of the chunk, each with a [BM, W] tile of P whose columns are W keys:
  * nbk band keys from row band_start[r], then nr "rest" keys (other blocks, global keys) at rows
  * rest_idx[r * nr + j]. Those are rows of the plan's padded numbering; row p is row p - shift of
  * the key (or z) array itself, and rows outside [0, nrows) read as zeros, so the arrays are used
- * as they are, without padded copies. Every product is a 4-row x 16-column register tile
- * accumulated over the keys, read in place (no gathered copies, no temporaries in memory).
+ * as they are, without padded copies. Every product is a register tile of a few rows x 16
+ * columns accumulated over the keys (or dims), read in place.
  *
- *   probs_f32: tile[r] = row-softmax(scale * q_r k^T + mask[r]), rows without a key give zeros.
- *   hop_f32:   out[r]  = gamma * v_r + beta * tile[r] @ z   (the axpby fused into the product).
+ *   transpose_f32:   a head's keys transposed per key block, once per P stage.
+ *   probs_f32:       tile[r] = row-softmax(scale * q_r k^T + mask[r]), rows without a key give
+ *                    zeros; band keys read from the transposed keys, the others packed per block.
+ *   dense_probs_f32: the same for the dense global rows (every key).
+ *   hop_f32:         out[r] = gamma * v_r + beta * tile[r] @ z (the axpby fused into the product).
  *
- * Needs BM % 4 == 0 (both) and Dv % 16 == 0 (hop); the caller checks.
+ * Needs Dv % 16 == 0 (hop) and, to use the transposed keys, bn % 16 == 0; the caller checks.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -85,6 +88,30 @@ static inline void transpose8(const float* const* rows, int64_t d0, float* dst, 
     _mm256_store_ps(dst + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 
+/* dst[i * ld + t] = rows[t][d0 + i] for an 8 x 8 block (any alignment). */
+static inline void transpose8u(const float* const* rows, int64_t d0, float* dst, int64_t ld) {
+    __m256 r0 = _mm256_loadu_ps(rows[0] + d0), r1 = _mm256_loadu_ps(rows[1] + d0);
+    __m256 r2 = _mm256_loadu_ps(rows[2] + d0), r3 = _mm256_loadu_ps(rows[3] + d0);
+    __m256 r4 = _mm256_loadu_ps(rows[4] + d0), r5 = _mm256_loadu_ps(rows[5] + d0);
+    __m256 r6 = _mm256_loadu_ps(rows[6] + d0), r7 = _mm256_loadu_ps(rows[7] + d0);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(dst + ld, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
 /* Softmax of one score row s[0..Wp) (entries W..Wp are padding) into out[0..W). */
 static void softmax_row(float* s, float* out, int64_t W, int64_t Wp) {
     for (int64_t j = W; j < Wp; j++) s[j] = -INFINITY;
@@ -108,17 +135,80 @@ static void softmax_row(float* s, float* out, int64_t W, int64_t Wp) {
     for (; j < W; j++) out[j] = s[j] * inv;
 }
 
+/* A head's keys transposed per block of bn rows, in the plan's padded row numbering: padded
+ * row p (x row p - lo; zeros outside [lo, lo + n)) goes to xt[(p / bn) * D * bn + d * bn + p % bn].
+ * The P kernels then read a band's key columns in place, 16 at a time. */
+int transpose_f32(const float* x, int64_t n, int64_t D, float* xt, int64_t nblk, int64_t bn, int64_t lo)
+{
+    float* zero = calloc(D, sizeof(float));
+    if (!zero) return 1;
+    for (int64_t blk = 0; blk < nblk; blk++) {
+        float* dst = xt + blk * D * bn;
+        const float* rows[8];
+        int64_t t = 0;
+        for (; D % 8 == 0 && t + 8 <= bn; t += 8) {
+            for (int i = 0; i < 8; i++) {
+                int64_t p = blk * bn + t + i - lo;
+                rows[i] = p >= 0 && p < n ? x + p * D : zero;
+            }
+            for (int64_t d0 = 0; d0 < D; d0 += 8) transpose8u(rows, d0, dst + d0 * bn + t, bn);
+        }
+        for (; t < bn; t++) {
+            int64_t p = blk * bn + t - lo;
+            for (int64_t d = 0; d < D; d++) dst[d * bn + t] = p >= 0 && p < n ? x[p * D + d] : 0.0f;
+        }
+    }
+    free(zero);
+    return 0;
+}
+
+/* s[i * lds + 0..16) = scale * q_i . (16 key columns b[d * ldb + 0..16)) for the NR query rows
+ * q_i = q0 + i * D. */
+static inline __attribute__((always_inline)) void score_tile(const int NR, const float* q0, int64_t D,
+        const float* b, int64_t ldb, float* s, int64_t lds, __m256 sc) {
+    __m256 a[4][2];
+    for (int i = 0; i < NR; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        const float* bd = b + d * ldb;
+        __m256 b0 = _mm256_loadu_ps(bd), b1 = _mm256_loadu_ps(bd + 8);
+        for (int i = 0; i < NR; i++) {
+            __m256 x = _mm256_broadcast_ss(q0 + i * D + d);
+            a[i][0] = _mm256_fmadd_ps(x, b0, a[i][0]);
+            a[i][1] = _mm256_fmadd_ps(x, b1, a[i][1]);
+        }
+    }
+    for (int i = 0; i < NR; i++) {
+        _mm256_store_ps(s + i * lds, _mm256_mul_ps(a[i][0], sc));
+        _mm256_store_ps(s + i * lds + 8, _mm256_mul_ps(a[i][1], sc));
+    }
+}
+
+/* Scores of BM query rows against one 16-column slice of keys, in row tiles of 4 (then 2, 1). */
+static void score_rows(const float* q, int64_t BM, int64_t D, const float* b, int64_t ldb, float* s, int64_t lds,
+                       __m256 sc) {
+    int64_t i = 0;
+    for (; i + 4 <= BM; i += 4) score_tile(4, q + i * D, D, b, ldb, s + i * lds, lds, sc);
+    for (; i + 2 <= BM; i += 2) score_tile(2, q + i * D, D, b, ldb, s + i * lds, lds, sc);
+    for (; i < BM; i++) score_tile(1, q + i * D, D, b, ldb, s + i * lds, lds, sc);
+}
+
+/* Column j of the transposed keys (blocked layout of transpose_f32) in a tile walk. */
+static inline const float* kt_col(const float* kt, int64_t D, int64_t bn, int64_t p) {
+    return kt + p / bn * D * bn + p % bn;
+}
+
 int probs_f32(float* tile, int64_t BM, int64_t W, int64_t nbk, int64_t nr, int64_t D,
               const int64_t* band_start, const int64_t* rest_idx, int64_t shift, int64_t nrows,
-              const float* k, const float* q, const int64_t* qrow, float scale,
+              const float* k, const float* kt, int64_t bn, const float* q, const int64_t* qrow, float scale,
               const int64_t* patch_of_row, const float* patch, int64_t r0, int64_t r1)
 {
-    int64_t Wp = (W + 15) / 16 * 16;
-    float* KT = aligned_alloc(32, sizeof(float) * D * Wp);  /* the row's keys, transposed */
-    float* S = aligned_alloc(32, sizeof(float) * 4 * Wp);   /* scores of 4 query rows */
+    int64_t jb = kt && bn % 16 == 0 ? nbk / 16 * 16 : 0;  /* band columns read from kt in place */
+    int64_t Wr = W - jb, Wrp = (Wr + 15) / 16 * 16, Wp = jb + Wrp;
+    float* KR = aligned_alloc(32, sizeof(float) * D * (Wrp > 0 ? Wrp : 16));  /* the other keys, transposed */
+    float* S = aligned_alloc(32, sizeof(float) * BM * (Wp > 0 ? Wp : 16));  /* the block's scores */
     float* zero = calloc(D, sizeof(float));
-    if (!KT || !S || !zero) {
-        free(KT);
+    if (!KR || !S || !zero) {
+        free(KR);
         free(S);
         free(zero);
         return 1;
@@ -128,62 +218,101 @@ int probs_f32(float* tile, int64_t BM, int64_t W, int64_t nbk, int64_t nr, int64
         int64_t j = 0;
         if (D % 8 == 0) {  /* 8 keys x 8 dims at a time, transposed in registers */
             const float* kr8[8];
-            for (; j + 8 <= W; j += 8) {
-                for (int t = 0; t < 8; t++) kr8[t] = key_row(k, D, j + t, r, nbk, nr, band_start, rest_idx, shift, nrows, zero);
-                for (int64_t d0 = 0; d0 < D; d0 += 8) transpose8(kr8, d0, KT + d0 * Wp + j, Wp);
+            for (; j + 8 <= Wr; j += 8) {
+                for (int t = 0; t < 8; t++)
+                    kr8[t] = key_row(k, D, jb + j + t, r, nbk, nr, band_start, rest_idx, shift, nrows, zero);
+                for (int64_t d0 = 0; d0 < D; d0 += 8) transpose8(kr8, d0, KR + d0 * Wrp + j, Wrp);
             }
         }
-        for (; j < W; j++) {
-            const float* kr = key_row(k, D, j, r, nbk, nr, band_start, rest_idx, shift, nrows, zero);
-            for (int64_t d = 0; d < D; d++) KT[d * Wp + j] = kr[d];
+        for (; j < Wr; j++) {
+            const float* kr = key_row(k, D, jb + j, r, nbk, nr, band_start, rest_idx, shift, nrows, zero);
+            for (int64_t d = 0; d < D; d++) KR[d * Wrp + j] = kr[d];
         }
         for (int64_t d = 0; d < D; d++)
-            for (int64_t j = W; j < Wp; j++) KT[d * Wp + j] = 0.0f;
+            for (int64_t j = Wr; j < Wrp; j++) KR[d * Wrp + j] = 0.0f;
         const float* qr = q + qrow[r] * D;
+        /* columns outermost: a 16-column slice of the transposed keys stays in L1 over the rows */
+        for (int64_t j0 = 0; j0 < jb; j0 += 16)
+            score_rows(qr, BM, D, kt_col(kt, D, bn, band_start[r] + j0), bn, S + j0, Wp, sc);
+        for (int64_t j0 = jb; j0 < Wp; j0 += 16)
+            score_rows(qr, BM, D, KR + (j0 - jb), Wrp, S + j0, Wp, sc);
         float* Pr = tile + r * BM * W;
         const float* mask = patch_of_row[r] >= 0 ? patch + patch_of_row[r] * BM * W : NULL;
-        for (int64_t i0 = 0; i0 < BM; i0 += 4) {
-            const float* q0 = qr + i0 * D;
-            for (int64_t j0 = 0; j0 < Wp; j0 += 16) {
-                __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps();
-                __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps();
-                __m256 a20 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps();
-                __m256 a30 = _mm256_setzero_ps(), a31 = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d++) {
-                    const float* kt = KT + d * Wp + j0;
-                    __m256 b0 = _mm256_load_ps(kt), b1 = _mm256_load_ps(kt + 8), x;
-                    x = _mm256_broadcast_ss(q0 + d);
-                    a00 = _mm256_fmadd_ps(x, b0, a00); a01 = _mm256_fmadd_ps(x, b1, a01);
-                    x = _mm256_broadcast_ss(q0 + D + d);
-                    a10 = _mm256_fmadd_ps(x, b0, a10); a11 = _mm256_fmadd_ps(x, b1, a11);
-                    x = _mm256_broadcast_ss(q0 + 2 * D + d);
-                    a20 = _mm256_fmadd_ps(x, b0, a20); a21 = _mm256_fmadd_ps(x, b1, a21);
-                    x = _mm256_broadcast_ss(q0 + 3 * D + d);
-                    a30 = _mm256_fmadd_ps(x, b0, a30); a31 = _mm256_fmadd_ps(x, b1, a31);
-                }
-                _mm256_store_ps(S + j0, _mm256_mul_ps(a00, sc));
-                _mm256_store_ps(S + j0 + 8, _mm256_mul_ps(a01, sc));
-                _mm256_store_ps(S + Wp + j0, _mm256_mul_ps(a10, sc));
-                _mm256_store_ps(S + Wp + j0 + 8, _mm256_mul_ps(a11, sc));
-                _mm256_store_ps(S + 2 * Wp + j0, _mm256_mul_ps(a20, sc));
-                _mm256_store_ps(S + 2 * Wp + j0 + 8, _mm256_mul_ps(a21, sc));
-                _mm256_store_ps(S + 3 * Wp + j0, _mm256_mul_ps(a30, sc));
-                _mm256_store_ps(S + 3 * Wp + j0 + 8, _mm256_mul_ps(a31, sc));
+        for (int64_t i = 0; i < BM; i++) {
+            float* s = S + i * Wp;
+            if (mask) {
+                const float* m = mask + i * W;
+                for (int64_t j = 0; j < W; j++) s[j] += m[j];
             }
-            for (int64_t i = 0; i < 4; i++) {
-                float* s = S + i * Wp;
-                if (mask) {
-                    const float* m = mask + (i0 + i) * W;
-                    for (int64_t j = 0; j < W; j++) s[j] += m[j];
-                }
-                softmax_row(s, Pr + (i0 + i) * W, W, Wp);
-            }
+            softmax_row(s, Pr + i * W, W, Wp);
         }
     }
-    free(KT);
+    free(KR);
     free(S);
     free(zero);
     return 0;
+}
+
+/* The dense rows of ng consecutive global queries q[0..ng): out[i] = row-softmax(scale q_i k^T
+ * + bias[i]) over all n keys, read from kt (transpose_f32; needs bn % 16 == 0) from padded row lo;
+ * bias may be NULL. */
+int dense_probs_f32(float* out, int64_t ng, int64_t n, int64_t D, const float* q, const float* kt, int64_t bn,
+                    int64_t lo, float scale, const float* bias)
+{
+    int64_t np = (n + 15) / 16 * 16;
+    float* S = aligned_alloc(32, sizeof(float) * ng * np);
+    if (!S) return 1;
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int64_t j0 = 0; j0 < np; j0 += 16) score_rows(q, ng, D, kt_col(kt, D, bn, lo + j0), bn, S + j0, np, sc);
+    for (int64_t i = 0; i < ng; i++) {
+        float* s = S + i * np;
+        if (bias)
+            for (int64_t j = 0; j < n; j++) s[j] += bias[i * n + j];
+        softmax_row(s, out + i * n, n, np);
+    }
+    free(S);
+    return 0;
+}
+
+/* Keys per pass of the hop: a 16-column slice of this many z rows stays in L1 across the row
+ * tiles (a P tile row is ~100-300 keys: one pass; the dense global rows take several). */
+#define HOP_KEYS 256
+
+/* out rows i < NR, 16 columns: (first pass) gamma v + beta acc, (later passes) out + beta acc,
+ * with acc = P[i, k0:k1] @ z[k0:k1]. */
+static inline __attribute__((always_inline)) void hop_tile(const int NR, const float* p0, int64_t W, int64_t k0,
+        int64_t k1, const float* const* zrow, int64_t c0, const float* vv, float* oo, int64_t Dv, int first,
+        __m256 vb, __m256 vg) {
+    __m256 a[4][2];
+    for (int i = 0; i < NR; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < k1; k++) {
+        const float* zk = zrow[k - k0] + c0;
+        __m256 b0 = _mm256_loadu_ps(zk), b1 = _mm256_loadu_ps(zk + 8);
+        for (int i = 0; i < NR; i++) {
+            __m256 x = _mm256_broadcast_ss(p0 + i * W + k);
+            a[i][0] = _mm256_fmadd_ps(x, b0, a[i][0]);
+            a[i][1] = _mm256_fmadd_ps(x, b1, a[i][1]);
+        }
+    }
+    for (int i = 0; i < NR; i++) {
+        const float* src = first ? vv + i * Dv : oo + i * Dv;
+        __m256 g = first ? vg : _mm256_set1_ps(1.0f);
+        float* o = oo + i * Dv;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(g, _mm256_loadu_ps(src), _mm256_mul_ps(vb, a[i][0])));
+        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(g, _mm256_loadu_ps(src + 8), _mm256_mul_ps(vb, a[i][1])));
+    }
+}
+
+/* out rows [0, n) (row stride Dv, every 16-column slice), tiles of 4, 2 and 1 rows (hop_tile). */
+static void hop_rows(int64_t n, const float* p, int64_t W, int64_t k0, int64_t k1, const float* const* zrow,
+                     const float* v, float* out, int64_t Dv, int first, __m256 vb, __m256 vg) {
+    /* columns outermost: the slice of z rows stays in L1 over all row tiles */
+    for (int64_t c0 = 0; c0 < Dv; c0 += 16) {
+        int64_t i = 0;
+        for (; i + 4 <= n; i += 4) hop_tile(4, p + i * W, W, k0, k1, zrow, c0, v + i * Dv + c0, out + i * Dv + c0, Dv, first, vb, vg);
+        for (; i + 2 <= n; i += 2) hop_tile(2, p + i * W, W, k0, k1, zrow, c0, v + i * Dv + c0, out + i * Dv + c0, Dv, first, vb, vg);
+        for (; i < n; i++) hop_tile(1, p + i * W, W, k0, k1, zrow, c0, v + i * Dv + c0, out + i * Dv + c0, Dv, first, vb, vg);
+    }
 }
 
 int hop_f32(const float* P, int64_t BM, int64_t W, int64_t nbk, int64_t nr, int64_t Dv,
@@ -191,7 +320,7 @@ int hop_f32(const float* P, int64_t BM, int64_t W, int64_t nbk, int64_t nr, int6
             const float* z, const float* v, const int64_t* vrow, float* out, const int64_t* orow,
             float beta, float gamma, int64_t r0, int64_t r1)
 {
-    const float** zrow = malloc(sizeof(float*) * (W > 0 ? W : 1));
+    const float** zrow = malloc(sizeof(float*) * HOP_KEYS);
     float* zero = calloc(Dv, sizeof(float));
     if (!zrow || !zero) {
         free(zrow);
@@ -200,41 +329,14 @@ int hop_f32(const float* P, int64_t BM, int64_t W, int64_t nbk, int64_t nr, int6
     }
     const __m256 vb = _mm256_set1_ps(beta), vg = _mm256_set1_ps(gamma);
     for (int64_t r = r0; r < r1; r++) {
-        for (int64_t k = 0; k < W; k++) zrow[k] = key_row(z, Dv, k, r, nbk, nr, band_start, rest_idx, shift, nrows, zero);
         const float* Pr = P + r * BM * W;
         const float* vr = v + vrow[r] * Dv;
         float* o = out + orow[r] * Dv;
-        /* columns outermost: a 16-column slice of the W key rows stays in L1 over all row tiles */
-        for (int64_t c0 = 0; c0 < Dv; c0 += 16) {
-            for (int64_t i0 = 0; i0 < BM; i0 += 4) {
-                __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps();
-                __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps();
-                __m256 a20 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps();
-                __m256 a30 = _mm256_setzero_ps(), a31 = _mm256_setzero_ps();
-                const float* p0 = Pr + i0 * W;
-                const float* p1 = p0 + W;
-                const float* p2 = p1 + W;
-                const float* p3 = p2 + W;
-                for (int64_t k = 0; k < W; k++) {
-                    const float* zk = zrow[k] + c0;
-                    __m256 b0 = _mm256_loadu_ps(zk), b1 = _mm256_loadu_ps(zk + 8), x;
-                    x = _mm256_broadcast_ss(p0 + k);
-                    a00 = _mm256_fmadd_ps(x, b0, a00); a01 = _mm256_fmadd_ps(x, b1, a01);
-                    x = _mm256_broadcast_ss(p1 + k);
-                    a10 = _mm256_fmadd_ps(x, b0, a10); a11 = _mm256_fmadd_ps(x, b1, a11);
-                    x = _mm256_broadcast_ss(p2 + k);
-                    a20 = _mm256_fmadd_ps(x, b0, a20); a21 = _mm256_fmadd_ps(x, b1, a21);
-                    x = _mm256_broadcast_ss(p3 + k);
-                    a30 = _mm256_fmadd_ps(x, b0, a30); a31 = _mm256_fmadd_ps(x, b1, a31);
-                }
-                __m256 acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
-                for (int64_t i = 0; i < 4; i++) {
-                    const float* vv = vr + (i0 + i) * Dv + c0;
-                    float* oo = o + (i0 + i) * Dv + c0;
-                    _mm256_storeu_ps(oo, _mm256_fmadd_ps(vg, _mm256_loadu_ps(vv), _mm256_mul_ps(vb, acc[i][0])));
-                    _mm256_storeu_ps(oo + 8, _mm256_fmadd_ps(vg, _mm256_loadu_ps(vv + 8), _mm256_mul_ps(vb, acc[i][1])));
-                }
-            }
+        for (int64_t k0 = 0; k0 < W || k0 == 0; k0 += HOP_KEYS) {
+            int64_t k1 = k0 + HOP_KEYS < W ? k0 + HOP_KEYS : W;
+            for (int64_t k = k0; k < k1; k++)
+                zrow[k - k0] = key_row(z, Dv, k, r, nbk, nr, band_start, rest_idx, shift, nrows, zero);
+            hop_rows(BM, Pr, W, k0, k1, zrow, vr, o, Dv, k0 == 0, vb, vg);
         }
     }
     free(zrow);
