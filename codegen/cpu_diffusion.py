@@ -82,6 +82,14 @@ def _launches(plan) -> tuple[_Launch, ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=64)
+def _global_rows(split, L: int, nqb: int, bm: int):
+    """``(G, (first, end) or None)``: the dense global rows, and their range when consecutive."""
+    G = global_parts(split, L, nqb, bm, "cpu")[0]
+    first = int(G[0])
+    return G, ((first, first + len(G)) if G.tolist() == list(range(first, first + len(G))) else None)
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -179,6 +187,9 @@ def hop_forward(it, split, P, PG, z, v, beta: float, gamma: float):
 
         _run(one, c.R, bh)
     if plan.ng:  # the dense global rows (their tile rows are empty: gamma * v so far)
-        G = global_parts(split, L, g.nqb, g.block_m, "cpu")[0]
-        out[:, G] += beta * torch.bmm(PG, zr)
+        G, rows = _global_rows(split, L, g.nqb, g.block_m)
+        if rows is not None:  # consecutive: accumulate in place
+            out[:, rows[0]:rows[1]].baddbmm_(PG, zr, alpha=beta)
+        else:
+            out[:, G] += beta * torch.bmm(PG, zr)
     return out[:, :L].view(Bi, Hi, L, Dv)
