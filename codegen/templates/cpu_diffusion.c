@@ -64,32 +64,8 @@ static inline const float* key_row(const float* x, int64_t D, int64_t j, int64_t
     return p >= 0 && p < nrows ? x + p * D : zero;
 }
 
-/* dst[i * ld + t] = rows[t][d0 + i] for an 8 x 8 block (dst 32-byte aligned). */
-static inline void transpose8(const float* const* rows, int64_t d0, float* dst, int64_t ld) {
-    __m256 r0 = _mm256_loadu_ps(rows[0] + d0), r1 = _mm256_loadu_ps(rows[1] + d0);
-    __m256 r2 = _mm256_loadu_ps(rows[2] + d0), r3 = _mm256_loadu_ps(rows[3] + d0);
-    __m256 r4 = _mm256_loadu_ps(rows[4] + d0), r5 = _mm256_loadu_ps(rows[5] + d0);
-    __m256 r6 = _mm256_loadu_ps(rows[6] + d0), r7 = _mm256_loadu_ps(rows[7] + d0);
-    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-    __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-    __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-    __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-    __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-    __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-    __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
-    __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
-    _mm256_store_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_store_ps(dst + ld, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_store_ps(dst + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_store_ps(dst + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_store_ps(dst + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_store_ps(dst + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_store_ps(dst + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_store_ps(dst + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
-}
-
 /* dst[i * ld + t] = rows[t][d0 + i] for an 8 x 8 block (any alignment). */
-static inline void transpose8u(const float* const* rows, int64_t d0, float* dst, int64_t ld) {
+static inline void transpose8(const float* const* rows, int64_t d0, float* dst, int64_t ld) {
     __m256 r0 = _mm256_loadu_ps(rows[0] + d0), r1 = _mm256_loadu_ps(rows[1] + d0);
     __m256 r2 = _mm256_loadu_ps(rows[2] + d0), r3 = _mm256_loadu_ps(rows[3] + d0);
     __m256 r4 = _mm256_loadu_ps(rows[4] + d0), r5 = _mm256_loadu_ps(rows[5] + d0);
@@ -151,7 +127,7 @@ int transpose_f32(const float* x, int64_t n, int64_t D, float* xt, int64_t nblk,
                 int64_t p = blk * bn + t + i - lo;
                 rows[i] = p >= 0 && p < n ? x + p * D : zero;
             }
-            for (int64_t d0 = 0; d0 < D; d0 += 8) transpose8u(rows, d0, dst + d0 * bn + t, bn);
+            for (int64_t d0 = 0; d0 < D; d0 += 8) transpose8(rows, d0, dst + d0 * bn + t, bn);
         }
         for (; t < bn; t++) {
             int64_t p = blk * bn + t - lo;
@@ -192,7 +168,7 @@ static void score_rows(const float* q, int64_t BM, int64_t D, const float* b, in
     for (; i < BM; i++) score_tile(1, q + i * D, D, b, ldb, s + i * lds, lds, sc);
 }
 
-/* Column j of the transposed keys (blocked layout of transpose_f32) in a tile walk. */
+/* Where padded key row p starts in the transposed keys (the blocked layout of transpose_f32). */
 static inline const float* kt_col(const float* kt, int64_t D, int64_t bn, int64_t p) {
     return kt + p / bn * D * bn + p % bn;
 }
