@@ -130,13 +130,12 @@ def probs_forward(it, split, q, k, scale: float):
     qp, kp = qb.data_ptr(), kr.data_ptr()
     qs, ks = 4 * qb.stride(0), 4 * kr.stride(0)  # bytes per head
     bn, nbk, shift = g.block_n, plan.nb * g.block_n, plan.pad_lo * g.block_n
-    kt, kts = None, plan.npad * bn * D
-    if bn % 16 == 0:
-        kt = torch.empty(bh, kts, dtype=torch.float32)
-        ktp = kt.data_ptr()
+    kts = plan.npad * bn * D  # elements of one head's transposed keys
+    kt = torch.empty(bh, kts, dtype=torch.float32) if bn % 16 == 0 else None
+    ktp = kt.data_ptr() if kt is not None else 0
+    if kt is not None:
         _run(lambda i, r0, r1: lib.transpose_f32(kp + i * ks, g.kv_len, D, ktp + 4 * i * kts, plan.npad, bn, shift),
              1, bh)
-    ktp = kt.data_ptr() if kt is not None else 0
     P = torch.empty(bh * plan.size, dtype=torch.float32)
     Pp = P.data_ptr()
     for c in _launches(plan):

@@ -25,6 +25,7 @@ CASES = [
     (diffuse(ac.random_blocks(2, block=8, seed=4) | ac.global_tokens([0, 30]), hops=2), 40, (8, 64)),
     (diffuse(ac.block_local(8) & ac.mask(lambda b, h, q_idx, kv_idx: q_idx != 3), hops=2), 24, 8),  # an empty row
     (diffuser(window=20, random_blocks=1, num_global=3, hops=2, causal=True), 97, 10),  # tails of 2 rows, no transpose
+    (diffuse(ac.random_blocks(24, block=16, seed=1) | ac.sliding_window(8), hops=2), 512, 16),  # > 256 keys a row: passes
 ]
 
 
