@@ -312,6 +312,18 @@ class CombinerMixture(Combiner):
     def factorizations(self):
         return self.parts
 
+    def _per_part(self, what: str):
+        raise PatternError(f"a combiner_mixture has one {what} per part: call it on each of .factorizations()")
+
+    def direct(self) -> Pattern:
+        self._per_part("direct set")
+
+    def build_table(self, L: int) -> SpanTable:
+        self._per_part("span table")
+
+    def summary_relation(self, table: SpanTable, q: Expr, s: Expr) -> Expr:
+        self._per_part("summary relation")
+
     def validate(self, q_len, kv_len):
         for p in self.parts:
             p.validate(q_len, kv_len)

@@ -265,3 +265,10 @@ def test_catalogue_entries():
         assert p.family == "combiner"
         out = ac.compile(small, backend="torch", schedule=SCHED)(q, k, v)
         torch.testing.assert_close(out, loop_reference(small, q, k, v, 8 ** -0.5))
+
+
+def test_mixture_per_part_methods_name_the_parts():
+    m = C.combiner_mixture(C.combiner_fixed(4), C.combiner_logsparse())
+    for call in (m.direct, lambda: m.build_table(64), lambda: m.summary_relation(None, None, None)):
+        with pytest.raises(ac.PatternError, match="factorizations"):
+            call()
