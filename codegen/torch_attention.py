@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from attncompiler.autograd_guard import single_backward
 from attncompiler.layout import BlockLayout, Blocks2D
 from attncompiler.schedule import Schedule
 
@@ -143,25 +144,44 @@ def forward_group(blocks: Blocks2D, plan, ops: _Operands, out, lse) -> None:
                 m_run = l_run = acc = None
                 for i in range(len(chunk.steps)):
                     s = _scores(qt, Ks[i][b, h], biases[i], G, ops.bn)  # [R, G*bm, C*bn]
-                    m = s.amax(dim=-1, keepdim=True)
-                    m.masked_fill_(m == NEG_INF, 0.0)
-                    p = s.sub_(m).exp_()
+                    m = s.amax(dim=-1, keepdim=True)  # -inf where the step shows the row no key
+                    p = s.sub_(finite_or_zero(m)).exp_()
                     l = p.sum(dim=-1, keepdim=True)
                     o = torch.bmm(p, Vs[i][b, h])  # [R, G*bm, Dv]
                     if acc is None:
                         m_run, l_run, acc = m, l, o
-                    else:  # online softmax: merge two partial results
-                        m_new = torch.maximum(m_run, m)
-                        a, c = torch.exp(m_run - m_new), torch.exp(m - m_new)
-                        acc = acc.mul_(a).add_(o.mul_(c))
-                        l_run = l_run * a + l * c
-                        m_run = m_new
+                    else:
+                        m_run, l_run, acc = merge_partials(m_run, l_run, acc, m, l, o)
                 empty = l_run == 0
                 acc.div_(l_run.masked_fill(empty, 1.0))
                 _write_rows(out[b, h], acc, chunk)
                 if lse is not None:
                     row_lse = (m_run + torch.log(l_run)).masked_fill_(empty, NEG_INF)
                     _write_rows(lse[b, h], row_lse, chunk)
+
+
+def finite_or_zero(m: torch.Tensor) -> torch.Tensor:
+    """A running max with -inf (no visible key yet) replaced by 0, for use only where it is
+    subtracted before ``exp``: the row's terms are all -inf, so they still give 0, not NaN.
+
+    The max itself must stay -inf: a 0 would be merged as if it were a real logit, and real
+    logits far below 0 would then underflow to 0 (issue 15).
+    """
+    return m.masked_fill(m == NEG_INF, 0.0)
+
+
+def merge_partials(m1, l1, o1, m2, l2, o2):
+    """Online-softmax merge of two partial results ``(max, sum, unnormalized out)`` whose sums
+    and outputs are taken relative to ``finite_or_zero(max)``. Returns the merged triple (it may
+    reuse ``o1`` and ``o2``'s storage). Rows empty in both parts keep max -inf, sum 0, out 0."""
+    m = torch.maximum(m1, m2)
+    ms = finite_or_zero(m)
+    a, c = torch.exp(finite_or_zero(m1) - ms), torch.exp(finite_or_zero(m2) - ms)
+    # An empty part has max -inf but sums taken relative to 0: its factor must be 0 (its terms
+    # are 0 anyway), and exp(0 - ms) could overflow for very negative merged maxima.
+    a = a.masked_fill_(m1 == NEG_INF, 0.0)
+    c = c.masked_fill_(m2 == NEG_INF, 0.0)
+    return m, l1 * a + l2 * c, o1.mul_(a).add_(o2.mul_(c))
 
 
 def _write_rows(dst: torch.Tensor, val: torch.Tensor, chunk: Chunk) -> None:
@@ -225,6 +245,7 @@ class BlockSparseAttentionFn(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @single_backward("BlockSparseAttention (torch backend)")
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _run_backward(q, k, v, out, lse, dout, ctx.layout, ctx.schedule, ctx.scale)

@@ -19,6 +19,7 @@ import functools
 import numpy as np
 import torch
 
+from attncompiler.autograd_guard import single_backward
 from attncompiler.combiner import (Combiner, ConcatSummaries, JointMask, MixOutputs, ReorderTokens, SpanAttention,
                                    SpanPool, SpanTable, span_table)
 from attncompiler.combiner_joint import slot_plan
@@ -72,6 +73,7 @@ class _GatherGroups(torch.autograd.Function):
         return tuple(_gather(x, i) for i in index)
 
     @staticmethod
+    @single_backward("the Combiner span gather (torch backend)")
     def backward(ctx, *grads):
         B, H, L, D = ctx.shape
         given = [g for g in grads if g is not None]

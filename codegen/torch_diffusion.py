@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attncompiler.autograd_guard import single_backward
 from attncompiler.diffusion import (Axpby, DiffusionHop, ExpandHeads, GlobalSplit, PassThrough, SparseProbs,
                                     expand_heads, split_global_tokens)
 from attncompiler.layout import BlockLayout
@@ -148,6 +149,7 @@ class _ProbsFn(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @single_backward("Diffuser SparseProbs (torch backend)")
     def backward(ctx, *grads):
         q, k, *outs = ctx.saved_tensors
         cdt = _compute_dtype(q.dtype)
@@ -291,6 +293,7 @@ class _HopFn(torch.autograd.Function):
         return _hops(items, split, tensors, z, v, beta, gamma)
 
     @staticmethod
+    @single_backward("the Diffuser hop (torch backend)")
     def backward(ctx, gz):
         z, *tensors = ctx.saved_tensors
         gz = gz.to(z.dtype).contiguous()

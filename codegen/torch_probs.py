@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attncompiler.autograd_guard import single_backward
 from attncompiler.errors import InputError, UnsupportedError
 from attncompiler.layout import BlockLayout, Blocks2D
 from attncompiler.schedule import Schedule
@@ -206,6 +207,7 @@ class _ProbsFn(torch.autograd.Function):
         return out, p
 
     @staticmethod
+    @single_backward("stored attention probabilities (torch backend, cross-layer reuse)")
     def backward(ctx, dout, dp):
         q, k, v, p = ctx.saved_tensors
         dq, dk, dv = _probs_backward(q, k, v, p, dout, dp, ctx.layout, ctx.schedule, ctx.scale)
@@ -257,6 +259,7 @@ class _ApplyFn(torch.autograd.Function):
         return _apply_forward(sp, p, v)
 
     @staticmethod
+    @single_backward("apply_probs (torch backend, cross-layer reuse)")
     def backward(ctx, dout):
         p, v = ctx.saved_tensors
         dp, dv = _apply_backward(ctx.sp, p, v, dout)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attncompiler.autograd_guard import single_backward
 from attncompiler.diffusion import DiffusionHop, SparseProbs, expand_heads
 from attncompiler.layout import BlockLayout
 
@@ -140,6 +141,7 @@ class _ProbsFn(torch.autograd.Function):
         return tuple(Ps)
 
     @staticmethod
+    @single_backward("Diffuser SparseProbs (triton backend)")
     def backward(ctx, *dPs):
         q, k, *Ps = ctx.saved_tensors
         lay, mod = ctx.layout, ctx.mod
@@ -178,6 +180,7 @@ class _HopFn(torch.autograd.Function):
         return _hop_forward(probs, z, v, beta, gamma)
 
     @staticmethod
+    @single_backward("the Diffuser hop (triton backend)")
     def backward(ctx, gz):
         z, *Ps = ctx.saved_tensors
         lay, mod = ctx.probs.layout, ctx.probs.module

@@ -19,6 +19,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from attncompiler.autograd_guard import single_backward
 from attncompiler.errors import ScheduleError
 from attncompiler import expr as E
 from attncompiler.expr import Expr
@@ -322,6 +323,7 @@ class TritonAttentionFn(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @single_backward("BlockSparseAttention (triton backend)")
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         with _on_device(q):

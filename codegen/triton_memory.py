@@ -45,6 +45,7 @@ from types import ModuleType
 
 import torch
 
+from attncompiler.autograd_guard import single_backward
 from attncompiler.memory_slots import SlotControl, SlotRead, SlotWrite
 
 from . import cache
@@ -176,6 +177,7 @@ class _WriteFn(torch.autograd.Function):
         return ref, (state if causal else None), final
 
     @staticmethod
+    @single_backward("ABC SlotWrite (triton backend)")
     def backward(ctx, _g_ref, g_state, g_final):
         k, v, w, ref = ctx.saved_tensors
         causal, normalized, chunk = ctx.cfg
@@ -218,6 +220,7 @@ class _CausalReadFn(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @single_backward("ABC SlotRead (triton backend)")
     def backward(ctx, dout, _dlse):
         q, k, v, w, ref, state = ctx.saved_tensors
         mem = ctx.mem
@@ -253,6 +256,7 @@ class _FullReadFn(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @single_backward("ABC SlotRead (triton backend)")
     def backward(ctx, dout, _dlse):
         q, final = ctx.saved_tensors
         BH, L, D = q.shape

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..autograd_guard import single_backward
 from ..errors import InputError, LayoutError
 from ..layout import BlockLayout
 from ..schedule import Schedule
@@ -53,6 +54,7 @@ class _GatherHeads(torch.autograd.Function):
         return torch.cat([c[:, :b[i + 1] - b[i]] for i, c in enumerate(chunks)], dim=1)  # [B, H, L, Dv]
 
     @staticmethod
+    @single_backward("the head-parallel output gather")
     def backward(ctx, grad):
         h0, h1 = ctx.range
         return grad[:, h0:h1], None, None, None

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..autograd_guard import single_backward
 from ..schedule import Schedule
 from .comm import global_rank, post
 from .dense import DenseRows
@@ -185,6 +186,7 @@ class RingAttentionFn(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @single_backward("sequence-parallel ring attention")
     def backward(ctx, dout, _dlse):
         from ..codegen.torch_attention import block_sparse_attention_backward
 
