@@ -154,7 +154,7 @@ def plan_for(blocks: Blocks2D, schedule: Schedule, split: GlobalSplit | None) ->
     for bucket, wo in _buckets(counts):
         nr = wo * bn + ng
         W = nb * bn + nr
-        per_chunk = max(1, _TILE_SCALE * schedule.tile_elems // (bm * W))
+        per_chunk = max(1, _TILE_SCALE * schedule.tile_elems // (bm * max(W, 1)))  # W = 0: rows see no key
         for s in range(0, len(bucket), per_chunk):
             r = bucket[s:s + per_chunk]
             R = len(r)
