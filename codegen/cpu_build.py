@@ -4,6 +4,8 @@ A kernel source is compiled once per machine with the system C compiler (``$CC``
 Triton needs one too) into the kernel cache directory (:func:`.cache.cache_dir`), named by a
 hash of the source, the flags and the compiler, and loaded with :mod:`ctypes` (a foreign call
 releases the GIL, so row ranges can run on several threads). Nothing is needed at install time.
+A library already in the cache is loaded only when it is a private file of this user
+(:func:`.cache.trusted_file`); anything else is rebuilt over it, never loaded.
 
 The kernels use AVX2 and FMA. Where they cannot run (another architecture, a CPU without AVX2,
 no compiler, a failed build, or ``ATTNC_CPU_KERNELS=0``) :func:`load` returns None and the
@@ -19,11 +21,12 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
 
-from .cache import cache_dir, content_key
+from .cache import cache_dir, content_key, trusted_file
 
 FLAGS = ("-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11")
 TEMPLATES = Path(__file__).parent / "templates"
@@ -61,7 +64,10 @@ def _build(name: str) -> ctypes.CDLL | None:
     source = (TEMPLATES / f"{name}.c").read_text()
     key = content_key({"source": source, "flags": FLAGS, "cc": cc, "machine": platform.machine()})
     lib_path = cache_dir() / f"{name}_{key}.so"
-    if not lib_path.exists():
+    if (lib_path.exists() or lib_path.is_symlink()) and not trusted_file(lib_path):
+        warnings.warn(f"compiled kernel {lib_path} is not a private file of this user (foreign owner, writable "
+                      "by others, or not a regular file); it is not loaded but rebuilt", RuntimeWarning, stacklevel=3)
+    if not trusted_file(lib_path):
         with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
             src = Path(tmp) / f"{name}.c"
             src.write_text(source)
@@ -70,6 +76,7 @@ def _build(name: str) -> ctypes.CDLL | None:
             if res.returncode != 0:
                 STATUS[name] = f"build failed: {res.stderr.strip()[-400:]}"
                 return None
+            os.chmod(out, 0o700)  # never group/world-writable, whatever the umask
             os.replace(out, lib_path)  # atomic: a concurrent builder writes the same bytes
     try:
         lib = ctypes.CDLL(str(lib_path))
