@@ -1,7 +1,7 @@
 """attncompiler: declare attention patterns, analyze them, compile them to fast kernels."""
 
 from .errors import (AttnCompilerError, CodegenError, InputError, LayoutError, LoweringError,
-                     PatternError, ScheduleError, UnsupportedError)
+                     PatternError, ScheduleError, UnexpectedArgumentError, UnsupportedError)
 from .expr import Expr, maximum, minimum, where
 from .pattern import (Pattern, block_local, block_window, causal, dilated_window, document, full,
                       global_tokens, intersection, mask, per_head, prefix_lm, random_blocks,

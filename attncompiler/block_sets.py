@@ -269,7 +269,7 @@ def _random_coarse(g: Geometry, blk: int, prow, pcol) -> BlockSet:
 
 
 def _document(g: Geometry, pat: P.Document) -> BlockSet:
-    off = pat.offsets
+    off = pat.offsets(max(g.q_len, g.kv_len))  # clipped: O(documents), whatever sum(lengths) is
     total = int(off[-1])
     rows = np.arange(g.nqb, dtype=np.int64)
     qa, qb = g.q_lo(rows), np.minimum(g.q_hi(rows), total - 1)

@@ -84,7 +84,10 @@ class Diffusion(Pattern):
         K, a = self.hops, self.alpha
         if self.kernel is Kernel.PPR:
             return tuple(a * (1 - a) ** k for k in range(K)) + ((1 - a) ** K,)
-        w = [math.exp(-self.t) * self.t ** k / math.factorial(k) for k in range(K + 1)]
+        # e^{-t} t^k / k! in log space (t^k and k! overflow floats within MAX_HOPS), scaled by its max.
+        logs = [k * math.log(self.t) - math.lgamma(k + 1) for k in range(K + 1)]
+        top = max(logs)
+        w = [math.exp(x - top) for x in logs]
         total = sum(w)
         return tuple(x / total for x in w)
 
@@ -102,13 +105,18 @@ class Diffusion(Pattern):
         return f"ac.diffuse({self.base!r}, hops={self.hops}, kernel=\"heat\", t={self.t!r})"
 
 
+MAX_HOPS = 4096
+"""The most diffusion hops a pattern may ask for (each hop is a program stage)."""
+
+
 def diffuse(base: Pattern, hops: int = 5, alpha: float = 0.1, kernel: str | Kernel = "ppr",
             t: float = 1.0) -> Pattern:
     """Multi-hop attention diffusion over a sparse mask pattern (Diffuser, arXiv 2210.11794, sec. 3).
 
     Args:
         base: the mask pattern whose allowed (query, key) pairs are the edges of one hop.
-        hops: K, the number of diffusion hops (0 returns V). Default 5, as in the paper's code.
+        hops: K, the number of diffusion hops (0 returns V), at most :data:`MAX_HOPS`. Default 5,
+            as in the paper's code.
         alpha: teleport probability of personalized PageRank, in [0, 1]. Default 0.1.
         kernel: ``"ppr"`` (personalized PageRank) or ``"heat"`` (heat kernel). Default ``"ppr"``.
         t: heat-kernel time (``kernel="heat"`` only), > 0. Default 1.0.
@@ -119,7 +127,7 @@ def diffuse(base: Pattern, hops: int = 5, alpha: float = 0.1, kernel: str | Kern
     if not isinstance(base, Pattern):
         raise PatternError(f"diffuse() needs a mask pattern as base, got {type(base).__name__} {base!r}")
     _require_mask(base, "diffuse")
-    hops = _check_int("hops", hops, 0)
+    hops = _check_int("hops", hops, 0, MAX_HOPS)
     try:
         kernel = Kernel(kernel)
     except ValueError:
@@ -183,6 +191,8 @@ def split_global_tokens(base: Pattern) -> GlobalSplit | None:
         within = intersection(*others) if others else None
     if not isinstance(node, Union) or base.head_period != 1 or base.batch_dependent:
         return None
+    if any(isinstance(p, GlobalTokens) and p.clip for p in node.parts):
+        return None  # which tokens exist depends on the length; the unsplit path handles them
     tokens = sorted({i for p in node.parts if isinstance(p, GlobalTokens) for i in p.indices})
     rest = [p for p in node.parts if not isinstance(p, GlobalTokens)]
     if not tokens or not rest or len(tokens) > _MAX_SPLIT_TOKENS:
@@ -390,17 +400,17 @@ class DiffusionAttention(CompiledAttention):
         return recompute_hops(program) if mode == "recompute" else program
 
     def forward(self, q, k, v, scale: float | None = None, *, return_lse: bool = False, **stage_inputs):
+        """``out [B, H, L, Dv]`` (q's dtype). ``stage_inputs`` are the program's call inputs (none for
+        diffusion); any other keyword raises :class:`~attncompiler.errors.UnexpectedArgumentError`."""
         if return_lse:
             raise InputError("diffusion attention has no log-sum-exp; call it without return_lse")
-        L = D = None
-        if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == k.dim() == 4:
-            self.pattern.validate(q.shape[2], k.shape[2])
-            L, D = q.shape[2], q.shape[3]
-        backend = _resolve_backend(self.backend, getattr(q, "device", None))
-        self.program = program = self.program_for(backend, L, D)
+        dims = check_qkv(q, k, v, check_finite=self.check_finite)
+        self.pattern.validate(dims.q_len, dims.kv_len)
+        backend = _resolve_backend(self.backend, q.device)
+        self.program = program = self.program_for(backend, dims.q_len, dims.head_dim)
+        self.check_call_keywords("forward", stage_inputs, program)
         from attncompiler.codegen.registry import RunContext, stage_impl
 
-        dims = check_qkv(q, k, v, check_finite=self.check_finite)
         scale = default_scale(dims.head_dim, scale)
         last_use = {name: i for i, st in enumerate(program.stages) for name in st.inputs}
 

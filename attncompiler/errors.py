@@ -17,6 +17,11 @@ class InputError(AttnCompilerError, ValueError):
     """Tensors passed to a compiled module or the reference have bad shapes, dtypes or values."""
 
 
+class UnexpectedArgumentError(InputError, TypeError):
+    """A call got keyword arguments it does not know (caught by ``except TypeError``, as Python's
+    own error would be, and by ``except InputError``)."""
+
+
 class LayoutError(AttnCompilerError):
     """A block layout cannot be built for the requested lengths or block sizes."""
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, UnexpectedArgumentError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -49,6 +50,9 @@ def check_qkv(q, k, v, *, check_finite: bool = True) -> Dims:
         raise InputError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise InputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type == "meta":
+        raise InputError("q, k, v are meta tensors (shapes without data); attention needs their values: "
+                         "materialize them first (e.g. module.to_empty(device='cpu') and load weights)")
     B, H, Lq, D = q.shape
     Bk, Hkv, Lk, Dk = k.shape
     Bv, Hv, Lv, Dv = v.shape
@@ -78,3 +82,16 @@ def default_scale(head_dim: int, scale: float | None) -> float:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not (scale == scale) or abs(scale) == float("inf"):
         raise InputError(f"scale={scale!r} must be a finite number")
     return float(scale)
+
+
+def check_keywords(where: str, given: Mapping[str, object] | Iterable[str], accepted: Iterable[str]) -> None:
+    """Raise :class:`UnexpectedArgumentError` naming the keywords of ``given`` not in ``accepted``.
+
+    A silently ignored keyword (``attn(q, k, v, q_offset=5)``) would return a wrong answer.
+    """
+    accepted = tuple(accepted)
+    unknown = [name for name in given if name not in accepted]
+    if unknown:
+        shown = ", ".join(a for a in accepted if not a.startswith("param:")) or "none"
+        raise UnexpectedArgumentError(
+            f"{where}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; accepted: {shown}")

@@ -17,6 +17,8 @@ import torch
 from . import pattern as P
 from .block_sets import _EVAL_CHUNK, EMPTY, FULL, PARTIAL, UNKNOWN, BlockSet, Geometry, block_set  # noqa: F401
 from .errors import LayoutError
+from .memory_limits import check_budget, format_bytes
+from .primitives import check_batch_head_dependence
 
 # ---------------------------------------------------------------------------------------------
 # BCSR layout
@@ -303,7 +305,33 @@ def build_layout(pattern: P.Pattern, q_len: int, kv_len: int, block_m: int = 64,
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
             raise LayoutError(f"{name}={v!r} must be a positive integer")
     pattern.validate(q_len, kv_len)
+    check_batch_head_dependence(pattern, batch, heads, q_len, kv_len)  # opaque mask_mods that did not say
     g = Geometry(int(q_len), int(kv_len), int(block_m), int(block_n))
+    _check_layout_size(g)
+    try:
+        return _build_layout(pattern, g, batch, heads)
+    except MemoryError:
+        raise LayoutError(f"the block layout of {pattern!r} at q_len={q_len}, kv_len={kv_len} with blocks "
+                          f"{block_m}x{block_n} does not fit in memory (up to {g.nqb} x {g.nkb} blocks, about "
+                          f"{format_bytes(g.nqb * g.nkb * _BYTES_PER_BLOCK)} if dense); use larger blocks or "
+                          "shorter sequences") from None
+
+
+# Bytes per query-block row or key-block column (row pointers and per-row temporaries of the
+# analytic classifiers) and per listed block (CSR and CSC indices, kinds, sort keys).
+_BYTES_PER_ROW = 64
+_BYTES_PER_BLOCK = 48
+
+
+def _check_layout_size(g: Geometry) -> None:
+    """Refuse, before allocating, a layout whose per-row tables alone cannot fit."""
+    check_budget(f"a block layout at q_len={g.q_len}, kv_len={g.kv_len} with blocks {g.block_m}x{g.block_n} "
+                 f"({g.nqb} x {g.nkb} blocks; up to {format_bytes(g.nqb * g.nkb * _BYTES_PER_BLOCK)} when "
+                 "every block is listed)", (g.nqb + g.nkb) * _BYTES_PER_ROW,
+                 "use larger blocks (block_m, block_n) or shorter sequences")
+
+
+def _build_layout(pattern: P.Pattern, g: Geometry, batch: int, heads: int) -> BlockLayout:
     period = pattern.head_period
     Hm = 1 if period == 1 else (heads if period is None else min(heads, period))
     Bm = batch if pattern.batch_dependent else 1

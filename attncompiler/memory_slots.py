@@ -28,6 +28,7 @@ write is an unnormalized prefix sum.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -35,7 +36,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
 from .errors import InputError, PatternError
-from .inputs import check_qkv, default_scale
+from .inputs import check_keywords, check_qkv, default_scale
 from .module import CompiledAttention, register_module
 from .pattern import Pattern, _check_int, causal as _causal, sliding_window as _sliding_window
 from .program import BlockSparseAttention, Program, Stage, register_lowering
@@ -179,6 +180,7 @@ class SlotControl(Stage):
     slots: int = 1
     inputs: tuple[str, ...] = ("k", "param:control")
     outputs: tuple[str, ...] = ("slot_weights",)
+    optional_inputs: ClassVar[tuple[str, ...]] = ("control",)
 
     def describe(self) -> str:
         return f"SlotControl({self.control!r}, slots={self.slots})"
@@ -371,35 +373,60 @@ class MemoryAttention(LazyModuleMixin, CompiledAttention):
             self.control_param.normal_(0.0, std)
 
     def initialize_parameters(self, q, k, v, *args, **kwargs) -> None:  # LazyModuleMixin hook
-        self.materialize(k.shape[-1], k.device)
+        # Validate first: a rejected call must not fix the parameter's shape.
+        dims = check_qkv(q, k, v, check_finite=False)
+        self.materialize(dims.head_dim, k.device)
 
-    def forward(self, q, k, v, scale: float | None = None, *, return_lse: bool = False, control=None):
-        extra = {} if control is None else {"control": control}
-        return super().forward(q, k, v, scale, return_lse=return_lse, **{"param:control": self.control_param},
-                               **extra)
+    def forward(self, q, k, v, scale: float | None = None, *, return_lse: bool = False, control=None,
+                **unexpected):
+        """``out`` (and ``lse``) as :meth:`CompiledAttention.forward`; ``control``: ABC-MLP logits."""
+        self.check_call_keywords("forward", unexpected)
+        inputs = {} if control is None else {"control": control}
+        if "param:control" in self.program.call_inputs():
+            inputs["param:control"] = self.control_param
+        return super().forward(q, k, v, scale, return_lse=return_lse, **inputs)
 
     def reference(self, q, k, v, scale: float | None = None, control=None, **kwargs):
         """The float64 oracle with this module's parameter (and caller ``control`` logits)."""
         from .reference import reference
 
-        self.materialize(k.shape[-1], k.device)
+        check_keywords("MemoryAttention.reference", kwargs, ("scale", "control", "return_lse"))
+        dims = check_qkv(q, k, v, check_finite=False)
+        self.materialize(dims.head_dim, k.device)
         param = None if self.control_param is None else self.control_param.detach()
         return reference(self.pattern, q, k, v, scale, param=param, control=control, **kwargs)
 
-    def init_state(self, batch: int):
+    def init_state(self, batch: int, **unexpected):
         """An empty decoding state for ``batch`` sequences (its tensors appear at the first step)."""
         from attncompiler.codegen.torch_memory import DecodeState
 
+        check_keywords("MemoryAttention.init_state", unexpected, ())
         if not self.pattern.is_causal:
             raise PatternError(f"step-by-step decoding needs a causal memory; {self.pattern!r} is bidirectional")
         return DecodeState(_check_int("batch", batch, 1))
 
-    def step(self, q_t, k_t, v_t, state, scale: float | None = None, *, control=None):
+    def step(self, q_t, k_t, v_t, state, scale: float | None = None, *, control=None, **unexpected):
         """Attend one new token: ``q_t [B, H, 1, D]``, ``k_t, v_t [B, Hkv, 1, *]`` -> ``(out, state)``."""
-        from attncompiler.codegen.torch_memory import decode_step
+        from attncompiler.codegen.torch_memory import DecodeState, decode_step
 
+        check_keywords("MemoryAttention.step", unexpected, ("scale", "control"))
+        if not isinstance(state, DecodeState):
+            raise InputError(f"state must come from attn.init_state(batch) or the previous step, got "
+                             f"{type(state).__name__}")
         dims = check_qkv(q_t, k_t, v_t, check_finite=self.check_finite)
+        _check_state_matches(state, dims)
         self.materialize(dims.head_dim, k_t.device)
         out, state = decode_step(self.pattern, self.control_param, q_t, k_t, v_t, state,
                                  default_scale(dims.head_dim, scale), control)
         return out.to(q_t.dtype), state
+
+
+def _check_state_matches(state, dims) -> None:
+    """The state's tensors (after a first step) must fit the new token's heads and widths."""
+    if state.memory is None:
+        return
+    B, Hkv, _, F = state.memory.shape
+    if (B, Hkv) != (dims.batch, dims.kv_heads) or F != dims.head_dim + dims.v_dim + 1:
+        raise InputError(f"the decoding state holds [batch, kv_heads] = {[B, Hkv]} and {F} features per slot, "
+                         f"but the token has {[dims.batch, dims.kv_heads]}, head_dim {dims.head_dim}, "
+                         f"v_dim {dims.v_dim}; start a new state with init_state")

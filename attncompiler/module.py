@@ -12,7 +12,7 @@ import functools
 import torch
 
 from .errors import UnsupportedError
-from .inputs import check_qkv, default_scale
+from .inputs import check_keywords, check_qkv, default_scale
 from .pattern import Pattern
 from .program import Program, lower, run_passes
 from .schedule import Schedule
@@ -30,12 +30,20 @@ def compile_program(pattern: Pattern, schedule: Schedule | None = None) -> Progr
     return run_passes(lower(pattern, schedule), [])
 
 
+def lse_dtype(lse: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``lse`` in the documented dtype: float64 for float64 inputs, float32 otherwise."""
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    return lse if lse is None or lse.dtype == want else lse.to(want)
+
+
 class CompiledAttention(torch.nn.Module):
     """Attention of a compiled pattern: ``forward(q, k, v, scale=None) -> out``.
 
     ``q`` is ``[B, H, Lq, D]``; ``k``, ``v`` are ``[B, Hkv, Lk, D]`` with ``H % Hkv == 0``.
     The output has q's dtype and shape ``[B, H, Lq, Dv]``. ``return_lse=True`` also returns
-    the log-sum-exp ``[B, H, Lq]`` (float32; ``-inf`` for rows with no visible key).
+    the log-sum-exp ``[B, H, Lq]`` (float32 for float16/bfloat16/float32 inputs, float64 for
+    float64 inputs; ``-inf`` for rows with no visible key). When ``Lq != Lk`` positions are
+    top-left: query row i is position i (as in FlexAttention).
     """
 
     def __init__(self, pattern: Pattern, backend: str = "auto", schedule: Schedule | None = None,
@@ -51,8 +59,17 @@ class CompiledAttention(torch.nn.Module):
         self.check_finite = check_finite
 
     def forward(self, q, k, v, scale: float | None = None, *, return_lse: bool = False, **stage_inputs):
+        """``out [B, H, Lq, Dv]`` (q's dtype), or ``(out, lse [B, H, Lq])`` with ``return_lse``.
+
+        Positions are top-left when ``Lq != Lk``: query row i sits at position i, key j at j (as
+        in FlexAttention). ``lse`` is float32 for float16/bfloat16/float32 inputs and float64 for
+        float64 inputs, ``-inf`` for rows with no visible key. ``stage_inputs`` are the program's
+        call inputs (:meth:`Program.call_inputs`); any other keyword raises
+        :class:`~attncompiler.errors.UnexpectedArgumentError`.
+        """
         from attncompiler.codegen.registry import RunContext, stage_impl
 
+        self.check_call_keywords("forward", stage_inputs)
         dims = check_qkv(q, k, v, check_finite=self.check_finite)
         backend = _resolve_backend(self.backend, q.device)
         ctx = RunContext(scale=default_scale(dims.head_dim, scale), batch=dims.batch, heads=dims.heads,
@@ -61,7 +78,12 @@ class CompiledAttention(torch.nn.Module):
         for stage in self.program.stages:
             env.update(stage_impl(backend, type(stage))(stage, env, ctx))
         out = env["out"].to(q.dtype)
-        return (out, env.get("lse")) if return_lse else out
+        return (out, lse_dtype(env.get("lse"), q.dtype)) if return_lse else out
+
+    def check_call_keywords(self, method: str, given, program: Program | None = None) -> None:
+        """Reject keywords that ``program`` (default: this module's) does not read."""
+        program = self.program if program is None else program
+        check_keywords(f"{type(self).__name__}.{method}", given, ("scale", "return_lse", *program.call_inputs()))
 
     def reference(self, q, k, v, scale: float | None = None, **kwargs):
         """The float64 oracle for this module's computation (families with learned parameters
@@ -91,6 +113,11 @@ def register_module(family: str):
 def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | None = None,
             check_finite: bool = True) -> CompiledAttention:
     """Compile an attention pattern into a ``torch.nn.Module``.
+
+    The module's ``forward(q, k, v)`` takes ``q [B, H, Lq, D]`` and ``k, v [B, Hkv, Lk, *]``;
+    when ``Lq != Lk`` positions are top-left (query row i is position i, key j is position j,
+    as in FlexAttention). Unknown keywords raise
+    :class:`~attncompiler.errors.UnexpectedArgumentError`.
 
     Args:
         pattern: any pattern built with the DSL or the catalogue.

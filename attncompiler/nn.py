@@ -10,6 +10,7 @@ recomputing it from that head's kept Q/K (``recompute``).
 
 from __future__ import annotations
 
+import inspect
 import pickle
 from typing import Any, Mapping, Sequence
 
@@ -18,12 +19,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError, PatternError, UnsupportedError
+from .inputs import check_keywords
 from .module import compile as compile_attention
 from .pattern import Pattern, full
 from .program import BlockSparseAttention
 from .reuse import (HeadSource, LayerAttention, ReusePatternMode, ReusePlan, ReuseSchedule, merge_heads,
                     resolve_sources, select_heads, stored_heads)
 from .schedule import Schedule
+
+
+def _reject_keywords(module: nn.Module, unexpected: dict) -> None:
+    """Unknown keywords of a module's forward raise, naming them and the ones it takes."""
+    if unexpected:
+        sig = inspect.signature(type(module).forward)
+        known = [n for n, p in sig.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD]
+        check_keywords(f"{type(module).__name__}.forward", unexpected, known)
 
 
 class MultiheadAttention(nn.Module):
@@ -142,13 +152,14 @@ class MultiheadAttention(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 key_padding_mask=None, need_weights: bool = False, attn_mask=None,
-                average_attn_weights: bool = True, is_causal: bool = False):
+                average_attn_weights: bool = True, is_causal: bool = False, **unexpected):
         """``(output [B, L, E], None)`` like ``torch.nn.MultiheadAttention`` with ``need_weights=False``.
 
         Masks are part of the pattern: ``attn_mask``/``key_padding_mask`` are not accepted (use
         ``ac.causal()``, ``ac.document(...)`` or ``ac.mask(fn)``), nor are attention weights
         (they would be an L x L matrix; use ``ac.reference`` or ``ac.attention_similarity``).
         """
+        _reject_keywords(self, unexpected)
         key = query if key is None else key
         value = key if value is None else value
         if need_weights:
@@ -201,8 +212,9 @@ class TransformerBlock(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(d_model, hidden, bias=bias), nn.GELU(),
                                      nn.Linear(hidden, d_model, bias=bias))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **unexpected) -> torch.Tensor:
         """``[B, L, E] -> [B, L, E]`` without reuse."""
+        _reject_keywords(self, unexpected)
         y, _ = self.attend(x, {}, None, ())
         return y
 
@@ -389,9 +401,10 @@ class TransformerStack(nn.Module):
             return own
         return m
 
-    def forward(self, x: torch.Tensor, *, record: list | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, record: list | None = None, **unexpected) -> torch.Tensor:
         """``[B, L, d_model] -> [B, L, d_model]``. ``record`` (a list) receives one
         :class:`~attncompiler.reuse.LayerAttention` per layer."""
+        _reject_keywords(self, unexpected)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             raise InputError(f"input must be [batch, seq, {self.d_model}], got {getattr(x, 'shape', type(x).__name__)}")
         if record is None and self.plan.layers and \

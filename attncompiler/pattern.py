@@ -117,6 +117,7 @@ class Pattern:
         kv_len = q_len if kv_len is None else kv_len
         _check_lengths(q_len, kv_len)
         self.validate(q_len, kv_len)
+        _check_dense_size(q_len, kv_len, device)
         p = self.specialize(b, h)
         q = torch.arange(q_len, device=device).view(-1, 1)
         k = torch.arange(kv_len, device=device).view(1, -1)
@@ -146,11 +147,35 @@ def _check_lengths(q_len: int, kv_len: int) -> None:
             raise LayoutError(f"{name}={v!r} must be a positive integer")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+INT_LIMIT = 2**62
+"""The largest integer parameter a pattern accepts: index arithmetic on positions and
+parameters (``q + window``, ``block * count``) then stays inside int64."""
+
+
+# A dense mask costs its bool result plus about one int64 temporary of the index arithmetic.
+_DENSE_BYTES_PER_ELEMENT = 9
+
+
+def _check_dense_size(q_len: int, kv_len: int, device) -> None:
+    """Refuse a dense ``[q_len, kv_len]`` mask that cannot fit, before allocating it."""
+    from .memory_limits import check_budget
+
+    check_budget(f"to_dense({q_len}, {kv_len}) (a [{q_len}, {kv_len}] bool mask)",
+                 int(q_len) * int(kv_len) * _DENSE_BYTES_PER_ELEMENT,
+                 "use pattern.layout(q_len, kv_len, block_m) for the block structure (O(non-empty blocks)), "
+                 "or evaluate a slice of rows with pattern.evaluate", device)
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int = INT_LIMIT) -> int:
+    """``value`` as an int in ``[minimum, maximum]``, else a :class:`PatternError` naming ``name``
+    and the allowed range (bools are not integers here)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise PatternError(f"{name}={value!r} must be an integer")
     if value < minimum:
         raise PatternError(f"{name}={value!r} must be >= {minimum}")
+    if value > maximum:
+        bound = "2**62 (index arithmetic must fit in int64)" if maximum == INT_LIMIT else str(maximum)
+        raise PatternError(f"{name}={value!r} is out of range: allowed {minimum} <= {name} <= {bound}")
     return int(value)
 
 

@@ -19,7 +19,7 @@ from . import expr as E
 from .errors import PatternError
 from .expr import Expr
 from .expr_trace import trace
-from .pattern import Pattern, _check_int, _short_list
+from .pattern import INT_LIMIT, Pattern, _check_int, _short_list
 
 # ---------------------------------------------------------------------------------------------
 # Primitives
@@ -117,13 +117,18 @@ class Strided(Pattern):
 
 @dataclass(frozen=True)
 class GlobalTokens(Pattern):
-    """``q in indices or k in indices``: global tokens see and are seen by everything."""
+    """``q in indices or k in indices``: global tokens see and are seen by everything.
+
+    ``clip``: indices at or past the sequence length are dropped at that length (a catalogue
+    pattern's "first n tokens are global" at a shorter sequence) instead of being an error.
+    """
 
     indices: tuple[int, ...]
+    clip: bool = False
 
     def validate(self, q_len, kv_len):
         bad = [i for i in self.indices if i >= max(q_len, kv_len)]
-        if bad:
+        if bad and not self.clip:
             raise PatternError(
                 f"global token indices {bad[:5]} are out of range for q_len={q_len}, kv_len={kv_len}; "
                 "indices must be < the sequence length"
@@ -146,8 +151,9 @@ class GlobalTokens(Pattern):
                 terms = [x.eq(lo) if hi == lo + 1 else (x >= lo) & (x < hi) for lo, hi in runs]
                 return functools.reduce(lambda a, b: a | b, terms)
         else:
-            is_global = np.zeros(max(q_len, kv_len, self.indices[-1] + 1), dtype=np.int64)
-            is_global[list(self.indices)] = 1
+            n = max(q_len, kv_len)
+            is_global = np.zeros(n, dtype=np.int64)  # indices >= n exist only when clipped
+            is_global[[i for i in self.indices if i < n]] = 1
             buf = E.Buffer("is_global", is_global)
 
             def member(x: Expr) -> Expr:
@@ -155,7 +161,8 @@ class GlobalTokens(Pattern):
         return member(E.Q) | member(E.KV)
 
     def __repr__(self) -> str:
-        return f"ac.global_tokens({_short_list(self.indices)})"
+        clip = ", clip=True" if self.clip else ""
+        return f"ac.global_tokens({_short_list(self.indices)}{clip})"
 
 
 @dataclass(frozen=True)
@@ -229,12 +236,18 @@ class Document(Pattern):
 
     lengths: tuple[int, ...]
 
-    @property
-    def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
+    def offsets(self, n: int) -> np.ndarray:
+        """Segment boundaries ``[0, end_0, end_1, ...]`` clipped to the first ``n`` positions.
+
+        Clipping keeps every table built from it O(n + documents), never O(sum(lengths)), and
+        the running sum inside int64.
+        """
+        ends = np.cumsum(np.minimum(np.asarray(self.lengths, dtype=np.int64), n))
+        return np.minimum(np.concatenate([[0], ends]), n).astype(np.int64)
 
     def predicate(self, q_len, kv_len):
-        ids = np.repeat(np.arange(len(self.lengths), dtype=np.int64), self.lengths)
+        off = self.offsets(max(q_len, kv_len))
+        ids = np.repeat(np.arange(len(self.lengths), dtype=np.int64), np.diff(off))  # [<= max(q_len, kv_len)]
         buf = E.Buffer("doc_id", ids)
         return E.Load(buf, E.Q, -1).eq(E.Load(buf, E.KV, -2))
 
@@ -355,7 +368,11 @@ def sliding_window(window: int) -> Pattern:
 
 def dilated_window(window: int, dilation: int) -> Pattern:
     """Dilated local attention: ``|q - k| <= window * dilation`` and ``(q - k) % dilation == 0``."""
-    return DilatedWindow(_check_int("window", window, 0), _check_int("dilation", dilation, 1))
+    w, d = _check_int("window", window, 0), _check_int("dilation", dilation, 1)
+    if w * d > INT_LIMIT:
+        raise PatternError(f"window * dilation = {w} * {d} = {w * d} is out of range: the reach of a dilated "
+                           "window must be <= 2**62 (index arithmetic must fit in int64)")
+    return DilatedWindow(w, d)
 
 
 def block_local(block: int) -> Pattern:
@@ -378,12 +395,16 @@ def strided(stride: int) -> Pattern:
     return Strided(_check_int("stride", stride, 1))
 
 
-def global_tokens(indices: Iterable[int]) -> Pattern:
+def global_tokens(indices: Iterable[int], *, clip: bool = False) -> Pattern:
     """Global tokens: ``q in indices or k in indices``.
 
     Args:
         indices: positions that attend to, and are attended by, every position.
+        clip: at a sequence shorter than an index, drop that index (the tokens that exist stay
+            global) instead of raising a :class:`PatternError`. Default False.
     """
+    if not isinstance(clip, bool):
+        raise PatternError(f"clip={clip!r} must be True or False")
     if isinstance(indices, (int, np.integer)):
         indices = [indices]
     try:
@@ -392,7 +413,7 @@ def global_tokens(indices: Iterable[int]) -> Pattern:
         raise PatternError(f"global_tokens needs an iterable of integers, got {indices!r}") from None
     if not idx:
         raise PatternError("global_tokens([]) is empty; pass at least one index (or drop the term)")
-    return GlobalTokens(tuple(idx))
+    return GlobalTokens(tuple(idx), clip)
 
 
 def random_blocks(count: int, block: int, seed: int = 0) -> Pattern:

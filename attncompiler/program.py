@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 from .errors import LoweringError
 from .pattern import Family, Pattern
@@ -25,6 +25,8 @@ class Stage:
 
     inputs: tuple[str, ...] = ("q", "k", "v")
     outputs: tuple[str, ...] = ("out", "lse")
+    optional_inputs: ClassVar[tuple[str, ...]] = ()
+    """Names the stage reads when the caller passes them (e.g. ABC's ``control`` logits)."""
 
     def describe(self) -> str:
         return type(self).__name__
@@ -58,6 +60,16 @@ class Program:
         for i, s in enumerate(self.stages):
             lines.append(f"  [{i}] {', '.join(s.outputs)} = {s.describe()}({', '.join(s.inputs)})")
         return "\n".join(lines)
+
+    def call_inputs(self) -> tuple[str, ...]:
+        """Names a call supplies besides q, k, v: what a stage reads (required or optional) that no
+        earlier stage produces. ``param:*`` names are supplied by the module holding the parameter.
+        A forward call accepts exactly these keywords (plus ``scale`` and ``return_lse``)."""
+        have, need = {"q", "k", "v"}, []
+        for s in self.stages:
+            need += [x for x in (*s.inputs, *s.optional_inputs) if x not in have and x not in need]
+            have.update(s.outputs)
+        return tuple(need)
 
     def with_schedule(self, schedule: Schedule) -> Program:
         """The same program with every schedulable stage using ``schedule``."""

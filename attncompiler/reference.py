@@ -6,13 +6,15 @@ softmax attention. References favour obviousness over speed: they materialize L 
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
 
-from .errors import UnsupportedError
-from .inputs import check_qkv, default_scale
+from .errors import PatternError, UnsupportedError
+from .inputs import check_keywords, check_qkv, default_scale
 from .pattern import Family, Pattern
+from .primitives import check_batch_head_dependence
 
 _REFERENCES: dict[str, Callable] = {}
 
@@ -32,21 +34,32 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """Dense float64 attention of ``pattern`` on ``q [B,H,Lq,D]``, ``k, v [B,Hkv,Lk,D]``.
 
     Rows with no visible key give zeros (and log-sum-exp ``-inf``). The result is float64 and
-    differentiable with respect to q, k and v.
+    differentiable with respect to q, k and v. When ``Lq != Lk`` positions are top-left (query
+    row i is position i). Keywords other than ``scale``, ``return_lse`` and the family's own
+    (e.g. ABC's ``param``, ``control``) raise :class:`~attncompiler.errors.UnexpectedArgumentError`.
 
     Returns:
         ``out [B, H, Lq, Dv]`` (float64), or ``(out, lse [B, H, Lq])`` with ``return_lse``.
     """
-    dims = check_qkv(q, k, v)
+    if not isinstance(pattern, Pattern):
+        raise PatternError(f"reference() needs an attention pattern, got {type(pattern).__name__} {pattern!r}")
     fn = _REFERENCES.get(pattern.family)
     if fn is None:
         raise UnsupportedError(f"no reference implementation for {pattern.family} patterns ({pattern!r})")
+    check_keywords("reference", kwargs, ("scale", "return_lse", *_keywords(fn)))
+    dims = check_qkv(q, k, v)
     out, lse = fn(pattern, q.double(), k.double(), v.double(), default_scale(dims.head_dim, scale), **kwargs)
     return (out, lse) if return_lse else out
 
 
+def _keywords(fn: Callable) -> tuple[str, ...]:
+    """The keyword-only parameters of a registered reference (what its family accepts)."""
+    return tuple(name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+
 def dense_masks(pattern: Pattern, batch: int, heads: int, q_len: int, kv_len: int, device) -> torch.Tensor:
     """``[Bm, Hm, Lq, Lk]`` bool masks with Bm/Hm = 1 where the pattern does not vary."""
+    check_batch_head_dependence(pattern, batch, heads, q_len, kv_len)
     Bm = batch if pattern.batch_dependent else 1
     Hm = 1 if pattern.head_period == 1 else heads
     return torch.stack([

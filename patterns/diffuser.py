@@ -7,6 +7,10 @@ import attncompiler as ac
 from attncompiler import Pattern
 from attncompiler.diffusion import diffuse
 
+from ._params import int_param
+
+_MAX_GLOBAL_TOKENS = 1 << 24  # listed one by one
+
 
 def diffuser_graph(window: int = 64, random_blocks: int = 1, num_global: int = 4, seed: int = 0,
                    causal: bool = False) -> Pattern:
@@ -35,8 +39,9 @@ def diffuser_graph(window: int = 64, random_blocks: int = 1, num_global: int = 4
         seed: seed of the random draw. Default 0.
         causal: keep only keys at or before the query (every hop then stays causal). Default False.
     """
-    if window < 2 or window % 2:
+    if int_param("window", window, 2) % 2:
         raise ac.PatternError(f"window={window!r} must be an even number >= 2 (blocks overlap by window/2)")
+    num_global = int_param("num_global", num_global, 0, _MAX_GLOBAL_TOKENS)
     half = window // 2
     p = ac.block_window(1, block=half)
     if random_blocks:

@@ -7,6 +7,8 @@ from typing import Sequence
 import attncompiler as ac
 from attncompiler import Pattern
 
+from ._params import int_param
+
 
 def sliding_window(window: int = 256, causal: bool = False) -> Pattern:
     """Local attention (Longformer's window, Beltagy et al. 2020, arXiv 2004.05150, sec. 3.1).
@@ -54,6 +56,7 @@ def sparse_transformer_strided(stride: int = 128, merged: bool = False) -> Patte
         stride: the stride l (about sqrt(L) in the paper). Default 128.
         merged: one head attending to the union of both sets. Default False.
     """
+    stride = int_param("stride", stride, 1)
     local = ac.sliding_window(stride) & ac.causal()
     summary = ac.strided(stride) & ac.causal()
     return (local | summary) if merged else ac.per_head([local, summary])
@@ -70,11 +73,16 @@ def sparse_transformer_fixed(stride: int = 128, summary: int = 8, merged: bool =
         summary: c, summary positions per block (the paper uses 8 to 32). Default 8.
         merged: one head attending to the union of both sets. Default False.
     """
-    if not 1 <= summary <= stride:
+    stride = int_param("stride", stride, 1)
+    if int_param("summary", summary, 1) > stride:
         raise ac.PatternError(f"summary={summary} must be in [1, stride={stride}]")
     own = ac.block_local(stride) & ac.causal()
     summaries = ac.mask(lambda b, h, q_idx, kv_idx: kv_idx % stride >= stride - summary) & ac.causal()
     return (own | summaries) if merged else ac.per_head([own, summaries])
+
+
+# global_blocks * block tokens are listed one by one: keep the list a sane size.
+_MAX_GLOBAL_TOKENS = 1 << 24
 
 
 def bigbird(block: int = 64, window_blocks: int = 3, global_blocks: int = 2, random_blocks: int = 3,
@@ -83,7 +91,8 @@ def bigbird(block: int = 64, window_blocks: int = 3, global_blocks: int = 2, ran
 
     Block-sparse: each query block sees ``window_blocks`` neighbouring blocks (centred), the
     first ``global_blocks`` blocks are global (see and are seen by all), and each query block
-    sees ``random_blocks`` random key blocks drawn from ``seed``.
+    sees ``random_blocks`` random key blocks drawn from ``seed``. At a sequence shorter than the
+    global blocks, the tokens that exist are global (the global part is clipped to the length).
 
     Args:
         block: block size in tokens. Default 64.
@@ -93,13 +102,13 @@ def bigbird(block: int = 64, window_blocks: int = 3, global_blocks: int = 2, ran
         seed: seed of the random draw. Default 0.
         causal: restrict to keys at or before the query. Default False.
     """
-    if window_blocks < 1 or window_blocks % 2 == 0:
+    block = int_param("block", block, 1)
+    if int_param("window_blocks", window_blocks, 1) % 2 == 0:
         raise ac.PatternError(f"window_blocks={window_blocks} must be a positive odd number (centred window)")
-    if global_blocks < 0:
-        raise ac.PatternError(f"global_blocks={global_blocks} must be >= 0")
+    global_blocks = int_param("global_blocks", global_blocks, 0, _MAX_GLOBAL_TOKENS // block)
     p = ac.block_window(window_blocks // 2, block)
     if global_blocks:
-        p = p | ac.global_tokens(range(global_blocks * block))
+        p = p | ac.global_tokens(range(global_blocks * block), clip=True)
     if random_blocks:
         p = p | ac.random_blocks(random_blocks, block, seed)
     return p.causal() if causal else p
@@ -116,8 +125,7 @@ def longformer(window: int = 256, dilation: int = 1, global_indices: Sequence[in
         global_indices: positions with global attention (e.g. [CLS]). Default (0,).
         causal: restrict to keys at or before the query. Default False.
     """
-    if dilation < 1:
-        raise ac.PatternError(f"dilation={dilation} must be >= 1 (1 = no dilation)")
+    dilation = int_param("dilation", dilation, 1)
     p = ac.dilated_window(window, dilation) if dilation > 1 else ac.sliding_window(window)
     if global_indices:
         p = p | ac.global_tokens(global_indices)
@@ -132,6 +140,7 @@ def logsparse(local: int = 0) -> Pattern:
     Args:
         local: also attend to the previous ``local`` positions. Default 0.
     """
+    local = int_param("local", local, 0)
     p = ac.mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (((q_idx - kv_idx) & (q_idx - kv_idx - 1)) == 0))
     if local:
         p = p | (ac.sliding_window(local) & ac.causal())
@@ -146,5 +155,6 @@ def axial(cols: int = 64, causal: bool = False) -> Pattern:
         cols: grid width (row length); the grid has ``L / cols`` rows. Default 64.
         causal: restrict to keys at or before the query. Default False.
     """
+    cols = int_param("cols", cols, 0)  # type and int64 range; ac.block_local checks cols >= 1
     p = ac.block_local(cols) | ac.strided(cols)
     return p.causal() if causal else p
