@@ -24,6 +24,7 @@ from .errors import PatternError
 
 INT = "int"
 BOOL = "bool"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 # op name -> (python symbol for repr, precedence, result kind or None = same as operands)
 _BINOPS: dict[str, tuple[str, int, str | None]] = {
@@ -108,7 +109,7 @@ class Expr:
         """Distinct buffers read by this expression, in first-use order."""
         seen: dict[Buffer, None] = {}
         for node in self.walk():
-            if isinstance(node, Load):
+            if isinstance(node, (Load, Index)):
                 seen.setdefault(node.buffer, None)
         return tuple(seen)
 
@@ -142,7 +143,10 @@ class Var(Expr):
     name: str
 
     def evaluate(self, env):
-        return env[self.name]
+        x = torch.as_tensor(env[self.name])
+        # Index arithmetic is int64 (torch's default, FlexAttention's semantics) even when the
+        # caller hands int32 positions.
+        return x if x.dtype in (torch.int64, torch.bool) else x.to(torch.int64)
 
     def bounds(self, env):
         return env[self.name]
@@ -156,6 +160,14 @@ class Const(Expr):
     """An integer or boolean constant (``Const(True)`` and ``Const(1)`` are different)."""
 
     value: int | bool
+
+    def __post_init__(self):
+        v = self.value
+        if not isinstance(v, bool) and not INT64_MIN <= v <= INT64_MAX:
+            raise PatternError(
+                f"index constant {v} does not fit in int64 [{INT64_MIN}, {INT64_MAX}]; index arithmetic "
+                "is int64, as in torch and FlexAttention: use a smaller constant"
+            )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Const) and type(other.value) is type(self.value) and other.value == self.value
@@ -397,6 +409,8 @@ def as_expr(x: Any) -> Expr:
 
 def binop(op: str, a: Any, b: Any) -> Expr:
     a, b = as_expr(a), as_expr(b)
+    if op in ("floordiv", "mod") and isinstance(b, Const) and b.value == 0:
+        raise PatternError(f"division by zero in index expression {a!r} {_BINOPS[op][0]} 0")
     if isinstance(a, Const) and isinstance(b, Const):
         return as_expr(_PY_BINOPS[op](a.value, b.value))
     if op == "add":
@@ -407,8 +421,6 @@ def binop(op: str, a: Any, b: Any) -> Expr:
     if op == "mul":
         if b == Const(1): return a
         if a == Const(1): return b
-    if op in ("floordiv", "mod") and isinstance(b, Const) and b.value == 0:
-        raise PatternError(f"division by zero in index expression {a!r} {_BINOPS[op][0]} 0")
     if op == "and" and a.kind == BOOL and b.kind == BOOL:
         if a == Const(True): return b
         if b == Const(True): return a
@@ -463,6 +475,8 @@ def substitute(e: Expr, values: Mapping[str, int]) -> Expr:
             return e
         case Load(buf, idx, fill):
             return Load(buf, substitute(idx, values), fill)
+        case Index(buf, shape, idxs):
+            return index(buf, shape, tuple(substitute(i, values) for i in idxs))
         case BinOp(op, a, b):
             return binop(op, substitute(a, values), substitute(b, values))
         case UnOp(op, a):
@@ -483,7 +497,7 @@ def to_mask_mod(e: Expr, device: torch.device | str = "cpu") -> Callable:
         match node:
             case Var(name):
                 idx = ("b", "h", "q_idx", "kv_idx").index(name)
-                return lambda args: args[idx]
+                return lambda args: torch.as_tensor(args[idx]).to(torch.int64)  # int64 index arithmetic
             case Const(value):
                 return lambda args: value
             case Load(buf, index, fill):
@@ -495,6 +509,18 @@ def to_mask_mod(e: Expr, device: torch.device | str = "cpu") -> Callable:
                     inside = (i >= 0) & (i < n)
                     return torch.where(inside, table[i.clamp(0, max(n - 1, 0))], fill)
                 return load
+            case Index(buf, shape, idxs):
+                table = torch.from_numpy(buf.data.copy()).to(device)
+                fs = [build(i) for i in idxs]
+
+                def gather(args):
+                    # Ranges were checked when the layout was built; wrap negatives as torch does.
+                    flat = 0
+                    for f, n in zip(fs, shape):
+                        i = torch.as_tensor(f(args))
+                        flat = flat * n + torch.where(i < 0, i + n, i)
+                    return table[torch.as_tensor(flat).clamp(0, max(len(buf) - 1, 0))]
+                return gather
             case BinOp(op, a, b):
                 fa, fb, fn = build(a), build(b), _TORCH_BINOPS[op]
                 return lambda args: fn(fa(args), fb(args))
@@ -529,13 +555,25 @@ def _paren(e: Expr, prec: int, right: bool) -> str:
     return repr(e)
 
 
+def _check_divisor(y) -> None:
+    if isinstance(y, torch.Tensor) and not torch.compiler.is_compiling() and bool((y == 0).any()):
+        raise PatternError("integer division or modulo by zero in a traced mask_mod (torch raises "
+                           "ZeroDivisionError there too); keep the divisor non-zero, e.g. `x // (k + 1)`")
+
+
 def _floordiv(x, y):
-    return torch.div(x, y, rounding_mode="floor")
+    _check_divisor(y)
+    return torch.div(x, y, rounding_mode="floor")  # Python/torch `//`: floors
+
+
+def _mod(x, y):
+    _check_divisor(y)
+    return torch.remainder(x, y)  # Python/torch `%`: the sign of the divisor
 
 
 _TORCH_BINOPS: dict[str, Callable] = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul,
-    "floordiv": _floordiv, "mod": torch.remainder,
+    "floordiv": _floordiv, "mod": _mod,
     "and": lambda x, y: x & y, "or": lambda x, y: x | y, "xor": lambda x, y: x ^ y,
     "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
     "min": torch.minimum, "max": torch.maximum,
@@ -553,4 +591,5 @@ _PY_BINOPS: dict[str, Callable] = {
 # Interval bounds of binary operators live in expr_bounds, the tracing proxies in expr_trace
 # (both imported last: they build on everything above).
 from .expr_bounds import _interval_binop  # noqa: E402
+from .expr_index import Index, check_index_ranges, index  # noqa: E402,F401
 from .expr_trace import Sym, TraceError, trace  # noqa: E402,F401

@@ -55,10 +55,20 @@ def _interval_binop(op: str, ea: Expr, eb: Expr, env):
             return np.maximum(alo, blo), np.maximum(ahi, bhi)
         case "floordiv" if isinstance(eb, Const) and eb.value > 0:
             return alo // eb.value, ahi // eb.value
+        case "floordiv" if isinstance(eb, Const) and eb.value < 0:  # floor(a / c) falls as a grows
+            return ahi // eb.value, alo // eb.value
         case "mod" if isinstance(eb, Const) and eb.value > 0:
             m = eb.value
             same = (alo // m) == (ahi // m)
             return np.where(same, alo % m, 0), np.where(same, ahi % m, m - 1)
+        case "mod" if isinstance(eb, Const) and eb.value < 0:  # Python: the sign of the divisor
+            return np.broadcast_to(np.int64(eb.value + 1), np.shape(alo)), np.broadcast_to(zero, np.shape(alo))
+        case "floordiv" if np.all((blo > 0) | (bhi < 0)):  # a divisor that is never 0: |a // b| <= |a|
+            m = np.maximum(np.abs(alo), np.abs(ahi))
+            return -m, m
+        case "mod" if np.all((blo > 0) | (bhi < 0)):  # |a % b| < |b|
+            m = np.maximum(np.abs(blo), np.abs(bhi)) - 1
+            return np.where(blo > 0, 0, -m), np.where(bhi < 0, 0, m)
         case "lt":
             return np.where(ahi < blo, one, zero), np.where(alo >= bhi, zero, one)
         case "le":

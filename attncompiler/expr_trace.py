@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 
 from .errors import PatternError
-from .expr import BOOL, INDEX_VARS, Buffer, Expr, Load, as_expr, binop, unop, where
+from .expr import BOOL, INDEX_VARS, Buffer, Expr, as_expr, binop, unop, where
+from .expr_index import index
 
 class TraceError(Exception):
     """Raised inside tracing when a mask_mod does something an Expr cannot represent."""
@@ -32,6 +33,8 @@ class Sym:
 
     def __init__(self, expr: Expr):
         self.expr = expr
+        if _USES:  # record which index variables the traced function touched (see trace_uses)
+            _USES[-1].update(expr.variables())
 
     def _bin(op):  # noqa: N805 - helper evaluated at class creation
         def f(self, o):
@@ -71,7 +74,9 @@ class Sym:
     __hash__ = None  # type: ignore[assignment]
 
     def __bool__(self):
-        raise TraceError("Python control flow on a traced index")
+        raise TraceError(
+            "Python control flow on a traced index (`if`, `and`, `or`, `not`); write it with "
+            "`&`, `|`, `~` and `torch.where(cond, a, b)` to keep the predicate traceable")
 
     def __index__(self):
         raise TraceError("a traced index used as a Python integer")
@@ -90,26 +95,77 @@ class Sym:
         handler = _TORCH_HANDLERS.get(func)
         if handler is None:
             raise TraceError(f"torch function {getattr(func, '__name__', func)} is not traceable")
-        return Sym(handler(*args, **kwargs))
+        out = handler(*args, **kwargs)
+        return out if isinstance(out, TableView) else Sym(out)
 
 
 def _unwrap(x: Any) -> Expr:
+    if isinstance(x, TableView):
+        raise TraceError(f"{x!r} is a slice of a tensor, not one value; index every dimension")
+    if isinstance(x, int) and not isinstance(x, bool):
+        return as_expr(x)  # a constant beyond int64 is a PatternError, not a reason to go opaque
     try:
         return as_expr(x)
     except PatternError as e:
         raise TraceError(str(e)) from None
 
 
-def _index_tensor(t, idx):
-    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point():
-        raise TraceError("only 1-D integer or boolean tensors can be indexed by a traced index")
-    if isinstance(idx, tuple):
-        if len(idx) != 1:
-            raise TraceError("multi-dimensional indexing by a traced index")
-        idx = idx[0]
-    buf = Buffer(f"buf{len(t)}", t.detach().cpu().to(torch.int64).numpy())
-    load = Load(buf, _unwrap(idx))
-    return binop("ne", load, 0) if t.dtype == torch.bool else load
+class TableView:
+    """A captured integer tensor indexed in its leading dimensions by traced indices so far
+    (``t[q]`` of a 2-D ``t``); indexing the remaining dimensions (``t[q][k]``) reads a value."""
+
+    __slots__ = ("tensor", "prefix")
+
+    def __init__(self, tensor: torch.Tensor, prefix: tuple[Expr, ...]):
+        self.tensor, self.prefix = tensor, prefix
+
+    def __getitem__(self, idx):
+        out = _index_tensor(self.tensor, idx, self.prefix)
+        return out if isinstance(out, TableView) else Sym(out)
+
+    def __bool__(self):
+        raise TraceError("Python control flow on a traced tensor slice")
+
+    def __getattr__(self, name):
+        raise TraceError(f"unsupported attribute {name!r} on a traced tensor slice")
+
+    def __repr__(self) -> str:
+        return f"TableView({tuple(self.tensor.shape)}, {self.prefix!r})"
+
+
+def _index_tensor(t, idx, prefix: tuple[Expr, ...] = ()):
+    """``t[idx]`` with traced indices: an :class:`Index` once every dimension is indexed."""
+    if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dim() == 0:
+        raise TraceError("only integer or boolean tensors of at least one dimension can be indexed by a traced index")
+    items = idx if isinstance(idx, tuple) else (idx,)
+    exprs = list(prefix)
+    for item in items:
+        if item is None or item is Ellipsis or isinstance(item, (slice, list)):
+            raise TraceError(f"indexing with {item!r} alongside a traced index")
+        if isinstance(item, torch.Tensor) and item.numel() != 1:
+            raise TraceError("indexing with a tensor of several indices alongside a traced index")
+        e = _unwrap(item)
+        if e.kind == BOOL:
+            raise TraceError("a boolean index is a mask in torch, not a position")
+        exprs.append(e)
+    if len(exprs) > t.dim():
+        raise PatternError(
+            f"mask_mod indexes a tensor of shape {tuple(t.shape)} with {len(exprs)} indices "
+            f"({', '.join(map(repr, exprs))}); torch raises IndexError: too many indices"
+        )
+    if len(exprs) < t.dim():
+        return TableView(t, tuple(exprs))
+    data = t.detach().cpu().to(torch.int64).reshape(-1).numpy()
+    shape = tuple(t.shape)
+    name = "table" + "x".join(map(str, shape))
+    value = index(Buffer(name, data), shape, tuple(exprs))
+    return binop("ne", value, 0) if t.dtype == torch.bool else value
+
+
+def _div(a, b, *, rounding_mode=None):
+    if rounding_mode != "floor":  # true division gives floats; "trunc" is C's, not Python's
+        raise TraceError(f"torch.div with rounding_mode={rounding_mode!r} is not traceable")
+    return binop("floordiv", _unwrap(a), _unwrap(b))
 
 
 _TORCH_HANDLERS: dict[Any, Callable[..., Expr]] = {
@@ -138,26 +194,55 @@ _TORCH_HANDLERS: dict[Any, Callable[..., Expr]] = {
     torch.Tensor.__ge__: lambda a, b: binop("ge", _unwrap(a), _unwrap(b)),
     torch.Tensor.__and__: lambda a, b: binop("and", _unwrap(a), _unwrap(b)),
     torch.Tensor.__or__: lambda a, b: binop("or", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__rmul__: lambda a, b: binop("mul", _unwrap(b), _unwrap(a)),
+    torch.Tensor.__rand__: lambda a, b: binop("and", _unwrap(b), _unwrap(a)),
+    torch.Tensor.__ror__: lambda a, b: binop("or", _unwrap(b), _unwrap(a)),
+    torch.Tensor.__xor__: lambda a, b: binop("xor", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__floordiv__: lambda a, b: binop("floordiv", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__rfloordiv__: lambda a, b: binop("floordiv", _unwrap(b), _unwrap(a)),
+    torch.Tensor.__mod__: lambda a, b: binop("mod", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__rmod__: lambda a, b: binop("mod", _unwrap(b), _unwrap(a)),
+    torch.floor_divide: lambda a, b: binop("floordiv", _unwrap(a), _unwrap(b)),
+    torch.div: _div,
 }
+
+
+_USES: list[set[str]] = []  # one set per trace in progress
 
 
 def trace(fn: Callable) -> Expr | None:
     """Trace ``fn(b, h, q_idx, kv_idx)`` into an Expr, or return None when it is not traceable.
 
     Raises:
-        PatternError: when ``fn`` traces but returns a non-boolean value.
+        PatternError: when ``fn`` traces but returns a non-boolean value, or uses a constant
+            beyond int64 or an impossible index.
     """
+    return trace_uses(fn)[0]
+
+
+def trace_uses(fn: Callable) -> tuple[Expr | None, frozenset[str]]:
+    """:func:`trace`, plus the index variables ``fn`` touched before tracing stopped.
+
+    When ``fn`` stays opaque, a ``b`` or ``h`` among them means its mask may depend on the batch
+    entry or head.
+    """
+    args = [Sym(v) for v in INDEX_VARS]
+    _USES.append(set())
     try:
-        out = fn(*(Sym(v) for v in INDEX_VARS))
+        out = fn(*args)
         e = _unwrap(out)
     except TraceError:
-        return None
+        return None, frozenset(_USES[-1])
+    except PatternError:
+        raise
     except (TypeError, RuntimeError, IndexError, ValueError, AttributeError):
         # torch or Python refused a proxy somewhere we do not intercept: keep fn opaque.
-        return None
+        return None, frozenset(_USES[-1])
+    finally:
+        uses = _USES.pop()
     if e.kind != BOOL:
         raise PatternError(
             f"mask_mod must return a boolean, but it returned the integer expression {e!r}; "
             "compare it with something, e.g. `... == 0`"
         )
-    return e
+    return e, frozenset(uses)

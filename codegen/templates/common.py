@@ -16,29 +16,33 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _floordiv_pos(a, b):
-    # Python floor division by b > 0, built only from divisions of non-negative operands,
-    # where C truncation (Triton's // on GPU and in the interpreter) and floor agree.
-    return tl.where(a >= 0, a // b, -((b - 1 - a) // b))
+    # Python floor division by b > 0 from C's truncating // and % (Triton's, on GPU and in the
+    # interpreter): one step down where the remainder is negative. No intermediate leaves the
+    # range of the operands, so int32 operands never overflow.
+    r = a % b
+    return tl.where(r < 0, a // b - 1, a // b)
 
 
 @triton.jit
 def _mod_pos(a, b):
     # Python modulo by b > 0: the result lies in [0, b).
-    return a - b * _floordiv_pos(a, b)
+    r = a % b
+    return tl.where(r < 0, r + b, r)
 
 
 @triton.jit
 def _floordiv(a, b):
-    # Python floor division by a runtime divisor of either sign: a // b == (-a) // (-b).
-    sa = tl.where(b < 0, -a, a)
-    sb = tl.where(b < 0, -b, b)
-    return _floordiv_pos(sa, sb)
+    # Python floor division by a runtime divisor of either sign: truncation, then one step down
+    # where the remainder and the divisor differ in sign.
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), a // b - 1, a // b)
 
 
 @triton.jit
 def _mod(a, b):
     # Python modulo: the result takes the sign of the divisor.
-    return a - b * _floordiv(a, b)
+    r = a % b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
 
 
 @triton.jit
