@@ -2,7 +2,7 @@
 
 Attention inside every layer is an ``ac.compile(pattern, backend=...)`` module, so any pattern
 family that maps ``[B, H, L, D]`` q/k/v to ``[B, H, L, D]`` works per layer. A stack takes one
-pattern per layer and a reuse plan (see :mod:`attncompiler.reuse`): reused heads skip their Q/K
+pattern per layer and a reuse plan (see :mod:`attncompiler.families.reuse.plan`): reused heads skip their Q/K
 projections and apply the map of the head they reuse to the current layer's values, either from
 the probabilities that head's layer stored over its block layout (``stored_probs``) or by
 recomputing it from that head's kept Q/K (``recompute``).
@@ -19,13 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError, PatternError, UnsupportedError
-from .inputs import check_keywords
-from .module import compile as compile_attention
-from .pattern import Pattern, full
-from .program import BlockSparseAttention
-from .reuse import (HeadSource, LayerAttention, ReusePatternMode, ReusePlan, ReuseSchedule, merge_heads,
-                    resolve_sources, select_heads, stored_heads)
-from .schedule import Schedule
+from .program.inputs import check_keywords
+from .runtime.module import compile as compile_attention
+from .dsl.pattern import Pattern
+from .dsl.primitives import full
+from .program.stages import BlockSparseAttention
+from .families.reuse.plan import (HeadSource, ReusePatternMode, ReusePlan, ReuseSchedule, merge_heads,
+                                  resolve_sources, select_heads, stored_heads)
+from .families.reuse.similarity import LayerAttention
+from .program.schedule import Schedule
 
 
 def _reject_keywords(module: nn.Module, unexpected: dict) -> None:
@@ -130,7 +132,7 @@ class MultiheadAttention(nn.Module):
         """Whether :meth:`attend_with_probs` can run here: the torch backend on ``device`` and a
         mask pattern lowered to one block-sparse stage whose layout is the same for every batch
         and head (the Triton backend keeps the recompute path)."""
-        from .module import _resolve_backend
+        from .runtime.module import _resolve_backend
 
         stages = self.attention.program.stages
         p = self.pattern
@@ -140,8 +142,8 @@ class MultiheadAttention(nn.Module):
 
     def attend_with_probs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, workspace=None):
         """``(out [B, h, L, D], StoredProbs)``: this module's attention that also keeps its
-        probabilities over the block layout (see :mod:`attncompiler.codegen.torch_probs`)."""
-        from .codegen.torch_probs import attention_with_probs
+        probabilities over the block layout (see :mod:`attncompiler.codegen.pytorch.probs`)."""
+        from .codegen.pytorch.probs import attention_with_probs
 
         stage = self.attention.program.stages[0]
         sch = stage.schedule
@@ -268,12 +270,12 @@ class TransformerBlock(nn.Module):
             reused: ``(heads, StoredProbs)`` pairs: these heads apply stored probabilities
                 (one map per head, in order) to this layer's values.
             store: own heads whose probabilities later layers reuse (kept and returned).
-            workspace: a :class:`~attncompiler.codegen.torch_probs.ProbsWorkspace` (inference).
+            workspace: a :class:`~attncompiler.codegen.pytorch.probs.ProbsWorkspace` (inference).
 
         Returns:
             ``(x [B, L, E], StoredProbs of the `store` heads or None)``.
         """
-        from .codegen.torch_probs import apply_probs
+        from .codegen.pytorch.probs import apply_probs
 
         a = self.attn
         H = a.num_heads
@@ -308,10 +310,10 @@ class TransformerStack(nn.Module):
         d_model, num_heads: width and heads of every layer.
         patterns: one pattern per layer, or a single pattern for all ``num_layers`` layers.
         num_layers: required when ``patterns`` is a single pattern.
-        reuse: ``{layer: heads}`` (see :class:`attncompiler.reuse.ReusePlan`), e.g. ``{1: "all"}``.
+        reuse: ``{layer: heads}`` (see :class:`attncompiler.families.reuse.plan.ReusePlan`), e.g. ``{1: "all"}``.
         reuse_pattern: ``"same"`` (default) makes reuse across different patterns an error;
             ``"previous"`` lets reused heads keep the reused layer's pattern.
-        reuse_schedule: how reused heads get their map (:class:`~attncompiler.reuse.ReuseSchedule`):
+        reuse_schedule: how reused heads get their map (:class:`~attncompiler.families.reuse.plan.ReuseSchedule`):
             ``"stored_probs"`` (source layers keep P over their layout; reused heads compute only
             P @ V), ``"recompute"`` (scores recomputed from the kept Q/K) or ``"auto"`` (default:
             stored_probs where every source layer runs the torch backend with a batch- and
@@ -403,7 +405,7 @@ class TransformerStack(nn.Module):
 
     def forward(self, x: torch.Tensor, *, record: list | None = None, **unexpected) -> torch.Tensor:
         """``[B, L, d_model] -> [B, L, d_model]``. ``record`` (a list) receives one
-        :class:`~attncompiler.reuse.LayerAttention` per layer."""
+        :class:`~attncompiler.families.reuse.plan.LayerAttention` per layer."""
         _reject_keywords(self, unexpected)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             raise InputError(f"input must be [batch, seq, {self.d_model}], got {getattr(x, 'shape', type(x).__name__)}")
@@ -422,7 +424,7 @@ class TransformerStack(nn.Module):
     def _forward_stored(self, x: torch.Tensor) -> torch.Tensor:
         """The blocks under ``stored_probs``: each layer's probabilities that later layers reuse
         are kept until their last reader, then dropped (or, without autograd, recycled)."""
-        from .codegen.torch_probs import ProbsWorkspace
+        from .codegen.pytorch.probs import ProbsWorkspace
 
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         grad = grad or (torch.is_grad_enabled() and x.requires_grad)
@@ -470,8 +472,8 @@ CHECKPOINT_FORMAT = "attncompiler.nn.TransformerStack/1"
 
 def parse_pattern(code: str) -> Pattern:
     """Rebuild a checkpoint's pattern from its ``repr`` with the safe DSL parser (never ``eval``:
-    a checkpoint is untrusted input). See :func:`attncompiler.pattern_parser.parse_pattern`."""
-    from .pattern_parser import parse_pattern as parse
+    a checkpoint is untrusted input). See :func:`attncompiler.patterns.text.parse_pattern`."""
+    from .patterns.text import parse_pattern as parse
 
     try:
         return parse(code)

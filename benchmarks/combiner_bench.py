@@ -6,10 +6,10 @@ same stride) and against dense causal attention (our torch backend and PyTorch S
 ``is_causal``). Optionally (``--all``) also Combiner-Logsparse vs LogSparse and
 Combiner-Axial vs axial. ``--shared-slots`` adds, for each Combiner contender, the same
 program with one shared slot per summary (``name/shared``: the joint layout before packed
-summary slots, see :mod:`attncompiler.combiner_joint`), for a before/after comparison in one
+summary slots, see :mod:`attncompiler.families.combiner.joint`), for a before/after comparison in one
 process. Contenders alternate on the same inputs after one warm-up call; reported: median
 (and min-max) forward and forward+backward time, the ratio to the sparse pattern, peak tensor
-memory of one forward (``attncompiler.bench.peak_memory``), and whether every query reaches
+memory of one forward (``attncompiler.bench.attention.peak_memory``), and whether every query reaches
 every key in one layer.
 
 Usage (from the repository root)::
@@ -29,9 +29,9 @@ import time
 import torch
 
 import attncompiler as ac
-from attncompiler import combiner as C
-from attncompiler.bench import peak_memory
-from attncompiler.program import BlockSparseAttention
+from attncompiler.families import combiner as C
+from attncompiler.bench.measure import peak_memory
+from attncompiler.program.stages import BlockSparseAttention
 from attncompiler.patterns import sparse
 
 

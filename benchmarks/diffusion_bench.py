@@ -41,7 +41,7 @@ warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 
 def edge_list(base, L: int) -> tuple[np.ndarray, np.ndarray]:
     """Allowed (query, key) pairs of a mask pattern, row-major (from its block layout)."""
-    from attncompiler.layout import partial_masks
+    from attncompiler.layout.block_layout import partial_masks
 
     blocks = base.layout(L, L, 128, 128).groups[0]
     g = blocks.geom

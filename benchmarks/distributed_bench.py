@@ -47,7 +47,7 @@ import torch.multiprocessing as mp
 def _pattern(name: str):
     """``swg``: sliding_window(256) | global_tokens([0, 1, 2, 3]); anything else: a catalogue name."""
     import attncompiler as ac
-    from attncompiler.cli_analysis import resolve_pattern
+    from attncompiler.cli.analysis import resolve_pattern
 
     if name == "swg":
         return ac.sliding_window(256) | ac.global_tokens([0, 1, 2, 3])
@@ -129,7 +129,7 @@ def _isolated(pattern, L, world, shardings, args):
 
     Shardings and ranks alternate within every repeat, so load from other jobs hits them alike.
     """
-    from attncompiler.codegen.torch_attention import block_sparse_attention, block_sparse_attention_backward
+    from attncompiler.codegen.pytorch.attention import block_sparse_attention, block_sparse_attention_backward
     from attncompiler.distributed import merge_partials, plan_attention
     from attncompiler.distributed.ring_fn import Ring
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import attncompiler as ac
-from attncompiler.memory_slots import MLPControl, memory
+from attncompiler.families.memory.memory import MLPControl, memory
 
 
 def _inputs(L: int, H: int, D: int, seed: int = 0, device: str = "cpu"):
@@ -53,7 +53,7 @@ def forward_speed(L: int, H: int = 4, D: int = 64, n: int = 64, reps: int = 3, d
                   backend: str = "torch") -> dict:
     """Median forward seconds of causal ABC-MLP and causal SDPA, alternated (fp32)."""
     if backend == "triton":
-        from attncompiler.codegen import triton_memory  # noqa: F401  (registers the Triton memory stages)
+        from attncompiler.codegen.triton import memory as triton_memory  # noqa: F401  (registers the Triton memory stages)
     q, k, v = _inputs(L, H, D, device=device)
     attn = ac.compile(memory(n, MLPControl(), causal=True), backend=backend, check_finite=False)
     ours, peer = [], []
@@ -161,7 +161,7 @@ def gpu_compare(L: int, H: int = 4, D: int = 64, n: int = 64, reps: int = 5, dev
     skipped (reported as None) when its ``[T, n, D]`` tensors would not fit.
     """
     if backend == "triton":
-        from attncompiler.codegen import triton_memory  # noqa: F401  (registers the Triton memory stages)
+        from attncompiler.codegen.triton import memory as triton_memory  # noqa: F401  (registers the Triton memory stages)
     q, k, v = (t.requires_grad_() for t in _inputs(L, H, D, device=device))
     attn = ac.compile(memory(n, MLPControl(), causal=True), backend=backend, check_finite=False).to(device)
     attn.materialize(D, device)

@@ -28,9 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import attncompiler as ac
 from attncompiler import patterns as catalogue
-from attncompiler.codegen.torch_probs import ProbsWorkspace, apply_probs
+from attncompiler.codegen.pytorch.probs import ProbsWorkspace, apply_probs
 from attncompiler.nn import TransformerStack
-from attncompiler.reuse import reuse_savings
+from attncompiler.families.reuse.plan import reuse_savings
 
 VARIANTS = {"no reuse": (False, "recompute"), "reuse stored P": (True, "stored_probs"),
             "reuse recompute": (True, "recompute")}

@@ -80,10 +80,10 @@ def supports(backend: str, stage_type: type) -> bool:
 
 def _load(backend: str) -> None:
     if backend == "torch":
-        from . import torch_backend  # noqa: F401  (registers its stages)
+        from .pytorch import stages as torch_backend  # noqa: F401  (registers its stages)
     elif backend == "triton":
         try:
-            from . import triton_backend  # noqa: F401
+            from .triton import backend as triton_backend  # noqa: F401
         except ImportError as e:
             raise UnsupportedError(f"the triton backend is not available: {e}") from e
     else:

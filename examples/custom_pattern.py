@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import attncompiler as ac
-from attncompiler.picture import render_text
+from attncompiler.layout.picture import render_text
 
 WINDOW, STRIDE, GLOBALS = 64, 128, 16
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 import attncompiler as ac
-from attncompiler.cli_analysis import resolve_pattern
+from attncompiler.cli.analysis import resolve_pattern
 from attncompiler.distributed import format_plan, head_parallel_attention, plan_attention, ring_attention
 
 

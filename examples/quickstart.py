@@ -14,7 +14,7 @@ import torch
 
 import attncompiler as ac
 from attncompiler import patterns
-from attncompiler.picture import render_text
+from attncompiler.layout.picture import render_text
 
 
 def main(argv: list[str] | None = None) -> int:

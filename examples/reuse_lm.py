@@ -27,7 +27,7 @@ from torch import nn
 
 import attncompiler as ac
 from attncompiler.nn import TransformerStack, save_checkpoint
-from attncompiler.reuse import attention_similarity, suggest_reuse
+from attncompiler.families.reuse.similarity import attention_similarity, suggest_reuse
 
 SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the bird", "a child", "the teacher", "our neighbour"]
 VERBS = ["sees", "likes", "follows", "paints", "finds", "calls", "watches", "helps"]

@@ -7,8 +7,8 @@ docstring cites its source and states its parameters and defaults.
 from .combiner import combiner_axial, combiner_fixed, combiner_logsparse, combiner_mixture
 from .diffuser import diffuser, diffuser_heat
 from .abc import abc_cluster, abc_linformer, abc_window, abc_mlp
-from .sparse import (axial, bigbird, causal, document, logsparse, longformer, prefix_lm,
-                     sliding_window, sparse_transformer_fixed, sparse_transformer_strided)
+from .sparse import (axial, bigbird, causal, document, logsparse, longformer, prefix_lm, sliding_window,
+                     sparse_transformer_fixed, sparse_transformer_strided)
 
 CATALOGUE = {
     "sliding_window": sliding_window,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import attncompiler as ac
-from attncompiler.pattern import INT_LIMIT
+from attncompiler.dsl.pattern import INT_LIMIT
 
 
 def int_param(name: str, value: Any, minimum: int, maximum: int = INT_LIMIT) -> int:

@@ -5,8 +5,8 @@ the paper's point is that these attentions differ only in how tokens are written
 
 from __future__ import annotations
 
-from attncompiler import Pattern
-from attncompiler.memory_slots import ClusterControl, LinformerControl, MLPControl, WindowControl, memory
+from attncompiler.dsl.pattern import Pattern
+from attncompiler.families.memory.memory import ClusterControl, LinformerControl, MLPControl, WindowControl, memory
 
 
 def abc_mlp(slots: int = 64, causal: bool = False) -> Pattern:

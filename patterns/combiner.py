@@ -8,11 +8,11 @@ everything else, under one joint softmax (the paper's sec. 3, "direct expectatio
 
 from __future__ import annotations
 
-from attncompiler import Pattern
-from attncompiler.combiner import combiner_axial as _axial
-from attncompiler.combiner import combiner_fixed as _fixed
-from attncompiler.combiner import combiner_logsparse as _logsparse
-from attncompiler.combiner import combiner_mixture as _mixture
+from attncompiler.dsl.pattern import Pattern
+from attncompiler.families.combiner.pattern import combiner_axial as _axial
+from attncompiler.families.combiner.pattern import combiner_fixed as _fixed
+from attncompiler.families.combiner.pattern import combiner_logsparse as _logsparse
+from attncompiler.families.combiner.pattern import combiner_mixture as _mixture
 
 
 def combiner_fixed(span: int = 64, causal: bool = False, pool: str = "max") -> Pattern:

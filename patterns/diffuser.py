@@ -4,8 +4,8 @@ over a sparse window + random + global base graph, written with the public DSL o
 from __future__ import annotations
 
 import attncompiler as ac
-from attncompiler import Pattern
-from attncompiler.diffusion import diffuse
+from attncompiler.dsl.pattern import Pattern
+from attncompiler.families.diffusion.diffusion import diffuse
 
 from ._params import int_param
 

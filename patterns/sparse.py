@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import attncompiler as ac
-from attncompiler import Pattern
+from attncompiler.dsl.pattern import Pattern
 
 from ._params import int_param
 

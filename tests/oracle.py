@@ -47,7 +47,7 @@ def masked_softmax_attention(q, k, v, mask, scale):
 def dense_block_kinds(pattern, q_len: int, kv_len: int, bm: int, bn: int, b: int = 0, h: int = 0) -> np.ndarray:
     """``[nqb, nkb]`` block kinds (EMPTY/PARTIAL/FULL) from evaluating every element: the
     definition an analytic layout must meet."""
-    from attncompiler.layout import EMPTY, FULL, PARTIAL
+    from attncompiler.layout.block_sets import EMPTY, FULL, PARTIAL
 
     d = pattern.to_dense(q_len, kv_len, b=b, h=h)
     nqb, nkb = -(-q_len // bm), -(-kv_len // bn)

@@ -114,7 +114,7 @@ def int_exprs(max_leaves: int = 6, divisors: bool = True) -> st.SearchStrategy:
 
     Division and modulo use non-zero constant divisors of both signs (Python floor semantics).
     """
-    from attncompiler import expr as E
+    from attncompiler.ir import expr as E
 
     leaves = st.one_of(st.sampled_from(E.INDEX_VARS), st.integers(-9, 9).map(E.Const))
     nonzero = st.integers(-7, 7).filter(bool)
@@ -141,7 +141,7 @@ def int_exprs(max_leaves: int = 6, divisors: bool = True) -> st.SearchStrategy:
 
 def bool_exprs(max_leaves: int = 4) -> st.SearchStrategy:
     """Boolean index expressions: comparisons of integer expressions under ``& | ^ ~ where``."""
-    from attncompiler import expr as E
+    from attncompiler.ir import expr as E
 
     ints = int_exprs(3)
     cmp = st.tuples(ints, ints, st.sampled_from(["lt", "le", "gt", "ge", "eq", "ne"])).map(

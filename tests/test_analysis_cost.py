@@ -10,7 +10,7 @@ from attncompiler import patterns
 from attncompiler.analysis import asymptotic_class, block_cost, symbolic_cost
 from attncompiler.analysis.cost import L
 from attncompiler.analysis.mask_graph import head_patterns
-from attncompiler.cli import main
+from attncompiler.cli.main import main
 
 CASES = [
     ("sliding_window", dict(window=3), (32, 48, 64)),

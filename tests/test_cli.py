@@ -13,12 +13,14 @@ import torch
 
 import attncompiler as ac
 from attncompiler import patterns
-from attncompiler.bench import allowed_pairs, flex_mask_mod, run_bench, run_layout_bench
-from attncompiler.cli import main
+from attncompiler.bench.peers import allowed_pairs, flex_mask_mod
+from attncompiler.bench.attention import run_bench
+from attncompiler.bench.layout import run_layout_bench
+from attncompiler.cli.main import main
 from attncompiler.codegen.registry import register_stage
-from attncompiler.picture import cell_grid, render_text, save_png
-from attncompiler.program import BlockSparseAttention, Program, Stage, register_lowering
-from attncompiler.reference import reference, register_reference
+from attncompiler.layout.picture import cell_grid, render_text, save_png
+from attncompiler.program.stages import BlockSparseAttention, Program, Stage, register_lowering
+from attncompiler.program.reference import reference, register_reference
 
 
 # ---------------------------------------------------------------------------------------------

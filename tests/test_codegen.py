@@ -14,18 +14,18 @@ import torch
 from hypothesis import given, settings
 
 import attncompiler as ac
-from attncompiler import expr as E
+from attncompiler.ir import expr as E
 from attncompiler import patterns as P
-from attncompiler import schedule as S
-from attncompiler.cli import main
+from attncompiler.program import schedule as S
+from attncompiler.cli.main import main
 from attncompiler.errors import CodegenError
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from attncompiler.codegen import cache  # noqa: E402
-from attncompiler.codegen.render import render_predicate  # noqa: E402
-from attncompiler.codegen.triton_kernels import cache_key, kernel_predicate, kernel_source  # noqa: E402
+from attncompiler.codegen.triton.render import render_predicate  # noqa: E402
+from attncompiler.codegen.triton.kernels import cache_key, kernel_predicate, kernel_source  # noqa: E402
 
 from strategies import bool_exprs  # noqa: E402
 
@@ -131,7 +131,7 @@ def test_generated_source_snapshot(name):
 
 @pytest.mark.parametrize("name", ["common.py", "forward.py", "backward.py"])
 def test_templates_are_valid_python(name):
-    from attncompiler.codegen.render import TEMPLATE_DIR
+    from attncompiler.codegen.triton.render import TEMPLATE_DIR
 
     text = (TEMPLATE_DIR / name).read_text()
     compile(text, name, "exec")
@@ -149,8 +149,8 @@ def test_source_does_not_depend_on_length():
 _AOT_SCRIPT = """
 import torch
 from attncompiler import patterns as P
-from attncompiler.codegen.triton_aot import compile_for_target
-from attncompiler.schedule import Schedule
+from attncompiler.codegen.triton.aot import compile_for_target
+from attncompiler.program.schedule import Schedule
 ks = compile_for_target(P.bigbird(block=64, random_blocks=2), torch.bfloat16, head_dim=48,
                         schedule=Schedule(block_m=128, block_n=64, kernel_block_m=64, kernel_block_n=32),
                         only=("_attn_fwd", "_attn_bwd_dkdv"))
@@ -282,7 +282,7 @@ def test_cli_explain_per_head_pattern(capsys):
 
 
 def test_cli_explain_names_the_cpu_kernels_of_diffusion(capsys, monkeypatch):
-    from attncompiler.codegen import cpu_build
+    from attncompiler.codegen.cpu import build as cpu_build
 
     assert main(["explain", "diffuser", "--seq-len", "256"]) == 0
     out = capsys.readouterr().out

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import attncompiler as ac
-from attncompiler import combiner as C
-from attncompiler.combiner_joint import slot_plan
-from attncompiler.program import BlockSparseAttention
+from attncompiler.families import combiner as C
+from attncompiler.families.combiner.joint import slot_plan
+from attncompiler.program.stages import BlockSparseAttention
 from oracle import assert_matches_oracle
 
 SCHED = ac.Schedule(block_m=16, block_n=16)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import sympy
 
-from attncompiler import combiner as C
+from attncompiler.families import combiner as C
 from attncompiler.analysis import combiner as A
 from attncompiler.analysis.graph import READ, SUMMARY, TOKEN, WRITE, attention_graph, layer_operator
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import attncompiler as ac
-from attncompiler import combiner as C
-from attncompiler.codegen.render import render_predicate
-from attncompiler.combiner_joint import slot_plan
+from attncompiler.families import combiner as C
+from attncompiler.codegen.triton.render import render_predicate
+from attncompiler.families.combiner.joint import slot_plan
 from oracle import assert_matches_oracle
 
 pytest.importorskip("triton")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import attncompiler as ac
-from attncompiler.codegen import cpu_build, cpu_diffusion
-from attncompiler.diffusion import diffuse, split_global_tokens
+from attncompiler.codegen.cpu import build as cpu_build, diffusion as cpu_diffusion
+from attncompiler.families.diffusion.diffusion import diffuse, split_global_tokens
 from attncompiler.patterns.diffuser import diffuser
 from oracle import assert_matches_oracle
 
@@ -61,8 +61,8 @@ def test_kernels_with_head_dims_off_the_vector_width(head_dim, block):
 
 
 def test_kernels_and_torch_ops_store_the_same_probabilities(monkeypatch):
-    from attncompiler.codegen import torch_diffusion as td
-    from attncompiler.codegen.torch_diffusion_plan import items_for
+    from attncompiler.codegen.pytorch import diffusion as td
+    from attncompiler.codegen.pytorch.diffusion_plan import items_for
 
     pattern = diffuser(window=16, random_blocks=2, num_global=3, hops=2)
     split = split_global_tokens(pattern.base)

@@ -9,7 +9,7 @@ import sympy
 import attncompiler as ac
 from attncompiler.analysis import attention_graph, layer_operator
 from attncompiler.analysis import diffusion as AD
-from attncompiler.diffusion import diffuse
+from attncompiler.families.diffusion.diffusion import diffuse
 from attncompiler.patterns.diffuser import diffuser_graph
 
 BASES = [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attncompiler as ac
-from attncompiler.diffusion import diffuse
+from attncompiler.families.diffusion.diffusion import diffuse
 from oracle import assert_matches_oracle
 
 
@@ -47,7 +47,7 @@ def test_triton_stored_p_schedule_matches_reference_forward_backward(pattern, B,
     out = attn(q, k, v)
     names = [type(s).__name__ for s in attn.program.stages]
     assert names == ["SparseProbs"] + ["DiffusionHop"] * pattern.hops
-    from attncompiler.codegen.triton_diffusion import TritonProbs, diffusion_kernels
+    from attncompiler.codegen.triton.diffusion import TritonProbs, diffusion_kernels
 
     mod, path = diffusion_kernels(pattern.base, L, 16, 16)
     assert path.exists() and "_diff_hop_dz" in path.read_text()  # a generated file, imported
@@ -58,8 +58,8 @@ def test_triton_stored_p_schedule_matches_reference_forward_backward(pattern, B,
 def test_triton_stored_p_kernels_store_the_softmax_on_the_layout():
     """The stored tiles are exactly P on the layout's blocks (zeros off the pattern)."""
     from attncompiler.codegen.registry import RunContext
-    from attncompiler.codegen.triton_diffusion import run_sparse_probs
-    from attncompiler.diffusion import SparseProbs, dense_probs
+    from attncompiler.codegen.triton.diffusion import run_sparse_probs
+    from attncompiler.families.diffusion.diffusion import SparseProbs, dense_probs
 
     base = ac.sliding_window(4) | ac.global_tokens([3])
     q, k = torch.randn(1, 1, 37, 16), torch.randn(1, 1, 37, 16)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attncompiler as ac
-from attncompiler.cli import main
+from attncompiler.cli.main import main
 from attncompiler.distributed import dense_plan, make_sharding, plan_attention
 from attncompiler.distributed.pieces import coarsen, covers, length, merge, subtract
 from attncompiler.errors import LayoutError, UnsupportedError
@@ -193,7 +193,7 @@ def test_cli_plan_prints_table(capsys):
 @pytest.mark.parametrize("pattern", [ac.sliding_window(3) | ac.global_tokens([1]), ac.document([7, 9, 14]).causal(),
                                      ac.mask(lambda b, h, q, k: (q * 7 + k) % 5 != 0)], ids=repr)
 def test_shifted_pattern_equals_offset_window_of_the_mask(pattern):
-    from attncompiler.distributed.ring import shifted_pattern
+    from attncompiler.distributed.local import shifted_pattern
 
     L, qa, ka = 30, 11, 4
     idx = torch.arange(L)

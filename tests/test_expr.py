@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attncompiler as ac
-from attncompiler import expr as E
-from attncompiler.expr import B, H, KV, Q
+from attncompiler.ir import expr as E
+from attncompiler.ir.expr import B, H, KV, Q
 
 from strategies import bool_exprs, int_exprs
 

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attncompiler as ac
-from attncompiler.layout import EMPTY, FULL, PARTIAL, BlockLayout, build_layout
+from attncompiler.layout.block_sets import EMPTY, FULL, PARTIAL
+from attncompiler.layout.block_layout import BlockLayout, build_layout
 
 from strategies import block_sizes, cases
 
@@ -178,7 +179,7 @@ def test_block_mask_import_round_trip(pattern):
     for h in range(2):
         assert torch.equal(back.pattern.to_dense(48, 40, h=h), pattern.to_dense(48, 40, h=h))
     # The imported layout drives the torch backend: each head's partial blocks use its own mask.
-    from attncompiler.codegen.torch_attention import block_sparse_attention
+    from attncompiler.codegen.pytorch.attention import block_sparse_attention
 
     q, k, v = torch.randn(1, 2, 48, 16, dtype=torch.float64), *torch.randn(2, 1, 2, 40, 16, dtype=torch.float64)
     out, _ = block_sparse_attention(q, k, v, back, ac.Schedule(block_m=16, block_n=8), 0.25)

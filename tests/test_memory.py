@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import attncompiler as ac
-from attncompiler import memory_slots as M
+from attncompiler.families.memory import memory as M
 from attncompiler.errors import InputError, PatternError
-from attncompiler.schedule import Schedule
+from attncompiler.program.schedule import Schedule
 from oracle import assert_matches_oracle
 
 CONTROLS = {
@@ -162,7 +162,7 @@ def test_large_control_logits_are_stable(causal):
 
 
 def test_float32_path_for_moderate_logits():
-    from attncompiler.codegen.torch_memory import SPREAD_LIMIT, logit_spread, write_memory
+    from attncompiler.codegen.pytorch.memory import SPREAD_LIMIT, logit_spread, write_memory
 
     k, v = torch.randn(1, 1, 40, 8), torch.randn(1, 1, 40, 8)
     s = 3 * torch.randn(1, 1, 40, 4)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import attncompiler as ac
-from attncompiler import memory_slots as M
-from attncompiler.schedule import Schedule
+from attncompiler.families.memory import memory as M
+from attncompiler.program.schedule import Schedule
 from oracle import assert_matches_oracle
 
 triton = pytest.importorskip("triton")
-from attncompiler.codegen import triton_memory  # noqa: E402  (registers the Triton memory stages)
+from attncompiler.codegen.triton import memory as triton_memory  # noqa: E402  (registers the Triton memory stages)
 
 CONTROLS = {"mlp": M.MLPControl(), "linformer": M.LinformerControl(max_len=32), "cluster": M.ClusterControl()}
 
@@ -162,7 +162,7 @@ def test_gpu_sizes(dtype, causal):
 
 
 _AOT_SCRIPT = """
-from attncompiler.codegen.triton_memory import KERNELS, compile_memory_for_target
+from attncompiler.codegen.triton.memory import KERNELS, compile_memory_for_target
 shared = compile_memory_for_target(arch=90, head_dim=16, slots=16, chunk=16, num_warps=4)
 print(sorted(shared) == sorted(KERNELS))
 """

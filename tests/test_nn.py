@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import attncompiler as ac
-from attncompiler.nn import (MultiheadAttention, TransformerBlock, TransformerStack, load_checkpoint,
-                             parse_pattern, save_checkpoint)
+from attncompiler.nn import (MultiheadAttention, TransformerBlock, TransformerStack, load_checkpoint, parse_pattern,
+                             save_checkpoint)
 
 E, H = 32, 4
 

@@ -11,17 +11,17 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import attncompiler as ac
-from attncompiler import expr as E
-from attncompiler.codegen.render import render_predicate
+from attncompiler.ir import expr as E
+from attncompiler.codegen.triton.render import render_predicate
 
 from oracle import assert_matches_oracle
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from attncompiler import schedule as S  # noqa: E402
+from attncompiler.program import schedule as S  # noqa: E402
 from attncompiler.codegen import cache  # noqa: E402
-from attncompiler.codegen.triton_kernels import cache_key, kernel_source  # noqa: E402
+from attncompiler.codegen.triton.kernels import cache_key, kernel_source  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attncompiler as ac
-from attncompiler import memory_slots as M
+from attncompiler.families.memory import memory as M
 from attncompiler.errors import UnsupportedError
 from oracle import assert_matches_oracle
 
@@ -197,14 +197,14 @@ def test_large_logits_torch_paths_match_reference(make, block):
 GUARD_EXEMPT = {
     # its backward is a linear reverse scan with constant decays, differentiable by autograd
     # itself (test_abc_torch_passes_gradgradcheck)
-    "attncompiler.codegen.torch_memory._ScanFn",
-    "attncompiler.autograd_guard._RefuseDoubleBackward",
+    "attncompiler.codegen.pytorch.memory._ScanFn",
+    "attncompiler.program.autograd_guard._RefuseDoubleBackward",
 }
 GUARDED_MODULES = [
-    "attncompiler.codegen.torch_attention", "attncompiler.codegen.torch_probs", "attncompiler.codegen.torch_memory",
-    "attncompiler.codegen.torch_combiner", "attncompiler.codegen.torch_diffusion", "attncompiler.codegen.triton_kernels",
-    "attncompiler.codegen.triton_memory", "attncompiler.codegen.triton_diffusion",
-    "attncompiler.distributed.ring_fn", "attncompiler.distributed.heads", "attncompiler.autograd_guard",
+    "attncompiler.codegen.pytorch.attention", "attncompiler.codegen.pytorch.probs", "attncompiler.codegen.pytorch.memory",
+    "attncompiler.codegen.pytorch.combiner", "attncompiler.codegen.pytorch.diffusion", "attncompiler.codegen.triton.kernels",
+    "attncompiler.codegen.triton.memory", "attncompiler.codegen.triton.diffusion",
+    "attncompiler.distributed.ring_fn", "attncompiler.distributed.heads", "attncompiler.program.autograd_guard",
 ]
 
 

@@ -12,9 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import attncompiler as ac
 from attncompiler import patterns as catalogue
 from attncompiler.nn import TransformerStack, save_checkpoint
-from attncompiler.reuse import (LayerAttention, PairSimilarity, ReusePlan, SimilarityReport, attention_similarity,
-                                map_similarity, reuse_savings, suggest_reuse)
-from attncompiler.schedule import Schedule
+from attncompiler.families.reuse.similarity import (LayerAttention, PairSimilarity, SimilarityReport,
+                                                    attention_similarity, map_similarity, suggest_reuse)
+from attncompiler.families.reuse.plan import ReusePlan, reuse_savings
+from attncompiler.program.schedule import Schedule
 
 E, H, D = 32, 4, 8
 SCHEDULES = ["stored_probs", "recompute"]
@@ -179,7 +180,7 @@ def _dense_reference_probs(pattern, q, k):
 def test_attention_with_probs_and_apply_equal_the_reference(pattern, heads, kv_heads):
     """out = P V1 and a second use P V2: values, stored P and all gradients (through both uses)
     against the float64 reference; GQA folds query heads; a row without keys gives zeros."""
-    from attncompiler.codegen.torch_probs import apply_probs, attention_with_probs
+    from attncompiler.codegen.pytorch.probs import apply_probs, attention_with_probs
 
     L = 45
     q = torch.randn(2, heads, L, D, dtype=torch.float64, requires_grad=True)
@@ -200,7 +201,7 @@ def test_attention_with_probs_and_apply_equal_the_reference(pattern, heads, kv_h
 
 
 def test_probs_workspace_recycles_storage_and_errors_are_clear():
-    from attncompiler.codegen.torch_probs import ProbsWorkspace, apply_probs, attention_with_probs
+    from attncompiler.codegen.pytorch.probs import ProbsWorkspace, apply_probs, attention_with_probs
 
     pattern = ac.sliding_window(7)
     q, k, v = (torch.randn(1, 2, 40, D) for _ in range(3))
@@ -361,7 +362,7 @@ def test_counted_attention_flops_drop_by_the_predicted_amount(pattern):
 
 
 def test_cli_similarity(tmp_path, capsys):
-    from attncompiler.cli import main
+    from attncompiler.cli.main import main
 
     st = TransformerStack(E, H, ac.sliding_window(3), num_layers=3, reuse={2: "all"}, backend="torch")
     path = tmp_path / "m.pt"

@@ -21,10 +21,11 @@ from hypothesis import strategies as st
 
 import attncompiler as ac
 from attncompiler import patterns
-from attncompiler.codegen import cache, cpu_build
+from attncompiler.codegen import cache
+from attncompiler.codegen.cpu import build as cpu_build
 from attncompiler.nn import TransformerStack, load_checkpoint, save_checkpoint
-from attncompiler.pattern_parser import MAX_CHARS, MAX_DEPTH, MAX_NODES, parse_pattern
-from attncompiler.primitives import Mask
+from attncompiler.patterns.text import MAX_CHARS, MAX_DEPTH, MAX_NODES, parse_pattern
+from attncompiler.dsl.primitives import Mask
 
 from strategies import bool_exprs, expressions
 

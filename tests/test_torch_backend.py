@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attncompiler as ac
-from attncompiler import module as M
-from attncompiler.layout import build_layout
-from attncompiler.schedule import Schedule, chunk
+from attncompiler.runtime import module as M
+from attncompiler.layout.block_layout import build_layout
+from attncompiler.program.schedule import Schedule, chunk
 
 from strategies import block_sizes, cases, head_dims
 

@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 
 import attncompiler as ac
 from attncompiler import patterns as P
-from attncompiler import schedule as S
+from attncompiler.program import schedule as S
 from attncompiler.errors import ScheduleError, UnsupportedError
 
 pytest.importorskip("triton")
 
-from attncompiler.codegen import triton_backend  # noqa: E402
-from attncompiler.codegen.triton_kernels import kernel_tiles  # noqa: E402
+from attncompiler.codegen.triton import backend as triton_backend  # noqa: E402
+from attncompiler.codegen.triton.kernels import kernel_tiles  # noqa: E402
 
 from strategies import cases  # noqa: E402
 
@@ -199,7 +199,7 @@ def test_autotune_picks_and_remembers_the_fastest(tmp_path, monkeypatch):
 
 def _eager(pattern, q, k, v):
     """Same-precision eager attention with a dense mask (the yardstick for fp16/bf16 error)."""
-    from attncompiler.reference import dense_masks, masked_attention
+    from attncompiler.program.reference import dense_masks, masked_attention
 
     B, H, Lq, D = q.shape
     mask = dense_masks(pattern, B, H, Lq, k.shape[2], q.device)

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import sympy
 
-from ..combiner import FAMILY, Combiner, CombinerFixed, CombinerLogsparse, span_table
+from ..families.combiner.pattern import FAMILY, Combiner, CombinerFixed, CombinerLogsparse, span_table
 from ..errors import PatternError, UnsupportedError
 from .graph import ATTEND, READ, SUMMARY, TOKEN, WRITE, AttentionGraph, register_graph_builder
 from .mask_graph import token_adjacency

@@ -18,7 +18,7 @@ import numpy as np
 import sympy as sp_
 
 from ..errors import PatternError
-from ..pattern import Pattern
+from ..dsl.pattern import Pattern
 from .graph import AttentionGraph
 
 L = sp_.Symbol("L", positive=True, integer=True)
@@ -202,7 +202,7 @@ def _walk(p: Pattern):
 
 def _candidates(p: Pattern):
     """(catalogue name, params) pairs that could have built ``p``, from the numbers in its tree."""
-    from .. import pattern as P
+    from ..dsl import pattern as P
 
     nodes = list(_walk(p))
     of = lambda cls: [n for n in nodes if isinstance(n, cls)]  # noqa: E731

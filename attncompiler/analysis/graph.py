@@ -38,7 +38,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import UnsupportedError
-from ..pattern import Pattern
+from ..dsl.pattern import Pattern
 
 # Node kinds.
 TOKEN, SUMMARY, MEMORY = 0, 1, 2

@@ -2,7 +2,7 @@
 
 Both are built from the analytic block layout (:meth:`Pattern.layout`), never from an L x L
 evaluation: full blocks contribute whole rectangles, partial blocks are evaluated element by
-element (:func:`attncompiler.layout.partial_masks`), in chunks that bound memory. Per-head
+element (:func:`attncompiler.layout.block_layout.partial_masks`), in chunks that bound memory. Per-head
 patterns give one graph for the layer: information crosses a layer through any head, so the
 graph is the union of the heads' masks (the block graph evaluates that union exactly).
 
@@ -26,8 +26,8 @@ import scipy.sparse as sp
 import torch
 
 from ..errors import LayoutError, UnsupportedError
-from ..layout import Blocks2D, partial_masks
-from ..pattern import Pattern
+from ..layout.block_layout import Blocks2D, partial_masks
+from ..dsl.pattern import Pattern
 from .graph import ATTEND, TOKEN, AttentionGraph, register_graph_builder
 
 # Above this many L x L elements the token graph is built from the layout, not a dense mask.
@@ -87,7 +87,7 @@ def index_dtype(pats: list[Pattern], L: int) -> torch.dtype:
 
 
 def _block_masks(grp: Blocks2D, which: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`attncompiler.layout.partial_masks` with a choice of index dtype."""
+    """:func:`attncompiler.layout.block_layout.partial_masks` with a choice of index dtype."""
     if dtype == torch.int64:
         return partial_masks(grp, which)
     g = grp.geom

@@ -26,7 +26,7 @@ import scipy.sparse as sp
 import sympy
 
 from ..errors import UnsupportedError
-from ..memory_slots import MEMORY, ClusterControl, LinformerControl, Memory, MLPControl, WindowControl
+from ..families.memory.memory import MEMORY, ClusterControl, LinformerControl, Memory, MLPControl, WindowControl
 from .cost import D as D_SYM, L as L_SYM, SymbolicCost, asymptotic_class, register_cost
 from .graph import MEMORY as MEMORY_NODE, READ, TOKEN, WRITE, AttentionGraph, register_graph_builder
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import UnsupportedError
-from ..pattern import Pattern
+from ..dsl.pattern import Pattern
 from .report import AnalysisReport
 
 _MAX_PIXELS = 512

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, is_dataclass
 import numpy as np
 
 from ..errors import LayoutError, UnsupportedError
-from ..pattern import Pattern
+from ..dsl.pattern import Pattern
 from .cost import BlockCost, SymbolicCost, block_cost, symbolic_cost
 from .expansion import expansion
 from .graph import AttentionGraph, attention_graph, layer_operator

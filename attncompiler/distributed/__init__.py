@@ -14,7 +14,8 @@ from .comm import CommunicationError
 from .heads import head_parallel_attention, head_range
 from .plan import (DistributedPlan, RankPlan, ShardingSummary, dense_plan, format_plan, plan_attention,
                    require_mask_family)
-from .ring import merge_partials, ring_attention
+from .local import merge_partials
+from .ring import ring_attention
 from .sharding import Sharding, make_sharding, shard_bounds
 
 __all__ = ["CommunicationError", "DistributedPlan", "RankPlan", "Sharding", "ShardingSummary", "dense_plan",

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ..schedule import Schedule
+from ..program.schedule import Schedule
 from .local import merge_partials, shifted_pattern
 
 _TAG = 8  # ring tags are 0-7
@@ -88,7 +88,7 @@ class DenseRows:
 
     def _partial(self, o: int, qo: torch.Tensor):
         """``(out, lse)`` of rank ``o``'s dense rows ``qo`` (packed) on this rank's keys."""
-        from ..codegen.torch_attention import block_sparse_attention
+        from ..codegen.pytorch.attention import block_sparse_attention
 
         out = qo.new_zeros(qo.shape[:3] + (self.v.shape[3],))  # [B, H, n, Dv]
         lse = torch.full(qo.shape[:3], float("-inf"), dtype=self.lse_dtype, device=qo.device)
@@ -142,7 +142,7 @@ class DenseRows:
 
     def _grad(self, o, qo, grads, dk, dv):
         """Partial dq of rank ``o``'s dense rows; dk, dv of the local keys accumulated in place."""
-        from ..codegen.torch_attention import block_sparse_attention_backward
+        from ..codegen.pytorch.attention import block_sparse_attention_backward
 
         out, dout, lse = grads
         dq = torch.zeros_like(qo)

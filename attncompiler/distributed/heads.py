@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..autograd_guard import single_backward
+from ..program.autograd_guard import single_backward
 from ..errors import InputError, LayoutError
-from ..layout import BlockLayout
-from ..schedule import Schedule
+from ..layout.block_layout import BlockLayout
+from ..program.schedule import Schedule
 from .plan import require_mask_family
 from .sharding import shard_bounds
 
@@ -78,7 +78,7 @@ def head_parallel_attention(pattern, q, k, v, *, group=None, scale: float | None
     Returns:
         ``(out, (h0, h1))``: the output and the heads this rank computed.
     """
-    from ..codegen.torch_attention import block_sparse_attention
+    from ..codegen.pytorch.attention import block_sparse_attention
 
     require_mask_family(pattern, "head_parallel_attention")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:

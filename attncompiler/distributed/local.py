@@ -6,8 +6,8 @@ import functools
 
 import torch
 
-from .. import expr as E
-from ..pattern import Mask, mask
+from ..ir import expr as E
+from ..dsl.primitives import Mask, mask
 
 
 @functools.lru_cache(maxsize=256)

@@ -233,7 +233,7 @@ def plan_attention(pattern, seq_len: int, world_size: int, mode: str = "ring", *
     Returns:
         A :class:`DistributedPlan` with per-rank bytes sent/received and blocks computed.
     """
-    from ..layout import build_layout
+    from ..layout.block_layout import build_layout
 
     require_mask_family(pattern, "distributed attention planning")
     if mode not in MODES:

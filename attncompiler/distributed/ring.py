@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from ..errors import InputError
-from ..schedule import Schedule
+from ..program.schedule import Schedule
 from .local import merge_partials, shifted_pattern
 from .plan import dense_plan, plan_attention, require_mask_family
 from .ring_fn import Ring, RingAttentionFn

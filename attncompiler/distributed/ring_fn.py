@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..autograd_guard import single_backward
-from ..schedule import Schedule
+from ..program.autograd_guard import single_backward
+from ..program.schedule import Schedule
 from .comm import global_rank, post
 from .dense import DenseRows
 from .local import merge_partials, shifted_pattern
@@ -144,7 +144,7 @@ class RingAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ring: Ring):
-        from ..codegen.torch_attention import block_sparse_attention
+        from ..codegen.pytorch.attention import block_sparse_attention
 
         r, plan = ring.rank, ring.plan
         ring._k, ring._v = k, v
@@ -188,7 +188,7 @@ class RingAttentionFn(torch.autograd.Function):
     @staticmethod
     @single_backward("sequence-parallel ring attention")
     def backward(ctx, dout, _dlse):
-        from ..codegen.torch_attention import block_sparse_attention_backward
+        from ..codegen.pytorch.attention import block_sparse_attention_backward
 
         q, k, v, out, lse = ctx.saved_tensors
         ring, used, dense = ctx.ring, ctx.used, ctx.dense

@@ -1,0 +1,395 @@
+"""``attnc list | show | verify | bench | bench-layout``: the catalogue from the command line.
+
+Patterns are named as in :data:`attncompiler.patterns.CATALOGUE`; each constructor's parameters
+become options after the name (``attnc show bigbird --seq-len 4096 --window-blocks 5``): ints
+and floats as numbers, bools as ``--flag/--no-flag``, sequences as comma lists
+(``--lengths 256,512``). ``attnc COMMAND PATTERN --help`` lists them. The commands are
+family-generic: anything ``ac.compile`` runs can be verified and benchmarked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import sys
+import types
+import typing
+from collections.abc import Sequence as SequenceABC
+from typing import Any, Callable
+
+from ..errors import PatternError
+
+COMMANDS = {
+    "show": "draw a pattern (mask patterns) or print its program (other families)",
+    "verify": "run a backend on random inputs and compare with the float64 reference",
+    "bench": "time our backend vs SDPA (dense mask) and FlexAttention on the same inputs",
+    "bench-layout": "time and peak memory of building our layout vs FlexAttention's create_block_mask",
+}
+
+
+class _UsageError(Exception):
+    """A bad command line (unknown option, bad value): printed with usage, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(f"{message}\n{self.format_usage().strip()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pattern parameters -> options
+# ---------------------------------------------------------------------------------------------
+
+def _catalogue() -> dict[str, Callable]:
+    from ..patterns import CATALOGUE
+
+    return CATALOGUE
+
+
+def _lookup(name: str) -> Callable:
+    cat = _catalogue()
+    if name not in cat:
+        close = difflib.get_close_matches(name, list(cat), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise PatternError(f"unknown pattern {name!r}{hint} (`attnc list` shows the catalogue: {', '.join(cat)})")
+    return cat[name]
+
+
+def _converter(tp: Any, default: Any) -> tuple[Callable[[str], Any], str]:
+    """``(parse, metavar)`` for a parameter annotated ``tp`` (falls back to the default's type)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        parse, meta = _converter(inner[0] if len(inner) == 1 else str, None)
+        return (lambda s: None if s.lower() == "none" else parse(s)), f"{meta}|none"
+    if origin in (list, tuple, SequenceABC, typing.Sequence) or (
+            tp is inspect.Parameter.empty and isinstance(default, (list, tuple))):
+        elem = args[0] if args and args[0] is not Ellipsis else (
+            type(default[0]) if isinstance(default, (list, tuple)) and default else int)
+        parse_elem, meta = _converter(elem, None)
+
+        def parse_list(s: str):
+            items = [x.strip() for x in s.split(",") if x.strip()]
+            return tuple(parse_elem(x) for x in items)
+        return parse_list, f"{meta},..."
+    if tp is inspect.Parameter.empty:
+        tp = type(default) if default is not None and default is not inspect.Parameter.empty else str
+    if tp is int:
+        return _typed(int, "an integer"), "INT"
+    if tp is float:
+        return _typed(float, "a number"), "FLOAT"
+    return str, "STR"
+
+
+def _typed(fn, what):
+    def parse(s: str):
+        try:
+            return fn(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {what}") from None
+    parse.__name__ = what
+    return parse
+
+
+def _pattern_params(ctor: Callable) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(ctor).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _param_docs(ctor: Callable) -> dict[str, str]:
+    """First line of each parameter's entry in the constructor's Google-style ``Args:`` section."""
+    docs, in_args = {}, False
+    for line in inspect.getdoc(ctor).splitlines() if ctor.__doc__ else []:
+        stripped = line.strip()
+        if stripped in ("Args:", "Arguments:"):
+            in_args = True
+        elif in_args and stripped.endswith(":") and not line.startswith(" "):
+            break  # the next section (Returns:, Raises:, ...)
+        elif in_args and ":" in stripped and line.startswith("    ") and not line.startswith("     "):
+            name, text = stripped.split(":", 1)
+            for n in name.split(","):
+                docs[n.strip()] = text.strip()
+    return docs
+
+
+def _add_pattern_options(parser: argparse.ArgumentParser, ctor: Callable, taken: set[str]) -> dict[str, str]:
+    """Add one option per constructor parameter; returns ``{dest: parameter name}``."""
+    docs = _param_docs(ctor)
+    try:
+        hints = typing.get_type_hints(ctor)
+    except Exception:  # unresolvable annotations: fall back to the defaults' types
+        hints = {}
+    group = parser.add_argument_group(f"pattern parameters ({ctor.__name__})")
+    dests = {}
+    for p in _pattern_params(ctor):
+        flag = p.name.replace("_", "-")
+        if p.name in taken or flag in taken:  # a command option has this name: prefix the pattern's
+            flag = f"pattern-{flag}"
+        dest = f"p__{p.name}"
+        tp = hints.get(p.name, p.annotation if not isinstance(p.annotation, str) else inspect.Parameter.empty)
+        has_default = p.default is not inspect.Parameter.empty
+        help_default = docs.get(p.name) or p.name
+        if has_default and "default" not in help_default.lower():
+            help_default += f" (default: {p.default!r})"
+        elif not has_default:
+            help_default += " (required)"
+        help_default = help_default.replace("%", "%%")  # argparse formats help strings with %
+        names = [f"--{flag}"] + ([f"--{flag.replace('-', '_')}"] if "-" in flag else [])
+        if tp is bool or (tp is inspect.Parameter.empty and isinstance(p.default, bool)):
+            group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
+                               default=p.default if has_default else False, help=help_default)
+        else:
+            parse, meta = _converter(tp, p.default)
+            kw = {"default": p.default} if has_default else {"required": True}
+            group.add_argument(*names, dest=dest, type=parse, metavar=meta, help=help_default, **kw)
+        dests[dest] = p.name
+    return dests
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be a positive integer")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{v} must be > 0")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Command options
+# ---------------------------------------------------------------------------------------------
+
+def _command_options(cmd: str, parser: argparse.ArgumentParser, pattern_names: set[str]) -> None:
+    from ..bench.attention import DTYPES
+
+    add = parser.add_argument
+    defaults = {"show": 1024, "verify": 256, "bench": 1024, "bench-layout": 65536}
+    add("--seq-len", type=_positive, default=defaults[cmd], help=f"sequence length (default {defaults[cmd]})")
+    if cmd in ("show", "bench-layout"):
+        names = ["--layout-block"] + ([] if "block" in pattern_names else ["--block"])
+        add(*names, dest="layout_block", type=_positive, default=None,
+            help="layout block size (default: the pattern's block parameter if it has one, else 64)")
+    if cmd == "show":
+        add("--width", type=_positive, default=64, help="picture width in characters (default 64)")
+        add("--head", type=int, default=0, help="head to draw for per-head patterns (default 0)")
+        add("--unicode", action="store_true", help="draw with block characters instead of ASCII")
+        add("--png", metavar="FILE", help="also save the picture as a PNG (needs matplotlib)")
+    if cmd in ("verify", "bench"):
+        heads, dim = (2, 32) if cmd == "verify" else (4, 64)
+        add("--heads", type=_positive, default=heads, help=f"attention heads (default {heads})")
+        add("--head-dim", type=_positive, default=dim, help=f"head dimension (default {dim})")
+        add("--batch", type=_positive, default=1, help="batch size (default 1)")
+        add("--dtype", choices=sorted(DTYPES), default="float32")
+        add("--backend", default="torch", help="our backend: torch, triton or auto (default torch)")
+        add("--backward", action="store_true", help="also run (and check / time) the backward pass")
+        add("--input-seed", type=int, default=0, help="seed of the random q, k, v (default 0)")
+    if cmd == "verify":
+        add("--atol", type=_positive_float, default=None,
+            help="allowed max |out - ref| (default: 1e-4 for float32, 2e-2 for half types, 1e-10 for float64)")
+    if cmd in ("bench", "bench-layout"):
+        reps = 10 if cmd == "bench" else 3
+        add("--repeats", type=_positive, default=reps, help=f"timed runs per contender (default {reps})")
+        add("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes ~20 s on CPU)")
+        add("--json", action="store_true", help="print machine-readable JSON")
+        add("--quiet", action="store_true", help="no progress messages on stderr")
+    if cmd == "bench":
+        add("--no-sdpa", action="store_true", help="skip SDPA with a dense mask")
+        add("--device", default="cpu", help="cpu or cuda (default cpu)")
+        add("--mask-cap-gb", type=_positive_float, default=1.0,
+            help="skip SDPA when its dense bool mask exceeds this many GiB (default 1)")
+        add("--block-mask-cap-gb", type=_positive_float, default=4.0,
+            help="use our layout.to_block_mask() for FlexAttention when create_block_mask would need more (default 4)")
+        add("--flex-block", type=_positive, default=128, help="FlexAttention BLOCK_SIZE (default 128, its own)")
+        add("--flex-mask", choices=("create", "layout"), default="create",
+            help="FlexAttention BlockMask from create_block_mask(mask_mod) (default) or our layout.to_block_mask()")
+        add("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    if cmd == "bench-layout":
+        add("--timeout", type=_positive_float, default=60.0, help="seconds per builder and length (default 60)")
+        add("--mem-cap-gb", type=_positive_float, default=8.0, help="memory cap per builder (default 8 GiB)")
+        add("--flex-max-len", type=_positive, default=None, help="skip create_block_mask above this length")
+        add("--scan-from", type=_positive, default=None,
+            help="also try create_block_mask at this length, doubling up to --seq-len, to find its largest L")
+
+
+def _parse(cmd: str, args: argparse.Namespace):
+    """Parse ``PATTERN [options]``: returns the pattern, the command options and the layout block."""
+    ctor = _lookup(args.pattern)
+    pnames = {p.name for p in _pattern_params(ctor)}
+    parser = _Parser(prog=f"attnc {cmd} {args.pattern}", description=COMMANDS[cmd])
+    _command_options(cmd, parser, pnames)
+    taken = {a.dest for a in parser._actions} | {s.lstrip("-") for a in parser._actions for s in a.option_strings}
+    dests = _add_pattern_options(parser, ctor, taken)
+    opts = parser.parse_args(args.rest)
+    kwargs = {name: getattr(opts, dest) for dest, name in dests.items()}
+    pattern = ctor(**kwargs)
+    pattern_block = kwargs.get("block")
+    block = getattr(opts, "layout_block", None) or (pattern_block if isinstance(pattern_block, int) else 64)
+    return pattern, opts, block
+
+
+def _progress(opts) -> Callable[[str], None]:
+    if getattr(opts, "quiet", False):
+        return lambda msg: None
+    tty = sys.stderr.isatty()
+
+    def show(msg: str) -> None:
+        if tty:  # one status line, rewritten in place
+            print(f"\r\033[K[attnc] {msg}", end="\n" if msg == "done" else "", file=sys.stderr, flush=True)
+        else:
+            print(f"[attnc] {msg}", file=sys.stderr, flush=True)
+    return show
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``attnc list``: the catalogue, one line per pattern."""
+    from ..patterns import describe
+
+    cat = _catalogue()
+    width = max(map(len, cat)) if cat else 0
+    for name, ctor in cat.items():
+        try:
+            family = ctor().family
+        except Exception:  # constructors with required parameters cannot be built bare
+            family = "?"
+        line = f"{name:<{width}}  {family:<10} {describe(name)}"
+        if args.verbose:
+            params = " ".join(f"--{p.name.replace('_', '-')}" for p in _pattern_params(ctor))
+            line += f"\n{'':<{width}}  {'':<10} options: {params or '(none)'}"
+        print(line)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """``attnc show PATTERN``: picture and density (mask patterns) or the program (others)."""
+    from ..runtime.module import compile as ac_compile
+    from ..dsl.pattern import Family
+    from ..layout.picture import ASCII_CHARS, UNICODE_CHARS, render_text, save_png
+
+    pattern, opts, block = _parse("show", args)
+    L = opts.seq_len
+    print(f"{args.pattern}: {pattern!r}")
+    print(f"family: {pattern.family}, L={L}")
+    if pattern.family != Family.MASK:
+        print(ac_compile(pattern, "torch").program)
+        return 0
+    heads = max(opts.head + 1, 1)
+    lay = pattern.layout(L, L, block, batch=1, heads=heads)
+    if len(lay.groups) > 1 or pattern.head_period != 1:
+        print(f"heads differ (head period {pattern.head_period}); drawing head {opts.head} (use --head)")
+    print(render_text(pattern, L, width=opts.width, block=block, head=opts.head,
+                      charset=UNICODE_CHARS if opts.unicode else ASCII_CHARS))
+    grp = lay.group_for(0, opts.head)
+    total = lay.num_q_blocks * lay.num_kv_blocks
+    print(f"layout: block {block}, {lay.num_q_blocks} x {lay.num_kv_blocks} blocks; head {opts.head}: "
+          f"{grp.num_blocks} non-empty ({grp.num_full} full, {grp.num_blocks - grp.num_full} partial, "
+          f"{total - grp.num_blocks} empty), block density {grp.num_blocks / total:.4f}")
+    pairs = grp.allowed_pairs()
+    print(f"density: {pairs / (L * L):.6f} ({pairs} of {L * L} (q, k) pairs allowed, head {opts.head})")
+    if opts.png:
+        save_png(pattern, opts.png, L, block=block, head=opts.head)
+        print(f"saved {opts.png}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """``attnc verify PATTERN``: backend vs float64 reference on random inputs (exit 1 on mismatch)."""
+    import torch
+
+    from ..bench.attention import DTYPES
+    from ..runtime.module import compile as ac_compile
+
+    pattern, opts, _ = _parse("verify", args)
+    dtype = DTYPES[opts.dtype]
+    atol = opts.atol or {torch.float32: 1e-4, torch.float64: 1e-10}.get(dtype, 2e-2)
+    gen = torch.Generator().manual_seed(opts.input_seed)
+    shape = (opts.batch, opts.heads, opts.seq_len, opts.head_dim)
+    q, k, v, g = (torch.randn(*shape, generator=gen).to(dtype) for _ in range(4))  # [B, H, L, D]
+    for t in (q, k, v):
+        t.requires_grad_(opts.backward)
+    attn = ac_compile(pattern, opts.backend)
+    print(f"{args.pattern}: {pattern!r}")
+    print(f"backend {opts.backend}, q/k/v {list(shape)} {opts.dtype}, input seed {opts.input_seed}")
+    out = attn(q, k, v)  # [B, H, L, D]
+    ref = attn.reference(q, k, v)  # float64
+    errors = {"out": float((out.detach().double() - ref.detach()).abs().max())}
+    if opts.backward:
+        got = torch.autograd.grad(out, (q, k, v), g)
+        want = torch.autograd.grad(ref, (q, k, v), g.double())
+        errors.update({f"d{n}": float((a.double() - b).abs().max()) for n, a, b in zip("qkv", got, want)})
+    ok = all(e <= atol for e in errors.values())
+    for name, e in errors.items():
+        print(f"max |{name} - reference| = {e:.3e}  ({'ok' if e <= atol else 'FAIL'}, tolerance {atol:g})")
+    print("OK" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``attnc bench PATTERN``: our backend vs SDPA vs FlexAttention."""
+    from ..bench.attention import run_bench
+
+    pattern, opts, _ = _parse("bench", args)
+    contenders = tuple(c for c, off in (("attnc", False), ("sdpa", opts.no_sdpa), ("flex", opts.no_flex)) if not off)
+    res = run_bench(pattern, opts.seq_len, heads=opts.heads, head_dim=opts.head_dim, batch=opts.batch,
+                    dtype=opts.dtype, backward=opts.backward, repeats=opts.repeats, contenders=contenders,
+                    device=opts.device, backend=opts.backend, seed=opts.input_seed,
+                    mask_cap_bytes=int(opts.mask_cap_gb * 2**30),
+                    block_mask_cap_bytes=int(opts.block_mask_cap_gb * 2**30), flex_block=opts.flex_block,
+                    flex_mask=opts.flex_mask, measure_memory=not opts.no_memory, progress=_progress(opts))
+    print(res.to_json() if opts.json else res)
+    return 0
+
+
+def cmd_bench_layout(args: argparse.Namespace) -> int:
+    """``attnc bench-layout PATTERN``: layout build time and memory vs create_block_mask."""
+    from ..bench.layout import run_layout_bench
+
+    pattern, opts, block = _parse("bench-layout", args)
+    builders = ("attnc",) if opts.no_flex else ("attnc", "flex")
+    res = run_layout_bench(pattern, opts.seq_len, block=block, repeats=opts.repeats, builders=builders,
+                           timeout_s=opts.timeout, mem_cap_bytes=int(opts.mem_cap_gb * 2**30),
+                           flex_max_len=opts.flex_max_len, scan_from=opts.scan_from, progress=_progress(opts))
+    print(res.to_json() if opts.json else res)
+    return 0
+
+
+def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn a bad command line into a message and exit code 2 (library errors go to cli.main)."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except _UsageError as e:
+            print(f"attnc: error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+def register(subparsers) -> None:
+    """Add ``list``, ``show``, ``verify``, ``bench`` and ``bench-layout`` to the ``attnc`` parser."""
+    p = subparsers.add_parser("list", help="the pattern catalogue with one-line descriptions",
+                              description="List the named patterns of attncompiler.patterns.CATALOGUE.")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list each pattern's options")
+    p.set_defaults(func=cmd_list)
+    funcs = {"show": cmd_show, "verify": cmd_verify, "bench": cmd_bench, "bench-layout": cmd_bench_layout}
+    for cmd, help_text in COMMANDS.items():
+        p = subparsers.add_parser(
+            cmd, help=help_text, description=f"{help_text}. Options follow the pattern name; "
+            f"`attnc {cmd} PATTERN --help` lists them (the pattern's parameters included).")
+        p.add_argument("pattern", help="a catalogue name (see `attnc list`)")
+        p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...", help="options (after the pattern name)")
+        p.set_defaults(func=_guarded(funcs[cmd]))

@@ -1,0 +1,88 @@
+"""The float64 dense oracle that every backend is compared with.
+
+Each pattern family registers its own dense reference; mask patterns use plain masked
+softmax attention. References favour obviousness over speed: they materialize L x L.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+
+from ..errors import PatternError, UnsupportedError
+from .inputs import check_keywords, check_qkv, default_scale
+from ..dsl.pattern import Family, Pattern
+from ..dsl.primitives import check_batch_head_dependence
+
+_REFERENCES: dict[str, Callable] = {}
+
+
+def register_reference(family: str):
+    """Register ``fn(pattern, q, k, v, scale, **kw) -> (out, lse)`` as a family's reference."""
+
+    def deco(fn):
+        _REFERENCES[family] = fn
+        return fn
+
+    return deco
+
+
+def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              scale: float | None = None, *, return_lse: bool = False, **kwargs):
+    """Dense float64 attention of ``pattern`` on ``q [B,H,Lq,D]``, ``k, v [B,Hkv,Lk,D]``.
+
+    Rows with no visible key give zeros (and log-sum-exp ``-inf``). The result is float64 and
+    differentiable with respect to q, k and v. When ``Lq != Lk`` positions are top-left (query
+    row i is position i). Keywords other than ``scale``, ``return_lse`` and the family's own
+    (e.g. ABC's ``param``, ``control``) raise :class:`~attncompiler.errors.UnexpectedArgumentError`.
+
+    Returns:
+        ``out [B, H, Lq, Dv]`` (float64), or ``(out, lse [B, H, Lq])`` with ``return_lse``.
+    """
+    if not isinstance(pattern, Pattern):
+        raise PatternError(f"reference() needs an attention pattern, got {type(pattern).__name__} {pattern!r}")
+    fn = _REFERENCES.get(pattern.family)
+    if fn is None:
+        raise UnsupportedError(f"no reference implementation for {pattern.family} patterns ({pattern!r})")
+    check_keywords("reference", kwargs, ("scale", "return_lse", *_keywords(fn)))
+    dims = check_qkv(q, k, v)
+    out, lse = fn(pattern, q.double(), k.double(), v.double(), default_scale(dims.head_dim, scale), **kwargs)
+    return (out, lse) if return_lse else out
+
+
+def _keywords(fn: Callable) -> tuple[str, ...]:
+    """The keyword-only parameters of a registered reference (what its family accepts)."""
+    return tuple(name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+
+def dense_masks(pattern: Pattern, batch: int, heads: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """``[Bm, Hm, Lq, Lk]`` bool masks with Bm/Hm = 1 where the pattern does not vary."""
+    check_batch_head_dependence(pattern, batch, heads, q_len, kv_len)
+    Bm = batch if pattern.batch_dependent else 1
+    Hm = 1 if pattern.head_period == 1 else heads
+    return torch.stack([
+        torch.stack([pattern.to_dense(q_len, kv_len, b=b, h=h, device=device) for h in range(Hm)])
+        for b in range(Bm)])
+
+
+def masked_attention(q, k, v, mask, scale):
+    """Softmax attention with a boolean mask broadcastable to ``[B, H, Lq, Lk]``; GQA-aware."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [B, H, Lq]
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(s - safe[..., None])  # rows with no key: exp(-inf) = 0
+    return torch.matmul(p, v), lse
+
+
+@register_reference(Family.MASK)
+def _mask_reference(pattern, q, k, v, scale):
+    B, H, Lq, _ = q.shape
+    mask = dense_masks(pattern, B, H, Lq, k.shape[2], q.device)
+    return masked_attention(q, k, v, mask, scale)

@@ -1,0 +1,366 @@
+"""PyTorch implementation of the ``BlockSparseAttention`` stage: the fast path on CPU.
+
+How it is organized (per layout group, i.e. per distinct 2-D block layout):
+
+* **Plan** (:mod:`.torch_attention_plan`, cached per layout, schedule and GQA group): query
+  blocks are bucketed by their number of non-empty key blocks, so rows of very different cost
+  (global rows, causal rows) never pad each other; each bucket is cut into chunks whose score
+  tile stays near ``schedule.tile_elems`` elements, and each chunk's key blocks into steps of
+  at most ``schedule.key_blocks_per_step`` blocks (merged by online softmax).
+* **Keys**: when a chunk's key blocks are an affine band (row ``r`` reads blocks
+  ``c0 + r*step + j``, as in sliding windows) they are a strided view of K; otherwise the
+  blocks are gathered once per chunk.
+* **Masks**: full blocks take no mask work; only partial blocks evaluate the pattern's predicate.
+* **GQA**: the query heads sharing one key/value head are folded into the rows of one matmul.
+* **Backward**: recomputes probabilities from the saved log-sum-exp (flash-attention style),
+  so memory stays O(L D) besides one chunk's tile; dk/dv are scatter-added per key block.
+
+:mod:`torch_probs` reuses the plan, key views and step masks for attention that also keeps its
+probabilities (cross-layer reuse applies them to another layer's values).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attncompiler.program.autograd_guard import single_backward
+from attncompiler.layout.block_layout import BlockLayout, Blocks2D
+from attncompiler.program.schedule import Schedule
+
+from .attention_plan import NEG_INF, Chunk, Step, StepMask, _step_bias, make_plan
+
+
+class _Operands:
+    """q/k/v padded to whole blocks and viewed block-wise, in the compute dtype (``v`` may be
+    None for stages that only need scores, e.g. :mod:`torch_probs`)."""
+
+    def __init__(self, q, k, v, g, scale, compute_dtype):
+        B, H, Lq, D = q.shape
+        Hkv = k.shape[1]
+        self.G = H // Hkv
+        self.B, self.Hkv, self.D = B, Hkv, D
+        self.Dv = D if v is None else v.shape[-1]
+        self.nqb, self.nkb = g.nqb, g.nkb
+        self.bm, self.bn = g.block_m, g.block_n
+        qs = q.to(compute_dtype) * scale
+        self.q = _pad_len(qs, g.nqb * g.block_m).view(B, Hkv, self.G, g.nqb, g.block_m, D)
+        self.k = key_blocks(k, g, compute_dtype)
+        self.v = None if v is None else key_blocks(v, g, compute_dtype)
+
+    def rows(self, t: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """``[B, Hkv, G, nqb, bm, X]`` -> the chunk's rows ``[B, Hkv, G, R, bm, X]`` (a view if consecutive)."""
+        if chunk.q_slice is not None:
+            return t[:, :, :, chunk.q_slice[0]:chunk.q_slice[1]]
+        return t.index_select(3, chunk.q_index)
+
+    def keys(self, blocks_view: torch.Tensor, step: Step, R: int) -> torch.Tensor:
+        """Key (or value) blocks of a step as ``[B, Hkv, R, C*bn, X]`` (see :func:`step_keys`)."""
+        return step_keys(blocks_view, step, R)
+
+
+def key_blocks(t: torch.Tensor, g, compute_dtype) -> torch.Tensor:
+    """``[B, Hkv, Lk, X]`` -> padded block view ``[B, Hkv, nkb, bn, X]`` in the compute dtype."""
+    B, Hkv, _, X = t.shape
+    return _pad_len(t.to(compute_dtype), g.nkb * g.block_n).contiguous().view(B, Hkv, g.nkb, g.block_n, X)
+
+
+def step_keys(blocks_view: torch.Tensor, step: Step, R: int) -> torch.Tensor:
+    """Key (or value) blocks of a step as ``[B, Hkv, R, C*bn, X]``: a strided view for
+    affine bands (no copy; per-head slices are plain 3-D strided matrices), else a gather."""
+    C = step.c1 - step.c0
+    B, Hkv, _, bn, X = blocks_view.shape
+    if step.affine is not None:
+        c0, st = step.affine
+        sB, sH, sK, sN, sX = blocks_view.stride()
+        return blocks_view.as_strided((B, Hkv, R, C * bn, X), (sB, sH, st * sK, sN, sX),
+                                      blocks_view.storage_offset() + c0 * sK)
+    # A 2-D row gather is much faster than index_select on dim 2 of a 5-D tensor.
+    nkb = blocks_view.shape[2]
+    offsets = torch.arange(B * Hkv, device=blocks_view.device)[:, None] * nkb
+    idx = (offsets + step.index.to(blocks_view.device)[None, :]).reshape(-1)
+    rows = blocks_view.reshape(B * Hkv * nkb, bn * X).index_select(0, idx)
+    return rows.view(B, Hkv, R, C * bn, X)
+
+
+def _fold(t: torch.Tensor) -> torch.Tensor:
+    """``[G, R, bm, X]`` -> ``[R, G*bm, X]`` (GQA heads folded into rows; a view when G == 1)."""
+    G, R, bm, X = t.shape
+    return t[0] if G == 1 else t.permute(1, 0, 2, 3).reshape(R, G * bm, X)
+
+
+def _unfold_into(dst: torch.Tensor, val: torch.Tensor) -> None:
+    """Write ``[R, G*bm, X]`` into a ``[G, R, bm, X]`` destination."""
+    G, R, bm, X = dst.shape
+    dst.copy_(val.view(R, G, bm, X).transpose(0, 1))
+
+
+def _pad_len(t: torch.Tensor, n: int) -> torch.Tensor:
+    L = t.shape[2]
+    return t if L == n else torch.nn.functional.pad(t, (0, 0, 0, n - L))
+
+
+def _scores(q: torch.Tensor, K: torch.Tensor, mask: StepMask | None, G: int, bn: int) -> torch.Tensor:
+    """``q [R, G*bm, D] @ K[R, C*bn, D]^T`` plus the step's additive mask on its masked columns."""
+    if mask is None:
+        return torch.bmm(q, K.transpose(1, 2))
+    if G == 1 and mask.runs == ((0, K.shape[1] // bn),):
+        return torch.baddbmm(mask.biases[0], q, K.transpose(1, 2))
+    s = torch.bmm(q, K.transpose(1, 2))  # [R, G*bm, C*bn]
+    R, GM, N = s.shape
+    s5 = s.view(R, G, GM // G, N)
+    for (j0, j1), bias in zip(mask.runs, mask.biases):
+        s5[..., j0 * bn:j1 * bn].add_(bias[:, None])
+    return s
+
+
+def forward_group(blocks: Blocks2D, plan, ops: _Operands, out, lse) -> None:
+    """Fill ``out [B,Hkv,G,nqb,bm,Dv]`` and (if given) ``lse [B,Hkv,G,nqb,bm,1]`` for one group.
+
+    Without ``lse`` (inference), single-step rows use the fused ``torch.softmax``.
+    """
+    G = ops.G
+    for chunk in plan:
+        R = len(chunk.rows)
+        Ks = [ops.keys(ops.k, st, R) for st in chunk.steps]
+        Vs = [ops.keys(ops.v, st, R) for st in chunk.steps]
+        biases = [_step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
+                  for st in chunk.steps]
+        q_rows = ops.rows(ops.q, chunk)  # [B, Hkv, G, R, bm, D]
+        for b in range(ops.B):
+            for h in range(ops.Hkv):
+                qt = _fold(q_rows[b, h])  # [R, G*bm, D]
+                if lse is None and len(chunk.steps) == 1:
+                    p = torch.softmax(_scores(qt, Ks[0][b, h], biases[0], G, ops.bn), dim=-1)
+                    direct = G == 1 and chunk.q_slice is not None
+                    dst = out[b, h, 0, chunk.q_slice[0]:chunk.q_slice[1]] if direct else None
+                    o = torch.bmm(p, Vs[0][b, h], out=dst)  # [R, G*bm, Dv]
+                    if biases[0] is not None and biases[0].empty_rows is not None:
+                        # rows with no visible key: zeros, not softmax's NaN
+                        R_, GM, Dv = o.shape
+                        o.view(R_, G, GM // G, Dv).masked_fill_(biases[0].empty_rows[:, None, :, None], 0.0)
+                    if not direct:
+                        _write_rows(out[b, h], o, chunk)
+                    continue
+                m_run = l_run = acc = None
+                for i in range(len(chunk.steps)):
+                    s = _scores(qt, Ks[i][b, h], biases[i], G, ops.bn)  # [R, G*bm, C*bn]
+                    m = s.amax(dim=-1, keepdim=True)  # -inf where the step shows the row no key
+                    p = s.sub_(finite_or_zero(m)).exp_()
+                    l = p.sum(dim=-1, keepdim=True)
+                    o = torch.bmm(p, Vs[i][b, h])  # [R, G*bm, Dv]
+                    if acc is None:
+                        m_run, l_run, acc = m, l, o
+                    else:
+                        m_run, l_run, acc = merge_partials(m_run, l_run, acc, m, l, o)
+                empty = l_run == 0
+                acc.div_(l_run.masked_fill(empty, 1.0))
+                _write_rows(out[b, h], acc, chunk)
+                if lse is not None:
+                    row_lse = (m_run + torch.log(l_run)).masked_fill_(empty, NEG_INF)
+                    _write_rows(lse[b, h], row_lse, chunk)
+
+
+def finite_or_zero(m: torch.Tensor) -> torch.Tensor:
+    """A running max with -inf (no visible key yet) replaced by 0, for use only where it is
+    subtracted before ``exp``: the row's terms are all -inf, so they still give 0, not NaN.
+
+    The max itself must stay -inf: a 0 would be merged as if it were a real logit, and real
+    logits far below 0 would then underflow to 0 (issue 15).
+    """
+    return m.masked_fill(m == NEG_INF, 0.0)
+
+
+def merge_partials(m1, l1, o1, m2, l2, o2):
+    """Online-softmax merge of two partial results ``(max, sum, unnormalized out)`` whose sums
+    and outputs are taken relative to ``finite_or_zero(max)``. Returns the merged triple (it may
+    reuse ``o1`` and ``o2``'s storage). Rows empty in both parts keep max -inf, sum 0, out 0."""
+    m = torch.maximum(m1, m2)
+    ms = finite_or_zero(m)
+    a, c = torch.exp(finite_or_zero(m1) - ms), torch.exp(finite_or_zero(m2) - ms)
+    # An empty part has max -inf but sums taken relative to 0: its factor must be 0 (its terms
+    # are 0 anyway), and exp(0 - ms) could overflow for very negative merged maxima.
+    a = a.masked_fill_(m1 == NEG_INF, 0.0)
+    c = c.masked_fill_(m2 == NEG_INF, 0.0)
+    return m, l1 * a + l2 * c, o1.mul_(a).add_(o2.mul_(c))
+
+
+def _write_rows(dst: torch.Tensor, val: torch.Tensor, chunk: Chunk) -> None:
+    """Write ``[R, G*bm, X]`` into the chunk's rows of ``dst [G, nqb, bm, X]``."""
+    if chunk.q_slice is not None:
+        _unfold_into(dst[:, chunk.q_slice[0]:chunk.q_slice[1]], val)
+    else:
+        G, _, bm, X = dst.shape
+        R = val.shape[0]
+        dst.index_copy_(1, chunk.q_index, val.view(R, G, bm, X).transpose(0, 1))
+
+
+def backward_group(blocks: Blocks2D, plan, ops: _Operands, dout, lse, delta, dq, dk, dv) -> None:
+    """Accumulate dq ``[B,Hkv,G,nqb,bm,D]`` and dk, dv ``[B,Hkv,nkb,bn,X]`` for one group."""
+    G = ops.G
+    for chunk in plan:
+        R = len(chunk.rows)
+        q_rows, do_rows = ops.rows(ops.q, chunk), ops.rows(dout, chunk)
+        lse_rows, delta_rows = ops.rows(lse, chunk), ops.rows(delta, chunk)
+        Ks = [ops.keys(ops.k, st, R) for st in chunk.steps]
+        Vs = [ops.keys(ops.v, st, R) for st in chunk.steps]
+        biases = [_step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
+                  for st in chunk.steps]
+        for b in range(ops.B):
+            for h in range(ops.Hkv):
+                qt, do = _fold(q_rows[b, h]), _fold(do_rows[b, h])
+                row_lse, row_delta = _fold(lse_rows[b, h]), _fold(delta_rows[b, h])
+                row_lse = row_lse.masked_fill(row_lse == NEG_INF, 0.0)
+                dq_acc = None
+                for i, st in enumerate(chunk.steps):
+                    K, V = Ks[i][b, h], Vs[i][b, h]
+                    p = _scores(qt, K, biases[i], G, ops.bn).sub_(row_lse).exp_()  # [R, G*bm, C*bn]
+                    ds = torch.bmm(do, V.transpose(1, 2)).sub_(row_delta).mul_(p)
+                    part = torch.bmm(ds, K)  # [R, G*bm, D]
+                    dq_acc = part if dq_acc is None else dq_acc.add_(part)
+                    C = st.c1 - st.c0
+                    dk[b, h].index_add_(0, st.index, torch.bmm(ds.transpose(1, 2), qt).view(R * C, ops.bn, ops.D))
+                    dv[b, h].index_add_(0, st.index, torch.bmm(p.transpose(1, 2), do).view(R * C, ops.bn, ops.Dv))
+                _write_rows(dq[b, h], dq_acc, chunk)
+
+
+def _groups(layout: BlockLayout, B: int, H: int):
+    """Yield (blocks, batch slice or index, head indices) covering every (b, h) once."""
+    if len(layout.groups) == 1:
+        yield layout.groups[0], None, None
+        return
+    for b in range(B):
+        for h in range(H):
+            yield layout.group_for(b, h), b, h
+
+
+class BlockSparseAttentionFn(torch.autograd.Function):
+    """Differentiable block-sparse attention over a :class:`BlockLayout`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: BlockLayout, schedule: Schedule, scale: float):
+        out, lse = _run_forward(q, k, v, layout, schedule, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.schedule, ctx.scale = layout, schedule, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @single_backward("BlockSparseAttention (torch backend)")
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _run_backward(q, k, v, out, lse, dout, ctx.layout, ctx.schedule, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _split_by_group(layout, q, k, v, fn):
+    """Run ``fn(blocks, q, k, v)`` per group; single-group layouts run on everything at once."""
+    B, H = q.shape[:2]
+    G = H // k.shape[1]
+    results = []
+    for blocks, b, h in _groups(layout, B, H):
+        if b is None:
+            results.append((None, None, fn(blocks, q, k, v)))
+        else:
+            kh = h // G
+            results.append((b, h, fn(blocks, q[b:b + 1, h:h + 1], k[b:b + 1, kh:kh + 1], v[b:b + 1, kh:kh + 1])))
+    return results
+
+
+def _run_forward(q, k, v, layout, schedule, scale, need_lse=True):
+    cdt = _compute_dtype(q.dtype)
+    B, H, Lq, _ = q.shape
+
+    def one(blocks, qq, kk, vv):
+        g = blocks.geom
+        ops = _Operands(qq, kk, vv, g, scale, cdt)
+        o = torch.zeros(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.Dv, dtype=cdt, device=q.device)
+        l = (torch.full((ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, 1), NEG_INF, dtype=cdt, device=q.device)
+             if need_lse else None)
+        plan = make_plan(blocks, schedule, ops.G)
+        forward_group(blocks, plan, ops, o, l)
+        Bq, Hq = qq.shape[:2]
+        return (o.view(Bq, Hq, g.nqb * g.block_m, ops.Dv)[:, :, :Lq],
+                l.view(Bq, Hq, g.nqb * g.block_m)[:, :, :Lq] if need_lse else None)
+
+    results = _split_by_group(layout, q, k, v, one)
+    if results[0][0] is None:  # one layout for every (batch, head): its buffers are the result
+        o, l = results[0][2]
+        return o.to(q.dtype), l
+    out = q.new_zeros((B, H, Lq, v.shape[-1]))
+    lse = torch.full((B, H, Lq), NEG_INF, dtype=cdt, device=q.device) if need_lse else None
+    for b, h, (o, l) in results:
+        out[b, h] = o[0, 0]
+        if need_lse:
+            lse[b, h] = l[0, 0]
+    return out, lse
+
+
+def _run_backward(q, k, v, out, lse, dout, layout, schedule, scale):
+    cdt = _compute_dtype(q.dtype)
+    delta_all = (dout.to(cdt) * out.to(cdt)).sum(-1)  # [B, H, Lq]
+    dq_all = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    dk_all = torch.zeros(k.shape, dtype=cdt, device=q.device)
+    dv_all = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    B, H, Lq, _ = q.shape
+
+    def one(blocks, qq, kk, vv, bsl, hsl):
+        g = blocks.geom
+        ops = _Operands(qq, kk, vv, g, scale, cdt)
+        Bq, Hq = qq.shape[:2]
+
+        def rows_view(t, X):
+            t = _pad_len(t.to(cdt).reshape(Bq, Hq, Lq, X), g.nqb * g.block_m)
+            return t.view(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, X)
+
+        do = rows_view(dout[bsl, hsl], ops.Dv)
+        ls = rows_view(lse[bsl, hsl][..., None], 1)
+        de = rows_view(delta_all[bsl, hsl][..., None], 1)
+        dq = torch.zeros(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.D, dtype=cdt, device=q.device)
+        dk = torch.zeros(ops.B, ops.Hkv, g.nkb, g.block_n, ops.D, dtype=cdt, device=q.device)
+        dv = torch.zeros(ops.B, ops.Hkv, g.nkb, g.block_n, ops.Dv, dtype=cdt, device=q.device)
+        plan = make_plan(blocks, schedule, ops.G)
+        backward_group(blocks, plan, ops, do, ls, de, dq, dk, dv)
+        Lk = kk.shape[2]
+        return (dq.view(Bq, Hq, -1, ops.D)[:, :, :Lq] * scale,
+                dk.view(ops.B, ops.Hkv, -1, ops.D)[:, :, :Lk],
+                dv.view(ops.B, ops.Hkv, -1, ops.Dv)[:, :, :Lk])
+
+    G = H // k.shape[1]
+    if len(layout.groups) == 1:
+        dq, dk, dv = one(layout.groups[0], q, k, v, slice(None), slice(None))
+        dq_all, dk_all, dv_all = dq, dk, dv
+    else:
+        for b in range(B):
+            for h in range(H):
+                kh = h // G
+                dq, dk, dv = one(layout.group_for(b, h), q[b:b + 1, h:h + 1], k[b:b + 1, kh:kh + 1],
+                                 v[b:b + 1, kh:kh + 1], slice(b, b + 1), slice(h, h + 1))
+                dq_all[b, h] = dq[0, 0]
+                dk_all[b, kh] += dk[0, 0]
+                dv_all[b, kh] += dv[0, 0]
+    return dq_all.to(q.dtype), dk_all.to(k.dtype), dv_all.to(v.dtype)
+
+
+def block_sparse_attention(q, k, v, layout: BlockLayout, schedule: Schedule, scale: float,
+                           need_lse: bool = True):
+    """``(out [B,H,Lq,Dv], lse [B,H,Lq])`` of the layout's pattern; differentiable in q, k, v.
+
+    When no gradient is needed and ``need_lse`` is False, lse is None and a faster
+    inference path is taken.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return BlockSparseAttentionFn.apply(q, k, v, layout, schedule, scale)
+    return _run_forward(q, k, v, layout, schedule, scale, need_lse)
+
+
+def block_sparse_attention_backward(q, k, v, out, lse, dout, layout: BlockLayout, schedule: Schedule, scale: float):
+    """``(dq, dk, dv)`` of block-sparse attention given its (possibly merged) ``out`` and ``lse``.
+
+    Used where partial results are merged outside this module (e.g. the distributed ring), so
+    the gradient must be taken with the merged log-sum-exp.
+    """
+    return _run_backward(q, k, v, out, lse, dout, layout, schedule, scale)

@@ -1,0 +1,225 @@
+"""The plan of the torch ``BlockSparseAttention`` stage (see :mod:`.torch_attention`): query
+blocks bucketed by cost and cut into chunks, each chunk's key blocks cut into online-softmax
+steps (a strided band or a gather), and the additive masks of the steps that need one, cached.
+:mod:`.torch_probs` reuses the same plan and masks.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from attncompiler.layout.block_layout import Blocks2D
+from attncompiler.program.schedule import Schedule
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """One online-softmax step of a chunk: a slice of its key-block columns."""
+
+    c0: int
+    c1: int
+    affine: tuple[int, int] | None  # (first block, step between rows) when the band is strided
+    index: torch.Tensor  # [R * C] key-block ids (gather path and backward scatter)
+    needs_mask: bool
+    partial_r: torch.Tensor  # positions of partial blocks in the [R, C] grid
+    partial_c: torch.Tensor
+    full: torch.Tensor  # [R, C] bool
+
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """Query blocks processed together (same number of key blocks)."""
+
+    rows: np.ndarray
+    q_slice: tuple[int, int] | None  # consecutive rows: a slice of query blocks
+    q_index: torch.Tensor
+    cols: np.ndarray  # [R, C]
+    steps: tuple[Step, ...]
+
+
+# Rows whose key blocks form one contiguous run are merged into buckets of similar length, padded
+# with (empty, masked) neighbouring blocks: causal and prefix rows then share one strided key view
+# instead of running one small matmul per row. This bounds the padding waste.
+_MERGE_SLACK = 1.25
+
+
+def _buckets(blocks: Blocks2D) -> list[tuple[np.ndarray, int, bool]]:
+    """``(rows, width, contiguous)`` groups of query blocks processed with the same width."""
+    counts = np.diff(blocks.row_ptr)
+    nonempty = counts > 0
+    if not nonempty.any():
+        return []
+    first = np.where(nonempty, blocks.cols[np.minimum(blocks.row_ptr[:-1], max(len(blocks.cols) - 1, 0))], 0)
+    last = np.where(nonempty, blocks.cols[np.maximum(blocks.row_ptr[1:] - 1, 0)], -1)
+    contiguous = nonempty & (last - first + 1 == counts)
+    out = [(np.flatnonzero((counts == c) & ~contiguous & nonempty), int(c), False)
+           for c in np.unique(counts[nonempty & ~contiguous])]
+    rows = np.flatnonzero(contiguous)
+    rows = rows[np.argsort(counts[rows], kind="stable")]
+    i = 0
+    while i < len(rows):
+        limit = counts[rows[i]] * _MERGE_SLACK
+        j = i
+        while j < len(rows) and counts[rows[j]] <= limit:
+            j += 1
+        group = np.sort(rows[i:j])
+        out.append((group, int(counts[rows[j - 1]]), True))
+        i = j
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def make_plan(blocks: Blocks2D, schedule: Schedule, group: int) -> tuple[Chunk, ...]:
+    """Bucket, chunk and step a 2-D layout; ``group`` query heads share each key/value head
+    (their rows are folded into one matmul, so they count towards the tile size)."""
+    g = blocks.geom
+    ragged_k = g.kv_len % g.block_n != 0
+    chunks = []
+    for rows, width, contiguous in _buckets(blocks):
+        per_row_elems = group * g.block_m * min(width, schedule.key_blocks_per_step) * g.block_n
+        rows_per_chunk = max(1, schedule.tile_elems // per_row_elems)
+        for start in range(0, len(rows), rows_per_chunk):
+            r = rows[start:start + rows_per_chunk]
+            cols, full, real = _chunk_blocks(blocks, r, width, contiguous)
+            steps = []
+            for c0 in range(0, width, schedule.key_blocks_per_step):
+                c1 = min(width, c0 + schedule.key_blocks_per_step)
+                sc, sf, sr = cols[:, c0:c1], full[:, c0:c1], real[:, c0:c1]
+                pr, pc = np.nonzero(sr & ~sf)
+                needs_mask = not sf.all() or (ragged_k and bool((sc == g.nkb - 1).any()))
+                steps.append(Step(c0, c1, _affine(sc), torch.from_numpy(sc.reshape(-1).copy()), needs_mask,
+                                  torch.from_numpy(pr), torch.from_numpy(pc), torch.from_numpy(sf.copy())))
+            consecutive = bool((np.diff(r) == 1).all())
+            chunks.append(Chunk(r, (int(r[0]), int(r[-1]) + 1) if consecutive else None,
+                                torch.from_numpy(r.copy()), cols, tuple(steps)))
+    return tuple(chunks)
+
+
+def _chunk_blocks(blocks: Blocks2D, rows: np.ndarray, width: int, contiguous: bool):
+    """``(cols, full, real)`` ``[R, width]``: key blocks per row, which are full, which are in the
+    layout (the rest is padding: empty neighbouring blocks, fully masked)."""
+    counts = np.diff(blocks.row_ptr)[rows]
+    starts = blocks.row_ptr[rows]
+    if not contiguous:
+        sel = starts[:, None] + np.arange(width)
+        return blocks.cols[sel], blocks.full[sel], np.ones((len(rows), width), dtype=bool)
+    first = blocks.cols[starts]
+    lo = np.minimum(first, blocks.geom.nkb - width)  # extend right, or left at the end
+    cols = lo[:, None] + np.arange(width)  # [R, W]
+    real = (cols >= first[:, None]) & (cols < (first + counts)[:, None])
+    pos = np.clip(starts[:, None] + cols - first[:, None], 0, len(blocks.full) - 1)
+    full = real & blocks.full[pos]
+    return cols, full, real
+
+
+def _affine(cols: np.ndarray) -> tuple[int, int] | None:
+    """``(c0, step)`` when ``cols[r, j] == c0 + r * step + j`` for every entry, else None."""
+    R, C = cols.shape
+    if C > 1 and not (np.diff(cols, axis=1) == 1).all():
+        return None
+    first = cols[:, 0]
+    step = int(first[1] - first[0]) if R > 1 else 1
+    if step < 0 or (R > 1 and not (np.diff(first) == step).all()):
+        return None
+    return int(first[0]), step
+
+
+@dataclass(frozen=True, eq=False)
+class StepMask:
+    """The additive mask (0 / -inf) of one step, kept only on block columns that need it.
+
+    Attributes:
+        runs: ``(j0, j1)`` ranges of block columns holding partial or padded blocks.
+        biases: one ``[R, bm, (j1-j0)*bn]`` tensor per run.
+        empty_rows: ``[R, bm]`` bool of query rows that see no key in the step, or None.
+    """
+
+    runs: tuple[tuple[int, int], ...]
+    biases: tuple[torch.Tensor, ...]
+    empty_rows: torch.Tensor | None
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.biases)
+
+    def dense(self, num_cols: int, block_n: int) -> torch.Tensor:
+        """The whole ``[R, bm, num_cols*block_n]`` additive mask (for stages that want it dense)."""
+        R, bm, _ = self.biases[0].shape
+        out = self.biases[0].new_zeros(R, bm, num_cols * block_n)
+        for (j0, j1), bias in zip(self.runs, self.biases):
+            out[:, :, j0 * block_n:j1 * block_n] = bias
+        return out
+
+
+# Step masks are cached per step while their total size stays under this budget.
+_MASK_CACHE_BYTES = 256 << 20
+_mask_cache: dict[int, StepMask] = {}
+_mask_cache_used = [0]
+
+
+def _step_bias(blocks: Blocks2D, chunk: Chunk, step: Step, dtype, device) -> StepMask:
+    """The step's :class:`StepMask` (cached)."""
+    cached = _mask_cache.get(id(step))
+    if cached is not None and cached.biases[0].dtype == dtype and cached.biases[0].device == device:
+        return cached
+    g = blocks.geom
+    m = _step_mask(blocks, chunk, step, device)  # [R, bm, C*bn]
+    R, C = len(chunk.rows), step.c1 - step.c0
+    need = ~m.view(R, g.block_m, C, g.block_n).all(dim=3).all(dim=1).all(dim=0)  # [C] columns to mask
+    runs = _runs(need.cpu().numpy())
+    if sum(j1 - j0 for j0, j1 in runs) * 2 > C:  # mostly masked: one run is cheaper than many
+        runs = [(0, C)]
+    bn = g.block_n
+    biases = tuple(torch.zeros(R, g.block_m, (j1 - j0) * bn, dtype=dtype, device=device)
+                   .masked_fill_(~m[:, :, j0 * bn:j1 * bn], NEG_INF) for j0, j1 in runs)
+    empty = ~m.any(dim=-1)
+    sm = StepMask(tuple(runs), biases, empty if bool(empty.any()) else None)
+    if _mask_cache_used[0] + sm.nbytes() <= _MASK_CACHE_BYTES:
+        _mask_cache[id(step)] = sm
+        _mask_cache_used[0] += sm.nbytes()
+        weakref.finalize(step, _forget_mask, id(step), sm.nbytes())
+    return sm
+
+
+def _runs(flags) -> list[tuple[int, int]]:
+    """Maximal ``[j0, j1)`` ranges where ``flags`` is true."""
+    out, j = [], 0
+    while j < len(flags):
+        if flags[j]:
+            j0 = j
+            while j < len(flags) and flags[j]:
+                j += 1
+            out.append((j0, j))
+        else:
+            j += 1
+    return out
+
+
+def _forget_mask(key: int, size: int) -> None:
+    if _mask_cache.pop(key, None) is not None:
+        _mask_cache_used[0] -= size
+
+
+def _step_mask(blocks: Blocks2D, chunk: Chunk, step: Step, device) -> torch.Tensor:
+    """``[R, bm, C*bn]`` bool: full blocks True, partial blocks from the predicate, padding False."""
+    g = blocks.geom
+    R, C = len(chunk.rows), step.c1 - step.c0
+    m = step.full.to(device)[:, None, :, None].expand(R, g.block_m, C, g.block_n).contiguous()
+    if len(step.partial_r):
+        pr, pc = step.partial_r.numpy(), step.partial_c.numpy()
+        q = torch.from_numpy(chunk.rows[pr] * g.block_m)[:, None] + torch.arange(g.block_m)  # [P, bm]
+        k = torch.from_numpy(chunk.cols[pr, step.c0 + pc] * g.block_n)[:, None] + torch.arange(g.block_n)
+        em = blocks.pattern.evaluate(0, 0, q.clamp_max(g.q_len - 1)[:, :, None],
+                                     k.clamp_max(g.kv_len - 1)[:, None, :], g.q_len, g.kv_len)  # [P, bm, bn]
+        m.permute(0, 2, 1, 3)[step.partial_r.to(device), step.partial_c.to(device)] = em.to(device)
+    m = m.view(R, g.block_m, C * g.block_n)
+    if g.kv_len % g.block_n:
+        k_pos = (torch.from_numpy(chunk.cols[:, step.c0:step.c1]) * g.block_n)[:, :, None] + torch.arange(g.block_n)
+        m &= (k_pos.view(R, 1, C * g.block_n) < g.kv_len).to(device)
+    return m

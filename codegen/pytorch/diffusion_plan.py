@@ -1,0 +1,301 @@
+"""Block plan of the torch diffusion stages: how P of one 2-D layout is stored and multiplied.
+
+Per layout (cached): the band of block offsets most rows share (read as a strided view of
+zero-padded key blocks), the other blocks of each row (gathered; rows bucketed by their count),
+the chunks of query blocks whose tiles are computed together, and the masks of the few rows
+that need one. With global tokens split apart (:class:`~attncompiler.families.diffusion.diffusion.GlobalSplit`)
+every tile row also holds ``|G|`` global-key columns. See :mod:`.torch_diffusion`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from attncompiler.families.diffusion.diffusion import GlobalSplit
+from attncompiler.layout.block_layout import BlockLayout, Blocks2D
+from attncompiler.program.schedule import Schedule
+
+from .attention import _pad_len
+
+NEG_INF = float("-inf")
+_BAND_SHARE = 0.5  # an offset belongs to the band when at least this share of rows has it
+_PAD_SLACK = 1.25  # rows with up to this many times the others of a bucket's first row share it
+# A chunk's tile is stored P, reused by every hop, not a transient score tile: larger chunks
+# (fewer, larger products) measured faster than the attention stage's tile size (1 thread, CPU).
+_TILE_SCALE = 4
+
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """Query blocks whose tiles are computed together (same number ``wo`` of other blocks).
+
+    A tile row is ``[band | rest]``: ``nb * BN`` band columns read through a strided view, then
+    ``nr = wo * BN + |G|`` rest columns (the other blocks' keys, then the global keys) gathered
+    token by token, so the rest is one product however it is made up.
+    """
+
+    rows: np.ndarray
+    q_slice: tuple[int, int] | None  # consecutive rows: a slice of query blocks
+    q_index: torch.Tensor  # [R]
+    band_affine: tuple[int, int] | None  # (padded block of row 0's band, step between rows)
+    band_index: torch.Tensor  # [R * nb] padded key-block ids of the band
+    rest_index: torch.Tensor  # [R * nr] padded token ids of the rest (block 0 is zero: missing slots)
+    wo: int
+    nr: int
+    patch_rows: torch.Tensor | None  # [Rm] rows of the chunk whose tile needs a mask
+    patch: torch.Tensor | None  # [Rm, BM, W] additive 0 / -inf
+    empty_tokens: torch.Tensor | None  # tile rows (of R * BM) with no visible key: softmax NaN -> 0
+    offset: int  # element offset of the chunk's tile per (batch, head)
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """How P of one 2-D layout is stored and multiplied (see the module docstring)."""
+
+    blocks: Blocks2D
+    nb: int
+    dlo: int
+    pad_lo: int  # key block c lives at c + pad_lo of the padded block array; block 0 is zero
+    npad: int
+    ng: int
+    chunks: tuple[Chunk, ...]
+    size: int  # elements of P per (batch, head)
+
+    def width(self, c: Chunk) -> int:
+        """Columns of chunk ``c``'s tile: band, then the rest (other blocks, global keys)."""
+        return self.nb * self.blocks.geom.block_n + c.nr
+
+
+def _band(blocks: Blocks2D) -> tuple[int, int]:
+    """``(dlo, nb)``: the run of block offsets ``col - row`` that most rows share."""
+    g = blocks.geom
+    if g.block_m != g.block_n or g.q_len != g.kv_len or not blocks.num_blocks:
+        return 0, 0
+    d = blocks.cols - blocks.rows
+    lo = int(d.min())
+    common = np.flatnonzero(np.bincount(d - lo) >= _BAND_SHARE * g.nqb) + lo
+    best = (0, 0)
+    for start in common:  # the longest run of consecutive common offsets
+        n = 1
+        while start + n in common:
+            n += 1
+        best = max(best, (n, -int(start)))
+    return -best[1], best[0]
+
+
+def _buckets(counts: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """``(rows, wo)``: rows padded to the same number of other blocks, bounded waste."""
+    order = np.argsort(counts, kind="stable")
+    out, i = [], 0
+    while i < len(order):
+        limit = max(counts[order[i]] * _PAD_SLACK, counts[order[i]] + 1)
+        j = i
+        while j < len(order) and counts[order[j]] <= limit:
+            j += 1
+        out.append((np.sort(order[i:j]), int(counts[order[j - 1]])))
+        i = j
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def global_parts(split: GlobalSplit | None, L: int, nqb: int, bm: int, device: str):
+    """``(tokens [G], col_ok [nqb*BM, G] bool, row_bias [G, L] or None)``: which query rows may
+    see each global key (global rows take the dense row path, so none of theirs), and the mask
+    of the dense global rows."""
+    if split is None:
+        return None
+    G = torch.tensor(split.tokens, dtype=torch.long)
+    q = torch.arange(nqb * bm)
+    ok = torch.ones(nqb * bm, len(G), dtype=torch.bool)
+    ok[G] = False
+    row_bias = None
+    if split.within is not None:
+        qc = q.clamp_max(L - 1)
+        ok &= split.within.evaluate(0, 0, qc[:, None], G[None, :], L, L)
+        row_ok = split.within.evaluate(0, 0, G[:, None], torch.arange(L)[None, :], L, L)
+        row_bias = torch.zeros(len(G), L).masked_fill_(~row_ok, NEG_INF).to(device)
+    return G.to(device), ok, row_bias
+
+
+def dense_global_probs(split: GlobalSplit | None, q: torch.Tensor, k: torch.Tensor, scale: float, bh: int, L: int,
+                       nqb: int, bm: int) -> torch.Tensor | None:
+    """``PG [BH, G, Lk]``: the dense rows of the global queries (softmax over every allowed key),
+    None without global tokens. ``q``, ``k`` are ``[Bi, Hi, L, D]`` in the compute dtype."""
+    if split is None:
+        return None
+    G, _, row_bias = global_parts(split, L, nqb, bm, str(q.device))
+    D = q.shape[-1]
+    s = torch.bmm(q.reshape(bh, -1, D)[:, G], k.reshape(bh, -1, D).transpose(1, 2)).mul_(scale)
+    if row_bias is not None:
+        s += row_bias.to(s.dtype)
+    return torch.softmax(s, dim=-1).nan_to_num_(0.0)  # [BH, G, Lk]
+
+
+@functools.lru_cache(maxsize=64)
+def plan_for(blocks: Blocks2D, schedule: Schedule, split: GlobalSplit | None) -> Plan:
+    """The :class:`Plan` of one 2-D layout (cached): band, buckets, chunks, masks."""
+    g = blocks.geom
+    bm, bn, nqb, nkb = g.block_m, g.block_n, g.nqb, g.nkb
+    dlo, nb = _band(blocks)
+    pad_lo = max(1, -dlo)
+    npad = pad_lo + nkb + max(0, dlo + nb - 1)
+    ng = len(split.tokens) if split is not None else 0
+    gtok = np.asarray(split.tokens if ng else (), dtype=np.int64) + pad_lo * bn  # padded token ids
+    gok = global_parts(split, g.q_len, nqb, bm, "cpu")[1] if ng else None
+    rows, cols = blocks.rows, blocks.cols
+    in_band = (cols - rows >= dlo) & (cols - rows < dlo + nb)
+    keys = rows * nkb + cols  # CSR order is sorted by (row, col)
+    counts = np.bincount(rows[~in_band], minlength=nqb)
+    chunks, offset = [], 0
+    for bucket, wo in _buckets(counts):
+        nr = wo * bn + ng
+        W = nb * bn + nr
+        per_chunk = max(1, _TILE_SCALE * schedule.tile_elems // (bm * max(W, 1)))  # W = 0: rows see no key
+        for s in range(0, len(bucket), per_chunk):
+            r = bucket[s:s + per_chunk]
+            R = len(r)
+            band = r[:, None] + dlo + np.arange(nb)  # [R, nb] key blocks (may fall off the ends)
+            other = np.full((R, wo), -1, dtype=np.int64)
+            for i, row in enumerate(r):
+                sel = slice(blocks.row_ptr[row], blocks.row_ptr[row + 1])
+                o = cols[sel][~in_band[sel]]
+                other[i, :len(o)] = o
+            slots = np.concatenate([band, other], axis=1)  # [R, nb + wo]
+            pos = np.searchsorted(keys, r[:, None] * nkb + slots)
+            pos_c = np.minimum(pos, max(len(keys) - 1, 0))
+            present = (slots >= 0) & (slots < nkb) & (len(keys) > 0)
+            present &= keys[pos_c] == r[:, None] * nkb + slots if len(keys) else False
+            full = present & blocks.full[pos_c] if len(keys) else present
+            ragged = (slots == nkb - 1) & (g.kv_len % bn != 0)
+            need = ~(full & ~ragged).all(axis=1) | (nb + wo == 0)
+            tok = torch.from_numpy(r * bm)[:, None] + torch.arange(bm)  # [R, BM] query tokens
+            if ng:
+                need |= ~gok[tok].flatten(1).all(dim=1).numpy()
+            patch_rows, patch, empty = None, None, None
+            if need.any():
+                pr = np.flatnonzero(need)
+                allowed = _slot_masks(blocks, r[pr], slots[pr], present[pr], full[pr])  # [Rm, BM, S*BN]
+                if ng:
+                    allowed = torch.cat([allowed, gok[tok[pr]]], dim=-1)
+                patch_rows = torch.from_numpy(pr)
+                patch = torch.zeros(allowed.shape).masked_fill_(~allowed, NEG_INF)
+                dead = (~allowed.any(dim=-1)).nonzero()  # (row of pr, token of the block)
+                if len(dead):
+                    empty = patch_rows[dead[:, 0]] * bm + dead[:, 1]
+            consecutive = bool((np.diff(r) == 1).all())
+            step = np.diff(r)
+            affine = (int(r[0]) + dlo + pad_lo, int(step[0]) if R > 1 else 1) \
+                if nb and (R == 1 or (step == step[0]).all()) else None
+            band_ids = (band + pad_lo).reshape(-1)  # >= 0: pad_lo covers the lowest band offset
+            other_tok = (np.where(other >= 0, other + pad_lo, 0) * bn)[:, :, None] + np.arange(bn)
+            rest = np.concatenate([other_tok.reshape(R, wo * bn), np.broadcast_to(gtok, (R, ng))], axis=1)
+            chunks.append(Chunk(r, (int(r[0]), int(r[-1]) + 1) if consecutive else None, torch.from_numpy(r.copy()),
+                                 affine, torch.from_numpy(band_ids.copy()), torch.from_numpy(rest.reshape(-1).copy()),
+                                 wo, nr, patch_rows, patch, empty, offset))
+            offset += R * bm * W
+    return Plan(blocks, nb, dlo, pad_lo, npad, ng, tuple(chunks), offset)
+
+
+def _slot_masks(blocks: Blocks2D, rows, slots, present, full) -> torch.Tensor:
+    """``[R, BM, S*BN]`` bool: which pairs of each row's slots are in the pattern."""
+    g = blocks.geom
+    bm, bn = g.block_m, g.block_n
+    R, S = slots.shape
+    m = torch.from_numpy(full)[:, None, :, None].expand(R, bm, S, bn).contiguous()
+    pr, pc = np.nonzero(present & ~full)
+    if len(pr):
+        q = torch.from_numpy(rows[pr] * bm)[:, None] + torch.arange(bm)
+        k = torch.from_numpy(slots[pr, pc] * bn)[:, None] + torch.arange(bn)
+        em = blocks.pattern.evaluate(0, 0, q.clamp_max(g.q_len - 1)[:, :, None], k.clamp_max(g.kv_len - 1)[:, None, :],
+                                     g.q_len, g.kv_len)
+        m.permute(0, 2, 1, 3)[torch.from_numpy(pr), torch.from_numpy(pc)] = em
+    k_pos = torch.from_numpy(slots * bn)[:, :, None] + torch.arange(bn)  # [R, S, BN]
+    return m.view(R, bm, S * bn) & (k_pos < g.kv_len).view(R, 1, S * bn)
+
+
+@dataclass(frozen=True, eq=False)
+class Item:
+    """(batch, head) entries sharing one 2-D layout and its plan."""
+
+    plan: Plan
+    b: slice
+    h: slice
+    bh: int
+
+
+@functools.lru_cache(maxsize=128)
+def items_for(layout: BlockLayout, schedule: Schedule, batch: int, heads: int, split: GlobalSplit | None):
+    """One :class:`Item` per layout group: all (batch, head) at once, or one per (batch, head)."""
+    if len(layout.groups) == 1:
+        return (Item(plan_for(layout.groups[0], schedule, split), slice(None), slice(None), batch * heads),)
+    return tuple(Item(plan_for(layout.group_for(b, h), schedule, split), slice(b, b + 1), slice(h, h + 1), 1)
+                 for b in range(batch) for h in range(heads))
+
+
+# ---------------------------------------------------------------------------------------------
+# Block views
+# ---------------------------------------------------------------------------------------------
+
+def as_blocks(t: torch.Tensor, n: int, b: int) -> torch.Tensor:
+    """``[Bi, Hi, L, X]`` padded to ``n * b`` rows and viewed as ``[BH, n, b, X]``."""
+    Bi, Hi, _, X = t.shape
+    return _pad_len(t, n * b).contiguous().view(Bi * Hi, n, b, X)
+
+
+def padded_blocks(t: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """``[Bi, Hi, L, X]`` as key blocks ``[BH, npad, BN, X]`` with zero blocks around them
+    (no copy when ``t`` is a hop output laid out that way, see :func:`_hop_forward`)."""
+    cached = getattr(t, "_attnc_padded", None)
+    if cached is not None and cached[0] is plan:
+        return cached[1]
+    g = plan.blocks.geom
+    Bi, Hi, L, X = t.shape
+    out = t.new_empty(Bi * Hi, plan.npad, g.block_n, X)
+    flat = out.view(Bi * Hi, -1, X)
+    lo = plan.pad_lo * g.block_n
+    flat[:, :lo].zero_()
+    flat[:, lo + L:].zero_()
+    flat[:, lo:lo + L] = t.reshape(Bi * Hi, L, X)
+    return out
+
+
+def band_view(tp: torch.Tensor, i: int, plan: Plan, c: Chunk, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """Band blocks of rows ``r0:r1`` of ``c`` for (batch, head) ``i``: ``[R, nb*BN, X]`` (no copy
+    when the rows step evenly)."""
+    _, npad, bn, X = tp.shape
+    r1 = len(c.rows) if r1 is None else r1
+    if c.band_affine is not None:
+        b0, st = c.band_affine
+        s0, s1, s2, s3 = tp.stride()
+        return tp.as_strided((r1 - r0, plan.nb * bn, X), (st * s1, s2, s3),
+                             tp.storage_offset() + i * s0 + (b0 + r0 * st) * s1)
+    return tp[i].index_select(0, c.band_index[r0 * plan.nb:r1 * plan.nb]).view(r1 - r0, plan.nb * bn, X)
+
+
+@functools.lru_cache(maxsize=256)
+def _rest_gather_index(c: Chunk, bh: int, npad_tokens: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(bh)[:, None] * npad_tokens + c.rest_index[None, :]).reshape(-1).to(device)
+
+
+def rest_rows(tp: torch.Tensor, c: Chunk) -> torch.Tensor:
+    """The rest columns' rows (other blocks, global keys) of every row of ``c``:
+    ``[BH, R, nr, X]`` (one token gather)."""
+    BH, npad, bn, X = tp.shape
+    idx = _rest_gather_index(c, BH, npad * bn, tp.device)
+    return tp.reshape(BH * npad * bn, X).index_select(0, idx).view(BH, len(c.rows), c.nr, X)
+
+
+def chunk_rows(t: torch.Tensor, c: Chunk) -> torch.Tensor:
+    """``[BH, nqb, BM, X]`` -> the chunk's rows ``[BH, R, BM, X]`` (a view if consecutive)."""
+    return t[:, c.q_slice[0]:c.q_slice[1]] if c.q_slice is not None else t.index_select(1, c.q_index)
+
+
+def chunk_tile(P: torch.Tensor, plan: Plan, c: Chunk, bh: int) -> torch.Tensor:
+    """The chunk's stored tile ``[BH, R, BM, W]`` (a view into the flat buffer)."""
+    R, W = len(c.rows), plan.width(c)
+    n = R * plan.blocks.geom.block_m * W
+    return P[bh * c.offset:bh * (c.offset + n)].view(bh, R, plan.blocks.geom.block_m, W)

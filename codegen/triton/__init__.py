@@ -1,0 +1,1 @@
+"""The Triton backend: kernel templates, predicate rendering, launches and the stage implementations."""
