@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import InputError, PatternError, UnsupportedError
 from .program.inputs import check_keywords
-from .runtime.module import compile as compile_attention
+from .runtime.compile import compile as compile_attention
 from .dsl.pattern import Pattern
 from .dsl.primitives import full
 from .program.stages import BlockSparseAttention
@@ -132,11 +132,11 @@ class MultiheadAttention(nn.Module):
         """Whether :meth:`attend_with_probs` can run here: the torch backend on ``device`` and a
         mask pattern lowered to one block-sparse stage whose layout is the same for every batch
         and head (the Triton backend keeps the recompute path)."""
-        from .runtime.module import _resolve_backend
+        from .runtime.module import resolve_backend
 
         stages = self.attention.program.stages
         p = self.pattern
-        return (_resolve_backend(self.attention.backend, device) == "torch" and len(stages) == 1
+        return (resolve_backend(self.attention.backend, device) == "torch" and len(stages) == 1
                 and isinstance(stages[0], BlockSparseAttention) and p.family == "mask"
                 and p.head_period == 1 and not p.batch_dependent)
 

@@ -1,30 +1,30 @@
 """Which function implements which program stage on which backend.
 
-Backends register stage implementations with :func:`register_stage`; the runtime looks them up
-with :func:`stage_impl`. New pattern families add their stages here without touching the
-runtime: ``@register_stage("torch", MyStage) def run(stage, env, ctx): ...``.
+Backends are loaded from :data:`BACKEND_MODULES`, a table of module names imported with
+``importlib`` on first use; each backend module exports two explicit tables, ``STAGES``
+(stage type -> ``fn(stage, env, ctx) -> dict of outputs``) and ``SOURCES`` (stage type ->
+``fn(stage, q_len) -> Path`` of its generated kernel file). The runtime looks implementations up
+with :func:`stage_impl`. A new family outside the package can add its stages with
+``register_stage("torch", MyStage)(run)``, without touching the runtime.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import importlib
+from typing import Callable
 
 from attncompiler.errors import UnsupportedError
 
+from .context import RunContext
+
 BACKENDS = ("torch", "triton")
+BACKEND_MODULES = {"torch": "attncompiler.codegen.pytorch.stages", "triton": "attncompiler.codegen.triton.stages"}
 
 _IMPLS: dict[tuple[str, type], Callable] = {}
+_SOURCES: dict[type, Callable] = {}
+_LOADED: set[str] = set()
 
-
-@dataclass
-class RunContext:
-    """What a stage implementation may need besides its inputs."""
-
-    scale: float
-    batch: int
-    heads: int
-    extra: dict[str, Any] = field(default_factory=dict)
+__all__ = ["BACKENDS", "BACKEND_MODULES", "RunContext", "register_stage", "stage_impl", "stage_source"]
 
 
 def register_stage(backend: str, stage_type: type):
@@ -32,21 +32,6 @@ def register_stage(backend: str, stage_type: type):
 
     def deco(fn):
         _IMPLS[(backend, stage_type)] = fn
-        return fn
-
-    return deco
-
-
-_SOURCES: dict[type, Callable] = {}
-
-
-def register_source(stage_type: type):
-    """Register ``fn(stage, q_len) -> Path`` of the generated Triton file that runs ``stage_type``
-    stages (written to the kernel cache), so ``attnc compile/explain`` can show every kernel a
-    program uses, not only the block-sparse attention ones."""
-
-    def deco(fn):
-        _SOURCES[stage_type] = fn
         return fn
 
     return deco
@@ -69,22 +54,21 @@ def stage_impl(backend: str, stage_type: type) -> Callable:
     return fn
 
 
-def supports(backend: str, stage_type: type) -> bool:
-    """Whether ``backend`` implements ``stage_type``."""
-    try:
-        _load(backend)
-    except UnsupportedError:
-        return False
-    return (backend, stage_type) in _IMPLS
-
-
 def _load(backend: str) -> None:
-    if backend == "torch":
-        from .pytorch import stages as torch_backend  # noqa: F401  (registers its stages)
-    elif backend == "triton":
-        try:
-            from .triton import backend as triton_backend  # noqa: F401
-        except ImportError as e:
-            raise UnsupportedError(f"the triton backend is not available: {e}") from e
-    else:
+    """Import ``backend``'s module from the table once and copy its tables in (explicit
+    registrations made earlier with :func:`register_stage` win)."""
+    if backend in _LOADED:
+        return
+    if backend not in BACKEND_MODULES:
         raise UnsupportedError(f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'")
+    try:
+        module = importlib.import_module(BACKEND_MODULES[backend])
+    except ImportError as e:
+        if backend == "torch":
+            raise
+        raise UnsupportedError(f"the {backend} backend is not available: {e}") from e
+    for stage_type, fn in module.STAGES.items():
+        _IMPLS.setdefault((backend, stage_type), fn)
+    for stage_type, fn in module.SOURCES.items():
+        _SOURCES.setdefault(stage_type, fn)
+    _LOADED.add(backend)

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import attncompiler as ac
+from attncompiler.errors import PatternError
 from attncompiler.dsl.pattern import INT_LIMIT
 
 
 def int_param(name: str, value: Any, minimum: int, maximum: int = INT_LIMIT) -> int:
     """``value`` as an int in ``[minimum, maximum]``, else a PatternError naming ``name`` and the range."""
     if isinstance(value, bool) or not isinstance(value, int) and type(value).__name__ not in _NUMPY_INTS:
-        raise ac.PatternError(f"{name}={value!r} must be an integer")
+        raise PatternError(f"{name}={value!r} must be an integer")
     if value < minimum:
-        raise ac.PatternError(f"{name}={value!r} must be >= {minimum}")
+        raise PatternError(f"{name}={value!r} must be >= {minimum}")
     if value > maximum:
         bound = "2**62 (index arithmetic must fit in int64)" if maximum == INT_LIMIT else str(maximum)
-        raise ac.PatternError(f"{name}={value!r} is out of range: allowed {minimum} <= {name} <= {bound}")
+        raise PatternError(f"{name}={value!r} is out of range: allowed {minimum} <= {name} <= {bound}")
     return int(value)
 
 

@@ -3,7 +3,8 @@ over a sparse window + random + global base graph, written with the public DSL o
 
 from __future__ import annotations
 
-import attncompiler as ac
+from attncompiler import dsl
+from attncompiler.errors import PatternError
 from attncompiler.dsl.pattern import Pattern
 from attncompiler.families.diffusion.diffusion import diffuse
 
@@ -21,12 +22,12 @@ def diffuser_graph(window: int = 64, random_blocks: int = 1, num_global: int = 4
     * **Window made of overlapping blocks.** The code sets ``adj[s:s+w, s:s+w] = 1`` for
       ``s = 0, w/2, w, ...`` (blocks of width ``w = window`` overlapping by half). Two tokens
       share such a block exactly when their half-blocks ``i // (w/2)`` differ by at most one,
-      so the window is ``ac.block_window(1, block=window // 2)``: each token sees 1.5 to 2
+      so the window is ``dsl.block_window(1, block=window // 2)``: each token sees 1.5 to 2
       windows' worth of neighbours, ``w + w/2`` keys on average.
     * **Random edges.** The code draws ``num_rand * L`` (key, query) pairs uniformly without
       replacement (``np.random.seed(0)``). Here each query half-block sees ``random_blocks``
       random key half-blocks, drawn deterministically from ``seed`` (BigBird's block-granular
-      draw, ``ac.random_blocks``), so the graph stays block-sparse and P is stored in dense
+      draw, ``dsl.random_blocks``), so the graph stays block-sparse and P is stored in dense
       tiles; the expected number of random keys per query is ``random_blocks * window / 2``.
     * **Global tokens.** The code picks ``num_glob`` random positions in ``[w, 4096)`` that see
       and are seen by every token. Here they are the first ``num_global`` positions (as in
@@ -40,14 +41,14 @@ def diffuser_graph(window: int = 64, random_blocks: int = 1, num_global: int = 4
         causal: keep only keys at or before the query (every hop then stays causal). Default False.
     """
     if int_param("window", window, 2) % 2:
-        raise ac.PatternError(f"window={window!r} must be an even number >= 2 (blocks overlap by window/2)")
+        raise PatternError(f"window={window!r} must be an even number >= 2 (blocks overlap by window/2)")
     num_global = int_param("num_global", num_global, 0, _MAX_GLOBAL_TOKENS)
     half = window // 2
-    p = ac.block_window(1, block=half)
+    p = dsl.block_window(1, block=half)
     if random_blocks:
-        p = p | ac.random_blocks(random_blocks, block=half, seed=seed)
+        p = p | dsl.random_blocks(random_blocks, block=half, seed=seed)
     if num_global:
-        p = p | ac.global_tokens(range(num_global))
+        p = p | dsl.global_tokens(range(num_global))
     return p.causal() if causal else p
 
 

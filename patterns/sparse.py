@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import attncompiler as ac
+from attncompiler import dsl
+from attncompiler.errors import PatternError
 from attncompiler.dsl.pattern import Pattern
 
 from ._params import int_param
@@ -17,13 +18,13 @@ def sliding_window(window: int = 256, causal: bool = False) -> Pattern:
         window: keys visible on each side of the query (``|q - k| <= window``). Default 256.
         causal: keep only keys at or before the query. Default False.
     """
-    p = ac.sliding_window(window)
+    p = dsl.sliding_window(window)
     return p.causal() if causal else p
 
 
 def causal() -> Pattern:
     """Causal (autoregressive) attention, as in the decoder of Vaswani et al. 2017, sec. 3.2.3."""
-    return ac.causal()
+    return dsl.causal()
 
 
 def prefix_lm(prefix: int = 128) -> Pattern:
@@ -32,7 +33,7 @@ def prefix_lm(prefix: int = 128) -> Pattern:
     Args:
         prefix: length of the bidirectional prefix; later positions attend causally. Default 128.
     """
-    return ac.prefix_lm(prefix)
+    return dsl.prefix_lm(prefix)
 
 
 def document(lengths: Sequence[int] = (256, 512, 256)) -> Pattern:
@@ -42,7 +43,7 @@ def document(lengths: Sequence[int] = (256, 512, 256)) -> Pattern:
     Args:
         lengths: length of each packed document. Default (256, 512, 256).
     """
-    return ac.document(lengths)
+    return dsl.document(lengths)
 
 
 def sparse_transformer_strided(stride: int = 128, merged: bool = False) -> Pattern:
@@ -57,9 +58,9 @@ def sparse_transformer_strided(stride: int = 128, merged: bool = False) -> Patte
         merged: one head attending to the union of both sets. Default False.
     """
     stride = int_param("stride", stride, 1)
-    local = ac.sliding_window(stride) & ac.causal()
-    summary = ac.strided(stride) & ac.causal()
-    return (local | summary) if merged else ac.per_head([local, summary])
+    local = dsl.sliding_window(stride) & dsl.causal()
+    summary = dsl.strided(stride) & dsl.causal()
+    return (local | summary) if merged else dsl.per_head([local, summary])
 
 
 def sparse_transformer_fixed(stride: int = 128, summary: int = 8, merged: bool = False) -> Pattern:
@@ -75,10 +76,10 @@ def sparse_transformer_fixed(stride: int = 128, summary: int = 8, merged: bool =
     """
     stride = int_param("stride", stride, 1)
     if int_param("summary", summary, 1) > stride:
-        raise ac.PatternError(f"summary={summary} must be in [1, stride={stride}]")
-    own = ac.block_local(stride) & ac.causal()
-    summaries = ac.mask(lambda b, h, q_idx, kv_idx: kv_idx % stride >= stride - summary) & ac.causal()
-    return (own | summaries) if merged else ac.per_head([own, summaries])
+        raise PatternError(f"summary={summary} must be in [1, stride={stride}]")
+    own = dsl.block_local(stride) & dsl.causal()
+    summaries = dsl.mask(lambda b, h, q_idx, kv_idx: kv_idx % stride >= stride - summary) & dsl.causal()
+    return (own | summaries) if merged else dsl.per_head([own, summaries])
 
 
 # global_blocks * block tokens are listed one by one: keep the list a sane size.
@@ -104,13 +105,13 @@ def bigbird(block: int = 64, window_blocks: int = 3, global_blocks: int = 2, ran
     """
     block = int_param("block", block, 1)
     if int_param("window_blocks", window_blocks, 1) % 2 == 0:
-        raise ac.PatternError(f"window_blocks={window_blocks} must be a positive odd number (centred window)")
+        raise PatternError(f"window_blocks={window_blocks} must be a positive odd number (centred window)")
     global_blocks = int_param("global_blocks", global_blocks, 0, _MAX_GLOBAL_TOKENS // block)
-    p = ac.block_window(window_blocks // 2, block)
+    p = dsl.block_window(window_blocks // 2, block)
     if global_blocks:
-        p = p | ac.global_tokens(range(global_blocks * block), clip=True)
+        p = p | dsl.global_tokens(range(global_blocks * block), clip=True)
     if random_blocks:
-        p = p | ac.random_blocks(random_blocks, block, seed)
+        p = p | dsl.random_blocks(random_blocks, block, seed)
     return p.causal() if causal else p
 
 
@@ -126,9 +127,9 @@ def longformer(window: int = 256, dilation: int = 1, global_indices: Sequence[in
         causal: restrict to keys at or before the query. Default False.
     """
     dilation = int_param("dilation", dilation, 1)
-    p = ac.dilated_window(window, dilation) if dilation > 1 else ac.sliding_window(window)
+    p = dsl.dilated_window(window, dilation) if dilation > 1 else dsl.sliding_window(window)
     if global_indices:
-        p = p | ac.global_tokens(global_indices)
+        p = p | dsl.global_tokens(global_indices)
     return p.causal() if causal else p
 
 
@@ -141,9 +142,9 @@ def logsparse(local: int = 0) -> Pattern:
         local: also attend to the previous ``local`` positions. Default 0.
     """
     local = int_param("local", local, 0)
-    p = ac.mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (((q_idx - kv_idx) & (q_idx - kv_idx - 1)) == 0))
+    p = dsl.mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (((q_idx - kv_idx) & (q_idx - kv_idx - 1)) == 0))
     if local:
-        p = p | (ac.sliding_window(local) & ac.causal())
+        p = p | (dsl.sliding_window(local) & dsl.causal())
     return p
 
 
@@ -155,6 +156,6 @@ def axial(cols: int = 64, causal: bool = False) -> Pattern:
         cols: grid width (row length); the grid has ``L / cols`` rows. Default 64.
         causal: restrict to keys at or before the query. Default False.
     """
-    cols = int_param("cols", cols, 0)  # type and int64 range; ac.block_local checks cols >= 1
-    p = ac.block_local(cols) | ac.strided(cols)
+    cols = int_param("cols", cols, 0)  # type and int64 range; dsl.block_local checks cols >= 1
+    p = dsl.block_local(cols) | dsl.strided(cols)
     return p.causal() if causal else p

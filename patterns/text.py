@@ -139,7 +139,7 @@ def _tables() -> tuple[dict[str, Callable], dict[str, Callable]]:
         from ..families import combiner
         from ..families.diffusion import diffusion
         from ..families.memory import memory as memory_slots
-        from ..dsl import pattern as P
+        from .. import dsl as P
         from . import CATALOGUE
 
         dsl: dict[str, Callable] = {f.__name__: f for f in (

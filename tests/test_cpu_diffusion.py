@@ -1,4 +1,4 @@
-"""The C kernels of the CPU diffusion stages (codegen/templates/cpu_diffusion.c) against the
+"""The C kernels of the CPU diffusion stages (codegen/cpu/cpu_diffusion.c) against the
 float64 reference and against the plain torch path, and their build fallbacks."""
 
 from __future__ import annotations

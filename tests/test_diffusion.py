@@ -294,7 +294,7 @@ def test_stored_p_is_close_to_the_true_pairs_on_the_diffuser_graph():
 
 
 def test_hops_mode_choice_per_backend():
-    from attncompiler.families.diffusion.diffusion import choose_hops_mode
+    from attncompiler.runtime.diffusion import choose_hops_mode
 
     p = diffuse(ac.sliding_window(3), hops=3)
     assert choose_hops_mode(p, "torch", 64) == "materialize"

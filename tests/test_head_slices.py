@@ -64,7 +64,7 @@ def test_sliced_diffusion_matches_reference_forward_backward(block, monkeypatch)
 def test_auto_slices_one_head_at_a_time_when_heads_outgrow_the_cache():
     attn = ac.compile(diffuser(), backend="torch", schedule=ac.Schedule(block_m=32, block_n=32))
     q = torch.zeros(1, 2, 4096, 64)
-    from attncompiler.families.diffusion.diffusion import choose_diffusion_head_block
+    from attncompiler.runtime.diffusion import choose_diffusion_head_block
 
     program = attn.program_for("torch", 4096, 64)
     assert choose_diffusion_head_block(attn.pattern, program, "torch", q, q, q) == 1  # ~6 MiB a head

@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import attncompiler as ac
-from attncompiler.ir import expr as E
+from attncompiler import ir as E
 from attncompiler.codegen.triton.render import render_predicate
 
 from oracle import assert_matches_oracle

@@ -20,11 +20,8 @@ import sympy as sp_
 from ..errors import PatternError
 from ..dsl.pattern import Pattern
 from .graph import AttentionGraph
+from .symbols import BM, BYTES, D, L
 
-L = sp_.Symbol("L", positive=True, integer=True)
-D = sp_.Symbol("D", positive=True, integer=True)
-BYTES = sp_.Symbol("e", positive=True)
-BM = sp_.Symbol("B_M", positive=True, integer=True)
 
 CLASSES = (("O(1)", sp_.Integer(1)), ("O(L)", L), ("O(L log L)", L * sp_.log(L)),
            ("O(L sqrt L)", L ** sp_.Rational(3, 2)), ("O(L^2)", L ** 2))
@@ -202,7 +199,7 @@ def _walk(p: Pattern):
 
 def _candidates(p: Pattern):
     """(catalogue name, params) pairs that could have built ``p``, from the numbers in its tree."""
-    from ..dsl import pattern as P
+    from .. import dsl as P
 
     nodes = list(_walk(p))
     of = lambda cls: [n for n in nodes if isinstance(n, cls)]  # noqa: E731

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .cost import L
+from .symbols import L
 
 w, n, l, c, b, h, g, r, d = sp.symbols("w n l c b h g r d", positive=True, integer=True)
 

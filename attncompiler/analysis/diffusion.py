@@ -258,7 +258,8 @@ def diffusion_cost(pattern: Diffusion, seq_len: int | None = None, head_dim: int
 # Closed form through the generic cost registry
 # ---------------------------------------------------------------------------------------------
 
-from .cost import BM, BYTES, D, L, SymbolicCost, register_cost, symbolic_cost  # noqa: E402
+from .cost import SymbolicCost, register_cost, symbolic_cost  # noqa: E402
+from .symbols import BM, BYTES, D, L  # noqa: E402
 
 
 @dataclass(frozen=True)

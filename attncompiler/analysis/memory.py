@@ -27,7 +27,8 @@ import sympy
 
 from ..errors import UnsupportedError
 from ..families.memory.memory import MEMORY, ClusterControl, LinformerControl, Memory, MLPControl, WindowControl
-from .cost import D as D_SYM, L as L_SYM, SymbolicCost, asymptotic_class, register_cost
+from .cost import SymbolicCost, asymptotic_class, register_cost
+from .symbols import D as D_SYM, L as L_SYM
 from .graph import MEMORY as MEMORY_NODE, READ, TOKEN, WRITE, AttentionGraph, register_graph_builder
 
 N_SYM = sympy.Symbol("n", positive=True, integer=True)

@@ -154,7 +154,7 @@ def run_bench(pattern: Pattern, seq_len: int, *, heads: int = 4, head_dim: int =
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UnsupportedError(f"device={device!r} requested but CUDA is not available; use --device cpu")
-    from ..runtime.module import compile as ac_compile
+    from ..runtime.compile import compile as ac_compile
 
     L, B, H, D = seq_len, batch, heads, head_dim
     gen = torch.Generator(device="cpu").manual_seed(seed)

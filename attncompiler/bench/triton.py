@@ -26,13 +26,13 @@ BACKWARD_FACTOR = 2.5  # backward FLOPs relative to forward (FlashAttention's co
 
 def sweep_patterns() -> dict:
     """The four patterns of the issue, with the block size the layout uses."""
-    import attncompiler as ac
-    from attncompiler import patterns as P
+    from .. import patterns as P
+    from ..dsl.primitives import causal
 
     return {"sliding_window": P.sliding_window(window=256),
             "bigbird": P.bigbird(block=64),
             "longformer": P.longformer(window=256, global_indices=tuple(range(16))),
-            "causal": ac.causal()}
+            "causal": causal()}
 
 
 @dataclass(frozen=True)

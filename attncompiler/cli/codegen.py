@@ -157,7 +157,7 @@ def cmd_explain(args) -> int:
 
 def _cpu_kernel_lines(program) -> list[str]:
     """Where the torch backend on CPU runs C kernels for this program's stages, and whether they
-    are built here (see ``codegen/cpu_build.py``)."""
+    are built here (see ``codegen/cpu/build.py``)."""
     from ..codegen.cpu import build as cpu_build
     from ..families.diffusion.diffusion import DiffusionHop, SparseProbs
 
@@ -167,7 +167,7 @@ def _cpu_kernel_lines(program) -> list[str]:
     lib = cpu_build.load("cpu_diffusion")
     state = f"built: {lib._name}" if lib is not None else f"not used here: {cpu_build.STATUS.get('cpu_diffusion')}"
     return [f"6. CPU       torch backend, float32: stages {idx} run the C kernels of "
-            "codegen/templates/cpu_diffusion.c",
+            "codegen/cpu/cpu_diffusion.c",
             f"             ({state})"]
 
 

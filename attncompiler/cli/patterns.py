@@ -277,7 +277,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """``attnc show PATTERN``: picture and density (mask patterns) or the program (others)."""
-    from ..runtime.module import compile as ac_compile
+    from ..runtime.compile import compile as ac_compile
     from ..dsl.pattern import Family
     from ..layout.picture import ASCII_CHARS, UNICODE_CHARS, render_text, save_png
 
@@ -312,7 +312,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench.attention import DTYPES
-    from ..runtime.module import compile as ac_compile
+    from ..runtime.compile import compile as ac_compile
 
     pattern, opts, _ = _parse("verify", args)
     dtype = DTYPES[opts.dtype]

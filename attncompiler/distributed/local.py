@@ -7,6 +7,7 @@ import functools
 import torch
 
 from ..ir import expr as E
+from ..ir.index import Index, index
 from ..dsl.primitives import Mask, mask
 
 
@@ -37,8 +38,8 @@ def _shift(e, offsets):
             return e
         case E.Load(buf, idx, fill):
             return E.Load(buf, _shift(idx, offsets), fill)
-        case E.Index(buf, shape, idxs):
-            return E.index(buf, shape, tuple(_shift(i, offsets) for i in idxs))
+        case Index(buf, shape, idxs):
+            return index(buf, shape, tuple(_shift(i, offsets) for i in idxs))
         case E.BinOp(op, a, b):
             return E.binop(op, _shift(a, offsets), _shift(b, offsets))
         case E.UnOp(op, a):

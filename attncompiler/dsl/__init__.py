@@ -1,9 +1,13 @@
 """The pattern DSL: the :class:`Pattern` base with its combinators, and the primitive masks."""
 
-from .pattern import Family, Pattern, intersection, per_head, union
-from .primitives import (block_local, block_window, causal, dilated_window, document, full, global_tokens, mask,
-                         prefix_lm, random_blocks, sliding_window, strided)
+from .pattern import (INT_LIMIT, Complement, Family, Intersection, Pattern, PerHead, Union, check_int, check_lengths,
+                      intersection, per_head, require_mask, union)
+from .primitives import (BlockLocal, BlockWindow, Causal, DilatedWindow, Document, Full, GlobalTokens, Mask, PrefixLM,
+                         RandomBlocks, SlidingWindow, Strided, block_local, block_window, causal, dilated_window,
+                         document, full, global_tokens, mask, prefix_lm, random_blocks, sliding_window, strided)
 
-__all__ = ["Family", "Pattern", "block_local", "block_window", "causal", "dilated_window", "document", "full",
-           "global_tokens", "intersection", "mask", "per_head", "prefix_lm", "random_blocks", "sliding_window",
-           "strided", "union"]
+__all__ = ["INT_LIMIT", "BlockLocal", "BlockWindow", "Causal", "Complement", "DilatedWindow", "Document", "Family",
+           "Full", "GlobalTokens", "Intersection", "Mask", "Pattern", "PerHead", "PrefixLM", "RandomBlocks",
+           "SlidingWindow", "Strided", "Union", "block_local", "block_window", "causal", "check_int", "check_lengths",
+           "dilated_window", "document", "full", "global_tokens", "intersection", "mask", "per_head", "prefix_lm",
+           "random_blocks", "require_mask", "sliding_window", "strided", "union"]

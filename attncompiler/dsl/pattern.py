@@ -1,7 +1,7 @@
 """The pattern DSL: frozen, hashable nodes that say which query attends to which key.
 
 Every mask pattern denotes a boolean relation over ``(b, h, q_idx, kv_idx)``. Primitives
-(:mod:`attncompiler.dsl.primitives`, re-exported here) know their predicate as an
+(:mod:`attncompiler.dsl.primitives`) know their predicate as an
 :class:`~attncompiler.ir.expr.Expr` (so it can be analyzed and rendered into kernels) and their
 block structure analytically (see :mod:`attncompiler.layout.block_layout`); the combinators here, ``|``,
 ``&``, ``~`` and :func:`per_head`, compose both. ``repr(pattern)`` reads as the code that
@@ -45,13 +45,14 @@ class Pattern:
         return intersection(self, other)
 
     def __invert__(self) -> Pattern:
-        _require_mask(self, "~")
+        require_mask(self, "~")
         if isinstance(self, Complement):
             return self.part
         return Complement(self)
 
     def causal(self) -> Pattern:
         """This pattern restricted to keys at or before the query (``self & causal()``)."""
+        from .primitives import causal  # late import: the primitives subclass Pattern
         return self & causal()
 
     def __bool__(self) -> bool:
@@ -113,9 +114,9 @@ class Pattern:
     def to_dense(self, q_len: int, kv_len: int | None = None, *, b: int = 0, h: int = 0,
                  device: torch.device | str = "cpu") -> torch.Tensor:
         """The mask as a dense bool tensor ``[q_len, kv_len]`` for batch ``b``, head ``h``."""
-        _require_mask(self, "to_dense")
+        require_mask(self, "to_dense")
         kv_len = q_len if kv_len is None else kv_len
-        _check_lengths(q_len, kv_len)
+        check_lengths(q_len, kv_len)
         self.validate(q_len, kv_len)
         _check_dense_size(q_len, kv_len, device)
         p = self.specialize(b, h)
@@ -126,14 +127,14 @@ class Pattern:
     def layout(self, q_len: int, kv_len: int | None = None, block_m: int = 64, block_n: int | None = None,
                *, batch: int = 1, heads: int = 1):
         """The BCSR block layout of this pattern (cached). See :func:`attncompiler.layout.block_layout.build_layout`."""
-        from ..layout.block_layout import build_layout
+        from ..layout.block_layout import build_layout  # late import: layouts build on patterns
 
         kv_len = q_len if kv_len is None else kv_len
         block_n = block_m if block_n is None else block_n
         return build_layout(self, q_len, kv_len, block_m, block_n, batch=batch, heads=heads)
 
 
-def _require_mask(p: Pattern, what: str) -> None:
+def require_mask(p: Pattern, what: str) -> None:
     if p.family != Family.MASK:
         raise PatternError(
             f"{what} needs a mask pattern, but {p!r} is a {p.family} pattern; "
@@ -141,7 +142,7 @@ def _require_mask(p: Pattern, what: str) -> None:
         )
 
 
-def _check_lengths(q_len: int, kv_len: int) -> None:
+def check_lengths(q_len: int, kv_len: int) -> None:
     for name, v in (("q_len", q_len), ("kv_len", kv_len)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
             raise LayoutError(f"{name}={v!r} must be a positive integer")
@@ -158,7 +159,7 @@ _DENSE_BYTES_PER_ELEMENT = 9
 
 def _check_dense_size(q_len: int, kv_len: int, device) -> None:
     """Refuse a dense ``[q_len, kv_len]`` mask that cannot fit, before allocating it."""
-    from ..layout.memory_limits import check_budget
+    from .memory_limits import check_budget
 
     check_budget(f"to_dense({q_len}, {kv_len}) (a [{q_len}, {kv_len}] bool mask)",
                  int(q_len) * int(kv_len) * _DENSE_BYTES_PER_ELEMENT,
@@ -166,7 +167,7 @@ def _check_dense_size(q_len: int, kv_len: int, device) -> None:
                  "or evaluate a slice of rows with pattern.evaluate", device)
 
 
-def _check_int(name: str, value: Any, minimum: int, maximum: int = INT_LIMIT) -> int:
+def check_int(name: str, value: Any, minimum: int, maximum: int = INT_LIMIT) -> int:
     """``value`` as an int in ``[minimum, maximum]``, else a :class:`PatternError` naming ``name``
     and the allowed range (bools are not integers here)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -303,7 +304,7 @@ def _wrap(p: Pattern, prec: int) -> str:
     return f"({p!r})" if mine < prec else repr(p)
 
 
-def _short_list(xs: Sequence[int]) -> str:
+def short_list(xs: Sequence[int]) -> str:
     xs = list(xs)
     n = len(xs)
     if n > 8 and xs == list(range(xs[0], xs[0] + n)):
@@ -323,7 +324,7 @@ def per_head(patterns: Sequence[Pattern]) -> Pattern:
     for p in ps:
         if not isinstance(p, Pattern):
             raise PatternError(f"per_head expects patterns, got {p!r}")
-        _require_mask(p, "per_head")
+        require_mask(p, "per_head")
     return ps[0] if len(ps) == 1 else PerHead(ps)
 
 
@@ -344,15 +345,9 @@ def _combine(cls, parts, sym) -> Pattern:
     for p in parts:
         if not isinstance(p, Pattern):
             raise PatternError(f"cannot combine a pattern with {type(p).__name__} {p!r} using {sym}")
-        _require_mask(p, sym)
+        require_mask(p, sym)
         for q in (p.parts if isinstance(p, cls) else (p,)):
             if q not in flat:
                 flat.append(q)
     return flat[0] if len(flat) == 1 else cls(tuple(flat))
 
-
-# The primitives and their constructors live in primitives.py (imported last: they subclass
-# Pattern); re-exported here, where the rest of the package imports them from.
-from .primitives import (Full, Causal, SlidingWindow, DilatedWindow, BlockLocal, BlockWindow, Strided, GlobalTokens,
-                         RandomBlocks, PrefixLM, Document, Mask, full, causal, sliding_window, dilated_window,
-                         block_local, block_window, strided, global_tokens, random_blocks, prefix_lm, document, mask)

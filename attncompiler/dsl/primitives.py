@@ -20,7 +20,8 @@ from ..ir import expr as E
 from ..errors import PatternError
 from ..ir.expr import Expr
 from ..ir.trace import trace_uses
-from .pattern import INT_LIMIT, Pattern, _check_int, _short_list
+from ..ir.index import check_index_ranges
+from .pattern import INT_LIMIT, Pattern, check_int, short_list
 
 # ---------------------------------------------------------------------------------------------
 # Primitives
@@ -163,7 +164,7 @@ class GlobalTokens(Pattern):
 
     def __repr__(self) -> str:
         clip = ", clip=True" if self.clip else ""
-        return f"ac.global_tokens({_short_list(self.indices)}{clip})"
+        return f"ac.global_tokens({short_list(self.indices)}{clip})"
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ class Document(Pattern):
         return E.Load(buf, E.Q, -1).eq(E.Load(buf, E.KV, -2))
 
     def __repr__(self) -> str:
-        return f"ac.document({_short_list(self.lengths)})"
+        return f"ac.document({short_list(self.lengths)})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -309,7 +310,7 @@ class Mask(Pattern):
 
     def validate(self, q_len, kv_len):
         if self.expr is not None:
-            E.check_index_ranges(self.expr, q_len, kv_len)
+            check_index_ranges(self.expr, q_len, kv_len)
 
     def predicate(self, q_len, kv_len):
         return self.expr
@@ -472,12 +473,12 @@ def causal() -> Pattern:
 
 def sliding_window(window: int) -> Pattern:
     """Local attention: ``|q - k| <= window`` (``window`` keys on each side plus the diagonal)."""
-    return SlidingWindow(_check_int("window", window, 0))
+    return SlidingWindow(check_int("window", window, 0))
 
 
 def dilated_window(window: int, dilation: int) -> Pattern:
     """Dilated local attention: ``|q - k| <= window * dilation`` and ``(q - k) % dilation == 0``."""
-    w, d = _check_int("window", window, 0), _check_int("dilation", dilation, 1)
+    w, d = check_int("window", window, 0), check_int("dilation", dilation, 1)
     if w * d > INT_LIMIT:
         raise PatternError(f"window * dilation = {w} * {d} = {w * d} is out of range: the reach of a dilated "
                            "window must be <= 2**62 (index arithmetic must fit in int64)")
@@ -486,7 +487,7 @@ def dilated_window(window: int, dilation: int) -> Pattern:
 
 def block_local(block: int) -> Pattern:
     """Block-diagonal attention: ``q // block == k // block``."""
-    return BlockLocal(_check_int("block", block, 1))
+    return BlockLocal(check_int("block", block, 1))
 
 
 def block_window(window: int, block: int) -> Pattern:
@@ -496,12 +497,12 @@ def block_window(window: int, block: int) -> Pattern:
         window: how many neighbouring blocks on each side a query block sees.
         block: the block size in tokens.
     """
-    return BlockWindow(_check_int("window", window, 0), _check_int("block", block, 1))
+    return BlockWindow(check_int("window", window, 0), check_int("block", block, 1))
 
 
 def strided(stride: int) -> Pattern:
     """Strided attention: ``(q - k) % stride == 0``."""
-    return Strided(_check_int("stride", stride, 1))
+    return Strided(check_int("stride", stride, 1))
 
 
 def global_tokens(indices: Iterable[int], *, clip: bool = False) -> Pattern:
@@ -517,7 +518,7 @@ def global_tokens(indices: Iterable[int], *, clip: bool = False) -> Pattern:
     if isinstance(indices, (int, np.integer)):
         indices = [indices]
     try:
-        idx = sorted({_check_int("global token index", i, 0) for i in indices})
+        idx = sorted({check_int("global token index", i, 0) for i in indices})
     except TypeError:
         raise PatternError(f"global_tokens needs an iterable of integers, got {indices!r}") from None
     if not idx:
@@ -531,12 +532,12 @@ def random_blocks(count: int, block: int, seed: int = 0) -> Pattern:
     The draw is deterministic for a given ``seed`` and number of blocks. When there are fewer
     than ``count`` key blocks, every key block is seen.
     """
-    return RandomBlocks(_check_int("count", count, 0), _check_int("block", block, 1), _check_int("seed", seed, 0))
+    return RandomBlocks(check_int("count", count, 0), check_int("block", block, 1), check_int("seed", seed, 0))
 
 
 def prefix_lm(prefix: int) -> Pattern:
     """Prefix-LM attention: ``k < prefix or k <= q``."""
-    return PrefixLM(_check_int("prefix", prefix, 0))
+    return PrefixLM(check_int("prefix", prefix, 0))
 
 
 def document(lengths: Iterable[int]) -> Pattern:
@@ -547,7 +548,7 @@ def document(lengths: Iterable[int]) -> Pattern:
             belong to no document and see no key.
     """
     try:
-        ls = tuple(_check_int("document length", n, 1) for n in lengths)
+        ls = tuple(check_int("document length", n, 1) for n in lengths)
     except TypeError:
         raise PatternError(f"document needs an iterable of positive lengths, got {lengths!r}") from None
     if not ls:

@@ -1,9 +1,11 @@
 """Index-expression IR: the nodes mask predicates are written in, their interval bounds, indexing of
 captured tensors, and the tracing of a FlexAttention-style ``mask_mod`` into an :class:`Expr`."""
 
-from .expr import BOOL, INDEX_VARS, BinOp, Buffer, Const, Expr, Load, UnOp, Var, Where, as_expr, maximum, minimum, where
+from .expr import (BOOL, INDEX_VARS, INT, KV, B, BinOp, Buffer, Const, Expr, H, Load, Q, UnOp, Var, Where, as_expr,
+                   binop, maximum, minimum, substitute, to_mask_mod, unop, where)
 from .index import Index, check_index_ranges, index
-from .trace import Sym, TraceError, trace
+from .trace import Sym, TraceError, trace, trace_uses
 
-__all__ = ["BOOL", "INDEX_VARS", "BinOp", "Buffer", "Const", "Expr", "Index", "Load", "Sym", "TraceError", "UnOp",
-           "Var", "Where", "as_expr", "check_index_ranges", "index", "maximum", "minimum", "trace", "where"]
+__all__ = ["B", "BOOL", "BinOp", "Buffer", "Const", "Expr", "H", "INDEX_VARS", "INT", "Index", "KV", "Load", "Q",
+           "Sym", "TraceError", "UnOp", "Var", "Where", "as_expr", "binop", "check_index_ranges", "index", "maximum",
+           "minimum", "substitute", "to_mask_mod", "trace", "trace_uses", "unop", "where"]

@@ -34,7 +34,7 @@ def _unknown_where(lo, hi, flo, fhi):
     return np.where(bad, -_BIG, lo), np.where(bad, _BIG, hi)
 
 
-def _interval_binop(op: str, ea: Expr, eb: Expr, env):
+def interval_binop(op: str, ea: Expr, eb: Expr, env):
     alo, ahi = ea.bounds(env)
     blo, bhi = eb.bounds(env)
     one, zero = np.int64(1), np.int64(0)
@@ -74,15 +74,15 @@ def _interval_binop(op: str, ea: Expr, eb: Expr, env):
         case "le":
             return np.where(ahi <= blo, one, zero), np.where(alo > bhi, zero, one)
         case "gt":
-            return _interval_binop("lt", eb, ea, env)
+            return interval_binop("lt", eb, ea, env)
         case "ge":
-            return _interval_binop("le", eb, ea, env)
+            return interval_binop("le", eb, ea, env)
         case "eq":
             sure = (alo == ahi) & (blo == bhi) & (alo == blo)
             never = (ahi < blo) | (bhi < alo)
             return np.where(sure, one, zero), np.where(never, zero, one)
         case "ne":
-            lo, hi = _interval_binop("eq", ea, eb, env)
+            lo, hi = interval_binop("eq", ea, eb, env)
             return 1 - hi, 1 - lo
         case "and" if ea.kind == BOOL and eb.kind == BOOL:
             return np.minimum(alo, blo), np.minimum(ahi, bhi)

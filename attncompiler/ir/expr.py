@@ -109,7 +109,7 @@ class Expr:
         """Distinct buffers read by this expression, in first-use order."""
         seen: dict[Buffer, None] = {}
         for node in self.walk():
-            if isinstance(node, (Load, Index)):
+            if isinstance(node, (Load, _index_ops()[0])):
                 seen.setdefault(node.buffer, None)
         return tuple(seen)
 
@@ -305,7 +305,8 @@ class BinOp(Expr):
         return _TORCH_BINOPS[self.op](x, y)
 
     def bounds(self, env):
-        return _interval_binop(self.op, self.a, self.b, env)
+        from .bounds import interval_binop  # late import: interval arithmetic builds on these node classes
+        return interval_binop(self.op, self.a, self.b, env)
 
     def __repr__(self) -> str:
         sym, prec, _ = _BINOPS[self.op]
@@ -392,7 +393,7 @@ def as_expr(x: Any) -> Expr:
     """Lift Python ints/bools, 0-d integer tensors and :class:`Sym` proxies to ``Expr``."""
     if isinstance(x, Expr):
         return x
-    if isinstance(x, Sym):
+    if isinstance(x, _sym_type()):
         return x.expr
     if isinstance(x, (bool, np.bool_)):
         return Const(bool(x))
@@ -451,23 +452,24 @@ def where(cond: Any, a: Any, b: Any) -> Expr:
         out = Where(c, as_expr(a), as_expr(b))
     # Inside a traced mask_mod the result must stay a proxy: a bare Expr would make a later
     # ``== 0`` structural (a Python bool) and silently trace the wrong predicate.
-    return Sym(out) if any(isinstance(x, Sym) for x in (cond, a, b)) else out
+    return _sym_type()(out) if any(isinstance(x, _sym_type()) for x in (cond, a, b)) else out
 
 
 def minimum(a: Any, b: Any) -> Expr:
     """Element-wise minimum of two integer expressions (a proxy inside a traced mask_mod)."""
     out = binop("min", a, b)
-    return Sym(out) if isinstance(a, Sym) or isinstance(b, Sym) else out
+    return _sym_type()(out) if isinstance(a, _sym_type()) or isinstance(b, _sym_type()) else out
 
 
 def maximum(a: Any, b: Any) -> Expr:
     """Element-wise maximum of two integer expressions (a proxy inside a traced mask_mod)."""
     out = binop("max", a, b)
-    return Sym(out) if isinstance(a, Sym) or isinstance(b, Sym) else out
+    return _sym_type()(out) if isinstance(a, _sym_type()) or isinstance(b, _sym_type()) else out
 
 
 def substitute(e: Expr, values: Mapping[str, int]) -> Expr:
     """Replace variables by integer constants and fold (e.g. specialize a predicate to one head)."""
+    Index, index = _index_ops()
     match e:
         case Var(name) if name in values:
             return Const(int(values[name]))
@@ -492,6 +494,7 @@ def to_mask_mod(e: Expr, device: torch.device | str = "cpu") -> Callable:
     Buffers are captured as tensors up front, so the function traces cleanly under
     ``torch.compile`` (no Python-side caches or numpy in the call path).
     """
+    Index = _index_ops()[0]
 
     def build(node: Expr) -> Callable:
         match node:
@@ -588,8 +591,16 @@ _PY_BINOPS: dict[str, Callable] = {
 }
 
 
-# Interval bounds of binary operators live in expr_bounds, the tracing proxies in expr_trace
-# (both imported last: they build on everything above).
-from .bounds import _interval_binop  # noqa: E402
-from .index import Index, check_index_ranges, index  # noqa: E402,F401
-from .trace import Sym, TraceError, trace  # noqa: E402,F401
+# The node kinds defined by the modules that build on this one (interval arithmetic in
+# ``bounds``, indexed tables in ``index``, tracing proxies in ``trace``), looked up when first needed.
+
+def _index_ops():
+    """(``Index`` node class, ``index`` builder) of :mod:`.index`."""
+    from .index import Index, index  # late import: Index is an Expr subclass defined on top of this module
+    return Index, index
+
+
+def _sym_type() -> type:
+    """The ``Sym`` tracing proxy of :mod:`.trace`."""
+    from .trace import Sym  # late import: Sym wraps Exprs (trace builds on this module); lifting unwraps it
+    return Sym

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..dsl import pattern as P
+from .. import dsl as P
 from .block_sets import _EVAL_CHUNK, EMPTY, FULL, PARTIAL, UNKNOWN, BlockSet, Geometry, block_set  # noqa: F401
 from ..errors import LayoutError
-from .memory_limits import check_budget, format_bytes
+from ..dsl.memory_limits import check_budget, format_bytes
 from ..dsl.primitives import check_batch_head_dependence
 
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +298,8 @@ def build_layout(pattern: P.Pattern, q_len: int, kv_len: int, block_m: int = 64,
         block_m, block_n: query and key block sizes.
         batch, heads: sizes used only when the pattern depends on the batch entry or head.
     """
-    P._require_mask(pattern, "a block layout")
-    P._check_lengths(q_len, kv_len)
+    P.require_mask(pattern, "a block layout")
+    P.check_lengths(q_len, kv_len)
     _check_blocks(block_m, block_n)
     for name, v in (("batch", batch), ("heads", heads)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:

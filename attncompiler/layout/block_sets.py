@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..dsl import pattern as P
+from .. import dsl as P
 from ..errors import PatternError
 
 EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3

@@ -1,5 +1,9 @@
 """The runtime: ``compile()`` and the ``torch.nn.Module`` s that run programs on a backend."""
 
-from .module import CompiledAttention, compile
+from .compile import MODULES, compile
+from .diffusion import DiffusionAttention
+from .memory import MemoryAttention
+from .module import CompiledAttention, compile_program, resolve_backend
 
-__all__ = ["CompiledAttention", "compile"]
+__all__ = ["MODULES", "CompiledAttention", "DiffusionAttention", "MemoryAttention", "compile", "compile_program",
+           "resolve_backend"]

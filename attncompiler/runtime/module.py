@@ -8,26 +8,34 @@ sequence length builds a new layout, never a new program or kernel.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 
 from ..errors import UnsupportedError
 from ..program.inputs import check_keywords, check_qkv, default_scale
 from ..dsl.pattern import Pattern
+from ..families.diffusion.diffusion import recompute_hops
 from ..program.stages import Program, lower, run_passes
 from ..program.schedule import Schedule
 
 
-def _resolve_backend(backend: str, device: torch.device | None = None) -> str:
+def resolve_backend(backend: str, device: torch.device | None = None) -> str:
     if backend == "auto":
         return "triton" if torch.cuda.is_available() and (device is None or device.type == "cuda") else "torch"
     return backend
 
 
+# The program passes, by name: ``Program -> Program`` rewrites a runtime module may ask for.
+PASSES: dict[str, Callable[[Program], Program]] = {
+    "recompute_hops": recompute_hops,  # diffusion: K fused attention hops instead of a stored P
+}
+
+
 @functools.lru_cache(maxsize=256)
-def compile_program(pattern: Pattern, schedule: Schedule | None = None) -> Program:
-    """Lower ``pattern`` through the default pass pipeline (cached)."""
-    return run_passes(lower(pattern, schedule), [])
+def compile_program(pattern: Pattern, schedule: Schedule | None = None, passes: tuple[str, ...] = ()) -> Program:
+    """Lower ``pattern``, then run the named :data:`PASSES` in order (cached)."""
+    return run_passes(lower(pattern, schedule), [(name, PASSES[name]) for name in passes])
 
 
 def lse_dtype(lse: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -71,7 +79,7 @@ class CompiledAttention(torch.nn.Module):
 
         self.check_call_keywords("forward", stage_inputs)
         dims = check_qkv(q, k, v, check_finite=self.check_finite)
-        backend = _resolve_backend(self.backend, q.device)
+        backend = resolve_backend(self.backend, q.device)
         ctx = RunContext(scale=default_scale(dims.head_dim, scale), batch=dims.batch, heads=dims.heads,
                          extra={"need_lse": return_lse})
         env = {"q": q, "k": k, "v": v, **stage_inputs}
@@ -94,40 +102,3 @@ class CompiledAttention(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"pattern={self.pattern!r}, backend={self.backend!r}"
-
-
-_MODULES: dict[str, type] = {}
-
-
-def register_module(family: str):
-    """Register a :class:`CompiledAttention` subclass that ``compile`` builds for a family
-    (e.g. one holding learned parameters such as ABC's control projection)."""
-
-    def deco(cls):
-        _MODULES[family] = cls
-        return cls
-
-    return deco
-
-
-def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | None = None,
-            check_finite: bool = True) -> CompiledAttention:
-    """Compile an attention pattern into a ``torch.nn.Module``.
-
-    The module's ``forward(q, k, v)`` takes ``q [B, H, Lq, D]`` and ``k, v [B, Hkv, Lk, *]``;
-    when ``Lq != Lk`` positions are top-left (query row i is position i, key j is position j,
-    as in FlexAttention). Unknown keywords raise
-    :class:`~attncompiler.errors.UnexpectedArgumentError`.
-
-    Args:
-        pattern: any pattern built with the DSL or the catalogue.
-        backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
-        schedule: block sizes and tuning knobs; the default suits CPU and GPU.
-        check_finite: reject NaN/inf inputs with an :class:`InputError` (one extra pass over q/k/v).
-    """
-    if not isinstance(pattern, Pattern):
-        from ..errors import PatternError
-
-        raise PatternError(f"compile() needs an attention pattern, got {type(pattern).__name__} {pattern!r}")
-    cls = _MODULES.get(pattern.family, CompiledAttention)
-    return cls(pattern, backend, schedule, check_finite)

@@ -1,4 +1,4 @@
-"""Build and load the C kernels of the torch backend's CPU stages (``templates/*.c``).
+"""Build and load the C kernels of the torch backend's CPU stages (the ``*.c`` files beside it).
 
 A kernel source is compiled once per machine with the system C compiler (``$CC``, else ``cc``;
 Triton needs one too) into the kernel cache directory (:func:`.cache.cache_dir`), named by a
@@ -46,7 +46,7 @@ def enabled() -> bool:
 
 
 def load(name: str) -> ctypes.CDLL | None:
-    """The compiled library of ``templates/<name>.c`` (built on first use), or None."""
+    """The compiled library of ``<name>.c`` (built on first use), or None."""
     with _LOCK:
         if name not in _LIBS:
             _LIBS[name] = _build(name)

@@ -1,4 +1,4 @@
-"""The diffusion stages' chunk products on the CPU through C kernels (``templates/cpu_diffusion.c``).
+"""The diffusion stages' chunk products on the CPU through C kernels (``cpu_diffusion.c`` beside it).
 
 For float32 on the CPU the torch stages (:mod:`.torch_diffusion`) hand each chunk of their plan
 to kernels instead of torch ops: P (scores, mask and softmax in one pass per query block; the

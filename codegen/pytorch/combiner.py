@@ -27,7 +27,7 @@ from attncompiler.families.combiner.tables import SpanTable
 from attncompiler.families.combiner.joint import slot_plan
 from attncompiler.errors import InputError
 
-from ..registry import RunContext, register_stage
+from ..context import RunContext
 
 NEG_INF = float("-inf")
 _ELEMENTWISE_MAX_SPAN = 4  # local expectations over at most this many keys skip matmul (measured on CPU)
@@ -166,7 +166,6 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-@register_stage("torch", SpanPool)
 def run_span_pool(stage: SpanPool, env: dict, ctx: RunContext) -> dict:
     """Pooled queries and keys of every span of the factorization's span table."""
     q, k = (env[n] for n in stage.inputs)
@@ -177,7 +176,6 @@ def run_span_pool(stage: SpanPool, env: dict, ctx: RunContext) -> dict:
     return dict(zip(stage.outputs, (pool_spans(q, table, f.pool), pool_spans(k, table, f.pool))))
 
 
-@register_stage("torch", SpanAttention)
 def run_span_attention(stage: SpanAttention, env: dict, ctx: RunContext) -> dict:
     """Local expectation inside each span: the summary keys and values the joint softmax reads."""
     q_sum, k, v = (env[n] for n in stage.inputs)
@@ -203,7 +201,6 @@ def _slot_index(joint: JointMask, L: int, device: str) -> tuple[torch.Tensor | N
     return torch.from_numpy(index).to(device), 0
 
 
-@register_stage("torch", ConcatSummaries)
 def run_concat(stage: ConcatSummaries, env: dict, ctx: RunContext) -> dict:
     """Keys and values joined with their summary slots along the key axis ([keys ; summaries])."""
     k, v, k_sum, v_sum = (env[n] for n in stage.inputs)
@@ -222,7 +219,6 @@ def run_concat(stage: ConcatSummaries, env: dict, ctx: RunContext) -> dict:
     return dict(zip(stage.outputs, (cat(k, k_sum), cat(v, v_sum))))
 
 
-@register_stage("torch", MixOutputs)
 def run_mix(stage: MixOutputs, env: dict, ctx: RunContext) -> dict:
     """Mixture variants: the mean of the component factorizations' outputs."""
     outs = [env[n] for n in stage.inputs]
@@ -235,7 +231,6 @@ def _order_index(f: Combiner, L: int, inverse: bool, device: str) -> torch.Tenso
     return torch.from_numpy(np.argsort(order) if inverse else order).to(device)
 
 
-@register_stage("torch", ReorderTokens)
 def run_reorder(stage: ReorderTokens, env: dict, ctx: RunContext) -> dict:
     """Permute tokens into (or back from) the order a factorization works in (axial variants)."""
     ts = [env[n] for n in stage.inputs]
@@ -249,3 +244,7 @@ def run_reorder(stage: ReorderTokens, env: dict, ctx: RunContext) -> dict:
         moved = t.index_select(2, idx)
         out.append(moved if t.shape[2] == L else torch.cat([moved, t[:, :, L:]], dim=2))
     return dict(zip(stage.outputs, out))
+
+
+STAGES = {SpanPool: run_span_pool, SpanAttention: run_span_attention, ConcatSummaries: run_concat,
+          MixOutputs: run_mix, ReorderTokens: run_reorder}

@@ -40,7 +40,7 @@ from attncompiler.layout.block_layout import BlockLayout
 from attncompiler.program.schedule import Schedule
 
 from ..cpu import diffusion as cpu_diffusion
-from ..registry import RunContext, register_stage
+from ..context import RunContext
 from .attention import _compute_dtype
 from .diffusion_plan import (Item, as_blocks, band_view, chunk_rows, chunk_tile, dense_global_probs, global_parts,
                              items_for, padded_blocks, rest_rows)
@@ -332,7 +332,6 @@ def _hops(items, split, tensors, z, v, beta, gamma):
 # Stage registrations
 # ---------------------------------------------------------------------------------------------
 
-@register_stage("torch", SparseProbs)
 def run_sparse_probs(stage: SparseProbs, env: dict, ctx: RunContext) -> dict:
     """P of the stage's base layout (of its light part when global tokens are split apart)."""
     q, k = (env[n] for n in stage.inputs)
@@ -345,7 +344,6 @@ def run_sparse_probs(stage: SparseProbs, env: dict, ctx: RunContext) -> dict:
     return {stage.outputs[0]: sparse_probs(q, k, layout, s, ctx.scale, split)}
 
 
-@register_stage("torch", DiffusionHop)
 def run_diffusion_hop(stage: DiffusionHop, env: dict, ctx: RunContext) -> dict:
     """``beta P z + gamma v`` with the stored P."""
     probs, z, v = (env[n] for n in stage.inputs)
@@ -371,7 +369,5 @@ def run_pass_through(stage: PassThrough, env: dict, ctx: RunContext) -> dict:
 
 # These three are plain tensor algebra and run on any device: the triton backend uses them too
 # (its recompute-schedule hops are BlockSparseAttention kernels joined by Axpby).
-for _backend in ("torch", "triton"):
-    register_stage(_backend, ExpandHeads)(run_expand_heads)
-    register_stage(_backend, Axpby)(run_axpby)
-    register_stage(_backend, PassThrough)(run_pass_through)
+SHARED_STAGES = {ExpandHeads: run_expand_heads, Axpby: run_axpby, PassThrough: run_pass_through}
+STAGES = {SparseProbs: run_sparse_probs, DiffusionHop: run_diffusion_hop, **SHARED_STAGES}

@@ -35,7 +35,7 @@ from attncompiler.errors import InputError
 from attncompiler.families.memory.memory import (LinformerControl, Memory, SlotControl, SlotRead, SlotWrite,
                                                  WindowControl, control_weights)
 
-from ..registry import RunContext, register_stage
+from ..context import RunContext
 
 NEG_INF = float("-inf")
 SPREAD_LIMIT = 50.0  # float32 exp(-50) ~ 2e-22: normalizers and 1/Z stay well inside range
@@ -276,7 +276,6 @@ def read_memory(q: torch.Tensor, mem: SlotMemory, scale: float, need_lse: bool =
 # Stage registrations
 # ---------------------------------------------------------------------------------------------
 
-@register_stage("torch", SlotControl)
 def run_slot_control(stage: SlotControl, env: dict, ctx: RunContext) -> dict:
     k, param = env[stage.inputs[0]], env.get(stage.inputs[1])
     pattern = Memory(stage.slots, stage.control)
@@ -284,13 +283,11 @@ def run_slot_control(stage: SlotControl, env: dict, ctx: RunContext) -> dict:
     return {stage.outputs[0]: w}
 
 
-@register_stage("torch", SlotWrite)
 def run_slot_write(stage: SlotWrite, env: dict, ctx: RunContext) -> dict:
     k, v, w = (env[n] for n in stage.inputs)
     return {stage.outputs[0]: write_memory(k, v, w, stage.causal, stage.normalized, stage.schedule.block_m)}
 
 
-@register_stage("torch", SlotRead)
 def run_slot_read(stage: SlotRead, env: dict, ctx: RunContext) -> dict:
     q, mem = (env[name] for name in stage.inputs)
     out, lse = read_memory(q, mem, ctx.scale, ctx.extra.get("need_lse", True), stage.schedule.tile_elems)
@@ -359,3 +356,5 @@ def decode_step(pattern: Memory, param, q_t, k_t, v_t, state: DecodeState, scale
     out, _ = _read_total(qs, mem, D, pattern.control.normalized)
     return out.reshape(B, H, 1, -1), DecodeState(B, state.t + 1, mem, ref)
 
+
+STAGES = {SlotControl: run_slot_control, SlotWrite: run_slot_write, SlotRead: run_slot_read}

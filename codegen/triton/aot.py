@@ -82,7 +82,7 @@ def compile_for_target(pattern: Pattern, dtype: torch.dtype = torch.bfloat16, he
 
 
 if __name__ == "__main__":
-    import attncompiler as ac
+    from attncompiler.dsl.primitives import causal
 
-    for kern in compile_for_target(ac.causal()):
+    for kern in compile_for_target(causal()):
         print(kern)

@@ -25,7 +25,7 @@ from attncompiler.program.stages import BlockSparseAttention
 from attncompiler.program.schedule import Schedule
 
 from .. import cache
-from ..registry import RunContext, register_stage
+from ..context import RunContext
 from .kernels import kernel_tiles, make_plan, triton_attention
 
 _AUTOTUNE: bool | None = None  # None: follow ATTNC_AUTOTUNE
@@ -140,7 +140,6 @@ def _store_winner(key: str, sched: Schedule) -> None:
     cache.atomic_write(_winners_path(), json.dumps(data, indent=1, sort_keys=True))
 
 
-@register_stage("triton", BlockSparseAttention)
 def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) -> dict:
     """Run one ``BlockSparseAttention`` stage with the generated kernels."""
     q, k, v = (env[n] for n in stage.inputs)
@@ -157,9 +156,3 @@ def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) ->
     out, lse = triton_attention(q, k, v, layout, s, ctx.scale)
     return dict(zip(stage.outputs, (out, lse)))
 
-
-# Stages of the structural families (imported last: they use this module's registrations).
-from ..pytorch import diffusion as torch_diffusion  # noqa: E402,F401  (device-agnostic diffusion stages, also used on triton)
-from . import diffusion as triton_diffusion  # noqa: E402,F401  (stored-P diffusion kernels)
-from . import combiner as triton_combiner  # noqa: E402,F401
-from . import memory as triton_memory  # noqa: E402,F401

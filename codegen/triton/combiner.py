@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from attncompiler.families.combiner.program import ConcatSummaries, MixOutputs, ReorderTokens, SpanAttention, SpanPool
 
-from ..registry import register_stage
 from ..pytorch.combiner import run_concat, run_mix, run_reorder, run_span_attention, run_span_pool
 
-for _stage, _fn in ((SpanPool, run_span_pool), (SpanAttention, run_span_attention),
-                    (ConcatSummaries, run_concat), (MixOutputs, run_mix), (ReorderTokens, run_reorder)):
-    register_stage("triton", _stage)(_fn)
+STAGES = {SpanPool: run_span_pool, SpanAttention: run_span_attention, ConcatSummaries: run_concat,
+          MixOutputs: run_mix, ReorderTokens: run_reorder}

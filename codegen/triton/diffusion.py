@@ -28,7 +28,7 @@ from attncompiler.errors import ScheduleError
 
 from .. import cache
 from ..pytorch import diffusion as torch_diffusion
-from ..registry import RunContext, register_source, register_stage
+from ..context import RunContext
 from .render import _PRED_BEGIN, _PRED_END, TEMPLATE_DIR, _template, render_predicate
 from .backend import _check_device
 from .kernels import _VALID_TILES, _pad_dim, _predicate_for, _versions, dot_precision, layout_tensors
@@ -213,13 +213,11 @@ def _check_blocks(layout: BlockLayout) -> None:
                                 f"the kernel tiles and must be one of {_VALID_TILES} (tl.dot needs >= 16)")
 
 
-@register_source(SparseProbs)
 def sparse_probs_source(stage: SparseProbs, q_len: int):
     """The stored-P kernel file of ``stage`` at length ``q_len`` (its hops run from the same file)."""
     return diffusion_kernels(stage.pattern, q_len, stage.schedule.block_m, stage.schedule.block_n)[1]
 
 
-@register_stage("triton", SparseProbs)
 def run_sparse_probs(stage: SparseProbs, env: dict, ctx: RunContext) -> dict:
     """P of the base layout with the generated kernel (float64: the torch stage)."""
     q, k = (env[n] for n in stage.inputs)
@@ -238,7 +236,6 @@ def run_sparse_probs(stage: SparseProbs, env: dict, ctx: RunContext) -> dict:
     return {stage.outputs[0]: TritonProbs(layout, groups, mod, tuple(Ps))}
 
 
-@register_stage("triton", DiffusionHop)
 def run_diffusion_hop(stage: DiffusionHop, env: dict, ctx: RunContext) -> dict:
     """``beta P z + gamma v`` with the generated SpMM kernel (torch-built P: the torch stage)."""
     probs, z, v = (env[n] for n in stage.inputs)
@@ -248,3 +245,7 @@ def run_diffusion_hop(stage: DiffusionHop, env: dict, ctx: RunContext) -> dict:
     zf, vf = _flat(expand_heads(z, H)), _flat(expand_heads(v, H))
     out = _HopFn.apply(probs, stage.beta, stage.gamma, zf, vf, *probs.tensors)
     return {stage.outputs[0]: out.view(B, H, L, -1)}
+
+
+STAGES = {SparseProbs: run_sparse_probs, DiffusionHop: run_diffusion_hop}
+SOURCES = {SparseProbs: sparse_probs_source}

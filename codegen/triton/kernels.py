@@ -21,6 +21,7 @@ import torch
 
 from attncompiler.program.autograd_guard import single_backward
 from attncompiler.errors import ScheduleError
+from attncompiler.version import __version__
 from attncompiler.ir import expr as E
 from attncompiler.ir.expr import Expr
 from attncompiler.layout.block_layout import BlockLayout, partial_masks
@@ -64,15 +65,13 @@ def kernel_tiles(schedule: Schedule) -> tuple[int, int]:
 
 
 def _versions() -> dict[str, str]:
-    import attncompiler
-
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:  # `attnc compile --emit` works without triton installed
         triton_version = "none"
-    return {"attncompiler": attncompiler.__version__, "triton": triton_version,
+    return {"attncompiler": __version__, "triton": triton_version,
             "torch": torch.__version__.split("+")[0], "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
 
 

@@ -49,7 +49,7 @@ from attncompiler.program.autograd_guard import single_backward
 from attncompiler.families.memory.memory import SlotControl, SlotRead, SlotWrite
 
 from .. import cache
-from ..registry import RunContext, register_source, register_stage
+from ..context import RunContext
 from .render import _BODY, TEMPLATE_DIR
 from ..pytorch.memory import (NEG_INF, SPREAD_LIMIT, SlotMemory, logit_spread, read_memory, run_slot_control,
                               write_memory)
@@ -345,21 +345,16 @@ def compile_memory_for_target(arch: int = 90, head_dim: int = 64, slots: int = 6
 # Stage registrations
 # ---------------------------------------------------------------------------------------------
 
-register_stage("triton", SlotControl)(run_slot_control)  # k @ W or the nearest centroid: one torch op
 
 
-register_source(SlotWrite)(memory_kernel_file)
-register_source(SlotRead)(memory_kernel_file)
 
 
-@register_stage("triton", SlotWrite)
 def run_slot_write(stage: SlotWrite, env: dict, ctx: RunContext) -> dict:
     """SlotWrite with the chunked Triton scan (see :func:`triton_write`)."""
     k, v, w = (env[n] for n in stage.inputs)
     return {stage.outputs[0]: triton_write(k, v, w, stage.causal, stage.normalized, stage.schedule.block_m)}
 
 
-@register_stage("triton", SlotRead)
 def run_slot_read(stage: SlotRead, env: dict, ctx: RunContext) -> dict:
     """SlotRead with the Triton read kernels (the torch read for a float64 torch-written memory)."""
     q, mem = (env[name] for name in stage.inputs)
@@ -368,3 +363,8 @@ def run_slot_read(stage: SlotRead, env: dict, ctx: RunContext) -> dict:
     else:
         out, lse = triton_read(q, mem, ctx.scale)
     return dict(zip(stage.outputs, (out, lse)))
+
+
+# SlotControl is k @ W or the nearest centroid: one torch op, shared with the torch backend.
+STAGES = {SlotControl: run_slot_control, SlotWrite: run_slot_write, SlotRead: run_slot_read}
+SOURCES = {SlotWrite: memory_kernel_file, SlotRead: memory_kernel_file}

@@ -17,7 +17,7 @@ from ...ir import expr as E
 from .tables import SpanTable, _Builder
 from ...errors import InputError, PatternError
 from ...ir.expr import Expr
-from ...dsl.pattern import Pattern, _check_int, _check_lengths
+from ...dsl.pattern import Pattern, check_int, check_lengths
 from ...dsl.primitives import block_local, causal as _causal_mask, document, sliding_window, strided
 
 FAMILY = "combiner"
@@ -335,7 +335,7 @@ class CombinerMixture(Combiner):
 @functools.lru_cache(maxsize=64)
 def span_table(pattern: Combiner, L: int) -> SpanTable:
     """The (cached) span table of a single factorization at ``L`` tokens."""
-    _check_lengths(L, L)
+    check_lengths(L, L)
     pattern.validate(L, L)
     return pattern.build_table(int(L))
 
@@ -358,7 +358,7 @@ def combiner_fixed(span: int, *, causal: bool = False, pool: str = "max") -> Pat
         causal: direct keys ``own span & [0, i]``, summaries of the complete earlier spans.
         pool: how span keys/queries are pooled, ``"max"`` (the paper) or ``"mean"``.
     """
-    return CombinerFixed(_check_int("span", span, 1), bool(causal), _check_pool(pool))
+    return CombinerFixed(check_int("span", span, 1), bool(causal), _check_pool(pool))
 
 
 def combiner_logsparse(*, causal: bool = False, pool: str = "max") -> Pattern:
@@ -379,9 +379,9 @@ def combiner_axial(cols: int, rows: int | None = None, *, variant: str = "vertic
         causal: autoregressive; partial columns are summarized by prefix (running) pooling.
         pool: ``"max"`` or ``"mean"``.
     """
-    cols = _check_int("cols", cols, 1)
+    cols = check_int("cols", cols, 1)
     if rows is not None:
-        rows = _check_int("rows", rows, 1)
+        rows = check_int("rows", rows, 1)
     if variant not in AXIAL_VARIANTS:
         raise PatternError(f"variant={variant!r} must be one of {AXIAL_VARIANTS}")
     if variant == "rowmajor" and cols < 2:

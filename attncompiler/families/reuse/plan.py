@@ -400,8 +400,3 @@ def reuse_savings(model, seq_len: int, batch: int = 1, *, plan: ReusePlan | Mapp
                                  acts, dtype_bytes * 2 * reused * B * L * D, probs))
     return ReuseSavings(L, B, tuple(rows), schedule)
 
-
-# The similarity half lives in its own module; re-exported so ``attncompiler.families.reuse.plan`` stays the
-# one import for everything about reuse.
-from .similarity import (LayerAttention, PairSimilarity, SimilarityReport, attention_similarity, map_similarity,
-                         suggest_reuse)

@@ -1,0 +1,37 @@
+"""``ac.compile(pattern)``: the module that runs a pattern, chosen from an explicit table by family."""
+
+from __future__ import annotations
+
+from ..dsl.pattern import Pattern
+from ..errors import PatternError
+from ..families.diffusion.diffusion import DIFFUSION
+from ..families.memory.memory import MEMORY
+from ..program.schedule import Schedule
+from .diffusion import DiffusionAttention
+from .memory import MemoryAttention
+from .module import CompiledAttention
+
+# Families whose compiled module is more than the generic one (learned parameters, decoding,
+# head slicing); every other family runs in a plain CompiledAttention.
+MODULES: dict[str, type[CompiledAttention]] = {DIFFUSION: DiffusionAttention, MEMORY: MemoryAttention}
+
+
+def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | None = None,
+            check_finite: bool = True) -> CompiledAttention:
+    """Compile an attention pattern into a ``torch.nn.Module``.
+
+    The module's ``forward(q, k, v)`` takes ``q [B, H, Lq, D]`` and ``k, v [B, Hkv, Lk, *]``;
+    when ``Lq != Lk`` positions are top-left (query row i is position i, key j is position j,
+    as in FlexAttention). Unknown keywords raise
+    :class:`~attncompiler.errors.UnexpectedArgumentError`.
+
+    Args:
+        pattern: any pattern built with the DSL or the catalogue.
+        backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
+        schedule: block sizes and tuning knobs; the default suits CPU and GPU.
+        check_finite: reject NaN/inf inputs with an :class:`InputError` (one extra pass over q/k/v).
+    """
+    if not isinstance(pattern, Pattern):
+        raise PatternError(f"compile() needs an attention pattern, got {type(pattern).__name__} {pattern!r}")
+    cls = MODULES.get(pattern.family, CompiledAttention)
+    return cls(pattern, backend, schedule, check_finite)
