@@ -184,6 +184,16 @@ TRACED_BH = (
 )
 
 
+# Traced mask_mods whose index arithmetic leaves int32 (products past 2**31) or that index a
+# 1-D table of document ids (longer than any fuzzed length).
+DOC_IDS = torch.arange(256) // 7
+TRACED_WIDE = (
+    lambda b, h, q_idx, kv_idx: (q_idx * kv_idx * 3000017 + kv_idx) % 5 < 2,
+    lambda b, h, q_idx, kv_idx: ((q_idx + 1) * 100000007) // ((kv_idx + 1) * 100000007) <= 1,
+    lambda b, h, q_idx, kv_idx: DOC_IDS[q_idx] == DOC_IDS[kv_idx],
+)
+
+
 def batch_head_masks() -> st.SearchStrategy[ac.Pattern]:
     """Masks that depend on the batch entry and/or the head, traced and opaque."""
     return st.one_of(
@@ -196,7 +206,7 @@ def batch_head_masks() -> st.SearchStrategy[ac.Pattern]:
 def pattern_trees(max_index: int, max_leaves: int = 4, batch_head: bool = True) -> st.SearchStrategy[ac.Pattern]:
     """Random trees over every mask primitive with ``| & ~ .causal()``, ``ac.per_head`` nodes
     and (``batch_head``) masks that depend on ``b``/``h``; global indices stay below ``max_index``."""
-    leaves = primitives(max_index)
+    leaves = st.one_of(primitives(max_index), st.sampled_from(TRACED_WIDE).map(ac.mask))
     if batch_head:
         leaves = st.one_of(leaves, batch_head_masks())
 
