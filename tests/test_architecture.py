@@ -146,65 +146,10 @@ def test_imports_go_down_the_layers():
     assert not bad, "upward imports: " + "; ".join(bad)
 
 
-# Private names that still cross a module today (to be made public or moved into the backend's
-# ``common`` module); the list may only shrink.
-KNOWN_PRIVATE_IMPORTS = {
-    "attncompiler.analysis.report <- attncompiler.analysis.mask_graph._layouts",
-    "attncompiler.bench.attention <- attncompiler.bench.measure._check_positive",
-    "attncompiler.bench.attention <- attncompiler.bench.measure._fmt",
-    "attncompiler.bench.attention <- attncompiler.bench.measure._quiet",
-    "attncompiler.bench.attention <- attncompiler.bench.measure._timed",
-    "attncompiler.bench.attention <- attncompiler.bench.peers._setup_flex",
-    "attncompiler.bench.attention <- attncompiler.bench.peers._setup_sdpa",
-    "attncompiler.bench.layout <- attncompiler.bench.measure._check_positive",
-    "attncompiler.bench.layout <- attncompiler.bench.measure._fmt",
-    "attncompiler.bench.layout <- attncompiler.bench.measure._quiet",
-    "attncompiler.cli.codegen <- attncompiler.cli.patterns._Parser",
-    "attncompiler.cli.codegen <- attncompiler.cli.patterns._add_pattern_options",
-    "attncompiler.cli.codegen <- attncompiler.cli.patterns._guarded",
-    "attncompiler.cli.codegen <- attncompiler.cli.patterns._lookup",
-    "attncompiler.cli.codegen <- attncompiler.cli.patterns._pattern_params",
-    "attncompiler.cli.codegen <- attncompiler.cli.patterns._positive",
-    "attncompiler.codegen.pytorch.attention <- attncompiler.codegen.pytorch.attention_plan._step_bias",
-    "attncompiler.codegen.pytorch.diffusion <- attncompiler.codegen.pytorch.attention._compute_dtype",
-    "attncompiler.codegen.pytorch.diffusion_plan <- attncompiler.codegen.pytorch.attention._pad_len",
-    "attncompiler.codegen.pytorch.probs <- attncompiler.codegen.pytorch.attention._Operands",
-    "attncompiler.codegen.pytorch.probs <- attncompiler.codegen.pytorch.attention._compute_dtype",
-    "attncompiler.codegen.pytorch.probs <- attncompiler.codegen.pytorch.attention._fold",
-    "attncompiler.codegen.pytorch.probs <- attncompiler.codegen.pytorch.attention._pad_len",
-    "attncompiler.codegen.pytorch.probs <- attncompiler.codegen.pytorch.attention._write_rows",
-    "attncompiler.codegen.pytorch.probs <- attncompiler.codegen.pytorch.attention_plan._step_bias",
-    "attncompiler.codegen.triton.aot <- attncompiler.codegen.triton.kernels._pad_dim",
-    "attncompiler.codegen.triton.diffusion <- attncompiler.codegen.triton.backend._check_device",
-    "attncompiler.codegen.triton.diffusion <- attncompiler.codegen.triton.kernels._VALID_TILES",
-    "attncompiler.codegen.triton.diffusion <- attncompiler.codegen.triton.kernels._pad_dim",
-    "attncompiler.codegen.triton.diffusion <- attncompiler.codegen.triton.kernels._predicate_for",
-    "attncompiler.codegen.triton.diffusion <- attncompiler.codegen.triton.kernels._versions",
-    "attncompiler.codegen.triton.diffusion <- attncompiler.codegen.triton.render._PRED_BEGIN",
-    "attncompiler.codegen.triton.diffusion <- attncompiler.codegen.triton.render._PRED_END",
-    "attncompiler.codegen.triton.diffusion <- attncompiler.codegen.triton.render._template",
-    "attncompiler.codegen.triton.memory <- attncompiler.codegen.triton.kernels._on_device",
-    "attncompiler.codegen.triton.memory <- attncompiler.codegen.triton.kernels._versions",
-    "attncompiler.codegen.triton.memory <- attncompiler.codegen.triton.render._BODY",
-    "attncompiler.families.combiner.joint <- attncompiler.layout.block_layout._to_blocks2d",
-    "attncompiler.families.combiner.pattern <- attncompiler.families.combiner.tables._Builder",
-    "attncompiler.layout.block_layout <- attncompiler.layout.block_sets._EVAL_CHUNK",
-}
-
-
-def _private_imports() -> set[str]:
-    return {f"{m} <- {t}.{name}" for m in MODULES for t, name, _, _ in _imports(m)
-            if name.startswith("_") and not name.startswith("__")}
-
-
-def test_no_new_private_name_crosses_a_module():
-    new = sorted(_private_imports() - KNOWN_PRIVATE_IMPORTS)
-    assert not new, "private names imported from another module (make them public): " + "; ".join(new)
-
-
-def test_the_private_name_list_only_shrinks():
-    stale = sorted(KNOWN_PRIVATE_IMPORTS - _private_imports())
-    assert not stale, f"no longer imported, remove from KNOWN_PRIVATE_IMPORTS: {stale}"
+def test_no_private_name_crosses_a_module():
+    bad = [f"{m}:{line} takes {name} from {t}" for m in MODULES for t, name, line, _ in _imports(m)
+           if name.startswith("_") and not name.startswith("__")]
+    assert not bad, "private names imported from another module (make them public): " + "; ".join(bad)
 
 
 def test_late_imports_are_few_and_explained():

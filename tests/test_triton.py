@@ -168,7 +168,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = (t.detach().cpu() for t in _qkv(1, 1, 1, 16, 16, 16))
     with pytest.raises(UnsupportedError, match="backend='torch'"):
-        triton_backend._check_device(q)
+        triton_backend.check_device(q)
 
 
 def test_autotune_picks_and_remembers_the_fastest(tmp_path, monkeypatch):

@@ -51,7 +51,7 @@ def head_patterns(pattern: Pattern, heads: int | None = None) -> list[Pattern]:
     return out
 
 
-def _layouts(pats: list[Pattern], L: int, block: int) -> list[Blocks2D]:
+def group_layouts(pats: list[Pattern], L: int, block: int) -> list[Blocks2D]:
     return [p.layout(L, L, block, block).group_for(0, 0) for p in pats]
 
 
@@ -132,7 +132,7 @@ def token_adjacency(pattern: Pattern, L: int, *, block: int = 64, heads: int | N
         for p in pats:
             dense |= p.to_dense(L).numpy()
         return sp.csr_matrix(dense)
-    grps = _layouts(pats, L, block)
+    grps = group_layouts(pats, L, block)
     g = grps[0].geom
     rows, cols, full = union_blocks(grps)
     qs, ks = [], []
@@ -163,7 +163,7 @@ def block_adjacency(pattern: Pattern, L: int, block: int, *, heads: int | None =
     pairs of distinct tokens of block r connected in either direction (for the spectrum).
     """
     pats = head_patterns(pattern, heads)
-    grps = _layouts(pats, L, block)
+    grps = group_layouts(pats, L, block)
     g = grps[0].geom
     rows, cols, full = union_blocks(grps)
     rsize = g.q_hi(rows) - g.q_lo(rows) + 1
@@ -193,7 +193,7 @@ def block_adjacency(pattern: Pattern, L: int, block: int, *, heads: int | None =
 def causal_leak(pattern: Pattern, L: int, *, block: int = 64, heads: int | None = None) -> tuple[int, int] | None:
     """A pair ``(key, query)`` with ``key > query`` that the pattern allows, or None (exact)."""
     pats = head_patterns(pattern, heads)
-    grps = _layouts(pats, L, block)
+    grps = group_layouts(pats, L, block)
     g = grps[0].geom
     rows, cols, full = union_blocks(grps)
     # A block right of the diagonal, or a full diagonal block, leaks for sure: show one pair.

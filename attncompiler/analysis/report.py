@@ -181,9 +181,9 @@ def _auto_level(pattern: Pattern, L: int, block: int, heads: int | None) -> str:
         return "token"
     if L > TOKEN_EDGES_LENGTH or pattern.family != "mask":
         return "block"
-    from .mask_graph import _layouts, head_patterns, union_blocks
+    from .mask_graph import group_layouts, head_patterns, union_blocks
 
-    grps = _layouts(head_patterns(pattern, heads), L, block)
+    grps = group_layouts(head_patterns(pattern, heads), L, block)
     rows, _, _ = union_blocks(grps)
     return "token" if len(rows) * block * block <= TOKEN_EDGES_MAX else "block"
 

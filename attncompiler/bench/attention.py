@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from .layout import LAYOUT_CONTENDERS, LayoutBenchResult, LayoutEntry, run_layout_bench
-from .measure import JsonReport, Progress, _check_positive, _fmt, _quiet, _timed, memory_method, peak_memory
-from .peers import CREATE_BLOCK_MASK_BYTES_PER_PAIR, _setup_flex, _setup_sdpa, allowed_pairs, flex_mask_mod
+from .measure import JsonReport, Progress, check_positive, fmt, quiet, timed_run, memory_method, peak_memory
+from .peers import CREATE_BLOCK_MASK_BYTES_PER_PAIR, setup_flex, setup_sdpa, allowed_pairs, flex_mask_mod
 from ..errors import InputError, UnsupportedError
 from ..dsl.pattern import Family, Pattern
 
@@ -102,10 +102,10 @@ class BenchResult(JsonReport):
             if c.median_s is None:
                 lines.append(f"  {c.name:<8} skipped: {c.skipped}")
                 continue
-            row = f"  {c.name:<8} {c.median_s * 1e3:>10.3f} {_fmt(c.gflops, '.2f'):>9} "
-            row += f"{_fmt(None if c.peak_bytes is None else c.peak_bytes / 2**20, '.1f'):>9} "
-            row += f"{_fmt(c.max_abs_diff, '.2e'):>10}"
-            row += "".join(f" {'-' if p is c else _fmt(self.speedup(c.name, p.name), '.2f'):>10}" for p in ran)
+            row = f"  {c.name:<8} {c.median_s * 1e3:>10.3f} {fmt(c.gflops, '.2f'):>9} "
+            row += f"{fmt(None if c.peak_bytes is None else c.peak_bytes / 2**20, '.1f'):>9} "
+            row += f"{fmt(c.max_abs_diff, '.2e'):>10}"
+            row += "".join(f" {'-' if p is c else fmt(self.speedup(c.name, p.name), '.2f'):>10}" for p in ran)
             lines.append(row)
         lines.append("  x vs P: speedup over P (P's median / this median; > 1 is faster)")
         lines += [f"  {c.name}: {c.description}" for c in self.contenders]
@@ -121,7 +121,7 @@ def run_bench(pattern: Pattern, seq_len: int, *, heads: int = 4, head_dim: int =
               seed: int = 0, mask_cap_bytes: int = 1 << 30, block_mask_cap_bytes: int = 4 << 30,
               flex_block: int = 128,
               flex_mask: str = "create", measure_memory: bool = True,
-              progress: Progress = _quiet) -> BenchResult:
+              progress: Progress = quiet) -> BenchResult:
     """Time our backend against SDPA (dense mask) and FlexAttention on the same inputs.
 
     Args:
@@ -143,7 +143,7 @@ def run_bench(pattern: Pattern, seq_len: int, *, heads: int = 4, head_dim: int =
         measure_memory: also measure each contender's peak memory (one extra call each).
         progress: called with short status messages (the CLI prints them to stderr).
     """
-    _check_positive(seq_len=seq_len, heads=heads, head_dim=head_dim, batch=batch, repeats=repeats)
+    check_positive(seq_len=seq_len, heads=heads, head_dim=head_dim, batch=batch, repeats=repeats)
     if dtype not in DTYPES:
         raise InputError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     bad = [c for c in contenders if c not in CONTENDERS]
@@ -180,13 +180,13 @@ def run_bench(pattern: Pattern, seq_len: int, *, heads: int = 4, head_dim: int =
         if not is_mask:
             skipped["sdpa"] = f"{pattern.family} patterns have no dense mask"
         else:
-            _setup_sdpa(pattern, q, k, v, mask_cap_bytes, calls, skipped, progress)
+            setup_sdpa(pattern, q, k, v, mask_cap_bytes, calls, skipped, progress)
     if "flex" in contenders:
         desc["flex"] = f"torch.compile(flex_attention), BLOCK_SIZE={flex_block}"
         if not is_mask:
             skipped["flex"] = f"{pattern.family} patterns have no mask_mod"
         else:
-            desc["flex"] += _setup_flex(pattern, q, k, v, flex_block, flex_mask, block_mask_cap_bytes, calls,
+            desc["flex"] += setup_flex(pattern, q, k, v, flex_block, flex_mask, block_mask_cap_bytes, calls,
                                         skipped, progress)
 
     def step(fn):
@@ -222,7 +222,7 @@ def run_bench(pattern: Pattern, seq_len: int, *, heads: int = 4, head_dim: int =
         for name in names[shift:] + names[:shift]:
             fn = steps[name]
             with contextlib.nullcontext() if backward else torch.no_grad():
-                times[name].append(_timed(fn, dev))
+                times[name].append(timed_run(fn, dev))
     peaks: dict[str, int] = {}
     if measure_memory:
         for name in names:

@@ -11,7 +11,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from .measure import JsonReport, Progress, _check_positive, _fmt, _quiet
+from .measure import JsonReport, Progress, check_positive, fmt, quiet
 from .peers import CREATE_BLOCK_MASK_BYTES_PER_PAIR, flex_mask_mod
 from ..errors import InputError, UnsupportedError
 from ..dsl.pattern import Family, Pattern
@@ -53,10 +53,10 @@ class LayoutBenchResult(JsonReport):
             if e.skipped:
                 lines.append(f"  {e.name:<8} {e.seq_len:>9} skipped: {e.skipped}")
                 continue
-            rss = _fmt(None if e.peak_rss_bytes is None else e.peak_rss_bytes / 2**20, ".1f")
+            rss = fmt(None if e.peak_rss_bytes is None else e.peak_rss_bytes / 2**20, ".1f")
             rss = (">=" if e.rss_lower_bound else "") + rss
             lines.append(f"  {e.name:<8} {e.seq_len:>9} {e.first_s:>9.3g} {e.median_s:>9.3g} {rss:>13} "
-                         f"{_fmt(e.blocks, 'd'):>10}")
+                         f"{fmt(e.blocks, 'd'):>10}")
         lines.append("  attnc = pattern.layout (analytic, no L x L evaluation); flex = create_block_mask(mask_mod)")
         lines.append("  peak RSS: the worker's ru_maxrss after the builds minus its RSS just before them")
         lines += [f"  note: {n}" for n in self.notes]
@@ -66,7 +66,7 @@ class LayoutBenchResult(JsonReport):
 def run_layout_bench(pattern: Pattern, seq_len: int, *, block: int = 64, repeats: int = 3,
                      builders: tuple[str, ...] = LAYOUT_CONTENDERS, timeout_s: float = 60.0,
                      mem_cap_bytes: int = 8 << 30, flex_max_len: int | None = None, scan_from: int | None = None,
-                     progress: Progress = _quiet) -> LayoutBenchResult:
+                     progress: Progress = quiet) -> LayoutBenchResult:
     """Time and peak memory of building our layout vs FlexAttention's ``create_block_mask``.
 
     Each builder runs in a fresh Python subprocess (so peak RSS is its own and a runaway build
@@ -88,7 +88,7 @@ def run_layout_bench(pattern: Pattern, seq_len: int, *, block: int = 64, repeats
     """
     import pickle
 
-    _check_positive(seq_len=seq_len, block=block, repeats=repeats)
+    check_positive(seq_len=seq_len, block=block, repeats=repeats)
     if pattern.family != Family.MASK:
         raise UnsupportedError(f"layouts exist for mask patterns only; {pattern!r} is a {pattern.family} pattern")
     bad = [b for b in builders if b not in LAYOUT_CONTENDERS]

@@ -18,7 +18,7 @@ from ..errors import InputError
 Progress = Callable[[str], None]
 
 
-def _quiet(msg: str) -> None:
+def quiet(msg: str) -> None:
     pass
 
 
@@ -39,7 +39,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def timed_run(fn: Callable[[], None], device: torch.device) -> float:
     _sync(device)
     t0 = time.perf_counter()
     fn()
@@ -83,11 +83,11 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
     return max(0, max(total for _, _, total in events) - baseline)
 
 
-def _fmt(x, spec: str) -> str:
+def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _check_positive(**kw) -> None:
+def check_positive(**kw) -> None:
     for name, v in kw.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InputError(f"{name}={v!r} must be a positive integer")

@@ -54,7 +54,7 @@ def flex_mask_mod(pattern: Pattern, q_len: int, kv_len: int, device="cpu") -> tu
             "pattern.evaluate (opaque mask_mod)")
 
 
-def _setup_sdpa(pattern, q, k, v, cap, calls, skipped, progress) -> None:
+def setup_sdpa(pattern, q, k, v, cap, calls, skipped, progress) -> None:
     from ..dsl.primitives import Causal, Full
     from ..program.reference import dense_masks
 
@@ -76,7 +76,7 @@ def _setup_sdpa(pattern, q, k, v, cap, calls, skipped, progress) -> None:
     calls["sdpa"] = lambda: sdpa(q, k, v, attn_mask=mask)
 
 
-def _setup_flex(pattern, q, k, v, block, how, cap, calls, skipped, progress) -> str:
+def setup_flex(pattern, q, k, v, block, how, cap, calls, skipped, progress) -> str:
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 # The pattern-option machinery of `attnc show/verify/bench`, so every command reads the same options.
-from .patterns import _add_pattern_options, _guarded, _lookup, _Parser, _pattern_params, _positive
+from .patterns import add_pattern_options, guarded, lookup, Parser, pattern_params, positive_int
 
 _DTYPES = ("float32", "float16", "bfloat16")
 _HELP = {"compile": "generate the Triton kernels of a pattern and write their source to --emit DIR",
@@ -20,18 +20,18 @@ _HELP = {"compile": "generate the Triton kernels of a pattern and write their so
 
 def _options(cmd: str, parser: argparse.ArgumentParser, pattern_names: set[str]) -> None:
     add = parser.add_argument
-    add("--seq-len", type=_positive, default=4096, help="sequence length of the layout (default 4096)")
+    add("--seq-len", type=positive_int, default=4096, help="sequence length of the layout (default 4096)")
     names = ["--layout-block"] + ([] if "block" in pattern_names else ["--block"])
-    add(*names, dest="layout_block", type=_positive, default=None,
+    add(*names, dest="layout_block", type=positive_int, default=None,
         help="layout block size (default: the pattern's block parameter if it has one, else 64)")
-    add("--tile", type=_positive, nargs=2, metavar=("TM", "TN"), help="kernel tile sizes (default: the block)")
-    add("--warps", type=_positive, default=4, help="warps per program (default 4)")
-    add("--stages", type=_positive, default=2, help="software-pipelining stages (default 2)")
+    add("--tile", type=positive_int, nargs=2, metavar=("TM", "TN"), help="kernel tile sizes (default: the block)")
+    add("--warps", type=positive_int, default=4, help="warps per program (default 4)")
+    add("--stages", type=positive_int, default=2, help="software-pipelining stages (default 2)")
     add("--dtype", choices=_DTYPES, default="bfloat16", help="input dtype (default bfloat16)")
     if cmd == "compile":
         add("--emit", required=True, metavar="DIR", help="directory to write the generated source into")
     else:
-        add("--heads", type=_positive, default=1, help="heads, for per-head patterns (default 1)")
+        add("--heads", type=positive_int, default=1, help="heads, for per-head patterns (default 1)")
 
 
 def _parse(cmd: str, args: argparse.Namespace):
@@ -39,12 +39,12 @@ def _parse(cmd: str, args: argparse.Namespace):
     exactly as for ``attnc show`` (``--window 128``, ``--causal``, ``--lengths 256,512``)."""
     from ..program import schedule as S
 
-    ctor = _lookup(args.pattern)
-    pnames = {p.name for p in _pattern_params(ctor)}
-    parser = _Parser(prog=f"attnc {cmd} {args.pattern}", description=_HELP[cmd])
+    ctor = lookup(args.pattern)
+    pnames = {p.name for p in pattern_params(ctor)}
+    parser = Parser(prog=f"attnc {cmd} {args.pattern}", description=_HELP[cmd])
     _options(cmd, parser, pnames)
     taken = {a.dest for a in parser._actions} | {s.lstrip("-") for a in parser._actions for s in a.option_strings}
-    dests = _add_pattern_options(parser, ctor, taken)
+    dests = add_pattern_options(parser, ctor, taken)
     opts = parser.parse_args(args.rest)
     kwargs = {name: getattr(opts, dest) for dest, name in dests.items()}
     pattern = ctor(**kwargs)
@@ -178,4 +178,4 @@ def register(subparsers) -> None:
                                   f"name; `attnc {cmd} PATTERN --help` lists them (the pattern's parameters included).")
         p.add_argument("pattern", help="a catalogue name (see `attnc list`)")
         p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...", help="options (after the pattern name)")
-        p.set_defaults(func=_guarded(fn))
+        p.set_defaults(func=guarded(fn))

@@ -32,7 +32,7 @@ class _UsageError(Exception):
     """A bad command line (unknown option, bad value): printed with usage, exit code 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise _UsageError(f"{message}\n{self.format_usage().strip()}")
 
@@ -47,7 +47,7 @@ def _catalogue() -> dict[str, Callable]:
     return CATALOGUE
 
 
-def _lookup(name: str) -> Callable:
+def lookup(name: str) -> Callable:
     cat = _catalogue()
     if name not in cat:
         close = difflib.get_close_matches(name, list(cat), n=3)
@@ -92,7 +92,7 @@ def _typed(fn, what):
     return parse
 
 
-def _pattern_params(ctor: Callable) -> list[inspect.Parameter]:
+def pattern_params(ctor: Callable) -> list[inspect.Parameter]:
     return [p for p in inspect.signature(ctor).parameters.values()
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
@@ -113,7 +113,7 @@ def _param_docs(ctor: Callable) -> dict[str, str]:
     return docs
 
 
-def _add_pattern_options(parser: argparse.ArgumentParser, ctor: Callable, taken: set[str]) -> dict[str, str]:
+def add_pattern_options(parser: argparse.ArgumentParser, ctor: Callable, taken: set[str]) -> dict[str, str]:
     """Add one option per constructor parameter; returns ``{dest: parameter name}``."""
     docs = _param_docs(ctor)
     try:
@@ -122,7 +122,7 @@ def _add_pattern_options(parser: argparse.ArgumentParser, ctor: Callable, taken:
         hints = {}
     group = parser.add_argument_group(f"pattern parameters ({ctor.__name__})")
     dests = {}
-    for p in _pattern_params(ctor):
+    for p in pattern_params(ctor):
         flag = p.name.replace("_", "-")
         if p.name in taken or flag in taken:  # a command option has this name: prefix the pattern's
             flag = f"pattern-{flag}"
@@ -147,7 +147,7 @@ def _add_pattern_options(parser: argparse.ArgumentParser, ctor: Callable, taken:
     return dests
 
 
-def _positive(s: str) -> int:
+def positive_int(s: str) -> int:
     try:
         v = int(s)
     except ValueError:
@@ -176,21 +176,21 @@ def _command_options(cmd: str, parser: argparse.ArgumentParser, pattern_names: s
 
     add = parser.add_argument
     defaults = {"show": 1024, "verify": 256, "bench": 1024, "bench-layout": 65536}
-    add("--seq-len", type=_positive, default=defaults[cmd], help=f"sequence length (default {defaults[cmd]})")
+    add("--seq-len", type=positive_int, default=defaults[cmd], help=f"sequence length (default {defaults[cmd]})")
     if cmd in ("show", "bench-layout"):
         names = ["--layout-block"] + ([] if "block" in pattern_names else ["--block"])
-        add(*names, dest="layout_block", type=_positive, default=None,
+        add(*names, dest="layout_block", type=positive_int, default=None,
             help="layout block size (default: the pattern's block parameter if it has one, else 64)")
     if cmd == "show":
-        add("--width", type=_positive, default=64, help="picture width in characters (default 64)")
+        add("--width", type=positive_int, default=64, help="picture width in characters (default 64)")
         add("--head", type=int, default=0, help="head to draw for per-head patterns (default 0)")
         add("--unicode", action="store_true", help="draw with block characters instead of ASCII")
         add("--png", metavar="FILE", help="also save the picture as a PNG (needs matplotlib)")
     if cmd in ("verify", "bench"):
         heads, dim = (2, 32) if cmd == "verify" else (4, 64)
-        add("--heads", type=_positive, default=heads, help=f"attention heads (default {heads})")
-        add("--head-dim", type=_positive, default=dim, help=f"head dimension (default {dim})")
-        add("--batch", type=_positive, default=1, help="batch size (default 1)")
+        add("--heads", type=positive_int, default=heads, help=f"attention heads (default {heads})")
+        add("--head-dim", type=positive_int, default=dim, help=f"head dimension (default {dim})")
+        add("--batch", type=positive_int, default=1, help="batch size (default 1)")
         add("--dtype", choices=sorted(DTYPES), default="float32")
         add("--backend", default="torch", help="our backend: torch, triton or auto (default torch)")
         add("--backward", action="store_true", help="also run (and check / time) the backward pass")
@@ -200,7 +200,7 @@ def _command_options(cmd: str, parser: argparse.ArgumentParser, pattern_names: s
             help="allowed max |out - ref| (default: 1e-4 for float32, 2e-2 for half types, 1e-10 for float64)")
     if cmd in ("bench", "bench-layout"):
         reps = 10 if cmd == "bench" else 3
-        add("--repeats", type=_positive, default=reps, help=f"timed runs per contender (default {reps})")
+        add("--repeats", type=positive_int, default=reps, help=f"timed runs per contender (default {reps})")
         add("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes ~20 s on CPU)")
         add("--json", action="store_true", help="print machine-readable JSON")
         add("--quiet", action="store_true", help="no progress messages on stderr")
@@ -211,26 +211,26 @@ def _command_options(cmd: str, parser: argparse.ArgumentParser, pattern_names: s
             help="skip SDPA when its dense bool mask exceeds this many GiB (default 1)")
         add("--block-mask-cap-gb", type=_positive_float, default=4.0,
             help="use our layout.to_block_mask() for FlexAttention when create_block_mask would need more (default 4)")
-        add("--flex-block", type=_positive, default=128, help="FlexAttention BLOCK_SIZE (default 128, its own)")
+        add("--flex-block", type=positive_int, default=128, help="FlexAttention BLOCK_SIZE (default 128, its own)")
         add("--flex-mask", choices=("create", "layout"), default="create",
             help="FlexAttention BlockMask from create_block_mask(mask_mod) (default) or our layout.to_block_mask()")
         add("--no-memory", action="store_true", help="skip the peak-memory measurement")
     if cmd == "bench-layout":
         add("--timeout", type=_positive_float, default=60.0, help="seconds per builder and length (default 60)")
         add("--mem-cap-gb", type=_positive_float, default=8.0, help="memory cap per builder (default 8 GiB)")
-        add("--flex-max-len", type=_positive, default=None, help="skip create_block_mask above this length")
-        add("--scan-from", type=_positive, default=None,
+        add("--flex-max-len", type=positive_int, default=None, help="skip create_block_mask above this length")
+        add("--scan-from", type=positive_int, default=None,
             help="also try create_block_mask at this length, doubling up to --seq-len, to find its largest L")
 
 
 def _parse(cmd: str, args: argparse.Namespace):
     """Parse ``PATTERN [options]``: returns the pattern, the command options and the layout block."""
-    ctor = _lookup(args.pattern)
-    pnames = {p.name for p in _pattern_params(ctor)}
-    parser = _Parser(prog=f"attnc {cmd} {args.pattern}", description=COMMANDS[cmd])
+    ctor = lookup(args.pattern)
+    pnames = {p.name for p in pattern_params(ctor)}
+    parser = Parser(prog=f"attnc {cmd} {args.pattern}", description=COMMANDS[cmd])
     _command_options(cmd, parser, pnames)
     taken = {a.dest for a in parser._actions} | {s.lstrip("-") for a in parser._actions for s in a.option_strings}
-    dests = _add_pattern_options(parser, ctor, taken)
+    dests = add_pattern_options(parser, ctor, taken)
     opts = parser.parse_args(args.rest)
     kwargs = {name: getattr(opts, dest) for dest, name in dests.items()}
     pattern = ctor(**kwargs)
@@ -269,7 +269,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             family = "?"
         line = f"{name:<{width}}  {family:<10} {describe(name)}"
         if args.verbose:
-            params = " ".join(f"--{p.name.replace('_', '-')}" for p in _pattern_params(ctor))
+            params = " ".join(f"--{p.name.replace('_', '-')}" for p in pattern_params(ctor))
             line += f"\n{'':<{width}}  {'':<10} options: {params or '(none)'}"
         print(line)
     return 0
@@ -368,7 +368,7 @@ def cmd_bench_layout(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn a bad command line into a message and exit code 2 (library errors go to cli.main)."""
     def run(args: argparse.Namespace) -> int:
         try:
@@ -392,4 +392,4 @@ def register(subparsers) -> None:
             f"`attnc {cmd} PATTERN --help` lists them (the pattern's parameters included).")
         p.add_argument("pattern", help="a catalogue name (see `attnc list`)")
         p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...", help="options (after the pattern name)")
-        p.set_defaults(func=_guarded(funcs[cmd]))
+        p.set_defaults(func=guarded(funcs[cmd]))

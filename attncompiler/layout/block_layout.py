@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import dsl as P
-from .block_sets import _EVAL_CHUNK, EMPTY, FULL, PARTIAL, UNKNOWN, BlockSet, Geometry, block_set  # noqa: F401
+from .block_sets import EVAL_CHUNK, EMPTY, FULL, PARTIAL, UNKNOWN, BlockSet, Geometry, block_set  # noqa: F401
 from ..errors import LayoutError
 from ..dsl.memory_limits import check_budget, format_bytes
 from ..dsl.primitives import check_batch_head_dependence
@@ -60,7 +60,7 @@ class Blocks2D:
         sizes = (g.q_hi(rows) - g.q_lo(rows) + 1) * (g.k_hi(cols) - g.k_lo(cols) + 1)
         total = int(sizes[self.full].sum())
         partial = np.flatnonzero(~self.full)
-        per = max(1, _EVAL_CHUNK // (g.block_m * g.block_n))  # bounded temporary memory
+        per = max(1, EVAL_CHUNK // (g.block_m * g.block_n))  # bounded temporary memory
         for s in range(0, len(partial), per):
             total += int(partial_masks(self, partial[s:s + per]).sum())
         return total
@@ -206,7 +206,7 @@ class BlockLayout:
                     kinds += [PARTIAL] * len(cp) + [FULL] * len(cf)
                 bs = BlockSet.make(g, rows, cols, kinds)
                 gindex[bi, hi] = len(groups)
-                groups.append(_to_blocks2d(bs, pat.specialize(bi, hi)))
+                groups.append(to_blocks2d(bs, pat.specialize(bi, hi)))
         return BlockLayout(pat, g, tuple(groups), gindex)
 
     def __repr__(self) -> str:
@@ -275,7 +275,7 @@ def _ell(ptr, idx, full, n_rows):
     return (counts_p.astype(np.int32), pack(~full, counts_p), counts_f.astype(np.int32), pack(full, counts_f))
 
 
-def _to_blocks2d(bs: BlockSet, pattern: P.Pattern) -> Blocks2D:
+def to_blocks2d(bs: BlockSet, pattern: P.Pattern) -> Blocks2D:
     assert not (bs.kind == UNKNOWN).any(), "unrefined blocks in a final layout"
     row_ptr = np.concatenate([[0], np.cumsum(np.bincount(bs.rows, minlength=bs.geom.nqb))])
     return Blocks2D(bs.geom, pattern, row_ptr, bs.cols, bs.kind == FULL)
@@ -343,7 +343,7 @@ def _build_layout(pattern: P.Pattern, g: Geometry, batch: int, heads: int) -> Bl
             spec = pattern.specialize(bi, hi)
             if spec not in seen:
                 seen[spec] = len(groups)
-                groups.append(_to_blocks2d(block_set(spec, g, bi, hi), spec))
+                groups.append(to_blocks2d(block_set(spec, g, bi, hi), spec))
             gindex[bi, hi] = seen[spec]
     if period not in (None, 1) and heads > Hm:  # repeat the head cycle up to `heads`
         gindex = gindex[:, np.arange(heads) % Hm]

@@ -23,7 +23,7 @@ from ..errors import PatternError
 EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
 
 # Refinement evaluates at most this many elements at once (bounds temporary memory).
-_EVAL_CHUNK = 1 << 22
+EVAL_CHUNK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,7 @@ def _document(g: Geometry, pat: P.Document) -> BlockSet:
 
 def _traced(g: Geometry, e) -> BlockSet:
     """Interval bounds of a traced predicate over every block: sure-full, sure-empty or unknown."""
-    rows_per = max(1, _EVAL_CHUNK // max(g.nkb, 1) // 4)
+    rows_per = max(1, EVAL_CHUNK // max(g.nkb, 1) // 4)
     parts = []
     cols = np.arange(g.nkb, dtype=np.int64)
     k_box = (g.k_lo(cols)[None, :], g.k_hi(cols)[None, :])
@@ -355,7 +355,7 @@ def _refine(p: P.Pattern, g: Geometry, bs: BlockSet, b: int, h: int) -> BlockSet
     if len(unknown) == 0:
         return bs
     kind = bs.kind.copy()
-    per = max(1, _EVAL_CHUNK // (g.block_m * g.block_n))
+    per = max(1, EVAL_CHUNK // (g.block_m * g.block_n))
     ar_m, ar_n = torch.arange(g.block_m), torch.arange(g.block_n)
     for start in range(0, len(unknown), per):
         sel = unknown[start:start + per]

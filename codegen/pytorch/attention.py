@@ -27,10 +27,10 @@ from attncompiler.program.autograd_guard import single_backward
 from attncompiler.layout.block_layout import BlockLayout, Blocks2D
 from attncompiler.program.schedule import Schedule
 
-from .attention_plan import NEG_INF, Chunk, Step, StepMask, _step_bias, make_plan
+from .attention_plan import NEG_INF, Chunk, Step, StepMask, step_bias, make_plan
 
 
-class _Operands:
+class Operands:
     """q/k/v padded to whole blocks and viewed block-wise, in the compute dtype (``v`` may be
     None for stages that only need scores, e.g. :mod:`torch_probs`)."""
 
@@ -43,7 +43,7 @@ class _Operands:
         self.nqb, self.nkb = g.nqb, g.nkb
         self.bm, self.bn = g.block_m, g.block_n
         qs = q.to(compute_dtype) * scale
-        self.q = _pad_len(qs, g.nqb * g.block_m).view(B, Hkv, self.G, g.nqb, g.block_m, D)
+        self.q = pad_len(qs, g.nqb * g.block_m).view(B, Hkv, self.G, g.nqb, g.block_m, D)
         self.k = key_blocks(k, g, compute_dtype)
         self.v = None if v is None else key_blocks(v, g, compute_dtype)
 
@@ -61,7 +61,7 @@ class _Operands:
 def key_blocks(t: torch.Tensor, g, compute_dtype) -> torch.Tensor:
     """``[B, Hkv, Lk, X]`` -> padded block view ``[B, Hkv, nkb, bn, X]`` in the compute dtype."""
     B, Hkv, _, X = t.shape
-    return _pad_len(t.to(compute_dtype), g.nkb * g.block_n).contiguous().view(B, Hkv, g.nkb, g.block_n, X)
+    return pad_len(t.to(compute_dtype), g.nkb * g.block_n).contiguous().view(B, Hkv, g.nkb, g.block_n, X)
 
 
 def step_keys(blocks_view: torch.Tensor, step: Step, R: int) -> torch.Tensor:
@@ -82,7 +82,7 @@ def step_keys(blocks_view: torch.Tensor, step: Step, R: int) -> torch.Tensor:
     return rows.view(B, Hkv, R, C * bn, X)
 
 
-def _fold(t: torch.Tensor) -> torch.Tensor:
+def fold(t: torch.Tensor) -> torch.Tensor:
     """``[G, R, bm, X]`` -> ``[R, G*bm, X]`` (GQA heads folded into rows; a view when G == 1)."""
     G, R, bm, X = t.shape
     return t[0] if G == 1 else t.permute(1, 0, 2, 3).reshape(R, G * bm, X)
@@ -94,7 +94,7 @@ def _unfold_into(dst: torch.Tensor, val: torch.Tensor) -> None:
     dst.copy_(val.view(R, G, bm, X).transpose(0, 1))
 
 
-def _pad_len(t: torch.Tensor, n: int) -> torch.Tensor:
+def pad_len(t: torch.Tensor, n: int) -> torch.Tensor:
     L = t.shape[2]
     return t if L == n else torch.nn.functional.pad(t, (0, 0, 0, n - L))
 
@@ -113,7 +113,7 @@ def _scores(q: torch.Tensor, K: torch.Tensor, mask: StepMask | None, G: int, bn:
     return s
 
 
-def forward_group(blocks: Blocks2D, plan, ops: _Operands, out, lse) -> None:
+def forward_group(blocks: Blocks2D, plan, ops: Operands, out, lse) -> None:
     """Fill ``out [B,Hkv,G,nqb,bm,Dv]`` and (if given) ``lse [B,Hkv,G,nqb,bm,1]`` for one group.
 
     Without ``lse`` (inference), single-step rows use the fused ``torch.softmax``.
@@ -123,12 +123,12 @@ def forward_group(blocks: Blocks2D, plan, ops: _Operands, out, lse) -> None:
         R = len(chunk.rows)
         Ks = [ops.keys(ops.k, st, R) for st in chunk.steps]
         Vs = [ops.keys(ops.v, st, R) for st in chunk.steps]
-        biases = [_step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
+        biases = [step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
                   for st in chunk.steps]
         q_rows = ops.rows(ops.q, chunk)  # [B, Hkv, G, R, bm, D]
         for b in range(ops.B):
             for h in range(ops.Hkv):
-                qt = _fold(q_rows[b, h])  # [R, G*bm, D]
+                qt = fold(q_rows[b, h])  # [R, G*bm, D]
                 if lse is None and len(chunk.steps) == 1:
                     p = torch.softmax(_scores(qt, Ks[0][b, h], biases[0], G, ops.bn), dim=-1)
                     direct = G == 1 and chunk.q_slice is not None
@@ -139,7 +139,7 @@ def forward_group(blocks: Blocks2D, plan, ops: _Operands, out, lse) -> None:
                         R_, GM, Dv = o.shape
                         o.view(R_, G, GM // G, Dv).masked_fill_(biases[0].empty_rows[:, None, :, None], 0.0)
                     if not direct:
-                        _write_rows(out[b, h], o, chunk)
+                        write_rows(out[b, h], o, chunk)
                     continue
                 m_run = l_run = acc = None
                 for i in range(len(chunk.steps)):
@@ -154,10 +154,10 @@ def forward_group(blocks: Blocks2D, plan, ops: _Operands, out, lse) -> None:
                         m_run, l_run, acc = merge_partials(m_run, l_run, acc, m, l, o)
                 empty = l_run == 0
                 acc.div_(l_run.masked_fill(empty, 1.0))
-                _write_rows(out[b, h], acc, chunk)
+                write_rows(out[b, h], acc, chunk)
                 if lse is not None:
                     row_lse = (m_run + torch.log(l_run)).masked_fill_(empty, NEG_INF)
-                    _write_rows(lse[b, h], row_lse, chunk)
+                    write_rows(lse[b, h], row_lse, chunk)
 
 
 def finite_or_zero(m: torch.Tensor) -> torch.Tensor:
@@ -184,7 +184,7 @@ def merge_partials(m1, l1, o1, m2, l2, o2):
     return m, l1 * a + l2 * c, o1.mul_(a).add_(o2.mul_(c))
 
 
-def _write_rows(dst: torch.Tensor, val: torch.Tensor, chunk: Chunk) -> None:
+def write_rows(dst: torch.Tensor, val: torch.Tensor, chunk: Chunk) -> None:
     """Write ``[R, G*bm, X]`` into the chunk's rows of ``dst [G, nqb, bm, X]``."""
     if chunk.q_slice is not None:
         _unfold_into(dst[:, chunk.q_slice[0]:chunk.q_slice[1]], val)
@@ -194,7 +194,7 @@ def _write_rows(dst: torch.Tensor, val: torch.Tensor, chunk: Chunk) -> None:
         dst.index_copy_(1, chunk.q_index, val.view(R, G, bm, X).transpose(0, 1))
 
 
-def backward_group(blocks: Blocks2D, plan, ops: _Operands, dout, lse, delta, dq, dk, dv) -> None:
+def backward_group(blocks: Blocks2D, plan, ops: Operands, dout, lse, delta, dq, dk, dv) -> None:
     """Accumulate dq ``[B,Hkv,G,nqb,bm,D]`` and dk, dv ``[B,Hkv,nkb,bn,X]`` for one group."""
     G = ops.G
     for chunk in plan:
@@ -203,12 +203,12 @@ def backward_group(blocks: Blocks2D, plan, ops: _Operands, dout, lse, delta, dq,
         lse_rows, delta_rows = ops.rows(lse, chunk), ops.rows(delta, chunk)
         Ks = [ops.keys(ops.k, st, R) for st in chunk.steps]
         Vs = [ops.keys(ops.v, st, R) for st in chunk.steps]
-        biases = [_step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
+        biases = [step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
                   for st in chunk.steps]
         for b in range(ops.B):
             for h in range(ops.Hkv):
-                qt, do = _fold(q_rows[b, h]), _fold(do_rows[b, h])
-                row_lse, row_delta = _fold(lse_rows[b, h]), _fold(delta_rows[b, h])
+                qt, do = fold(q_rows[b, h]), fold(do_rows[b, h])
+                row_lse, row_delta = fold(lse_rows[b, h]), fold(delta_rows[b, h])
                 row_lse = row_lse.masked_fill(row_lse == NEG_INF, 0.0)
                 dq_acc = None
                 for i, st in enumerate(chunk.steps):
@@ -220,7 +220,7 @@ def backward_group(blocks: Blocks2D, plan, ops: _Operands, dout, lse, delta, dq,
                     C = st.c1 - st.c0
                     dk[b, h].index_add_(0, st.index, torch.bmm(ds.transpose(1, 2), qt).view(R * C, ops.bn, ops.D))
                     dv[b, h].index_add_(0, st.index, torch.bmm(p.transpose(1, 2), do).view(R * C, ops.bn, ops.Dv))
-                _write_rows(dq[b, h], dq_acc, chunk)
+                write_rows(dq[b, h], dq_acc, chunk)
 
 
 def _groups(layout: BlockLayout, B: int, H: int):
@@ -252,7 +252,7 @@ class BlockSparseAttentionFn(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -271,12 +271,12 @@ def _split_by_group(layout, q, k, v, fn):
 
 
 def _run_forward(q, k, v, layout, schedule, scale, need_lse=True):
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype_for(q.dtype)
     B, H, Lq, _ = q.shape
 
     def one(blocks, qq, kk, vv):
         g = blocks.geom
-        ops = _Operands(qq, kk, vv, g, scale, cdt)
+        ops = Operands(qq, kk, vv, g, scale, cdt)
         o = torch.zeros(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.Dv, dtype=cdt, device=q.device)
         l = (torch.full((ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, 1), NEG_INF, dtype=cdt, device=q.device)
              if need_lse else None)
@@ -300,7 +300,7 @@ def _run_forward(q, k, v, layout, schedule, scale, need_lse=True):
 
 
 def _run_backward(q, k, v, out, lse, dout, layout, schedule, scale):
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype_for(q.dtype)
     delta_all = (dout.to(cdt) * out.to(cdt)).sum(-1)  # [B, H, Lq]
     dq_all = torch.zeros(q.shape, dtype=cdt, device=q.device)
     dk_all = torch.zeros(k.shape, dtype=cdt, device=q.device)
@@ -309,11 +309,11 @@ def _run_backward(q, k, v, out, lse, dout, layout, schedule, scale):
 
     def one(blocks, qq, kk, vv, bsl, hsl):
         g = blocks.geom
-        ops = _Operands(qq, kk, vv, g, scale, cdt)
+        ops = Operands(qq, kk, vv, g, scale, cdt)
         Bq, Hq = qq.shape[:2]
 
         def rows_view(t, X):
-            t = _pad_len(t.to(cdt).reshape(Bq, Hq, Lq, X), g.nqb * g.block_m)
+            t = pad_len(t.to(cdt).reshape(Bq, Hq, Lq, X), g.nqb * g.block_m)
             return t.view(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, X)
 
         do = rows_view(dout[bsl, hsl], ops.Dv)

@@ -163,7 +163,7 @@ _mask_cache: dict[int, StepMask] = {}
 _mask_cache_used = [0]
 
 
-def _step_bias(blocks: Blocks2D, chunk: Chunk, step: Step, dtype, device) -> StepMask:
+def step_bias(blocks: Blocks2D, chunk: Chunk, step: Step, dtype, device) -> StepMask:
     """The step's :class:`StepMask` (cached)."""
     cached = _mask_cache.get(id(step))
     if cached is not None and cached.biases[0].dtype == dtype and cached.biases[0].device == device:

@@ -41,7 +41,7 @@ from attncompiler.program.schedule import Schedule
 
 from ..cpu import diffusion as cpu_diffusion
 from ..context import RunContext
-from .attention import _compute_dtype
+from .attention import compute_dtype_for
 from .diffusion_plan import (Item, as_blocks, band_view, chunk_rows, chunk_tile, dense_global_probs, global_parts,
                              items_for, padded_blocks, rest_rows)
 
@@ -141,7 +141,7 @@ def _probs_backward(it: Item, split, q, k, P, dP, PG, dPG, scale, cdt):
 class _ProbsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, items, split, scale, q, k):
-        cdt = _compute_dtype(q.dtype)
+        cdt = compute_dtype_for(q.dtype)
         outs = [t for it in items for t in _probs_forward(it, split, q[it.b, it.h], k[it.b, it.h], scale, cdt)]
         outs = [t if t is not None else q.new_zeros(0, dtype=cdt) for t in outs]
         ctx.items, ctx.split, ctx.scale = items, split, scale
@@ -152,7 +152,7 @@ class _ProbsFn(torch.autograd.Function):
     @single_backward("Diffuser SparseProbs (torch backend)")
     def backward(ctx, *grads):
         q, k, *outs = ctx.saved_tensors
-        cdt = _compute_dtype(q.dtype)
+        cdt = compute_dtype_for(q.dtype)
         dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
         dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
         for j, it in enumerate(ctx.items):
@@ -188,7 +188,7 @@ def sparse_probs(q, k, layout: BlockLayout, schedule: Schedule, scale: float, sp
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         tensors = _ProbsFn.apply(items, split, scale, q, k)
     else:
-        cdt = _compute_dtype(q.dtype)
+        cdt = compute_dtype_for(q.dtype)
         tensors = [t for it in items for t in _probs_forward(it, split, q[it.b, it.h], k[it.b, it.h], scale, cdt)]
         tensors = tuple(t if t is not None else q.new_zeros(0, dtype=cdt) for t in tensors)
     return BlockProbs(items, split, tuple(tensors), scale)
@@ -286,7 +286,7 @@ def _hop_backward(it: Item, split, P, PG, z, gz, beta, need_dp: bool):
 class _HopFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, items, split, beta, gamma, z, v, *tensors):
-        cdt = _compute_dtype(z.dtype)
+        cdt = compute_dtype_for(z.dtype)
         z, v = z.to(cdt), v.to(cdt)
         ctx.items, ctx.split, ctx.beta, ctx.gamma = items, split, beta, gamma
         ctx.save_for_backward(z, *tensors)
@@ -313,7 +313,7 @@ def diffusion_hop(probs: BlockProbs, z: torch.Tensor, v: torch.Tensor, beta: flo
     tensors = probs.tensors
     if torch.is_grad_enabled() and (z.requires_grad or v.requires_grad or any(t.requires_grad for t in tensors)):
         return _HopFn.apply(probs.items, probs.split, beta, gamma, z, v, *tensors)
-    cdt = _compute_dtype(z.dtype)
+    cdt = compute_dtype_for(z.dtype)
     return _hops(probs.items, probs.split, tensors, z.to(cdt), v.to(cdt), beta, gamma)
 
 

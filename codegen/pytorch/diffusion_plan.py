@@ -19,7 +19,7 @@ from attncompiler.families.diffusion.diffusion import GlobalSplit
 from attncompiler.layout.block_layout import BlockLayout, Blocks2D
 from attncompiler.program.schedule import Schedule
 
-from .attention import _pad_len
+from .attention import pad_len
 
 NEG_INF = float("-inf")
 _BAND_SHARE = 0.5  # an offset belongs to the band when at least this share of rows has it
@@ -243,7 +243,7 @@ def items_for(layout: BlockLayout, schedule: Schedule, batch: int, heads: int, s
 def as_blocks(t: torch.Tensor, n: int, b: int) -> torch.Tensor:
     """``[Bi, Hi, L, X]`` padded to ``n * b`` rows and viewed as ``[BH, n, b, X]``."""
     Bi, Hi, _, X = t.shape
-    return _pad_len(t, n * b).contiguous().view(Bi * Hi, n, b, X)
+    return pad_len(t, n * b).contiguous().view(Bi * Hi, n, b, X)
 
 
 def padded_blocks(t: torch.Tensor, plan: Plan) -> torch.Tensor:

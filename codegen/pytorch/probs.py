@@ -29,8 +29,8 @@ from attncompiler.errors import InputError, UnsupportedError
 from attncompiler.layout.block_layout import BlockLayout, Blocks2D
 from attncompiler.program.schedule import Schedule
 
-from .attention import _compute_dtype, _fold, _Operands, _pad_len, _write_rows, key_blocks, step_keys
-from .attention_plan import Chunk, _step_bias, make_plan
+from .attention import compute_dtype_for, fold, Operands, pad_len, write_rows, key_blocks, step_keys
+from .attention_plan import Chunk, step_bias, make_plan
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,7 +123,7 @@ def _probs_forward(q, k, v, layout, schedule, scale, workspace=None):
     while they are still in cache."""
     blocks = _single_group(layout)
     g = blocks.geom
-    ops = _Operands(q, k, v, g, scale, _compute_dtype(q.dtype))
+    ops = Operands(q, k, v, g, scale, compute_dtype_for(q.dtype))
     G = ops.G
     plan = probs_plan(blocks, schedule, G)
     n = ops.B * ops.Hkv * plan.size  # every entry is written: no zero fill
@@ -134,12 +134,12 @@ def _probs_forward(q, k, v, layout, schedule, scale, workspace=None):
         st = chunk.steps[0]
         R = len(chunk.rows)
         K, V = step_keys(ops.k, st, R), step_keys(ops.v, st, R)  # [B, Hkv, R, C*bn, X]
-        mask = _step_bias(blocks, chunk, st, ops.q.dtype, q.device) if st.needs_mask else None
+        mask = step_bias(blocks, chunk, st, ops.q.dtype, q.device) if st.needs_mask else None
         q_rows = ops.rows(ops.q, chunk)  # [B, Hkv, G, R, bm, D]
         for b in range(ops.B):
             for h in range(ops.Hkv):
                 s = plan.tile(p[b, h], i)  # [R, G*bm, C*bn]
-                torch.bmm(_fold(q_rows[b, h]), K[b, h].transpose(1, 2), out=s)
+                torch.bmm(fold(q_rows[b, h]), K[b, h].transpose(1, 2), out=s)
                 if mask is not None:
                     _add_mask_(s, mask, G, ops.bn)
                 _softmax_rows_(s)
@@ -155,7 +155,7 @@ def _pv_into(dst: torch.Tensor, pt: torch.Tensor, V: torch.Tensor, chunk: Chunk)
     if dst.shape[0] == 1 and chunk.q_slice is not None:  # write straight into the output rows
         torch.bmm(pt, V, out=dst[0, chunk.q_slice[0]:chunk.q_slice[1]])
     else:
-        _write_rows(dst, torch.bmm(pt, V), chunk)
+        write_rows(dst, torch.bmm(pt, V), chunk)
 
 
 def _unpad_out(out: torch.Tensor, g, dtype) -> torch.Tensor:
@@ -170,12 +170,12 @@ def _probs_backward(q, k, v, p, dout, dp, layout, schedule, scale):
     blocks = _single_group(layout)
     g = blocks.geom
     cdt = p.dtype
-    ops = _Operands(q, k, v, g, scale, cdt)
+    ops = Operands(q, k, v, g, scale, cdt)
     plan = probs_plan(blocks, schedule, ops.G)
     dq = torch.zeros(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.D, dtype=cdt, device=q.device)
     dk = torch.zeros(ops.B, ops.Hkv, g.nkb, g.block_n, ops.D, dtype=cdt, device=q.device)
     dv = torch.zeros(ops.B, ops.Hkv, g.nkb, g.block_n, ops.Dv, dtype=cdt, device=q.device)
-    do_all = _pad_len(dout.to(cdt), g.nqb * g.block_m).reshape(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.Dv)
+    do_all = pad_len(dout.to(cdt), g.nqb * g.block_m).reshape(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.Dv)
     dp = dp.to(cdt).contiguous()  # tiles are views of its rows
     for i, chunk in enumerate(plan.chunks):
         st = chunk.steps[0]
@@ -185,12 +185,12 @@ def _probs_backward(q, k, v, p, dout, dp, layout, schedule, scale):
         for b in range(ops.B):
             for h in range(ops.Hkv):
                 pt = plan.tile(p[b, h], i)  # [R, G*bm, C*bn]
-                do = _fold(do_rows[b, h])  # [R, G*bm, Dv]
+                do = fold(do_rows[b, h])  # [R, G*bm, Dv]
                 dv[b, h].index_add_(0, st.index, torch.bmm(pt.transpose(1, 2), do).view(R * C, g.block_n, ops.Dv))
                 dpt = torch.baddbmm(plan.tile(dp[b, h], i), do, V[b, h].transpose(1, 2))  # both uses of P
                 ds = dpt.sub_((pt * dpt).sum(dim=-1, keepdim=True)).mul_(pt)  # softmax backward; masked P = 0
-                _write_rows(dq[b, h], torch.bmm(ds, K[b, h]), chunk)
-                dk[b, h].index_add_(0, st.index, torch.bmm(ds.transpose(1, 2), _fold(q_rows[b, h]))
+                write_rows(dq[b, h], torch.bmm(ds, K[b, h]), chunk)
+                dk[b, h].index_add_(0, st.index, torch.bmm(ds.transpose(1, 2), fold(q_rows[b, h]))
                                     .view(R * C, g.block_n, ops.D))
     Lq, Lk = q.shape[2], k.shape[2]
     return ((dq.view(q.shape[0], q.shape[1], -1, ops.D)[:, :, :Lq] * scale).to(q.dtype),
@@ -233,7 +233,7 @@ def _apply_backward(sp: StoredProbs, p, v, dout):
     B, Hkv, _, Dv = v.shape
     cdt = p.dtype
     vb = key_blocks(v, g, cdt)
-    do_all = _pad_len(dout.to(cdt), g.nqb * g.block_m).reshape(B, Hkv, G, g.nqb, g.block_m, Dv)
+    do_all = pad_len(dout.to(cdt), g.nqb * g.block_m).reshape(B, Hkv, G, g.nqb, g.block_m, Dv)
     dp = torch.empty_like(p)
     dv = torch.zeros(B, Hkv, g.nkb, g.block_n, Dv, dtype=cdt, device=v.device)
     for i, chunk in enumerate(sp.plan.chunks):
@@ -244,7 +244,7 @@ def _apply_backward(sp: StoredProbs, p, v, dout):
             do_all.index_select(3, chunk.q_index)
         for b in range(B):
             for h in range(Hkv):
-                do = _fold(rows[b, h])  # [R, G*bm, Dv]
+                do = fold(rows[b, h])  # [R, G*bm, Dv]
                 pt = sp.plan.tile(p[b, h], i)
                 torch.bmm(do, V[b, h].transpose(1, 2), out=sp.plan.tile(dp[b, h], i))
                 dv[b, h].index_add_(0, st.index, torch.bmm(pt.transpose(1, 2), do).view(R * C, g.block_n, Dv))

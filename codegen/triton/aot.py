@@ -20,7 +20,7 @@ from attncompiler.errors import UnsupportedError
 from attncompiler.dsl.pattern import Pattern
 from attncompiler.program.schedule import Schedule
 
-from .kernels import _pad_dim, dot_precision, kernel_tiles, kernels_for
+from .kernels import pad_dim, dot_precision, kernel_tiles, kernels_for
 
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _DATA = ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")
@@ -61,8 +61,8 @@ def compile_for_target(pattern: Pattern, dtype: torch.dtype = torch.bfloat16, he
         opaque = kernel_predicate(pattern, q_len, kv_len) is None
     mod = kernels_for(pattern, q_len, kv_len, schedule, dtype).module
     tm, tn = kernel_tiles(schedule)
-    consts = dict(BM=schedule.block_m, BN=schedule.block_n, TM=tm, TN=tn, D_PAD=_pad_dim(head_dim),
-                  DV_PAD=_pad_dim(head_dim), OPAQUE=opaque, DOT_PREC=dot_precision(dtype))
+    consts = dict(BM=schedule.block_m, BN=schedule.block_n, TM=tm, TN=tn, D_PAD=pad_dim(head_dim),
+                  DV_PAD=pad_dim(head_dim), OPAQUE=opaque, DOT_PREC=dot_precision(dtype))
     ptrs = {**_PTRS, **{n: _TY[dtype] for n in _DATA}}
     out = []
     for name, extra in (("_attn_fwd", {"EVEN_N": True}), ("_attn_fwd", {"EVEN_N": False}),

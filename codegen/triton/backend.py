@@ -50,7 +50,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _check_device(q: torch.Tensor) -> None:
+def check_device(q: torch.Tensor) -> None:
     if q.is_cuda or (q.device.type == "cpu" and interpreting()):
         return
     raise UnsupportedError(
@@ -148,7 +148,7 @@ def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) ->
         from ..pytorch.stages import run_block_sparse as torch_impl
 
         return torch_impl(stage, env, ctx)
-    _check_device(q)
+    check_device(q)
     s = stage.schedule
     if autotune_enabled() and q.is_cuda:
         s = autotune(stage.pattern, q, k, v, ctx.scale, s, batch=ctx.batch, heads=ctx.heads)

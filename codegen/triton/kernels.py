@@ -32,7 +32,7 @@ from .. import cache
 from .render import KernelSource, render_predicate, template_digest
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-_VALID_TILES = (16, 32, 64, 128)
+VALID_TILES = (16, 32, 64, 128)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -51,20 +51,20 @@ def kernel_tiles(schedule: Schedule) -> tuple[int, int]:
     for name, explicit, blk in (("kernel_block_m", schedule.kernel_block_m, schedule.block_m),
                                 ("kernel_block_n", schedule.kernel_block_n, schedule.block_n)):
         if explicit is not None:
-            if explicit not in _VALID_TILES:
+            if explicit not in VALID_TILES:
                 raise ScheduleError(f"{name}={explicit} is not usable by the triton backend; "
-                                    f"kernel tiles must be one of {_VALID_TILES} (tl.dot needs >= 16)")
+                                    f"kernel tiles must be one of {VALID_TILES} (tl.dot needs >= 16)")
             out.append(explicit)
             continue
-        fits = [t for t in _VALID_TILES if blk % t == 0]
+        fits = [t for t in VALID_TILES if blk % t == 0]
         if not fits:
-            raise ScheduleError(f"layout block size {blk} has no kernel tile in {_VALID_TILES} dividing it; "
+            raise ScheduleError(f"layout block size {blk} has no kernel tile in {VALID_TILES} dividing it; "
                                 "use a block size that is a multiple of 16 with the triton backend")
         out.append(fits[-1])
     return out[0], out[1]
 
 
-def _versions() -> dict[str, str]:
+def tool_versions() -> dict[str, str]:
     try:
         import triton
 
@@ -76,7 +76,7 @@ def _versions() -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=512)
-def _predicate_for(pattern: Pattern, q_len: int, kv_len: int) -> Expr | None:
+def predicate_for(pattern: Pattern, q_len: int, kv_len: int) -> Expr | None:
     return kernel_predicate(pattern, q_len, kv_len)
 
 
@@ -130,12 +130,12 @@ def describe_schedule(schedule: Schedule) -> str:
 
 def cache_key(src: KernelSource) -> str:
     """Content hash of the source description, the templates and the library versions."""
-    return cache.content_key({"source": src.__dict__, "templates": template_digest(), "versions": _versions()})
+    return cache.content_key({"source": src.__dict__, "templates": template_digest(), "versions": tool_versions()})
 
 
 def kernels_for(pattern: Pattern, q_len: int, kv_len: int, schedule: Schedule, dtype: torch.dtype) -> Kernels:
     """The generated kernel module for this pattern, schedule and dtype (cached in memory and on disk)."""
-    src = kernel_source(pattern, _predicate_for(pattern, q_len, kv_len), schedule, dtype)
+    src = kernel_source(pattern, predicate_for(pattern, q_len, kv_len), schedule, dtype)
     key = cache_key(src)
     module, path = cache.load(key, src.render(key))
     return Kernels(module, key, path, src)
@@ -228,7 +228,7 @@ def _buffer_tensors(predicate: Expr | None, device: str) -> tuple[torch.Tensor, 
 
 def layout_tensors(layout: BlockLayout, device: torch.device) -> LayoutTensors:
     """Kernel-side tensors of ``layout`` on ``device`` (cached per layout and device)."""
-    pred = _predicate_for(layout.pattern, layout.q_len, layout.kv_len)
+    pred = predicate_for(layout.pattern, layout.q_len, layout.kv_len)
     opaque = pred is None
     f, b, tab = _layout_tensors(layout, opaque, str(device))
     bufs, meta = _buffer_tensors(pred, str(device))
@@ -239,7 +239,7 @@ def layout_tensors(layout: BlockLayout, device: torch.device) -> LayoutTensors:
 # Launches and autograd
 # ---------------------------------------------------------------------------------------------
 
-def _pad_dim(d: int) -> int:
+def pad_dim(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
@@ -256,7 +256,7 @@ class Plan:
 
     def consts(self, q: torch.Tensor, v: torch.Tensor) -> dict:
         return dict(BM=self.layout.block_m, BN=self.layout.block_n, TM=self.tile_m, TN=self.tile_n,
-                    D_PAD=_pad_dim(q.shape[-1]), DV_PAD=_pad_dim(v.shape[-1]), OPAQUE=self.tensors.opaque,
+                    D_PAD=pad_dim(q.shape[-1]), DV_PAD=pad_dim(v.shape[-1]), OPAQUE=self.tensors.opaque,
                     DOT_PREC=dot_precision(q.dtype), num_warps=self.schedule.num_warps,
                     num_stages=self.schedule.num_stages)
 
@@ -304,7 +304,7 @@ def _backward(plan: Plan, q, k, v, out, lse, dout, scale: float):
     return dq, dk, dv
 
 
-def _on_device(t: torch.Tensor):
+def on_device(t: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -314,7 +314,7 @@ class TritonAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, plan: Plan, scale: float):
-        with _on_device(q):
+        with on_device(q):
             out, lse = _forward(plan, q, k, v, scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
@@ -325,7 +325,7 @@ class TritonAttentionFn(torch.autograd.Function):
     @single_backward("BlockSparseAttention (triton backend)")
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        with _on_device(q):
+        with on_device(q):
             dq, dk, dv = _backward(ctx.plan, q, k, v, out, lse, dout, ctx.scale)
         return dq, dk, dv, None, None
 

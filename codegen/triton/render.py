@@ -22,9 +22,9 @@ from attncompiler.ir.index import Index
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATES = ("common.py", "forward.py", "backward.py")
-_BODY = "# --- template body ---\n"
-_PRED_BEGIN = "# --- predicate ---\n"
-_PRED_END = "# --- end predicate ---\n"
+BODY = "# --- template body ---\n"
+PRED_BEGIN = "# --- predicate ---\n"
+PRED_END = "# --- end predicate ---\n"
 
 # Python operator precedence of what we emit (higher binds tighter); calls and names are 10.
 _OPS = {"eq": ("==", 1), "ne": ("!=", 1), "lt": ("<", 1), "le": ("<=", 1), "gt": (">", 1), "ge": (">=", 1),
@@ -279,11 +279,11 @@ def render_predicate(expr: Expr | None) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _template(name: str) -> str:
+def read_template(name: str) -> str:
     text = (TEMPLATE_DIR / name).read_text()
-    if _BODY not in text:
+    if BODY not in text:
         raise AssertionError(f"template {name} has no body marker")
-    return text.split(_BODY, 1)[1]
+    return text.split(BODY, 1)[1]
 
 
 def template_digest() -> str:
@@ -320,10 +320,10 @@ class KernelSource:
 
     def render(self, key: str) -> str:
         """The complete generated module."""
-        common = _template("common.py")
-        before, rest = common.split(_PRED_BEGIN, 1)
-        _, after = rest.split(_PRED_END, 1)
+        common = read_template("common.py")
+        before, rest = common.split(PRED_BEGIN, 1)
+        _, after = rest.split(PRED_END, 1)
         body = before + self.predicate + after
         return (self.header(key) + "\nimport triton\nimport triton.language as tl\n\n"
-                + body.rstrip() + "\n" + _template("forward.py").rstrip() + "\n"
-                + _template("backward.py").rstrip() + "\n")
+                + body.rstrip() + "\n" + read_template("forward.py").rstrip() + "\n"
+                + read_template("backward.py").rstrip() + "\n")

@@ -123,7 +123,7 @@ def _joint_expr(joint: JointMask, L: int, kv_len: int) -> Expr:
 @functools.lru_cache(maxsize=64)
 def _joint_layout(joint: JointMask, L: int, kv_len: int, bm: int, bn: int):
     from ...layout.block_sets import FULL, PARTIAL, BlockSet, Geometry
-    from ...layout.block_layout import BlockLayout, _to_blocks2d
+    from ...layout.block_layout import BlockLayout, to_blocks2d
 
     joint.validate(L, kv_len)
     off = joint.offset(L)
@@ -141,7 +141,7 @@ def _joint_layout(joint: JointMask, L: int, kv_len: int, bm: int, bn: int):
     cap = (g.q_hi(r) - g.q_lo(r) + 1) * (g.k_hi(c) - g.k_lo(c) + 1)
     kind_s = np.where(counts == cap, FULL, PARTIAL)
     bs = BlockSet.make(g, np.concatenate([d.rows, r]), np.concatenate([d.cols, c]), np.concatenate([kind_d, kind_s]))
-    return BlockLayout(joint, g, (_to_blocks2d(bs, joint),), np.zeros((1, 1), dtype=np.int64))
+    return BlockLayout(joint, g, (to_blocks2d(bs, joint),), np.zeros((1, 1), dtype=np.int64))
 
 
 def _pair_rows(f: Combiner, L: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...ir import expr as E
-from .tables import SpanTable, _Builder
+from .tables import SpanTable, Builder
 from ...errors import InputError, PatternError
 from ...ir.expr import Expr
 from ...dsl.pattern import Pattern, check_int, check_lengths
@@ -102,7 +102,7 @@ class CombinerFixed(Combiner):
 
 def _span_partition_table(L: int, w: int, causal: bool) -> SpanTable:
     """Spans ``[m w, (m+1) w)``; query i reads every other span (causal: every earlier one)."""
-    b = _Builder(L)
+    b = Builder(L)
     n = -(-L // w)
     used = n - 1 if causal else n  # causally the last span is never summarized
     nfull = min(L // w, used)
@@ -126,7 +126,7 @@ class CombinerLogsparse(Combiner):
         return sliding_window(0)
 
     def build_table(self, L: int) -> SpanTable:
-        b = _Builder(L)
+        b = Builder(L)
         qs, ss = [], []
         pos = np.arange(L, dtype=np.int64)
         t = 0
@@ -250,7 +250,7 @@ class CombinerAxial(Combiner):
 
 
 def _axial_table(L: int, C: int, variant: str, causal: bool) -> SpanTable:
-    b = _Builder(L)
+    b = Builder(L)
     R = -(-L // C)
     ncol = np.array([len(range(c, L, C)) for c in range(C)], dtype=np.int64)  # rows in each column
     lines = [(c, c + C * np.arange(ncol[c])) for c in range(C) if ncol[c] > 0]

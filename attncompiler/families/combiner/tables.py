@@ -2,7 +2,7 @@
 
 A :class:`SpanTable` lists the summaries (span groups of equal-length lines, whole or prefix)
 and the relation ``S in R_q`` as sorted (query, summary) pairs; the variants in
-:mod:`attncompiler.families.combiner.pattern` build them with :class:`_Builder`.
+:mod:`attncompiler.families.combiner.pattern` build them with :class:`Builder`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class SpanTable:
         return ptr, idx
 
 
-class _Builder:
+class Builder:
     """Collects span groups and per-summary metadata in summary-id order."""
 
     def __init__(self, L: int):
