@@ -12,7 +12,7 @@ from .program.stages import Program, lower
 from .program.reference import reference
 from .runtime.module import CompiledAttention
 from .runtime.compile import compile
-from .families.diffusion.diffusion import diffuse
+from .families.diffusion.pattern import diffuse
 from .families.combiner.pattern import combiner_axial, combiner_fixed, combiner_logsparse, combiner_mixture
 from .families.memory.memory import ClusterControl, LinformerControl, MLPControl, WindowControl, memory
 from .runtime.memory import MemoryAttention

@@ -6,7 +6,7 @@ from __future__ import annotations
 from attncompiler import dsl
 from attncompiler.errors import PatternError
 from attncompiler.dsl.pattern import Pattern
-from attncompiler.families.diffusion.diffusion import diffuse
+from attncompiler.families.diffusion.pattern import diffuse
 
 from ._params import int_param
 

@@ -30,8 +30,8 @@ import math
 import re
 from typing import Any, Callable
 
-from ..errors import AttnCompilerError, InputError
-from ..dsl.pattern import Pattern
+from attncompiler.errors import AttnCompilerError, InputError
+from attncompiler.dsl.pattern import Pattern
 
 MAX_CHARS = 200_000
 """Longest pattern text accepted."""
@@ -136,10 +136,10 @@ def _tables() -> tuple[dict[str, Callable], dict[str, Callable]]:
     catalogue and the families build on the core this module belongs to)."""
     global _TABLES
     if _TABLES is None:
-        from ..families import combiner
-        from ..families.diffusion import diffusion
-        from ..families.memory import memory as memory_slots
-        from .. import dsl as P
+        from attncompiler import dsl as P
+        from attncompiler.families import combiner, diffusion
+        from attncompiler.families.memory import memory as memory_slots
+
         from . import CATALOGUE
 
         dsl: dict[str, Callable] = {f.__name__: f for f in (
@@ -319,8 +319,8 @@ class _Reader:
     # -- traced masks ----------------------------------------------------------------------
     def mask(self, node: ast.Call, depth: int) -> Pattern:
         """``ac.mask(lambda b, h, q_idx, kv_idx: EXPR)``: the body becomes the mask's Expr."""
-        from ..ir.expr import BOOL
-        from ..dsl.primitives import Mask
+        from attncompiler.ir.expr import BOOL
+        from attncompiler.dsl.primitives import Mask
 
         if len(node.args) != 1 or node.keywords or not isinstance(node.args[0], ast.Lambda):
             raise self.fail(node, "ac.mask(...) in text must hold one lambda b, h, q_idx, kv_idx: <expression>",
@@ -346,7 +346,7 @@ class _ExprReader:
         self.params = params
 
     def expr(self, node: ast.expr, depth: int):
-        from ..ir import expr as E
+        from attncompiler.ir import expr as E
 
         d = self.r.depth(node, depth)
         match node:
@@ -383,7 +383,7 @@ class _ExprReader:
                           "ac.where, ac.minimum, ac.maximum")
 
     def call(self, node: ast.Call, depth: int):
-        from ..ir import expr as E
+        from attncompiler.ir import expr as E
 
         path = _dotted(node.func)
         name = None
@@ -405,7 +405,7 @@ class _ExprReader:
 
     def build(self, node: ast.AST, fn: Callable, *args: Any):
         """Apply an Expr smart constructor; folded constants stay within int64."""
-        from ..ir import expr as E
+        from attncompiler.ir import expr as E
 
         try:
             out = fn(*args)

@@ -8,7 +8,7 @@ import pytest
 import attncompiler as ac
 from attncompiler import patterns
 from attncompiler.analysis import asymptotic_class, block_cost, symbolic_cost
-from attncompiler.analysis.cost import L
+from attncompiler.analysis.symbols import L
 from attncompiler.analysis.mask_graph import head_patterns
 from attncompiler.cli.main import main
 

@@ -8,7 +8,8 @@ import torch
 
 import attncompiler as ac
 from attncompiler.codegen.cpu import build as cpu_build, diffusion as cpu_diffusion
-from attncompiler.families.diffusion.diffusion import diffuse, split_global_tokens
+from attncompiler.families.diffusion.pattern import diffuse
+from attncompiler.families.diffusion.program import split_global_tokens
 from attncompiler.patterns.diffuser import diffuser
 from oracle import assert_matches_oracle
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import attncompiler as ac
-from attncompiler.families.diffusion.diffusion import Diffusion, choose_block, diffuse, recompute_hops
+from attncompiler.families.diffusion.pattern import Diffusion, diffuse
+from attncompiler.families.diffusion.program import choose_block, recompute_hops
 from attncompiler.patterns.diffuser import diffuser, diffuser_graph
 from attncompiler.program.stages import check_program
 from oracle import assert_matches_oracle
@@ -242,7 +243,7 @@ SPLITS = [
 @pytest.mark.parametrize("base", SPLITS, ids=repr)
 def test_global_split_partitions_the_base_graph(base):
     """light pairs + global rows + global columns (restricted by ``within``) == the base graph."""
-    from attncompiler.families.diffusion.diffusion import split_global_tokens
+    from attncompiler.families.diffusion.program import split_global_tokens
 
     L = 23
     split = split_global_tokens(base)
@@ -281,7 +282,7 @@ def test_torch_plan_with_small_tiles_matches_reference(case):
 def test_stored_p_is_close_to_the_true_pairs_on_the_diffuser_graph():
     """Global tokens split apart: P stores about the allowed pairs, not whole global blocks."""
     from attncompiler.codegen.pytorch.diffusion_plan import plan_for
-    from attncompiler.families.diffusion.diffusion import split_global_tokens
+    from attncompiler.families.diffusion.program import split_global_tokens
 
     p, L = diffuser(), 1024
     split = split_global_tokens(p.base)

@@ -9,7 +9,7 @@ import sympy
 import attncompiler as ac
 from attncompiler.analysis import attention_graph, layer_operator
 from attncompiler.analysis import diffusion as AD
-from attncompiler.families.diffusion.diffusion import diffuse
+from attncompiler.families.diffusion.pattern import diffuse
 from attncompiler.patterns.diffuser import diffuser_graph
 
 BASES = [
@@ -135,7 +135,7 @@ def test_symbolic_cost_is_linear_in_hops_edges_and_dim():
 
 def test_registered_closed_form_scales_the_base_pairs_by_hops():
     from attncompiler.analysis import symbolic_cost
-    from attncompiler.analysis.cost import L as Ls
+    from attncompiler.analysis.symbols import L as Ls
     from attncompiler.patterns import sliding_window
 
     base = sliding_window(8)

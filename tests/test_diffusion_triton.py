@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attncompiler as ac
-from attncompiler.families.diffusion.diffusion import diffuse
+from attncompiler.families.diffusion.pattern import diffuse
 from oracle import assert_matches_oracle
 
 
@@ -57,9 +57,10 @@ def test_triton_stored_p_schedule_matches_reference_forward_backward(pattern, B,
 
 def test_triton_stored_p_kernels_store_the_softmax_on_the_layout():
     """The stored tiles are exactly P on the layout's blocks (zeros off the pattern)."""
-    from attncompiler.codegen.registry import RunContext
+    from attncompiler.codegen.context import RunContext
     from attncompiler.codegen.triton.diffusion import run_sparse_probs
-    from attncompiler.families.diffusion.diffusion import SparseProbs, dense_probs
+    from attncompiler.families.diffusion.program import SparseProbs
+    from attncompiler.families.diffusion.reference import dense_probs
 
     base = ac.sliding_window(4) | ac.global_tokens([3])
     q, k = torch.randn(1, 1, 37, 16), torch.randn(1, 1, 37, 16)

@@ -7,7 +7,7 @@ import torch
 
 import attncompiler as ac
 from attncompiler.program import head_slices
-from attncompiler.families.diffusion.diffusion import diffuse
+from attncompiler.families.diffusion.pattern import diffuse
 from attncompiler.program.head_slices import choose_head_block, group_compatible, run_by_head_slices
 from attncompiler.patterns.diffuser import diffuser
 from oracle import assert_matches_oracle

@@ -23,7 +23,8 @@ import numpy as np
 import scipy.sparse as sp
 import sympy
 
-from ..families.diffusion.diffusion import DIFFUSION, Diffusion, Kernel, split_global_tokens
+from ..families.diffusion.pattern import DIFFUSION, Diffusion, Kernel
+from ..families.diffusion.program import split_global_tokens
 from ..errors import UnsupportedError
 from .graph import AttentionGraph, attention_graph, register_graph_builder
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from attncompiler.errors import UnsupportedError
+from ..errors import UnsupportedError
 
 BACKWARD_FACTOR = 2.5  # backward FLOPs relative to forward (FlashAttention's convention)
 
@@ -71,7 +71,7 @@ def sweep(lengths=(4096, 16384, 65536), head_dims=(64, 128), modes=(False, True)
     """Measure every configuration; returns one row each (skipped contenders give None)."""
     if not torch.cuda.is_available():
         raise UnsupportedError("the triton benchmark sweep needs a CUDA device")
-    from attncompiler.bench.attention import run_bench
+    from .attention import run_bench
 
     rows = []
     pats = sweep_patterns()

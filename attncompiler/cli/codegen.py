@@ -159,7 +159,7 @@ def _cpu_kernel_lines(program) -> list[str]:
     """Where the torch backend on CPU runs C kernels for this program's stages, and whether they
     are built here (see ``codegen/cpu/build.py``)."""
     from ..codegen.cpu import build as cpu_build
-    from ..families.diffusion.diffusion import DiffusionHop, SparseProbs
+    from ..families.diffusion.program import DiffusionHop, SparseProbs
 
     idx = [i for i, st in enumerate(program.stages) if isinstance(st, (SparseProbs, DiffusionHop))]
     if not idx:

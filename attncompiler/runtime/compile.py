@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..dsl.pattern import Pattern
 from ..errors import PatternError
-from ..families.diffusion.diffusion import DIFFUSION
+from ..families.diffusion.pattern import DIFFUSION
 from ..families.memory.memory import MEMORY
 from ..program.schedule import Schedule
 from .diffusion import DiffusionAttention

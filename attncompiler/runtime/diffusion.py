@@ -1,6 +1,6 @@
 """The compiled diffusion module and its runtime decisions (hops schedule, heads per slice).
 
-The pattern, stages, lowering and reference live in :mod:`attncompiler.families.diffusion.diffusion`;
+The pattern, stages, lowering and reference live in :mod:`attncompiler.families.diffusion`;
 this module runs a lowered program on a backend, slice of heads by slice of heads.
 """
 
@@ -11,7 +11,8 @@ import math
 import torch
 
 from ..errors import InputError, PatternError
-from ..families.diffusion.diffusion import Diffusion, SparseProbs, choose_block, split_global_tokens
+from ..families.diffusion.pattern import Diffusion
+from ..families.diffusion.program import SparseProbs, choose_block, split_global_tokens
 from ..program.schedule import Schedule
 from ..program.stages import Program
 from ..program.head_slices import choose_head_block, run_by_head_slices
@@ -66,7 +67,8 @@ class DiffusionAttention(CompiledAttention):
         backend = resolve_backend(self.backend, q.device)
         self.program = program = self.program_for(backend, dims.q_len, dims.head_dim)
         self.check_call_keywords("forward", stage_inputs, program)
-        from ..codegen.registry import RunContext, stage_impl
+        from ..codegen.context import RunContext
+        from ..codegen.registry import stage_impl
 
         scale = default_scale(dims.head_dim, scale)
         last_use = {name: i for i, st in enumerate(program.stages) for name in st.inputs}

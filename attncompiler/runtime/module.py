@@ -15,7 +15,7 @@ import torch
 from ..errors import UnsupportedError
 from ..program.inputs import check_keywords, check_qkv, default_scale
 from ..dsl.pattern import Pattern
-from ..families.diffusion.diffusion import recompute_hops
+from ..families.diffusion.program import recompute_hops
 from ..program.stages import Program, lower, run_passes
 from ..program.schedule import Schedule
 
@@ -75,7 +75,8 @@ class CompiledAttention(torch.nn.Module):
         call inputs (:meth:`Program.call_inputs`); any other keyword raises
         :class:`~attncompiler.errors.UnexpectedArgumentError`.
         """
-        from ..codegen.registry import RunContext, stage_impl
+        from ..codegen.context import RunContext
+        from ..codegen.registry import stage_impl
 
         self.check_call_keywords("forward", stage_inputs)
         dims = check_qkv(q, k, v, check_finite=self.check_finite)

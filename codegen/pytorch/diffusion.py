@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import torch
 
 from attncompiler.program.autograd_guard import single_backward
-from attncompiler.families.diffusion.diffusion import (Axpby, DiffusionHop, ExpandHeads, GlobalSplit, PassThrough,
-                                                       SparseProbs, expand_heads, split_global_tokens)
+from attncompiler.families.diffusion.program import (Axpby, DiffusionHop, ExpandHeads, GlobalSplit, PassThrough,
+                                                     SparseProbs, split_global_tokens)
+from attncompiler.families.diffusion.reference import expand_heads
 from attncompiler.layout.block_layout import BlockLayout
 from attncompiler.program.schedule import Schedule
 

@@ -3,7 +3,7 @@
 Per layout (cached): the band of block offsets most rows share (read as a strided view of
 zero-padded key blocks), the other blocks of each row (gathered; rows bucketed by their count),
 the chunks of query blocks whose tiles are computed together, and the masks of the few rows
-that need one. With global tokens split apart (:class:`~attncompiler.families.diffusion.diffusion.GlobalSplit`)
+that need one. With global tokens split apart (:class:`~attncompiler.families.diffusion.program.GlobalSplit`)
 every tile row also holds ``|G|`` global-key columns. See :mod:`.torch_diffusion`.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attncompiler.families.diffusion.diffusion import GlobalSplit
+from attncompiler.families.diffusion.program import GlobalSplit
 from attncompiler.layout.block_layout import BlockLayout, Blocks2D
 from attncompiler.program.schedule import Schedule
 

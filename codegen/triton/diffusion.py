@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from attncompiler.program.autograd_guard import single_backward
-from attncompiler.families.diffusion.diffusion import DiffusionHop, SparseProbs, expand_heads
+from attncompiler.families.diffusion.program import DiffusionHop, SparseProbs
+from attncompiler.families.diffusion.reference import expand_heads
 from attncompiler.layout.block_layout import BlockLayout
 
 from attncompiler.errors import ScheduleError
