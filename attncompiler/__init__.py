@@ -14,7 +14,7 @@ from .runtime.module import CompiledAttention
 from .runtime.compile import compile
 from .families.diffusion.pattern import diffuse
 from .families.combiner.pattern import combiner_axial, combiner_fixed, combiner_logsparse, combiner_mixture
-from .families.memory.memory import ClusterControl, LinformerControl, MLPControl, WindowControl, memory
+from .families.memory.pattern import ClusterControl, LinformerControl, MLPControl, WindowControl, memory
 from .runtime.memory import MemoryAttention
 
 from .version import __version__

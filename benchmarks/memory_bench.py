@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import attncompiler as ac
-from attncompiler.families.memory.memory import MLPControl, memory
+from attncompiler.families.memory.pattern import MLPControl, memory
 
 
 def _inputs(L: int, H: int, D: int, seed: int = 0, device: str = "cpu"):

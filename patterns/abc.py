@@ -6,7 +6,7 @@ the paper's point is that these attentions differ only in how tokens are written
 from __future__ import annotations
 
 from attncompiler.dsl.pattern import Pattern
-from attncompiler.families.memory.memory import ClusterControl, LinformerControl, MLPControl, WindowControl, memory
+from attncompiler.families.memory.pattern import ClusterControl, LinformerControl, MLPControl, WindowControl, memory
 
 
 def abc_mlp(slots: int = 64, causal: bool = False) -> Pattern:

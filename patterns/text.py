@@ -138,7 +138,7 @@ def _tables() -> tuple[dict[str, Callable], dict[str, Callable]]:
     if _TABLES is None:
         from attncompiler import dsl as P
         from attncompiler.families import combiner, diffusion
-        from attncompiler.families.memory import memory as memory_slots
+        from attncompiler.families import memory as memory_slots
 
         from . import CATALOGUE
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attncompiler as ac
-from attncompiler.families.memory import memory as M
+from attncompiler.families import memory as M
 from attncompiler.errors import InputError, PatternError
 from attncompiler.program.schedule import Schedule
 from oracle import assert_matches_oracle

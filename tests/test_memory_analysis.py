@@ -8,7 +8,7 @@ import sympy
 import torch
 
 import attncompiler as ac
-from attncompiler.families.memory import memory as M
+from attncompiler.families import memory as M
 from attncompiler.analysis import analyze, layer_operator, symbolic_cost
 from attncompiler.analysis.graph import MEMORY, READ, TOKEN, WRITE
 from attncompiler.analysis.memory import memory_claims, memory_flops, memory_graph

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attncompiler as ac
-from attncompiler.families.memory import memory as M
+from attncompiler.families import memory as M
 from attncompiler.errors import UnsupportedError
 from oracle import assert_matches_oracle
 

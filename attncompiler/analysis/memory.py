@@ -26,7 +26,7 @@ import scipy.sparse as sp
 import sympy
 
 from ..errors import UnsupportedError
-from ..families.memory.memory import MEMORY, ClusterControl, LinformerControl, Memory, MLPControl, WindowControl
+from ..families.memory.pattern import MEMORY, ClusterControl, LinformerControl, Memory, MLPControl, WindowControl
 from .cost import SymbolicCost, asymptotic_class, register_cost
 from .symbols import D as D_SYM, L as L_SYM
 from .graph import MEMORY as MEMORY_NODE, READ, TOKEN, WRITE, AttentionGraph, register_graph_builder

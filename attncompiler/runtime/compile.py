@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..dsl.pattern import Pattern
 from ..errors import PatternError
 from ..families.diffusion.pattern import DIFFUSION
-from ..families.memory.memory import MEMORY
+from ..families.memory.pattern import MEMORY
 from ..program.schedule import Schedule
 from .diffusion import DiffusionAttention
 from .memory import MemoryAttention

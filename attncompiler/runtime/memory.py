@@ -1,6 +1,6 @@
 """The compiled memory module (ABC): the learned control parameter, and decoding token by token.
 
-The pattern, stages, lowering and reference live in :mod:`attncompiler.families.memory.memory`.
+The pattern, stages, lowering and reference live in :mod:`attncompiler.families.memory`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from ..errors import InputError, PatternError
 from ..dsl.pattern import check_int
-from ..families.memory.memory import ClusterControl, MLPControl, Memory
+from ..families.memory.pattern import ClusterControl, MLPControl, Memory
 from ..program.schedule import Schedule
 from ..program.inputs import check_keywords, check_qkv, default_scale
 from .module import CompiledAttention

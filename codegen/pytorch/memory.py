@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from attncompiler.errors import InputError
-from attncompiler.families.memory.memory import (LinformerControl, Memory, SlotControl, SlotRead, SlotWrite,
-                                                 WindowControl, control_weights)
+from attncompiler.families.memory.pattern import LinformerControl, Memory, WindowControl
+from attncompiler.families.memory.program import SlotControl, SlotRead, SlotWrite, control_weights
 
 from ..context import RunContext
 

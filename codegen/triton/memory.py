@@ -46,7 +46,7 @@ from types import ModuleType
 import torch
 
 from attncompiler.program.autograd_guard import single_backward
-from attncompiler.families.memory.memory import SlotControl, SlotRead, SlotWrite
+from attncompiler.families.memory.program import SlotControl, SlotRead, SlotWrite
 
 from .. import cache
 from ..context import RunContext
