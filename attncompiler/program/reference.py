@@ -6,6 +6,8 @@ softmax attention. References favour obviousness over speed: they materialize L 
 
 from __future__ import annotations
 
+import importlib
+
 import inspect
 from typing import Callable
 
@@ -16,17 +18,35 @@ from .inputs import check_keywords, check_qkv, default_scale
 from ..dsl.pattern import Family, Pattern
 from ..dsl.primitives import check_batch_head_dependence
 
+# The families beyond masks, by module: each exports ``REFERENCES`` (family -> float64 reference),
+# read on first use (the families build on this layer, so the table names them).
+REFERENCE_MODULES = ("attncompiler.families.combiner.reference", "attncompiler.families.diffusion.reference",
+                     "attncompiler.families.memory.reference")
+
 _REFERENCES: dict[str, Callable] = {}
+_LOADED: list[bool] = []
 
 
 def register_reference(family: str):
-    """Register ``fn(pattern, q, k, v, scale, **kw) -> (out, lse)`` as a family's reference."""
+    """Register ``fn(pattern, q, k, v, scale, **kw) -> (out, lse)`` as the reference of a family
+    defined outside the package (the package's own are listed in :data:`REFERENCE_MODULES`)."""
 
     def deco(fn):
         _REFERENCES[family] = fn
         return fn
 
     return deco
+
+
+def family_reference(family: str) -> Callable | None:
+    """The float64 reference of ``family``, loading :data:`REFERENCE_MODULES` on first use."""
+    if not _LOADED:
+        _REFERENCES.setdefault(Family.MASK, mask_reference)
+        for name in REFERENCE_MODULES:
+            for fam, fn in importlib.import_module(name).REFERENCES.items():
+                _REFERENCES.setdefault(fam, fn)
+        _LOADED.append(True)
+    return _REFERENCES.get(family)
 
 
 def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -43,7 +63,7 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     """
     if not isinstance(pattern, Pattern):
         raise PatternError(f"reference() needs an attention pattern, got {type(pattern).__name__} {pattern!r}")
-    fn = _REFERENCES.get(pattern.family)
+    fn = family_reference(pattern.family)
     if fn is None:
         raise UnsupportedError(f"no reference implementation for {pattern.family} patterns ({pattern!r})")
     check_keywords("reference", kwargs, ("scale", "return_lse", *_keywords(fn)))
@@ -81,8 +101,7 @@ def masked_attention(q, k, v, mask, scale):
     return torch.matmul(p, v), lse
 
 
-@register_reference(Family.MASK)
-def _mask_reference(pattern, q, k, v, scale):
+def mask_reference(pattern, q, k, v, scale):
     B, H, Lq, _ = q.shape
     mask = dense_masks(pattern, B, H, Lq, k.shape[2], q.device)
     return masked_attention(q, k, v, mask, scale)

@@ -9,6 +9,8 @@ pass's output, ``ATTNC_DEBUG=2`` also prints it.
 
 from __future__ import annotations
 
+import importlib
+
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -77,11 +79,24 @@ class Program:
             dataclasses.replace(s, schedule=schedule) if hasattr(s, "schedule") else s for s in self.stages))
 
 
-_LOWERINGS: dict[str, Callable[[Pattern, Schedule], Program]] = {}
+# The families beyond masks, by module: each exports ``LOWERINGS`` (family -> lowering), read on
+# first use (the families build on this layer, so the table names them instead of importing them).
+LOWERING_MODULES = ("attncompiler.families.combiner.program", "attncompiler.families.diffusion.program",
+                    "attncompiler.families.memory.program")
+
+
+def lower_mask(pattern: Pattern, schedule: Schedule) -> Program:
+    """A mask pattern is one block-sparse attention stage."""
+    return Program(pattern, (BlockSparseAttention(pattern=pattern, schedule=schedule),))
+
+
+_LOWERINGS: dict[str, Callable[[Pattern, Schedule], Program]] = {Family.MASK: lower_mask}
+_LOADED: list[bool] = []
 
 
 def register_lowering(family: str):
-    """Register ``fn(pattern, schedule) -> Program`` as the lowering of a pattern family."""
+    """Register ``fn(pattern, schedule) -> Program`` as the lowering of a family defined outside
+    the package (the package's own families are listed in :data:`LOWERING_MODULES`)."""
 
     def deco(fn):
         _LOWERINGS[family] = fn
@@ -90,16 +105,21 @@ def register_lowering(family: str):
     return deco
 
 
-@register_lowering(Family.MASK)
-def _lower_mask(pattern: Pattern, schedule: Schedule) -> Program:
-    return Program(pattern, (BlockSparseAttention(pattern=pattern, schedule=schedule),))
+def lowering(family: str) -> Callable[[Pattern, Schedule], Program] | None:
+    """The lowering of ``family``, loading :data:`LOWERING_MODULES` on first use."""
+    if not _LOADED:
+        for name in LOWERING_MODULES:
+            for fam, fn in importlib.import_module(name).LOWERINGS.items():
+                _LOWERINGS.setdefault(fam, fn)
+        _LOADED.append(True)
+    return _LOWERINGS.get(family)
 
 
 def lower(pattern: Pattern, schedule: Schedule | None = None) -> Program:
     """Lower a pattern to its program (the first pass of every pipeline)."""
     if not isinstance(pattern, Pattern):
         raise LoweringError(f"expected an attention pattern, got {type(pattern).__name__} {pattern!r}")
-    fn = _LOWERINGS.get(pattern.family)
+    fn = lowering(pattern.family)
     if fn is None:
         raise LoweringError(f"no lowering registered for {pattern.family} patterns ({pattern!r})")
     return fn(pattern, schedule or Schedule())

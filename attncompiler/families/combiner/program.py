@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .joint import JointMask
 from .pattern import FAMILY, Combiner
-from ...program.stages import BlockSparseAttention, Program, Stage, register_lowering
+from ...program.stages import BlockSparseAttention, Program, Stage
 from ...program.schedule import Schedule
 
 
@@ -85,7 +85,6 @@ class MixOutputs(Stage):
         return f"MixOutputs(M={len(self.inputs)})"
 
 
-@register_lowering(FAMILY)
 def lower_combiner(pattern: Combiner, schedule: Schedule) -> Program:
     """Summaries (pool, local expectation), then one joint block-sparse softmax per
     factorization over ``[keys ; summary slots]`` (slots arranged for the schedule's blocks);
@@ -113,3 +112,6 @@ def lower_combiner(pattern: Combiner, schedule: Schedule) -> Program:
     if len(parts) > 1:
         stages.append(MixOutputs(tuple(f"out_{i}" for i in range(len(parts))), ("out",)))
     return Program(pattern, tuple(stages))
+
+
+LOWERINGS = {FAMILY: lower_combiner}  # read by program.stages.lower

@@ -8,7 +8,7 @@ import torch
 from .pattern import FAMILY, Combiner, span_table
 from .tables import SpanTable
 from ...errors import InputError
-from ...program.reference import masked_attention, register_reference
+from ...program.reference import masked_attention
 
 
 def summary_membership(table: SpanTable) -> torch.Tensor:
@@ -47,7 +47,6 @@ def _factorization_reference(f: Combiner, q, k, v, scale):
     return masked_attention(q, torch.cat([k, k_sum], 2), torch.cat([v, v_sum], 2), mask, scale)
 
 
-@register_reference(FAMILY)
 def combiner_reference(pattern: Combiner, q, k, v, scale):
     """Dense float64 Combiner attention (mixtures average their factorizations, lse None)."""
     if q.shape[2] != k.shape[2]:
@@ -56,3 +55,6 @@ def combiner_reference(pattern: Combiner, q, k, v, scale):
     if len(outs) == 1:
         return outs[0]
     return sum(o for o, _ in outs) / len(outs), None
+
+
+REFERENCES = {FAMILY: combiner_reference}  # read by program.reference.reference

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ...dsl.pattern import Intersection, Pattern, Union, intersection, union
 from ...dsl.primitives import GlobalTokens, global_tokens
 from ...program.schedule import Schedule
-from ...program.stages import BlockSparseAttention, Program, Stage, register_lowering
+from ...program.stages import BlockSparseAttention, Program, Stage
 from .pattern import DIFFUSION, Diffusion
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +142,6 @@ def _hop_names(K: int, j: int) -> str:
     return "out" if j == K - 1 else f"z{j + 1}"
 
 
-@register_lowering(DIFFUSION)
 def lower_diffusion(pattern: Diffusion, schedule: Schedule) -> Program:
     """P once over the base layout (stored), then K hops of SpMM + axpby."""
     K = pattern.hops
@@ -202,3 +201,6 @@ def choose_block(pattern: Diffusion, seq_len: int) -> int:
         if best_cost is None or cost < best_cost:
             best, best_cost = b, cost
     return best
+
+
+LOWERINGS = {DIFFUSION: lower_diffusion}  # read by program.stages.lower

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...dsl.pattern import Pattern
-from ...program.reference import dense_masks, register_reference
+from ...program.reference import dense_masks
 from .pattern import DIFFUSION, Diffusion, Kernel
 
 # ---------------------------------------------------------------------------------------------
@@ -31,7 +31,6 @@ def dense_probs(base: Pattern, q: torch.Tensor, k: torch.Tensor, scale: float) -
     return e / torch.where(den == 0, torch.ones_like(den), den)
 
 
-@register_reference(DIFFUSION)
 def _diffusion_reference(pattern: Diffusion, q, k, v, scale):
     L = q.shape[2]
     pattern.validate(L, k.shape[2])
@@ -48,3 +47,6 @@ def _diffusion_reference(pattern: Diffusion, q, k, v, scale):
             pk = P @ pk
         out = out + w * pk
     return out, None
+
+
+REFERENCES = {DIFFUSION: _diffusion_reference}  # read by program.reference.reference

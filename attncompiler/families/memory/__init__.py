@@ -4,7 +4,7 @@ lowering and control weights (:mod:`.program`), and the float64 reference (:mod:
 from .pattern import (CONTROLS, MEMORY, ClusterControl, Control, LinformerControl, Memory, MLPControl, WindowControl,
                       memory)
 from .program import SlotControl, SlotRead, SlotWrite, control_weights
-from . import reference  # noqa: F401  (the float64 reference of the family)
+
 
 __all__ = ["CONTROLS", "MEMORY", "ClusterControl", "Control", "LinformerControl", "MLPControl", "Memory",
            "SlotControl", "SlotRead", "SlotWrite", "WindowControl", "control_weights", "memory"]

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from ...errors import InputError
 from ...program.schedule import Schedule
-from ...program.stages import BlockSparseAttention, Program, Stage, register_lowering
+from ...program.stages import BlockSparseAttention, Program, Stage
 from .pattern import Control, LinformerControl, MEMORY, MLPControl, Memory, WindowControl
 
 # ---------------------------------------------------------------------------------------------
@@ -75,7 +75,6 @@ class SlotRead(Stage):
         return f"SlotRead({'causal' if self.causal else 'bidirectional'})"
 
 
-@register_lowering(MEMORY)
 def _lower_memory(pattern: Memory, schedule: Schedule) -> Program:
     if isinstance(pattern.control, WindowControl):
         # A FIFO memory of n tokens is causal sliding-window attention: reuse the mask stage.
@@ -129,3 +128,6 @@ def control_weights(pattern: Memory, k: torch.Tensor, param: torch.Tensor | None
         d2 = (param * param).sum(-1) - 2 * (k @ param.t())  # [B, Hkv, Lk, n] (|k|^2 is constant per row)
         hit = torch.nn.functional.one_hot(d2.argmin(-1), n).bool()
     return torch.zeros_like(d2).masked_fill(~hit, float("-inf"))
+
+
+LOWERINGS = {MEMORY: _lower_memory}  # read by program.stages.lower

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from ...program.reference import register_reference
 from .pattern import MEMORY, Memory, WindowControl
 from .program import control_weights
 
@@ -12,7 +11,6 @@ from .program import control_weights
 # Float64 reference: the equations, densely
 # ---------------------------------------------------------------------------------------------
 
-@register_reference(MEMORY)
 def _memory_reference(pattern: Memory, q, k, v, scale, *, param=None, control=None):
     B, H, Lq, D = q.shape
     Hkv = k.shape[1]
@@ -62,3 +60,6 @@ def _fifo_slots(k, v, n, Lq):
     valid = (j >= 0) & (j < Lk)
     jc = j.clamp(0, Lk - 1)
     return k[:, :, jc], v[:, :, jc], valid.expand(k.shape[0], k.shape[1], Lq, n)
+
+
+REFERENCES = {MEMORY: _memory_reference}  # read by program.reference.reference
