@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 # The pattern-option machinery of `attnc show/verify/bench`, so every command reads the same options.
-from .patterns import add_pattern_options, guarded, lookup, Parser, pattern_params, positive_int
+from .common import Parser, add_pattern_options, guarded, lookup, pattern_params, positive_int
 
 _DTYPES = ("float32", "float16", "bfloat16")
 _HELP = {"compile": "generate the Triton kernels of a pattern and write their source to --emit DIR",

@@ -10,15 +10,11 @@ family-generic: anything ``ac.compile`` runs can be verified and benchmarked.
 from __future__ import annotations
 
 import argparse
-import difflib
-import inspect
 import sys
-import types
-import typing
-from collections.abc import Sequence as SequenceABC
-from typing import Any, Callable
+from typing import Callable
 
-from ..errors import PatternError
+from .common import (Parser, add_pattern_options, catalogue, guarded, lookup, pattern_params, positive_float,
+                     positive_int)
 
 COMMANDS = {
     "show": "draw a pattern (mask patterns) or print its program (other families)",
@@ -26,145 +22,6 @@ COMMANDS = {
     "bench": "time our backend vs SDPA (dense mask) and FlexAttention on the same inputs",
     "bench-layout": "time and peak memory of building our layout vs FlexAttention's create_block_mask",
 }
-
-
-class _UsageError(Exception):
-    """A bad command line (unknown option, bad value): printed with usage, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(f"{message}\n{self.format_usage().strip()}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Pattern parameters -> options
-# ---------------------------------------------------------------------------------------------
-
-def _catalogue() -> dict[str, Callable]:
-    from ..patterns import CATALOGUE
-
-    return CATALOGUE
-
-
-def lookup(name: str) -> Callable:
-    cat = _catalogue()
-    if name not in cat:
-        close = difflib.get_close_matches(name, list(cat), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise PatternError(f"unknown pattern {name!r}{hint} (`attnc list` shows the catalogue: {', '.join(cat)})")
-    return cat[name]
-
-
-def _converter(tp: Any, default: Any) -> tuple[Callable[[str], Any], str]:
-    """``(parse, metavar)`` for a parameter annotated ``tp`` (falls back to the default's type)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
-        inner = [a for a in args if a is not type(None)]
-        parse, meta = _converter(inner[0] if len(inner) == 1 else str, None)
-        return (lambda s: None if s.lower() == "none" else parse(s)), f"{meta}|none"
-    if origin in (list, tuple, SequenceABC, typing.Sequence) or (
-            tp is inspect.Parameter.empty and isinstance(default, (list, tuple))):
-        elem = args[0] if args and args[0] is not Ellipsis else (
-            type(default[0]) if isinstance(default, (list, tuple)) and default else int)
-        parse_elem, meta = _converter(elem, None)
-
-        def parse_list(s: str):
-            items = [x.strip() for x in s.split(",") if x.strip()]
-            return tuple(parse_elem(x) for x in items)
-        return parse_list, f"{meta},..."
-    if tp is inspect.Parameter.empty:
-        tp = type(default) if default is not None and default is not inspect.Parameter.empty else str
-    if tp is int:
-        return _typed(int, "an integer"), "INT"
-    if tp is float:
-        return _typed(float, "a number"), "FLOAT"
-    return str, "STR"
-
-
-def _typed(fn, what):
-    def parse(s: str):
-        try:
-            return fn(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not {what}") from None
-    parse.__name__ = what
-    return parse
-
-
-def pattern_params(ctor: Callable) -> list[inspect.Parameter]:
-    return [p for p in inspect.signature(ctor).parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def _param_docs(ctor: Callable) -> dict[str, str]:
-    """First line of each parameter's entry in the constructor's Google-style ``Args:`` section."""
-    docs, in_args = {}, False
-    for line in inspect.getdoc(ctor).splitlines() if ctor.__doc__ else []:
-        stripped = line.strip()
-        if stripped in ("Args:", "Arguments:"):
-            in_args = True
-        elif in_args and stripped.endswith(":") and not line.startswith(" "):
-            break  # the next section (Returns:, Raises:, ...)
-        elif in_args and ":" in stripped and line.startswith("    ") and not line.startswith("     "):
-            name, text = stripped.split(":", 1)
-            for n in name.split(","):
-                docs[n.strip()] = text.strip()
-    return docs
-
-
-def add_pattern_options(parser: argparse.ArgumentParser, ctor: Callable, taken: set[str]) -> dict[str, str]:
-    """Add one option per constructor parameter; returns ``{dest: parameter name}``."""
-    docs = _param_docs(ctor)
-    try:
-        hints = typing.get_type_hints(ctor)
-    except Exception:  # unresolvable annotations: fall back to the defaults' types
-        hints = {}
-    group = parser.add_argument_group(f"pattern parameters ({ctor.__name__})")
-    dests = {}
-    for p in pattern_params(ctor):
-        flag = p.name.replace("_", "-")
-        if p.name in taken or flag in taken:  # a command option has this name: prefix the pattern's
-            flag = f"pattern-{flag}"
-        dest = f"p__{p.name}"
-        tp = hints.get(p.name, p.annotation if not isinstance(p.annotation, str) else inspect.Parameter.empty)
-        has_default = p.default is not inspect.Parameter.empty
-        help_default = docs.get(p.name) or p.name
-        if has_default and "default" not in help_default.lower():
-            help_default += f" (default: {p.default!r})"
-        elif not has_default:
-            help_default += " (required)"
-        help_default = help_default.replace("%", "%%")  # argparse formats help strings with %
-        names = [f"--{flag}"] + ([f"--{flag.replace('-', '_')}"] if "-" in flag else [])
-        if tp is bool or (tp is inspect.Parameter.empty and isinstance(p.default, bool)):
-            group.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
-                               default=p.default if has_default else False, help=help_default)
-        else:
-            parse, meta = _converter(tp, p.default)
-            kw = {"default": p.default} if has_default else {"required": True}
-            group.add_argument(*names, dest=dest, type=parse, metavar=meta, help=help_default, **kw)
-        dests[dest] = p.name
-    return dests
-
-
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be a positive integer")
-    return v
-
-
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{v} must be > 0")
-    return v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +53,7 @@ def _command_options(cmd: str, parser: argparse.ArgumentParser, pattern_names: s
         add("--backward", action="store_true", help="also run (and check / time) the backward pass")
         add("--input-seed", type=int, default=0, help="seed of the random q, k, v (default 0)")
     if cmd == "verify":
-        add("--atol", type=_positive_float, default=None,
+        add("--atol", type=positive_float, default=None,
             help="allowed max |out - ref| (default: 1e-4 for float32, 2e-2 for half types, 1e-10 for float64)")
     if cmd in ("bench", "bench-layout"):
         reps = 10 if cmd == "bench" else 3
@@ -207,17 +64,17 @@ def _command_options(cmd: str, parser: argparse.ArgumentParser, pattern_names: s
     if cmd == "bench":
         add("--no-sdpa", action="store_true", help="skip SDPA with a dense mask")
         add("--device", default="cpu", help="cpu or cuda (default cpu)")
-        add("--mask-cap-gb", type=_positive_float, default=1.0,
+        add("--mask-cap-gb", type=positive_float, default=1.0,
             help="skip SDPA when its dense bool mask exceeds this many GiB (default 1)")
-        add("--block-mask-cap-gb", type=_positive_float, default=4.0,
+        add("--block-mask-cap-gb", type=positive_float, default=4.0,
             help="use our layout.to_block_mask() for FlexAttention when create_block_mask would need more (default 4)")
         add("--flex-block", type=positive_int, default=128, help="FlexAttention BLOCK_SIZE (default 128, its own)")
         add("--flex-mask", choices=("create", "layout"), default="create",
             help="FlexAttention BlockMask from create_block_mask(mask_mod) (default) or our layout.to_block_mask()")
         add("--no-memory", action="store_true", help="skip the peak-memory measurement")
     if cmd == "bench-layout":
-        add("--timeout", type=_positive_float, default=60.0, help="seconds per builder and length (default 60)")
-        add("--mem-cap-gb", type=_positive_float, default=8.0, help="memory cap per builder (default 8 GiB)")
+        add("--timeout", type=positive_float, default=60.0, help="seconds per builder and length (default 60)")
+        add("--mem-cap-gb", type=positive_float, default=8.0, help="memory cap per builder (default 8 GiB)")
         add("--flex-max-len", type=positive_int, default=None, help="skip create_block_mask above this length")
         add("--scan-from", type=positive_int, default=None,
             help="also try create_block_mask at this length, doubling up to --seq-len, to find its largest L")
@@ -260,7 +117,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     """``attnc list``: the catalogue, one line per pattern."""
     from ..patterns import describe
 
-    cat = _catalogue()
+    cat = catalogue()
     width = max(map(len, cat)) if cat else 0
     for name, ctor in cat.items():
         try:
@@ -366,17 +223,6 @@ def cmd_bench_layout(args: argparse.Namespace) -> int:
                            flex_max_len=opts.flex_max_len, scan_from=opts.scan_from, progress=_progress(opts))
     print(res.to_json() if opts.json else res)
     return 0
-
-
-def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn a bad command line into a message and exit code 2 (library errors go to cli.main)."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except _UsageError as e:
-            print(f"attnc: error: {e}", file=sys.stderr)
-            return 2
-    return run
 
 
 def register(subparsers) -> None:
