@@ -42,7 +42,7 @@ from attncompiler.program.schedule import Schedule
 
 from ..cpu import diffusion as cpu_diffusion
 from ..context import RunContext
-from .attention import compute_dtype_for
+from .common import compute_dtype_for
 from .diffusion_plan import (Item, as_blocks, band_view, chunk_rows, chunk_tile, dense_global_probs, global_parts,
                              items_for, padded_blocks, rest_rows)
 

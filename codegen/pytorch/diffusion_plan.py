@@ -19,7 +19,7 @@ from attncompiler.families.diffusion.program import GlobalSplit
 from attncompiler.layout.block_layout import BlockLayout, Blocks2D
 from attncompiler.program.schedule import Schedule
 
-from .attention import pad_len
+from .common import pad_len
 
 NEG_INF = float("-inf")
 _BAND_SHARE = 0.5  # an offset belongs to the band when at least this share of rows has it

@@ -29,7 +29,7 @@ from attncompiler.errors import InputError, UnsupportedError
 from attncompiler.layout.block_layout import BlockLayout, Blocks2D
 from attncompiler.program.schedule import Schedule
 
-from .attention import compute_dtype_for, fold, Operands, pad_len, write_rows, key_blocks, step_keys
+from .common import Operands, compute_dtype_for, fold, key_blocks, pad_len, step_keys, write_rows
 from .attention_plan import Chunk, step_bias, make_plan
 
 

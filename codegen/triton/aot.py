@@ -20,7 +20,8 @@ from attncompiler.errors import UnsupportedError
 from attncompiler.dsl.pattern import Pattern
 from attncompiler.program.schedule import Schedule
 
-from .kernels import pad_dim, dot_precision, kernel_tiles, kernels_for
+from .common import pad_dim, dot_precision
+from .kernels import kernel_tiles, kernels_for
 
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _DATA = ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")

@@ -20,13 +20,13 @@ from typing import Callable, Sequence
 import torch
 import triton  # noqa: F401  (an ImportError here tells the registry the backend is unavailable)
 
-from attncompiler.errors import UnsupportedError
 from attncompiler.program.stages import BlockSparseAttention
 from attncompiler.program.schedule import Schedule
 
 from .. import cache
 from ..context import RunContext
-from .kernels import kernel_tiles, make_plan, triton_attention
+from .kernels import kernel_tiles, triton_attention
+from .common import check_device
 
 _AUTOTUNE: bool | None = None  # None: follow ATTNC_AUTOTUNE
 _WINNERS: dict[str, Schedule] = {}
@@ -45,17 +45,8 @@ def autotune_enabled() -> bool:
     return os.environ.get("ATTNC_AUTOTUNE", "0") not in ("", "0")
 
 
-def interpreting() -> bool:
-    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_device(q: torch.Tensor) -> None:
-    if q.is_cuda or (q.device.type == "cpu" and interpreting()):
-        return
-    raise UnsupportedError(
-        f"the triton backend runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got a tensor on "
-        f"{q.device}; use backend='torch' or 'auto' for this device")
 
 
 def candidate_schedules(base: Schedule) -> list[Schedule]:

@@ -31,8 +31,9 @@ from .. import cache
 from ..pytorch import diffusion as torch_diffusion
 from ..context import RunContext
 from .render import PRED_BEGIN, PRED_END, TEMPLATE_DIR, read_template, render_predicate
-from .backend import check_device
-from .kernels import VALID_TILES, pad_dim, predicate_for, tool_versions, dot_precision, layout_tensors
+from .common import check_device
+from .common import VALID_TILES, pad_dim, tool_versions, dot_precision
+from .kernels import predicate_for, layout_tensors
 
 _TEMPLATES = ("common.py", "diffusion.py")
 

@@ -9,9 +9,7 @@ and the dq kernel. Nothing here depends on the sequence length except the layout
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -21,7 +19,6 @@ import torch
 
 from attncompiler.program.autograd_guard import single_backward
 from attncompiler.errors import ScheduleError
-from attncompiler.version import __version__
 from attncompiler.ir import expr as E
 from attncompiler.ir.expr import Expr
 from attncompiler.layout.block_layout import BlockLayout, partial_masks
@@ -30,14 +27,11 @@ from attncompiler.program.schedule import Schedule
 
 from .. import cache
 from .render import KernelSource, render_predicate, template_digest
+from .common import VALID_TILES, dot_precision, on_device, pad_dim, tool_versions
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-VALID_TILES = (16, 32, 64, 128)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use exact products (the 1e-5 contract); fp16/bf16 use tensor cores anyway."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def kernel_tiles(schedule: Schedule) -> tuple[int, int]:
@@ -64,15 +58,6 @@ def kernel_tiles(schedule: Schedule) -> tuple[int, int]:
     return out[0], out[1]
 
 
-def tool_versions() -> dict[str, str]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:  # `attnc compile --emit` works without triton installed
-        triton_version = "none"
-    return {"attncompiler": __version__, "triton": triton_version,
-            "torch": torch.__version__.split("+")[0], "python": f"{sys.version_info[0]}.{sys.version_info[1]}"}
 
 
 @functools.lru_cache(maxsize=512)
@@ -239,8 +224,6 @@ def layout_tensors(layout: BlockLayout, device: torch.device) -> LayoutTensors:
 # Launches and autograd
 # ---------------------------------------------------------------------------------------------
 
-def pad_dim(d: int) -> int:
-    return max(16, 1 << (d - 1).bit_length())
 
 
 @dataclass(frozen=True, eq=False)
@@ -304,9 +287,6 @@ def _backward(plan: Plan, q, k, v, out, lse, dout, scale: float):
     return dq, dk, dv
 
 
-def on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 class TritonAttentionFn(torch.autograd.Function):

@@ -53,7 +53,7 @@ from ..context import RunContext
 from .render import BODY, TEMPLATE_DIR
 from ..pytorch.memory import (NEG_INF, SPREAD_LIMIT, SlotMemory, logit_spread, read_memory, run_slot_control,
                               write_memory)
-from .kernels import on_device, tool_versions
+from .common import on_device, tool_versions
 
 TEMPLATE = "memory.py"
 CACHE_PREFIX = "abcmem"  # generated files: abcmem_<key>.py in the kernel cache
