@@ -30,11 +30,11 @@ def allowed_pairs(pattern: Pattern, q_len: int, kv_len: int, *, batch: int = 1, 
 def flex_mask_mod(pattern: Pattern, q_len: int, kv_len: int, device="cpu") -> tuple[Callable, str]:
     """A FlexAttention ``mask_mod`` for a mask pattern and a note on how it was made.
 
-    Traced patterns use :func:`attncompiler.ir.expr.to_mask_mod` (plain torch ops, compiles
+    Traced patterns use :func:`attncompiler.ir.transform.to_mask_mod` (plain torch ops, compiles
     cleanly); per-head patterns select their parts with ``torch.where`` on ``h``; opaque ones
     call ``pattern.evaluate``.
     """
-    from ..ir.expr import to_mask_mod
+    from ..ir.transform import to_mask_mod
 
     e = pattern.predicate(q_len, kv_len)
     if e is not None:

@@ -21,6 +21,7 @@ from ..errors import PatternError
 from ..ir.expr import Expr
 from ..ir.trace import trace_uses
 from ..ir.index import check_index_ranges
+from ..ir.transform import substitute
 from .pattern import INT_LIMIT, Pattern, check_int, short_list
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +304,7 @@ class Mask(Pattern):
     def specialize(self, b, h):
         if self.expr is not None and self.expr.variables() & {"b", "h"}:
             # Substitution checks table indices that become constants (``docs[b, q]`` at b=2).
-            return Mask(None, E.substitute(self.expr, {"b": b, "h": h}))
+            return Mask(None, substitute(self.expr, {"b": b, "h": h}))
         if self.expr is None and (self.per_head or self.per_batch):
             return Mask(functools.partial(_call_at, self.fn, b, h), None, False, False)
         return self

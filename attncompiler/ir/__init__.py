@@ -2,7 +2,8 @@
 captured tensors, and the tracing of a FlexAttention-style ``mask_mod`` into an :class:`Expr`."""
 
 from .expr import (BOOL, INDEX_VARS, INT, KV, B, BinOp, Buffer, Const, Expr, H, Load, Q, UnOp, Var, Where, as_expr,
-                   binop, maximum, minimum, substitute, to_mask_mod, unop, where)
+                   binop, maximum, minimum, unop, where)
+from .transform import substitute, to_mask_mod
 from .index import Index, check_index_ranges, index
 from .trace import Sym, TraceError, trace, trace_uses
 

@@ -8,9 +8,11 @@ than a wrong "surely true/false".
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from .expr import BOOL, Const, Expr
+from .ops import BOOL
 
 _BIG = np.int64(2**62)  # bounds at or beyond +-_BIG mean "unknown"
 
@@ -34,7 +36,8 @@ def _unknown_where(lo, hi, flo, fhi):
     return np.where(bad, -_BIG, lo), np.where(bad, _BIG, hi)
 
 
-def interval_binop(op: str, ea: Expr, eb: Expr, env):
+def interval_binop(op: str, ea: Any, eb: Any, env):
+    """Bounds of ``ea op eb`` (``ea``, ``eb``: expression nodes) given variable bounds ``env``."""
     alo, ahi = ea.bounds(env)
     blo, bhi = eb.bounds(env)
     one, zero = np.int64(1), np.int64(0)
@@ -53,16 +56,16 @@ def interval_binop(op: str, ea: Expr, eb: Expr, env):
             return np.minimum(alo, blo), np.minimum(ahi, bhi)
         case "max":
             return np.maximum(alo, blo), np.maximum(ahi, bhi)
-        case "floordiv" if isinstance(eb, Const) and eb.value > 0:
-            return alo // eb.value, ahi // eb.value
-        case "floordiv" if isinstance(eb, Const) and eb.value < 0:  # floor(a / c) falls as a grows
-            return ahi // eb.value, alo // eb.value
-        case "mod" if isinstance(eb, Const) and eb.value > 0:
-            m = eb.value
+        case "floordiv" if (c := eb.constant()) is not None and c > 0:
+            return alo // c, ahi // c
+        case "floordiv" if (c := eb.constant()) is not None and c < 0:  # floor(a / c) falls as a grows
+            return ahi // c, alo // c
+        case "mod" if (c := eb.constant()) is not None and c > 0:
+            m = c
             same = (alo // m) == (ahi // m)
             return np.where(same, alo % m, 0), np.where(same, ahi % m, m - 1)
-        case "mod" if isinstance(eb, Const) and eb.value < 0:  # Python: the sign of the divisor
-            return np.broadcast_to(np.int64(eb.value + 1), np.shape(alo)), np.broadcast_to(zero, np.shape(alo))
+        case "mod" if (c := eb.constant()) is not None and c < 0:  # Python: the sign of the divisor
+            return np.broadcast_to(np.int64(c + 1), np.shape(alo)), np.broadcast_to(zero, np.shape(alo))
         case "floordiv" if np.all((blo > 0) | (bhi < 0)):  # a divisor that is never 0: |a // b| <= |a|
             m = np.maximum(np.abs(alo), np.abs(ahi))
             return -m, m

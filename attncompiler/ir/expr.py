@@ -22,31 +22,8 @@ import torch
 
 from ..errors import PatternError
 
-INT = "int"
-BOOL = "bool"
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
-# op name -> (python symbol for repr, precedence, result kind or None = same as operands)
-_BINOPS: dict[str, tuple[str, int, str | None]] = {
-    # Python's precedence, so that repr() reads as (and parses as) the code that builds it.
-    "eq": ("==", 1, BOOL),
-    "ne": ("!=", 1, BOOL),
-    "lt": ("<", 1, BOOL),
-    "le": ("<=", 1, BOOL),
-    "gt": (">", 1, BOOL),
-    "ge": (">=", 1, BOOL),
-    "or": ("|", 2, None),
-    "xor": ("^", 3, None),
-    "and": ("&", 4, None),
-    "add": ("+", 6, INT),
-    "sub": ("-", 6, INT),
-    "mul": ("*", 7, INT),
-    "floordiv": ("//", 7, INT),
-    "mod": ("%", 7, INT),
-    "min": ("min", 9, INT),
-    "max": ("max", 9, INT),
-}
-_COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge"}
+from .bounds import interval_binop
+from .ops import BINOPS, BOOL, INT, INT64_MAX, INT64_MIN
 
 
 class Expr:
@@ -105,11 +82,15 @@ class Expr:
                 out.add(node.name)
         return frozenset(out)
 
+    def constant(self):
+        """The value of a constant node, None for every other node."""
+        return None
+
     def buffers(self) -> tuple[Buffer, ...]:
         """Distinct buffers read by this expression, in first-use order."""
         seen: dict[Buffer, None] = {}
         for node in self.walk():
-            if isinstance(node, (Load, _index_ops()[0])):
+            if isinstance(getattr(node, "buffer", None), Buffer):  # Load and Index nodes
                 seen.setdefault(node.buffer, None)
         return tuple(seen)
 
@@ -160,6 +141,9 @@ class Const(Expr):
     """An integer or boolean constant (``Const(True)`` and ``Const(1)`` are different)."""
 
     value: int | bool
+
+    def constant(self):
+        return self.value
 
     def __post_init__(self):
         v = self.value
@@ -281,7 +265,7 @@ class Load(Expr):
 
 @dataclass(frozen=True, eq=True, repr=False)
 class BinOp(Expr):
-    """A binary operation; ``op`` is one of the names in ``_BINOPS``."""
+    """A binary operation; ``op`` is one of the names in ``BINOPS``."""
 
     op: str
     a: Expr
@@ -289,7 +273,7 @@ class BinOp(Expr):
 
     @property
     def kind(self) -> str:  # type: ignore[override]
-        res = _BINOPS[self.op][2]
+        res = BINOPS[self.op][2]
         if res is not None:
             return res
         return BOOL if self.a.kind == BOOL and self.b.kind == BOOL else INT
@@ -298,18 +282,17 @@ class BinOp(Expr):
         return (self.a, self.b)
 
     def precedence(self) -> int:
-        return _BINOPS[self.op][1]
+        return BINOPS[self.op][1]
 
     def evaluate(self, env):
         x, y = self.a.evaluate(env), self.b.evaluate(env)
-        return _TORCH_BINOPS[self.op](x, y)
+        return TORCH_BINOPS[self.op](x, y)
 
     def bounds(self, env):
-        from .bounds import interval_binop  # late import: interval arithmetic builds on these node classes
         return interval_binop(self.op, self.a, self.b, env)
 
     def __repr__(self) -> str:
-        sym, prec, _ = _BINOPS[self.op]
+        sym, prec, _ = BINOPS[self.op]
         if self.op in ("min", "max"):  # Python's min() would call bool(): spell the IR function
             return f"ac.{'minimum' if self.op == 'min' else 'maximum'}({self.a!r}, {self.b!r})"
         left = _paren(self.a, prec, right=False)
@@ -393,7 +376,7 @@ def as_expr(x: Any) -> Expr:
     """Lift Python ints/bools, 0-d integer tensors and :class:`Sym` proxies to ``Expr``."""
     if isinstance(x, Expr):
         return x
-    if isinstance(x, _sym_type()):
+    if isinstance(x, ExprProxy):
         return x.expr
     if isinstance(x, (bool, np.bool_)):
         return Const(bool(x))
@@ -411,7 +394,7 @@ def as_expr(x: Any) -> Expr:
 def binop(op: str, a: Any, b: Any) -> Expr:
     a, b = as_expr(a), as_expr(b)
     if op in ("floordiv", "mod") and isinstance(b, Const) and b.value == 0:
-        raise PatternError(f"division by zero in index expression {a!r} {_BINOPS[op][0]} 0")
+        raise PatternError(f"division by zero in index expression {a!r} {BINOPS[op][0]} 0")
     if isinstance(a, Const) and isinstance(b, Const):
         return as_expr(_PY_BINOPS[op](a.value, b.value))
     if op == "add":
@@ -452,98 +435,19 @@ def where(cond: Any, a: Any, b: Any) -> Expr:
         out = Where(c, as_expr(a), as_expr(b))
     # Inside a traced mask_mod the result must stay a proxy: a bare Expr would make a later
     # ``== 0`` structural (a Python bool) and silently trace the wrong predicate.
-    return _sym_type()(out) if any(isinstance(x, _sym_type()) for x in (cond, a, b)) else out
+    return _rewrap(out, cond, a, b)
 
 
 def minimum(a: Any, b: Any) -> Expr:
     """Element-wise minimum of two integer expressions (a proxy inside a traced mask_mod)."""
     out = binop("min", a, b)
-    return _sym_type()(out) if isinstance(a, _sym_type()) or isinstance(b, _sym_type()) else out
+    return _rewrap(out, a, b)
 
 
 def maximum(a: Any, b: Any) -> Expr:
     """Element-wise maximum of two integer expressions (a proxy inside a traced mask_mod)."""
     out = binop("max", a, b)
-    return _sym_type()(out) if isinstance(a, _sym_type()) or isinstance(b, _sym_type()) else out
-
-
-def substitute(e: Expr, values: Mapping[str, int]) -> Expr:
-    """Replace variables by integer constants and fold (e.g. specialize a predicate to one head)."""
-    Index, index = _index_ops()
-    match e:
-        case Var(name) if name in values:
-            return Const(int(values[name]))
-        case Var() | Const():
-            return e
-        case Load(buf, idx, fill):
-            return Load(buf, substitute(idx, values), fill)
-        case Index(buf, shape, idxs):
-            return index(buf, shape, tuple(substitute(i, values) for i in idxs))
-        case BinOp(op, a, b):
-            return binop(op, substitute(a, values), substitute(b, values))
-        case UnOp(op, a):
-            return unop(op, substitute(a, values))
-        case Where(c, a, b):
-            return where(substitute(c, values), substitute(a, values), substitute(b, values))
-    raise AssertionError(f"unknown expression node {e!r}")
-
-
-def to_mask_mod(e: Expr, device: torch.device | str = "cpu") -> Callable:
-    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` evaluating ``e`` with plain torch ops.
-
-    Buffers are captured as tensors up front, so the function traces cleanly under
-    ``torch.compile`` (no Python-side caches or numpy in the call path).
-    """
-    Index = _index_ops()[0]
-
-    def build(node: Expr) -> Callable:
-        match node:
-            case Var(name):
-                idx = ("b", "h", "q_idx", "kv_idx").index(name)
-                return lambda args: torch.as_tensor(args[idx]).to(torch.int64)  # int64 index arithmetic
-            case Const(value):
-                return lambda args: value
-            case Load(buf, index, fill):
-                table = torch.from_numpy(buf.data.copy()).to(device)
-                n, f = len(buf), build(index)
-
-                def load(args):
-                    i = f(args)
-                    inside = (i >= 0) & (i < n)
-                    return torch.where(inside, table[i.clamp(0, max(n - 1, 0))], fill)
-                return load
-            case Index(buf, shape, idxs):
-                table = torch.from_numpy(buf.data.copy()).to(device)
-                fs = [build(i) for i in idxs]
-
-                def gather(args):
-                    # Ranges were checked when the layout was built; wrap negatives as torch does.
-                    flat = 0
-                    for f, n in zip(fs, shape):
-                        i = torch.as_tensor(f(args))
-                        flat = flat * n + torch.where(i < 0, i + n, i)
-                    return table[torch.as_tensor(flat).clamp(0, max(len(buf) - 1, 0))]
-                return gather
-            case BinOp(op, a, b):
-                fa, fb, fn = build(a), build(b), _TORCH_BINOPS[op]
-                return lambda args: fn(fa(args), fb(args))
-            case UnOp("abs", a):
-                fa = build(a)
-                return lambda args: torch.abs(fa(args))
-            case UnOp(_, a):
-                fa = build(a)
-                return lambda args: ~fa(args)
-            case Where(c, a, b):
-                fc, fa, fb = build(c), build(a), build(b)
-                return lambda args: torch.where(fc(args), fa(args), fb(args))
-        raise AssertionError(f"unknown expression node {node!r}")
-
-    body = build(e)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return body((b, h, q_idx, kv_idx))
-
-    return mask_mod
+    return _rewrap(out, a, b)
 
 
 B, H, Q, KV = Var("b"), Var("h"), Var("q_idx"), Var("kv_idx")
@@ -574,7 +478,7 @@ def _mod(x, y):
     return torch.remainder(x, y)  # Python/torch `%`: the sign of the divisor
 
 
-_TORCH_BINOPS: dict[str, Callable] = {
+TORCH_BINOPS: dict[str, Callable] = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul,
     "floordiv": _floordiv, "mod": _mod,
     "and": lambda x, y: x & y, "or": lambda x, y: x | y, "xor": lambda x, y: x ^ y,
@@ -591,16 +495,22 @@ _PY_BINOPS: dict[str, Callable] = {
 }
 
 
-# The node kinds defined by the modules that build on this one (interval arithmetic in
-# ``bounds``, indexed tables in ``index``, tracing proxies in ``trace``), looked up when first needed.
 
-def _index_ops():
-    """(``Index`` node class, ``index`` builder) of :mod:`.index`."""
-    from .index import Index, index  # late import: Index is an Expr subclass defined on top of this module
-    return Index, index
+class ExprProxy:
+    """Base of proxies that stand for an :class:`Expr` while a mask_mod is traced (``trace.Sym``):
+    :func:`as_expr` unwraps them, and :func:`where`, :func:`minimum`, :func:`maximum` return a
+    proxy of the same type when one of their arguments is one."""
+
+    __slots__ = ("expr",)
+
+    def __init__(self, expr: Expr):
+        self.expr = expr
 
 
-def _sym_type() -> type:
-    """The ``Sym`` tracing proxy of :mod:`.trace`."""
-    from .trace import Sym  # late import: Sym wraps Exprs (trace builds on this module); lifting unwraps it
-    return Sym
+def _rewrap(out: Expr, *args: Any) -> Expr:
+    # Inside a traced mask_mod the result must stay a proxy: a bare Expr would make a later
+    # ``== 0`` structural (a Python bool) and silently trace the wrong predicate.
+    for x in args:
+        if isinstance(x, ExprProxy):
+            return type(x)(out)
+    return out

@@ -14,14 +14,14 @@ from typing import Any, Callable
 import torch
 
 from ..errors import PatternError
-from .expr import BOOL, INDEX_VARS, Buffer, Expr, as_expr, binop, unop, where
+from .expr import BOOL, INDEX_VARS, Buffer, Expr, ExprProxy, as_expr, binop, unop, where
 from .index import index
 
 class TraceError(Exception):
     """Raised inside tracing when a mask_mod does something an Expr cannot represent."""
 
 
-class Sym:
+class Sym(ExprProxy):
     """Proxy handed to a mask_mod during tracing: operators build an :class:`Expr`.
 
     Unlike ``Expr``, ``==`` and ``!=`` here are element-wise, as in a FlexAttention mask_mod.
@@ -29,7 +29,7 @@ class Sym:
     which makes the caller fall back to an opaque predicate.
     """
 
-    __slots__ = ("expr",)
+    __slots__ = ()
 
     def __init__(self, expr: Expr):
         self.expr = expr

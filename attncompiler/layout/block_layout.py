@@ -224,7 +224,7 @@ def _flex_mask_mod(layout: BlockLayout):
     buffer-backed predicates do): each group's predicate is built once here (``to_mask_mod``
     captures its buffers), and the group is selected per (b, h) with tensor ops.
     """
-    from ..ir.expr import to_mask_mod
+    from ..ir.transform import to_mask_mod
 
     q_len, kv_len = layout.q_len, layout.kv_len
 
