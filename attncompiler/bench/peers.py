@@ -55,7 +55,8 @@ def flex_mask_mod(pattern: Pattern, q_len: int, kv_len: int, device="cpu") -> tu
 
 
 def setup_sdpa(pattern, q, k, v, cap, calls, skipped, progress) -> None:
-    from ..dsl.primitives import Causal, Full
+    from ..dsl.pattern import Causal
+    from ..dsl.primitives import Full
     from ..program.reference import dense_masks
 
     if isinstance(pattern, (Causal, Full)):  # SDPA's own (flash) path: no mask tensor

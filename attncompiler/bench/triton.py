@@ -27,7 +27,7 @@ BACKWARD_FACTOR = 2.5  # backward FLOPs relative to forward (FlashAttention's co
 def sweep_patterns() -> dict:
     """The four patterns of the issue, with the block size the layout uses."""
     from .. import patterns as P
-    from ..dsl.primitives import causal
+    from ..dsl.pattern import causal
 
     return {"sliding_window": P.sliding_window(window=256),
             "bigbird": P.bigbird(block=64),

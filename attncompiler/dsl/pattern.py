@@ -52,7 +52,6 @@ class Pattern:
 
     def causal(self) -> Pattern:
         """This pattern restricted to keys at or before the query (``self & causal()``)."""
-        from .primitives import causal  # late import: the primitives subclass Pattern
         return self & causal()
 
     def __bool__(self) -> bool:
@@ -351,3 +350,19 @@ def _combine(cls, parts, sym) -> Pattern:
                 flat.append(q)
     return flat[0] if len(flat) == 1 else cls(tuple(flat))
 
+
+# The causal mask sits with the base class: ``Pattern.causal()`` builds it.
+@dataclass(frozen=True)
+class Causal(Pattern):
+    """Key ``k`` is visible to query ``q`` iff ``k <= q``."""
+
+    def predicate(self, q_len, kv_len):
+        return E.KV <= E.Q
+
+    def __repr__(self) -> str:
+        return "ac.causal()"
+
+
+def causal() -> Pattern:
+    """Causal attention: key ``k`` is visible to query ``q`` iff ``k <= q``."""
+    return Causal()

@@ -40,17 +40,6 @@ class Full(Pattern):
 
 
 @dataclass(frozen=True)
-class Causal(Pattern):
-    """Key ``k`` is visible to query ``q`` iff ``k <= q``."""
-
-    def predicate(self, q_len, kv_len):
-        return E.KV <= E.Q
-
-    def __repr__(self) -> str:
-        return "ac.causal()"
-
-
-@dataclass(frozen=True)
 class SlidingWindow(Pattern):
     """``|q - k| <= window``."""
 
@@ -465,11 +454,6 @@ def _probe(m: Mask, batch: int, heads: int, q_len: int, kv_len: int) -> None:
 def full() -> Pattern:
     """Dense attention: every query sees every key."""
     return Full()
-
-
-def causal() -> Pattern:
-    """Causal attention: key ``k`` is visible to query ``q`` iff ``k <= q``."""
-    return Causal()
 
 
 def sliding_window(window: int) -> Pattern:

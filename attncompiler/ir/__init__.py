@@ -1,8 +1,9 @@
 """Index-expression IR: the nodes mask predicates are written in, their interval bounds, indexing of
 captured tensors, and the tracing of a FlexAttention-style ``mask_mod`` into an :class:`Expr`."""
 
-from .expr import (BOOL, INDEX_VARS, INT, KV, B, BinOp, Buffer, Const, Expr, H, Load, Q, UnOp, Var, Where, as_expr,
-                   binop, maximum, minimum, unop, where)
+from .ops import BOOL, INT
+from .expr import (INDEX_VARS, KV, B, BinOp, Buffer, Const, Expr, H, Load, Q, UnOp, Var, Where, as_expr, binop,
+                   maximum, minimum, unop, where)
 from .transform import substitute, to_mask_mod
 from .index import Index, check_index_ranges, index
 from .trace import Sym, TraceError, trace, trace_uses

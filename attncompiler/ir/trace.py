@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import PatternError
-from .expr import BOOL, INDEX_VARS, Buffer, Expr, ExprProxy, as_expr, binop, unop, where
+from .ops import BOOL
+from .expr import INDEX_VARS, Buffer, Expr, ExprProxy, as_expr, binop, unop, where
 from .index import index
 
 class TraceError(Exception):

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import dsl as P
+from ..dsl.pattern import Pattern, check_lengths, require_mask
 from .block_sets import EVAL_CHUNK, EMPTY, FULL, PARTIAL, UNKNOWN, BlockSet, Geometry, block_set  # noqa: F401
 from ..errors import LayoutError
 from ..dsl.memory_limits import check_budget, format_bytes
-from ..dsl.primitives import check_batch_head_dependence
+from ..dsl.primitives import check_batch_head_dependence, mask
 
 # ---------------------------------------------------------------------------------------------
 # BCSR layout
@@ -29,7 +29,7 @@ class Blocks2D:
     """One group's layout in CSR (by query block) and CSC (by key block) form, numpy int64."""
 
     geom: Geometry
-    pattern: P.Pattern
+    pattern: Pattern
     row_ptr: np.ndarray
     cols: np.ndarray
     full: np.ndarray
@@ -88,7 +88,7 @@ class BlockLayout:
             depend on the batch entry / head, else the batch size / number of heads.
     """
 
-    pattern: P.Pattern
+    pattern: Pattern
     geom: Geometry
     groups: tuple[Blocks2D, ...]
     group_index: np.ndarray
@@ -190,7 +190,7 @@ class BlockLayout:
         num, idx = block_mask.kv_num_blocks.cpu().numpy(), block_mask.kv_indices.cpu().numpy()
         # A per-(batch, head) BlockMask may have a mask_mod that reads b/h in ways tracing cannot
         # see: declare the dependence so each group evaluates its partial blocks at its own b, h.
-        pat = P.mask(block_mask.mask_mod, per_batch=num.shape[0] > 1, per_head=num.shape[1] > 1)
+        pat = mask(block_mask.mask_mod, per_batch=num.shape[0] > 1, per_head=num.shape[1] > 1)
         has_full = block_mask.full_kv_num_blocks is not None
         fnum = block_mask.full_kv_num_blocks.cpu().numpy() if has_full else np.zeros_like(num)
         fidx = block_mask.full_kv_indices.cpu().numpy() if has_full else idx
@@ -275,7 +275,7 @@ def _ell(ptr, idx, full, n_rows):
     return (counts_p.astype(np.int32), pack(~full, counts_p), counts_f.astype(np.int32), pack(full, counts_f))
 
 
-def to_blocks2d(bs: BlockSet, pattern: P.Pattern) -> Blocks2D:
+def to_blocks2d(bs: BlockSet, pattern: Pattern) -> Blocks2D:
     assert not (bs.kind == UNKNOWN).any(), "unrefined blocks in a final layout"
     row_ptr = np.concatenate([[0], np.cumsum(np.bincount(bs.rows, minlength=bs.geom.nqb))])
     return Blocks2D(bs.geom, pattern, row_ptr, bs.cols, bs.kind == FULL)
@@ -288,7 +288,7 @@ def _check_blocks(block_m, block_n):
 
 
 @functools.lru_cache(maxsize=128)
-def build_layout(pattern: P.Pattern, q_len: int, kv_len: int, block_m: int = 64, block_n: int = 64,
+def build_layout(pattern: Pattern, q_len: int, kv_len: int, block_m: int = 64, block_n: int = 64,
                  *, batch: int = 1, heads: int = 1) -> BlockLayout:
     """Build (and cache) the exact block layout of a mask pattern.
 
@@ -298,8 +298,8 @@ def build_layout(pattern: P.Pattern, q_len: int, kv_len: int, block_m: int = 64,
         block_m, block_n: query and key block sizes.
         batch, heads: sizes used only when the pattern depends on the batch entry or head.
     """
-    P.require_mask(pattern, "a block layout")
-    P.check_lengths(q_len, kv_len)
+    require_mask(pattern, "a block layout")
+    check_lengths(q_len, kv_len)
     _check_blocks(block_m, block_n)
     for name, v in (("batch", batch), ("heads", heads)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
@@ -331,12 +331,12 @@ def _check_layout_size(g: Geometry) -> None:
                  "use larger blocks (block_m, block_n) or shorter sequences")
 
 
-def _build_layout(pattern: P.Pattern, g: Geometry, batch: int, heads: int) -> BlockLayout:
+def _build_layout(pattern: Pattern, g: Geometry, batch: int, heads: int) -> BlockLayout:
     period = pattern.head_period
     Hm = 1 if period == 1 else (heads if period is None else min(heads, period))
     Bm = batch if pattern.batch_dependent else 1
     groups: list[Blocks2D] = []
-    seen: dict[P.Pattern, int] = {}
+    seen: dict[Pattern, int] = {}
     gindex = np.zeros((Bm, Hm), dtype=np.int64)
     for bi in range(Bm):
         for hi in range(Hm):

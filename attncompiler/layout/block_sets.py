@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import dsl as P
+from ..dsl.pattern import Causal, Complement, Intersection, Pattern, Union
+from ..dsl.primitives import (BlockLocal, BlockWindow, DilatedWindow, Document, Full, GlobalTokens, Mask, PrefixLM,
+                              RandomBlocks, SlidingWindow, Strided)
 from ..errors import PatternError
 
 EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
@@ -231,7 +233,7 @@ def _global(g: Geometry, indices: tuple[int, ...]) -> BlockSet:
     return BlockSet.make(g, r, c, kind)
 
 
-def _random(g: Geometry, pat: P.RandomBlocks) -> BlockSet:
+def _random(g: Geometry, pat: RandomBlocks) -> BlockSet:
     tab = pat.table(g.q_len, g.kv_len)  # [pattern rows, r] key-block ids
     blk = pat.block
     if tab.shape[1] == 0:
@@ -268,7 +270,7 @@ def _random_coarse(g: Geometry, blk: int, prow, pcol) -> BlockSet:
     return BlockSet.make(g, r, c, np.where(count == covered, FULL, PARTIAL))
 
 
-def _document(g: Geometry, pat: P.Document) -> BlockSet:
+def _document(g: Geometry, pat: Document) -> BlockSet:
     off = pat.offsets(max(g.q_len, g.kv_len))  # clipped: O(documents), whatever sum(lengths) is
     total = int(off[-1])
     rows = np.arange(g.nqb, dtype=np.int64)
@@ -310,46 +312,46 @@ def _traced(g: Geometry, e) -> BlockSet:
     return BlockSet.make(g, r, c, k)
 
 
-def _classify(p: P.Pattern, g: Geometry) -> BlockSet:
+def _classify(p: Pattern, g: Geometry) -> BlockSet:
     match p:
-        case P.Full():
+        case Full():
             r, c = _all_pairs(g)
             return BlockSet.make(g, r, c, FULL)
-        case P.Causal():
+        case Causal():
             return _causal(g)
-        case P.SlidingWindow(w):
+        case SlidingWindow(w):
             return _band(g, w)
-        case P.BlockWindow(w, blk):
+        case BlockWindow(w, blk):
             return _band(g, w, blk)
-        case P.DilatedWindow(w, d):
+        case DilatedWindow(w, d):
             return _dilated(g, w, d)
-        case P.BlockLocal(blk):
+        case BlockLocal(blk):
             return _block_local(g, blk)
-        case P.Strided(s):
+        case Strided(s):
             return _strided(g, s)
-        case P.GlobalTokens(idx):
+        case GlobalTokens(idx):
             return _global(g, idx)
-        case P.RandomBlocks():
+        case RandomBlocks():
             return _random(g, p)
-        case P.PrefixLM(n):
+        case PrefixLM(n):
             return _union(_key_prefix(g, n), _causal(g))
-        case P.Document():
+        case Document():
             return _document(g, p)
-        case P.Union(parts):
+        case Union(parts):
             return functools.reduce(_union, (_classify(x, g) for x in parts))
-        case P.Intersection(parts):
+        case Intersection(parts):
             return functools.reduce(_intersection, (_classify(x, g) for x in parts))
-        case P.Complement(part):
+        case Complement(part):
             return _complement(_classify(part, g))
-        case P.Mask() if p.expr is not None:
+        case Mask() if p.expr is not None:
             return _traced(g, p.expr)
-        case P.Mask():
+        case Mask():
             r, c = _all_pairs(g)
             return BlockSet.make(g, r, c, UNKNOWN)
     raise PatternError(f"cannot build a block layout for {p!r} ({p.family} pattern)")
 
 
-def _refine(p: P.Pattern, g: Geometry, bs: BlockSet, b: int, h: int) -> BlockSet:
+def _refine(p: Pattern, g: Geometry, bs: BlockSet, b: int, h: int) -> BlockSet:
     """Resolve UNKNOWN blocks by evaluating the predicate on their elements only."""
     unknown = np.flatnonzero(bs.kind == UNKNOWN)
     if len(unknown) == 0:
@@ -371,6 +373,6 @@ def _refine(p: P.Pattern, g: Geometry, bs: BlockSet, b: int, h: int) -> BlockSet
     return BlockSet.make(g, bs.rows, bs.cols, kind)
 
 
-def block_set(p: P.Pattern, g: Geometry, b: int = 0, h: int = 0) -> BlockSet:
+def block_set(p: Pattern, g: Geometry, b: int = 0, h: int = 0) -> BlockSet:
     """The exact layout of a head- and batch-independent mask pattern."""
     return _refine(p, g, _classify(p, g), b, h)

@@ -18,7 +18,8 @@ from .tables import SpanTable, Builder
 from ...errors import InputError, PatternError
 from ...ir.expr import Expr
 from ...dsl.pattern import Pattern, check_int, check_lengths
-from ...dsl.primitives import block_local, causal as _causal_mask, document, sliding_window, strided
+from ...dsl.primitives import block_local, document, sliding_window, strided
+from ...dsl.pattern import causal as _causal_mask
 
 FAMILY = "combiner"
 POOLS = ("max", "mean")

@@ -30,7 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...dsl.pattern import Pattern, check_int
-from ...dsl.primitives import causal as _causal, sliding_window as _sliding_window
+from ...dsl.pattern import causal as _causal
+from ...dsl.primitives import sliding_window as _sliding_window
 from ...errors import InputError, PatternError
 
 MEMORY = "memory"
