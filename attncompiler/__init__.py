@@ -4,8 +4,9 @@ from .errors import (AttnCompilerError, CodegenError, InputError, LayoutError, L
                      ScheduleError, UnexpectedArgumentError, UnsupportedError)
 from .ir.expr import Expr, maximum, minimum, where
 from .dsl.pattern import Pattern, intersection, per_head, union
-from .dsl.primitives import (block_local, block_window, dilated_window, document, full, global_tokens, mask,
-                             prefix_lm, random_blocks, sliding_window, strided)
+from .dsl.primitives import (block_local, block_window, dilated_window, document, full, global_tokens, prefix_lm,
+                             random_blocks, sliding_window, strided)
+from .dsl.mask_mod import mask
 from .dsl.pattern import causal
 from .layout.block_layout import BlockLayout, build_layout
 from .program.schedule import Schedule

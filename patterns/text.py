@@ -319,8 +319,8 @@ class _Reader:
     # -- traced masks ----------------------------------------------------------------------
     def mask(self, node: ast.Call, depth: int) -> Pattern:
         """``ac.mask(lambda b, h, q_idx, kv_idx: EXPR)``: the body becomes the mask's Expr."""
-        from attncompiler.ir.expr import BOOL
-        from attncompiler.dsl.primitives import Mask
+        from attncompiler.ir.ops import BOOL
+        from attncompiler.dsl.mask_mod import Mask
 
         if len(node.args) != 1 or node.keywords or not isinstance(node.args[0], ast.Lambda):
             raise self.fail(node, "ac.mask(...) in text must hold one lambda b, h, q_idx, kv_idx: <expression>",

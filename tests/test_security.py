@@ -25,7 +25,7 @@ from attncompiler.codegen import cache
 from attncompiler.codegen.cpu import build as cpu_build
 from attncompiler.nn import TransformerStack, load_checkpoint, save_checkpoint
 from attncompiler.patterns.text import MAX_CHARS, MAX_DEPTH, MAX_NODES, parse_pattern
-from attncompiler.dsl.primitives import Mask
+from attncompiler.dsl.mask_mod import Mask
 
 from strategies import bool_exprs, expressions
 

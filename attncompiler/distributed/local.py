@@ -8,7 +8,7 @@ import torch
 
 from ..ir import expr as E
 from ..ir.index import Index, index
-from ..dsl.primitives import Mask, mask
+from ..dsl.mask_mod import Mask, mask
 
 
 @functools.lru_cache(maxsize=256)

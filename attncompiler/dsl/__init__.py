@@ -2,9 +2,10 @@
 
 from .pattern import (INT_LIMIT, Complement, Family, Intersection, Pattern, PerHead, Union, check_int, check_lengths,
                       intersection, per_head, require_mask, union)
-from .primitives import (BlockLocal, BlockWindow, DilatedWindow, Document, Full, GlobalTokens, Mask, PrefixLM,
+from .primitives import (BlockLocal, BlockWindow, DilatedWindow, Document, Full, GlobalTokens, PrefixLM,
                          RandomBlocks, SlidingWindow, Strided, block_local, block_window, dilated_window, document,
-                         full, global_tokens, mask, prefix_lm, random_blocks, sliding_window, strided)
+                         full, global_tokens, prefix_lm, random_blocks, sliding_window, strided)
+from .mask_mod import Mask, mask
 from .pattern import Causal, causal
 
 __all__ = ["INT_LIMIT", "BlockLocal", "BlockWindow", "Causal", "Complement", "DilatedWindow", "Document", "Family",

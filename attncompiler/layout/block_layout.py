@@ -18,7 +18,7 @@ from ..dsl.pattern import Pattern, check_lengths, require_mask
 from .block_sets import EVAL_CHUNK, EMPTY, FULL, PARTIAL, UNKNOWN, BlockSet, Geometry, block_set  # noqa: F401
 from ..errors import LayoutError
 from ..dsl.memory_limits import check_budget, format_bytes
-from ..dsl.primitives import check_batch_head_dependence, mask
+from ..dsl.mask_mod import check_batch_head_dependence, mask
 
 # ---------------------------------------------------------------------------------------------
 # BCSR layout

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from ..dsl.pattern import Causal, Complement, Intersection, Pattern, Union
-from ..dsl.primitives import (BlockLocal, BlockWindow, DilatedWindow, Document, Full, GlobalTokens, Mask, PrefixLM,
+from ..dsl.primitives import (BlockLocal, BlockWindow, DilatedWindow, Document, Full, GlobalTokens, PrefixLM,
                               RandomBlocks, SlidingWindow, Strided)
+from ..dsl.mask_mod import Mask
 from ..errors import PatternError
 
 EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3

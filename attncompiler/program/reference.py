@@ -16,7 +16,7 @@ import torch
 from ..errors import PatternError, UnsupportedError
 from .inputs import check_keywords, check_qkv, default_scale
 from ..dsl.pattern import Family, Pattern
-from ..dsl.primitives import check_batch_head_dependence
+from ..dsl.mask_mod import check_batch_head_dependence
 
 # The families beyond masks, by module: each exports ``REFERENCES`` (family -> float64 reference),
 # read on first use (the families build on this layer, so the table names them).

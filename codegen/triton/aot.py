@@ -83,7 +83,7 @@ def compile_for_target(pattern: Pattern, dtype: torch.dtype = torch.bfloat16, he
 
 
 if __name__ == "__main__":
-    from attncompiler.dsl.primitives import causal
+    from attncompiler.dsl.pattern import causal
 
     for kern in compile_for_target(causal()):
         print(kern)

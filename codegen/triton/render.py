@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from attncompiler.ir.expr import BOOL, BinOp, Const, Expr, Load, UnOp, Var, Where, binop
+from attncompiler.ir.ops import BOOL
+from attncompiler.ir.expr import BinOp, Const, Expr, Load, UnOp, Var, Where, binop
 from attncompiler.ir.index import Index
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"

@@ -1,0 +1,238 @@
+"""Masks from a FlexAttention-style mask_mod: traced into an index expression when it can be,
+kept opaque (evaluated chunk by chunk) otherwise; and the probe that an opaque mask's dependence on
+the batch entry and the head is what it declares."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+from ..errors import PatternError
+from ..ir.expr import Expr
+from ..ir.index import check_index_ranges
+from ..ir.trace import trace_uses
+from ..ir.transform import substitute
+from .pattern import Pattern
+
+
+@dataclass(frozen=True, eq=False)
+class Mask(Pattern):
+    """A FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+
+    Traced into an :class:`Expr` when possible (``expr`` is then set, the pattern compares
+    structurally and its ``b``/``h`` dependence is read off the expression); otherwise kept
+    opaque and evaluated chunk by chunk on tensors. For an opaque ``fn``, ``per_batch`` /
+    ``per_head`` are True (evaluate per batch entry / head), False (declared independent: the
+    b=0 / h=0 mask serves all) or None (undeclared: checked against the actual batch and heads
+    when the pattern is used, see :func:`check_batch_head_dependence`).
+    """
+
+    fn: Callable | None
+    expr: Expr | None
+    per_head: bool | None = None
+    per_batch: bool | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mask):
+            return NotImplemented
+        if self.expr is not None or other.expr is not None:
+            return self.expr == other.expr
+        return (self.fn, self.per_head, self.per_batch) == (other.fn, other.per_head, other.per_batch)
+
+    def __hash__(self) -> int:
+        return hash(("mask", self.expr)) if self.expr is not None else hash(("mask", self.fn, self.per_head, self.per_batch))
+
+    @property
+    def traced(self) -> bool:
+        return self.expr is not None
+
+    @property
+    def head_period(self):
+        if self.expr is not None:
+            return None if "h" in self.expr.variables() else 1
+        return None if self.per_head else 1
+
+    @property
+    def batch_dependent(self):
+        if self.expr is not None:
+            return "b" in self.expr.variables()
+        return bool(self.per_batch)
+
+    def specialize(self, b, h):
+        if self.expr is not None and self.expr.variables() & {"b", "h"}:
+            # Substitution checks table indices that become constants (``docs[b, q]`` at b=2).
+            return Mask(None, substitute(self.expr, {"b": b, "h": h}))
+        if self.expr is None and (self.per_head or self.per_batch):
+            return Mask(functools.partial(_call_at, self.fn, b, h), None, False, False)
+        return self
+
+    def validate(self, q_len, kv_len):
+        if self.expr is not None:
+            check_index_ranges(self.expr, q_len, kv_len)
+
+    def predicate(self, q_len, kv_len):
+        return self.expr
+
+    def evaluate(self, b, h, q_idx, kv_idx, q_len, kv_len):
+        if self.expr is not None:
+            return super().evaluate(b, h, q_idx, kv_idx, q_len, kv_len)
+        shape = torch.broadcast_shapes(q_idx.shape, kv_idx.shape)
+        try:
+            out = self.fn(torch.as_tensor(b), torch.as_tensor(h), q_idx, kv_idx)
+        except RuntimeError as e:
+            if "Boolean value of Tensor" not in str(e):
+                raise PatternError(f"mask_mod {_fn_name(self.fn)} raised RuntimeError: {e}") from e
+            # Python control flow on an index (`if q > k:`): correct one element at a time.
+            return _evaluate_elementwise(self.fn, b, h, q_idx, kv_idx, shape)
+        except Exception as e:  # a user function failing on tensors: say which and how
+            raise PatternError(f"mask_mod {_fn_name(self.fn)} raised {type(e).__name__}: {e}") from e
+        return _check_mask_output(self.fn, out, shape)
+
+    def __repr__(self) -> str:
+        if self.expr is not None:
+            return f"ac.mask(lambda b, h, q_idx, kv_idx: {self.expr!r})"
+        return f"ac.mask({_fn_name(self.fn)})"
+
+def _call_at(fn, b, h, _b, _h, q, k):
+    return fn(torch.as_tensor(b), torch.as_tensor(h), q, k)
+
+def _fn_name(fn) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.args[0] if fn.func is _call_at else fn.func
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+def _check_mask_output(fn, out, shape) -> torch.Tensor:
+    """``out`` as a bool tensor of ``shape``, or a PatternError saying what ``fn`` returned."""
+    if not isinstance(out, torch.Tensor):
+        try:
+            out = torch.as_tensor(out)
+        except (TypeError, RuntimeError, ValueError):
+            raise PatternError(
+                f"mask_mod {_fn_name(fn)} returned {type(out).__name__} {out!r}; "
+                "it must return a bool tensor") from None
+    if out.dtype != torch.bool:
+        raise PatternError(f"mask_mod {_fn_name(fn)} returned dtype {out.dtype}; it must return a bool tensor")
+    try:
+        return torch.broadcast_to(out, shape)
+    except RuntimeError:
+        raise PatternError(
+            f"mask_mod {_fn_name(fn)} returned shape {tuple(out.shape)} for index tensors "
+            f"broadcasting to {tuple(shape)}; it must be element-wise"
+        ) from None
+
+# Elements a mask_mod with Python control flow on an index is called for, one call each, in
+# one evaluation (a chunk of a layout, a dense mask): about a second of Python calls.
+ELEMENTWISE_LIMIT = 1 << 16
+
+def _evaluate_elementwise(fn, b, h, q_idx, kv_idx, shape) -> torch.Tensor:
+    """``fn`` called once per (q, kv) element with 0-d tensors, for mask_mods that branch on an
+    index with Python ``if`` (which tensors of indices cannot take)."""
+    n = math.prod(shape)
+    if n > ELEMENTWISE_LIMIT:
+        raise PatternError(
+            f"mask_mod {_fn_name(fn)} uses Python control flow (`if`, `and`, `or`, `not`) on an index, "
+            f"so it can only be evaluated one element at a time, and this evaluation has {n} elements "
+            f"(more than {ELEMENTWISE_LIMIT}). Write the condition with `&`, `|`, `~` and "
+            "`torch.where(cond, a, b)` instead: it then traces into a predicate that runs in kernels"
+        )
+    qs, ks = torch.broadcast_tensors(q_idx, kv_idx)
+    bt, ht = torch.as_tensor(b), torch.as_tensor(h)
+    out = torch.empty(shape, dtype=torch.bool)
+    flat_q, flat_k, flat_out = qs.reshape(-1), ks.reshape(-1), out.view(-1)
+    for i in range(n):
+        try:
+            v = fn(bt, ht, flat_q[i], flat_k[i])
+        except Exception as e:
+            raise PatternError(f"mask_mod {_fn_name(fn)} raised {type(e).__name__} at q_idx={int(flat_q[i])}, "
+                               f"kv_idx={int(flat_k[i])}: {e}") from e
+        flat_out[i] = bool(_check_mask_output(fn, v, ()))
+    return out.to(qs.device)
+
+_PROBE_POINTS = 48  # probe positions per axis (plus the first and last)
+
+def check_batch_head_dependence(pattern: Pattern, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+    """Raise :class:`PatternError` if an opaque mask_mod of ``pattern`` that did not declare
+    ``per_batch`` / ``per_head`` gives a different mask for some batch entry ``b < batch`` than
+    for ``b = 0`` (or head ``h < heads`` than ``h = 0``) on a probe grid of positions.
+
+    Without this check such a mask would silently use the b=0 / h=0 mask everywhere (as
+    FlexAttention's ``B=None, H=None`` broadcast does). Called with the actual sizes when a
+    layout or the reference is built.
+    """
+    for m in _undeclared_opaque(pattern):
+        try:
+            _probe(m, int(batch), int(heads), int(q_len), int(kv_len))
+        except TypeError:  # unhashable mask_mod: probe without the cache
+            _probe.__wrapped__(m, int(batch), int(heads), int(q_len), int(kv_len))
+
+def _undeclared_opaque(p: Pattern):
+    if isinstance(p, Mask):
+        if p.expr is None and (p.per_batch is None or p.per_head is None):
+            yield p
+        return
+    for c in p.children():
+        yield from _undeclared_opaque(c)
+
+def _probe_positions(n: int) -> torch.Tensor:
+    if n <= 2 * _PROBE_POINTS:
+        return torch.arange(n)
+    even = torch.linspace(0, n - 1, _PROBE_POINTS).round().long()
+    rand = torch.randint(0, n, (_PROBE_POINTS,), generator=torch.Generator().manual_seed(n))
+    return torch.unique(torch.cat([even, rand, torch.tensor([0, n - 1])]))
+
+@functools.lru_cache(maxsize=256)
+def _probe(m: Mask, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+    q, k = _probe_positions(q_len)[:, None], _probe_positions(kv_len)[None, :]
+    base = m.evaluate(0, 0, q, k, q_len, kv_len)
+    for name, flag, n in (("b", m.per_batch, batch), ("h", m.per_head, heads)):
+        if flag is not None:
+            continue
+        for i in range(1, n):
+            b, h = (i, 0) if name == "b" else (0, i)
+            diff = (m.evaluate(b, h, q, k, q_len, kv_len) != base).nonzero()
+            if len(diff):
+                qi, ki = (int(x) for x in diff[0])
+                option, what = ("per_batch", "batch entry") if name == "b" else ("per_head", "head")
+                raise PatternError(
+                    f"mask_mod {_fn_name(m.fn)} depends on the {what} {name}: at {name}={i} it differs from "
+                    f"{name}=0 (q_idx={int(q[qi, 0])}, kv_idx={int(k[0, ki])}), but it is opaque and did not "
+                    f"declare it, so every {what} would silently get {name}=0's mask. Pass "
+                    f"ac.mask(fn, {option}=True), or {option}=False to use {name}=0's mask everywhere"
+                )
+
+def mask(fn: Callable, *, per_head: bool | None = None, per_batch: bool | None = None) -> Pattern:
+    """A pattern from a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+
+    ``fn`` is first called with symbolic indices. If it uses only arithmetic, comparisons,
+    ``& | ~ % //``, ``abs``, ``torch.where`` and indexing of integer/bool tensors (any number
+    of dimensions, torch's rules: negative indices wrap, out of range is an error), the result
+    is an :class:`Expr` the compiler analyzes and renders into kernels, with int64 index
+    arithmetic, and ``b``/``h`` dependence is read off it. Otherwise ``fn`` stays opaque and is
+    evaluated chunk by chunk (one element at a time where it branches on an index with ``if``).
+
+    Args:
+        per_head, per_batch: for an opaque ``fn`` only: True evaluates it per head / batch entry;
+            False declares it independent (the h=0 / b=0 mask is used everywhere, FlexAttention's
+            ``H=None``/``B=None``); None (default) means per head / batch entry when tracing saw
+            ``fn`` touch ``h`` / ``b``, and otherwise a check, with the actual heads and batch
+            size, that it does not depend on them (a PatternError if it does).
+    """
+    if not callable(fn):
+        raise PatternError(f"mask() needs a callable mask_mod(b, h, q_idx, kv_idx), got {fn!r}")
+    for name, v in (("per_head", per_head), ("per_batch", per_batch)):
+        if v is not None and not isinstance(v, (bool, np.bool_)):
+            raise PatternError(f"{name}={v!r} must be True, False or None")
+    e, uses = trace_uses(fn)
+    if e is not None:
+        return Mask(None, e)
+    if per_head is None and "h" in uses:
+        per_head = True
+    if per_batch is None and "b" in uses:
+        per_batch = True
+    return Mask(fn, None, None if per_head is None else bool(per_head), None if per_batch is None else bool(per_batch))
