@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import attncompiler as ac
 from attncompiler import ir as E
-from attncompiler.ir import expr as expr_module
+from attncompiler.ir import ops as expr_ops
 from attncompiler.ir.expr import B, H, KV, Q
 
 from strategies import bool_exprs, int_exprs
@@ -111,7 +111,7 @@ def _python_eval(e: E.Expr, env: dict[str, int]):
         case E.Const(v):
             return v
         case E.BinOp(op, a, b):
-            return expr_module._PY_BINOPS[op](_python_eval(a, env), _python_eval(b, env))
+            return expr_ops.PY_BINOPS[op](_python_eval(a, env), _python_eval(b, env))
         case E.UnOp("abs", a):
             return abs(_python_eval(a, env))
         case E.UnOp("invert", a):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ import torch
 from ..errors import PatternError
 
 from .bounds import interval_binop
-from .ops import BINOPS, BOOL, INT, INT64_MAX, INT64_MIN
+from .ops import BINOPS, BOOL, INT, INT64_MAX, INT64_MIN, PY_BINOPS, TORCH_BINOPS
 
 
 class Expr:
@@ -396,7 +396,7 @@ def binop(op: str, a: Any, b: Any) -> Expr:
     if op in ("floordiv", "mod") and isinstance(b, Const) and b.value == 0:
         raise PatternError(f"division by zero in index expression {a!r} {BINOPS[op][0]} 0")
     if isinstance(a, Const) and isinstance(b, Const):
-        return as_expr(_PY_BINOPS[op](a.value, b.value))
+        return as_expr(PY_BINOPS[op](a.value, b.value))
     if op == "add":
         if b == Const(0): return a
         if a == Const(0): return b
@@ -460,40 +460,6 @@ def _paren(e: Expr, prec: int, right: bool) -> str:
     if p < prec or (p == prec == 1) or (right and p == prec and p < 9):
         return f"({e!r})"
     return repr(e)
-
-
-def _check_divisor(y) -> None:
-    if isinstance(y, torch.Tensor) and not torch.compiler.is_compiling() and bool((y == 0).any()):
-        raise PatternError("integer division or modulo by zero in a traced mask_mod (torch raises "
-                           "ZeroDivisionError there too); keep the divisor non-zero, e.g. `x // (k + 1)`")
-
-
-def _floordiv(x, y):
-    _check_divisor(y)
-    return torch.div(x, y, rounding_mode="floor")  # Python/torch `//`: floors
-
-
-def _mod(x, y):
-    _check_divisor(y)
-    return torch.remainder(x, y)  # Python/torch `%`: the sign of the divisor
-
-
-TORCH_BINOPS: dict[str, Callable] = {
-    "add": torch.add, "sub": torch.sub, "mul": torch.mul,
-    "floordiv": _floordiv, "mod": _mod,
-    "and": lambda x, y: x & y, "or": lambda x, y: x | y, "xor": lambda x, y: x ^ y,
-    "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
-    "min": torch.minimum, "max": torch.maximum,
-}
-_PY_BINOPS: dict[str, Callable] = {
-    "add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
-    "floordiv": lambda x, y: x // y, "mod": lambda x, y: x % y,
-    "and": lambda x, y: x & y, "or": lambda x, y: x | y, "xor": lambda x, y: x ^ y,
-    "eq": lambda x, y: x == y, "ne": lambda x, y: x != y, "lt": lambda x, y: x < y,
-    "le": lambda x, y: x <= y, "gt": lambda x, y: x > y, "ge": lambda x, y: x >= y,
-    "min": min, "max": max,
-}
-
 
 
 class ExprProxy:

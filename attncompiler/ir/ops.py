@@ -1,9 +1,16 @@
-"""Operator names of the index-expression IR and their tables: kinds, Python symbols, precedence.
+"""Operators of the index-expression IR, as tables: kinds, Python symbols and precedence, and
+the torch and Python implementations (floor division and modulo refuse a zero divisor).
 
 A leaf: the node classes (:mod:`.expr`), interval bounds (:mod:`.bounds`) and rendering read it.
 """
 
 from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import PatternError
 
 INT = "int"
 BOOL = "bool"
@@ -30,3 +37,36 @@ BINOPS: dict[str, tuple[str, int, str | None]] = {
     "max": ("max", 9, INT),
 }
 COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge"}
+
+
+def check_divisor(y) -> None:
+    if isinstance(y, torch.Tensor) and not torch.compiler.is_compiling() and bool((y == 0).any()):
+        raise PatternError("integer division or modulo by zero in a traced mask_mod (torch raises "
+                           "ZeroDivisionError there too); keep the divisor non-zero, e.g. `x // (k + 1)`")
+
+
+def floordiv(x, y):
+    check_divisor(y)
+    return torch.div(x, y, rounding_mode="floor")  # Python/torch `//`: floors
+
+
+def mod(x, y):
+    check_divisor(y)
+    return torch.remainder(x, y)  # Python/torch `%`: the sign of the divisor
+
+
+TORCH_BINOPS: dict[str, Callable] = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul,
+    "floordiv": floordiv, "mod": mod,
+    "and": lambda x, y: x & y, "or": lambda x, y: x | y, "xor": lambda x, y: x ^ y,
+    "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
+    "min": torch.minimum, "max": torch.maximum,
+}
+PY_BINOPS: dict[str, Callable] = {
+    "add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
+    "floordiv": lambda x, y: x // y, "mod": lambda x, y: x % y,
+    "and": lambda x, y: x & y, "or": lambda x, y: x | y, "xor": lambda x, y: x ^ y,
+    "eq": lambda x, y: x == y, "ne": lambda x, y: x != y, "lt": lambda x, y: x < y,
+    "le": lambda x, y: x <= y, "gt": lambda x, y: x > y, "ge": lambda x, y: x >= y,
+    "min": min, "max": max,
+}

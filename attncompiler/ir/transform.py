@@ -8,7 +8,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from .expr import TORCH_BINOPS, BinOp, Const, Expr, Load, UnOp, Var, Where, binop, unop, where
+from .expr import BinOp, Const, Expr, Load, UnOp, Var, Where, binop, unop, where
+from .ops import TORCH_BINOPS
 from .index import Index, index
 
 
