@@ -14,6 +14,8 @@ other jobs, CPU time is much less disturbed by them (wall time includes waiting 
     python benchmarks/reuse_bench.py --threads 1 --mlp-ratio 0         # attention-only blocks
     python benchmarks/reuse_bench.py --threads 1 --patterns bigbird    # one family for every layer
     python benchmarks/reuse_bench.py --small                           # seconds
+
+(or ``python -m attncompiler.bench.reuse ...``).
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import attncompiler as ac
-from attncompiler import patterns as catalogue
-from attncompiler.codegen.pytorch.probs import ProbsWorkspace, apply_probs
-from attncompiler.nn import TransformerStack
-from attncompiler.families.reuse.plan import reuse_savings
+from ..codegen.pytorch.probs import ProbsWorkspace, apply_probs
+from ..dsl.primitives import sliding_window
+from ..families.reuse.plan import reuse_savings
+from ..nn.stack import TransformerStack
+from ..patterns.sparse import bigbird
 
 VARIANTS = {"no reuse": (False, "recompute"), "reuse stored P": (True, "stored_probs"),
             "reuse recompute": (True, "recompute")}
@@ -38,8 +40,8 @@ VARIANTS = {"no reuse": (False, "recompute"), "reuse stored P": (True, "stored_p
 
 def layer_patterns(kind: str, num_layers: int, window: int, block: int) -> list:
     """One pattern per layer; layers 2i and 2i+1 share a pattern so that 2i+1 may reuse 2i."""
-    sw = ac.sliding_window(window)
-    bb = catalogue.bigbird(block=block, window_blocks=3, global_blocks=2, random_blocks=3, seed=0)
+    sw = sliding_window(window)
+    bb = bigbird(block=block, window_blocks=3, global_blocks=2, random_blocks=3, seed=0)
     pick = {"sliding_window": lambda i: sw, "bigbird": lambda i: bb, "mixed": lambda i: sw if (i // 2) % 2 == 0 else bb}
     return [pick[kind](i) for i in range(num_layers)]
 

@@ -26,6 +26,9 @@ forward + backward, on random data) alone in the parent process, one rank after 
 
     python benchmarks/distributed_bench.py -L 65536 --causal-len 16384 -P 2 4 --repeat 3
     python benchmarks/distributed_bench.py -L 65536 -P 2 4 --repeat 3 --pattern swg bigbird
+
+(or ``python -m attncompiler.bench.distributed ...``). The spawned ranks run :func:`_worker` of
+this module, imported by name in each process.
 """
 
 from __future__ import annotations
@@ -43,21 +46,29 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..codegen.pytorch.attention import block_sparse_attention, block_sparse_attention_backward
+from ..distributed.local import merge_partials
+from ..distributed.plan import dense_plan, plan_attention
+from ..distributed.ring import ring_attention
+from ..distributed.ring_fn import Ring
+from ..dsl.pattern import causal
+from ..dsl.primitives import global_tokens, sliding_window
+from ..patterns import CATALOGUE
+from ..patterns.text import parse_pattern
+
 
 def _pattern(name: str):
-    """``swg``: sliding_window(256) | global_tokens([0, 1, 2, 3]); anything else: a catalogue name."""
-    import attncompiler as ac
-    from attncompiler.cli.analysis import resolve_pattern
-
+    """``swg``: sliding_window(256) | global_tokens([0, 1, 2, 3]); a catalogue name (``bigbird``);
+    anything else is pattern text (``bigbird(block=32)``, read by :func:`~attncompiler.patterns.text.parse_pattern`)."""
     if name == "swg":
-        return ac.sliding_window(256) | ac.global_tokens([0, 1, 2, 3])
-    return resolve_pattern(name)
+        return sliding_window(256) | global_tokens([0, 1, 2, 3])
+    if name in CATALOGUE:
+        return CATALOGUE[name]()
+    return parse_pattern(name)
 
 
 def _cases(args):
     """``(name, pattern, L, sharding, dense_ring, overlap, dense_rows)`` of every case."""
-    import attncompiler as ac
-
     if args.pattern:
         cases = []
         for name in args.pattern:
@@ -66,19 +77,17 @@ def _cases(args):
                       (f"{name} pieces-only", p, args.seq_len, "contiguous", False, True, False),
                       (f"{name} dense", p, args.seq_len, "contiguous", True, True, None)]
         return cases
-    win = ac.sliding_window(args.window)
+    win = sliding_window(args.window)
     cases = [("window sparse", win, args.seq_len, "contiguous", False, True, None),
              ("window dense", win, args.seq_len, "contiguous", True, True, None),
              ("window dense no-overlap", win, args.seq_len, "contiguous", True, False, None)]
     for sh in ("contiguous", "zigzag", "striped"):
-        cases.append((f"causal {sh}", ac.causal(), args.causal_len, sh, False, True, None))
-    cases.append(("causal zigzag no-overlap", ac.causal(), args.causal_len, "zigzag", False, False, None))
+        cases.append((f"causal {sh}", causal(), args.causal_len, sh, False, True, None))
+    cases.append(("causal zigzag no-overlap", causal(), args.causal_len, "zigzag", False, False, None))
     return cases
 
 
 def _worker(rank, world, port, args, path):
-    from attncompiler.distributed import dense_plan, plan_attention, ring_attention
-
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -129,10 +138,6 @@ def _isolated(pattern, L, world, shardings, args):
 
     Shardings and ranks alternate within every repeat, so load from other jobs hits them alike.
     """
-    from attncompiler.codegen.pytorch.attention import block_sparse_attention, block_sparse_attention_backward
-    from attncompiler.distributed import merge_partials, plan_attention
-    from attncompiler.distributed.ring_fn import Ring
-
     torch.set_num_threads(1)
     H, D = args.heads, args.head_dim
     g = torch.Generator().manual_seed(0)
@@ -185,7 +190,8 @@ def _spread(xs) -> list:
     return [round(statistics.median(xs), 3), round(min(xs), 3), round(max(xs), 3)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Run every world size and print one JSON line per case."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--seq-len", "-L", type=int, default=65536, help="sliding-window cases")
@@ -198,7 +204,7 @@ def main() -> None:
     ap.add_argument("--isolated-only", action="store_true", help="only the per-rank compute timed alone")
     ap.add_argument("--pattern", nargs="+", default=None,
                     help="run only these patterns at -L (swg: sliding_window(256) | global_tokens([0,1,2,3]))")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.pattern:
         args.no_isolated = True
     for world in args.world_sizes:
@@ -231,9 +237,7 @@ def main() -> None:
 
 
 def _print_isolated(world, args) -> None:
-    import attncompiler as ac
-
-    for row in _isolated(ac.causal(), args.causal_len, world, ("contiguous", "zigzag", "striped"), args):
+    for row in _isolated(causal(), args.causal_len, world, ("contiguous", "zigzag", "striped"), args):
         print(json.dumps(row), flush=True)
 
 

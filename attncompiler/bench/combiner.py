@@ -9,13 +9,15 @@ program with one shared slot per summary (``name/shared``: the joint layout befo
 summary slots, see :mod:`attncompiler.families.combiner.joint`), for a before/after comparison in one
 process. Contenders alternate on the same inputs after one warm-up call; reported: median
 (and min-max) forward and forward+backward time, the ratio to the sparse pattern, peak tensor
-memory of one forward (``attncompiler.bench.attention.peak_memory``), and whether every query reaches
+memory of one forward (:func:`attncompiler.bench.measure.peak_memory`), and whether every query reaches
 every key in one layer.
 
 Usage (from the repository root)::
 
     python benchmarks/combiner_bench.py --lengths 4096 16384 --heads 4 --reps 5
     python benchmarks/combiner_bench.py --lengths 4096 16384 --all --shared-slots --no-dense --threads 1
+
+(or ``python -m attncompiler.bench.combiner ...``).
 """
 
 from __future__ import annotations
@@ -28,33 +30,36 @@ import time
 
 import torch
 
-import attncompiler as ac
-from attncompiler.families import combiner as C
-from attncompiler.bench.measure import peak_memory
-from attncompiler.program.stages import BlockSparseAttention
-from attncompiler.patterns import sparse
+from ..dsl.pattern import causal
+from ..families.combiner.joint import JointMask
+from ..families.combiner.pattern import Combiner, combiner_axial, combiner_fixed, combiner_logsparse
+from ..families.combiner.program import ConcatSummaries
+from ..patterns.sparse import axial, logsparse, sparse_transformer_fixed
+from ..program.stages import BlockSparseAttention
+from ..runtime.compile import compile as compile_pattern
+from .measure import peak_memory
 
 
 def _contenders(L: int, everything: bool, dense: bool = True):
     span = 1 << round(math.log2(math.sqrt(L)))
-    yield "combiner_fixed", C.combiner_fixed(span, causal=True), "fixed"
-    yield "sparse_fixed(merged)", sparse.sparse_transformer_fixed(stride=span, summary=8, merged=True), "fixed"
+    yield "combiner_fixed", combiner_fixed(span, causal=True), "fixed"
+    yield "sparse_fixed(merged)", sparse_transformer_fixed(stride=span, summary=8, merged=True), "fixed"
     if dense:
-        yield "dense_causal", ac.causal(), None
+        yield "dense_causal", causal(), None
     if everything:
-        yield "combiner_logsparse", C.combiner_logsparse(causal=True), "logsparse"
-        yield "logsparse", sparse.logsparse(), "logsparse"
-        yield "combiner_axial", C.combiner_axial(span, causal=True), "axial"
-        yield "axial", sparse.axial(span, causal=True), "axial"
+        yield "combiner_logsparse", combiner_logsparse(causal=True), "logsparse"
+        yield "logsparse", logsparse(), "logsparse"
+        yield "combiner_axial", combiner_axial(span, causal=True), "axial"
+        yield "axial", axial(span, causal=True), "axial"
 
 
 def with_shared_slots(attn: torch.nn.Module) -> torch.nn.Module:
     """``attn`` (a compiled Combiner) switched to one shared slot per summary, in id order."""
     stages = []
     for st in attn.program.stages:
-        if isinstance(st, BlockSparseAttention) and isinstance(st.pattern, C.JointMask):
+        if isinstance(st, BlockSparseAttention) and isinstance(st.pattern, JointMask):
             st = dataclasses.replace(st, pattern=dataclasses.replace(st.pattern, pack=None))
-        elif isinstance(st, C.ConcatSummaries):
+        elif isinstance(st, ConcatSummaries):
             st = dataclasses.replace(st, joint=None)
         stages.append(st)
     attn.program = dataclasses.replace(attn.program, stages=tuple(stages))
@@ -62,9 +67,9 @@ def with_shared_slots(attn: torch.nn.Module) -> torch.nn.Module:
 
 
 def _one_layer_full(pattern, L: int) -> str:
-    if isinstance(pattern, C.Combiner):
+    if isinstance(pattern, Combiner):
         return "yes (by construction; checked by tests at small L)"
-    return "no" if pattern != ac.causal() else "yes"
+    return "no" if pattern != causal() else "yes"
 
 
 def run(lengths, heads: int, head_dim: int, reps: int, everything: bool, backward: bool,
@@ -76,10 +81,10 @@ def run(lengths, heads: int, head_dim: int, reps: int, everything: bool, backwar
         for name, p, fam in _contenders(L, everything, dense):
             if only and name not in only:
                 continue
-            attn = ac.compile(p, backend="torch")
+            attn = compile_pattern(p, backend="torch")
             fns[name] = (attn, fam, p)
-            if shared_slots and isinstance(p, C.Combiner):
-                fns[f"{name}/shared"] = (with_shared_slots(ac.compile(p, backend="torch")), fam, p)
+            if shared_slots and isinstance(p, Combiner):
+                fns[f"{name}/shared"] = (with_shared_slots(compile_pattern(p, backend="torch")), fam, p)
         if dense:
             fns["sdpa_causal"] = (lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True), None, None)

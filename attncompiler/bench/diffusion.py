@@ -15,6 +15,8 @@ mark (``/proc/self/clear_refs``) and reports the peak above the pre-run level of
 Usage (from the repository root)::
 
     python benchmarks/diffusion_bench.py --lengths 4096 16384 --heads 2 --reps 5
+
+(or ``python -m attncompiler.bench.diffusion ...``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ import warnings
 import numpy as np
 import torch
 
+from ..layout.block_layout import partial_masks
+from ..patterns.diffuser import diffuser
+from ..program.schedule import Schedule
+from ..runtime.compile import compile as compile_pattern
+
+MODULE = "attncompiler.bench.diffusion"
+"""This module's name: the memory children run ``python -m MODULE --child ...``."""
+
 warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 
 
@@ -41,8 +51,6 @@ warnings.filterwarnings("ignore", message=".*[Ss]parse.*")
 
 def edge_list(base, L: int) -> tuple[np.ndarray, np.ndarray]:
     """Allowed (query, key) pairs of a mask pattern, row-major (from its block layout)."""
-    from attncompiler.layout.block_layout import partial_masks
-
     blocks = base.layout(L, L, 128, 128).groups[0]
     g = blocks.geom
     rows, cols = [], []
@@ -101,9 +109,6 @@ def _rss_kib(field: str) -> int:
 
 def _contender(impl: str, L: int, B: int, H: int, D: int, hops: int, mode: str, block: int):
     """``once()`` running one contender on fresh inputs (forward, or forward+backward)."""
-    import attncompiler as ac
-    from attncompiler.patterns.diffuser import diffuser
-
     pattern = diffuser(hops=hops)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D, generator=gen) for _ in range(3))
@@ -113,7 +118,7 @@ def _contender(impl: str, L: int, B: int, H: int, D: int, hops: int, mode: str, 
             t.requires_grad_(True)
     scale = D ** -0.5
     if impl == "ours":
-        attn = ac.compile(pattern, backend="torch", schedule=ac.Schedule(block_m=block, block_n=block),
+        attn = compile_pattern(pattern, backend="torch", schedule=Schedule(block_m=block, block_n=block),
                           check_finite=False)
         fn = lambda: attn(q, k, v, scale)  # noqa: E731
     else:
@@ -170,12 +175,19 @@ def time_both(L: int, B: int, H: int, D: int, hops: int, mode: str, block: int, 
 
 def run_child(*args) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, __file__, "--child", *map(str, args)]
+    cmd = [sys.executable, "-m", MODULE, "--child", *map(str, args)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Print the comparison table; ``--child IMPL L B H D HOPS MODE BLOCK`` (the memory children)
+    prints one :func:`measure_memory` result as JSON instead."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--child"]:
+        impl, L, B, H, D, hops, mode, block = argv[1:9]
+        print(json.dumps(measure_memory(impl, int(L), int(B), int(H), int(D), int(hops), mode, int(block))))
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--batch", type=int, default=1)
@@ -206,8 +218,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        impl, L, B, H, D, hops, mode, block = sys.argv[2:10]
-        print(json.dumps(measure_memory(impl, int(L), int(B), int(H), int(D), int(hops), mode, int(block))))
-    else:
-        main()
+    main()

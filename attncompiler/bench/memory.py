@@ -15,6 +15,7 @@ Run: ``python benchmarks/memory_bench.py`` (targets: L=16384, H=4, D=64, n=64, 4
 ``python benchmarks/memory_bench.py --small`` for a quick check; on a GPU,
 ``python benchmarks/memory_bench.py --device cuda`` (section 4 only). Absolute times on a shared
 machine are noise; the ratios measured side by side are the figures (the load is printed).
+``python -m attncompiler.bench.memory`` runs the same.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-import attncompiler as ac
-from attncompiler.families.memory.pattern import MLPControl, memory
+from ..families.memory.pattern import MLPControl, memory
+from ..runtime.compile import compile as compile_pattern
+
+MODULE = "attncompiler.bench.memory"
+"""This module's name: the peak-memory children run ``python -m MODULE --peak-child ...``."""
 
 
 def _inputs(L: int, H: int, D: int, seed: int = 0, device: str = "cpu"):
@@ -52,10 +56,8 @@ def _timed(fn, device: str) -> float:
 def forward_speed(L: int, H: int = 4, D: int = 64, n: int = 64, reps: int = 3, device: str = "cpu",
                   backend: str = "torch") -> dict:
     """Median forward seconds of causal ABC-MLP and causal SDPA, alternated (fp32)."""
-    if backend == "triton":
-        from attncompiler.codegen.triton import memory as triton_memory  # noqa: F401  (registers the Triton memory stages)
     q, k, v = _inputs(L, H, D, device=device)
-    attn = ac.compile(memory(n, MLPControl(), causal=True), backend=backend, check_finite=False)
+    attn = compile_pattern(memory(n, MLPControl(), causal=True), backend=backend, check_finite=False)
     ours, peer = [], []
     with torch.no_grad():
         attn(q, k, v)  # materializes W, compiles kernels, warms caches
@@ -82,7 +84,7 @@ def _peak_child(which: str, L: int, H: int, D: int, n: int) -> None:
     """Run one forward + backward and print the peak resident memory above the baseline (bytes)."""
     torch.manual_seed(0)
     q, k, v = (t.requires_grad_() for t in _inputs(L, H, D))
-    attn = ac.compile(memory(n, MLPControl(), causal=True), backend="torch", check_finite=False)
+    attn = compile_pattern(memory(n, MLPControl(), causal=True), backend="torch", check_finite=False)
     attn.materialize(D)
     W = attn.control_param.detach()
     base = _status("VmRSS")
@@ -108,7 +110,7 @@ def peak_memory(L: int, H: int = 4, D: int = 64, n: int = 64) -> dict:
     """Forward + backward peak memory of ABC-MLP and the cumulative-sum implementation."""
     res = {"L": L}
     for which in ("abc", "cumsum"):
-        cmd = [sys.executable, __file__, "--peak-child", which, str(L), str(H), str(D), str(n)]
+        cmd = [sys.executable, "-m", MODULE, "--peak-child", which, str(L), str(H), str(D), str(n)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         res[f"{which}_peak_mib"] = json.loads(out.strip().splitlines()[-1])["peak_bytes"] / 2 ** 20
     res["ratio"] = res["cumsum_peak_mib"] / res["abc_peak_mib"]
@@ -118,7 +120,7 @@ def peak_memory(L: int, H: int = 4, D: int = 64, n: int = 64) -> dict:
 def decoding(steps: int, H: int = 4, D: int = 64, n: int = 64) -> dict:
     """``attn.step`` through ``steps`` tokens vs SDPA over a KV cache that grows each step."""
     q, k, v = _inputs(steps, H, D)
-    attn = ac.compile(memory(n, MLPControl(), causal=True), backend="torch", check_finite=False)
+    attn = compile_pattern(memory(n, MLPControl(), causal=True), backend="torch", check_finite=False)
     state = attn.init_state(1)
     state_sizes = []
     with torch.no_grad():
@@ -160,10 +162,8 @@ def gpu_compare(L: int, H: int = 4, D: int = 64, n: int = 64, reps: int = 5, dev
     ratios to ABC, and peak memory of one forward + backward. The cumulative-sum peer is
     skipped (reported as None) when its ``[T, n, D]`` tensors would not fit.
     """
-    if backend == "triton":
-        from attncompiler.codegen.triton import memory as triton_memory  # noqa: F401  (registers the Triton memory stages)
     q, k, v = (t.requires_grad_() for t in _inputs(L, H, D, device=device))
-    attn = ac.compile(memory(n, MLPControl(), causal=True), backend=backend, check_finite=False).to(device)
+    attn = compile_pattern(memory(n, MLPControl(), causal=True), backend=backend, check_finite=False).to(device)
     attn.materialize(D, device)
     W = attn.control_param.detach()
     scale = D ** -0.5
