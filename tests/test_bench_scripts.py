@@ -1,0 +1,58 @@
+"""The family benchmarks live in ``attncompiler.bench``; ``benchmarks/*_bench.py`` are their thin CLIs.
+
+Each CLI must start and print its options; one runs end to end at a tiny size, and the
+diffusion benchmark's memory child (``python -m attncompiler.bench.diffusion --child ...``)
+answers with one JSON line, as the parent reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# CLI -> an option only that benchmark has (its --help must list it)
+CLIS = {"combiner": "--shared-slots", "diffusion": "--hops", "distributed": "--causal-len",
+        "memory": "--mem-seq-len", "reuse": "--mlp-ratio"}
+
+
+def _run(*args: str, timeout: float = 120) -> str:
+    res = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{args} failed ({res.returncode}):\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+@pytest.mark.parametrize("name", sorted(CLIS))
+def test_cli_prints_its_options(name):
+    out = _run(f"benchmarks/{name}_bench.py", "--help")
+    assert out.startswith("usage:"), out[:200]
+    assert CLIS[name] in out
+
+
+def test_every_family_benchmark_has_a_thin_cli():
+    assert sorted(p.name for p in (ROOT / "benchmarks").glob("*_bench.py")) == sorted(f"{n}_bench.py" for n in CLIS)
+    for name in CLIS:
+        text = (ROOT / "benchmarks" / f"{name}_bench.py").read_text()
+        assert f"from attncompiler.bench.{name} import main" in text
+        assert len(text.splitlines()) < 10, f"benchmarks/{name}_bench.py should only call main()"
+
+
+def test_reuse_benchmark_runs_and_counts_the_predicted_drop():
+    out = _run("benchmarks/reuse_bench.py", "--seq-len", "256", "--layers", "4", "--heads", "2", "--head-dim", "16",
+               "--window", "32", "--block", "16", "--reps", "1", "--threads", "1", "--no-breakdown")
+    assert "reuse plan: ReusePlan(4 layers x 2 heads, 4 heads reused" in out, out
+    m = re.search(r"drop with stored P: predicted (-?[\d.]+)%, counted (-?[\d.]+)%", out)
+    assert m, out
+    predicted, counted = map(float, m.groups())
+    assert 0 < predicted and abs(predicted - counted) < 1.0, out
+
+
+def test_diffusion_memory_child_answers_json():
+    out = _run("-m", "attncompiler.bench.diffusion", "--child", "ours", "128", "1", "1", "8", "1", "fwd", "32")
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["impl"] == "ours" and isinstance(res["peak_mib"], float)
