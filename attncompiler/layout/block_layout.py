@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..dsl.pattern import Pattern, check_lengths, require_mask
-from .block_sets import EVAL_CHUNK, EMPTY, FULL, PARTIAL, UNKNOWN, BlockSet, Geometry, block_set  # noqa: F401
+from .block_sets import (EVAL_CHUNK, EMPTY, FULL, PARTIAL, UNKNOWN, BlockSet, Geometry, block_set,  # noqa: F401
+                         combine_segments, pairs_from_ranges, segments_to_blocks)
 from ..errors import LayoutError
 from ..dsl.memory_limits import check_budget, format_bytes
 from ..dsl.mask_mod import check_batch_head_dependence, mask
@@ -26,17 +27,72 @@ from ..dsl.mask_mod import check_batch_head_dependence, mask
 
 @dataclass(frozen=True, eq=False)
 class Blocks2D:
-    """One group's layout in CSR (by query block) and CSC (by key block) form, numpy int64."""
+    """One group's layout: per query-block row, its full key blocks as a few ``[start, end)``
+    ranges (CSR over ranges) and its partial key blocks as an explicit sorted list (CSR).
+
+    Causal at 1M tokens with 64-blocks is 16,384 rows x one range plus one diagonal block. The
+    explicit per-block views (``rows``, ``cols``, ``full``, ``row_ptr``, ``csc``) are derived on
+    first use, for consumers that need them; counts, ``allowed_pairs()`` and the range views
+    (``csc_ranges``, ``csc_partial``) work from the ranges without expanding them.
+    """
 
     geom: Geometry
     pattern: Pattern
-    row_ptr: np.ndarray
-    cols: np.ndarray
-    full: np.ndarray
+    range_ptr: np.ndarray     # [nqb + 1] into range_start / range_end
+    range_start: np.ndarray   # first full key block of each range
+    range_end: np.ndarray     # one past its last
+    part_ptr: np.ndarray      # [nqb + 1] into part_cols
+    part_cols: np.ndarray     # partial key blocks, sorted within each row
+
+    # -- sizes (proportional to ranges) ---------------------------------------------------------
+    @functools.cached_property
+    def num_full(self) -> int:
+        return int((self.range_end - self.range_start).sum())
+
+    @property
+    def num_partial(self) -> int:
+        return len(self.part_cols)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_full + self.num_partial
 
     @functools.cached_property
+    def range_rows(self) -> np.ndarray:
+        return np.repeat(np.arange(self.geom.nqb, dtype=np.int64), np.diff(self.range_ptr))
+
+    @functools.cached_property
+    def part_rows(self) -> np.ndarray:
+        return np.repeat(np.arange(self.geom.nqb, dtype=np.int64), np.diff(self.part_ptr))
+
+    # -- explicit views (derived, size of the result) ----------------------------------------------
+    @functools.cached_property
+    def _explicit(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        fr, fc = pairs_from_ranges(self.range_rows, self.range_start, self.range_end - 1)
+        rows = np.concatenate([fr, self.part_rows])
+        cols = np.concatenate([fc, self.part_cols])
+        full = np.concatenate([np.ones(len(fr), bool), np.zeros(len(self.part_cols), bool)])
+        order = np.argsort(rows * self.geom.nkb + cols, kind="stable")
+        return rows[order], cols[order], full[order]
+
+    @property
     def rows(self) -> np.ndarray:
-        return np.repeat(np.arange(self.geom.nqb), np.diff(self.row_ptr))
+        """Query block of every non-empty block, sorted by (row, col)."""
+        return self._explicit[0]
+
+    @property
+    def cols(self) -> np.ndarray:
+        return self._explicit[1]
+
+    @property
+    def full(self) -> np.ndarray:
+        return self._explicit[2]
+
+    @functools.cached_property
+    def row_ptr(self) -> np.ndarray:
+        counts = np.diff(self.part_ptr) + np.bincount(self.range_rows, weights=self.range_end - self.range_start,
+                                                      minlength=self.geom.nqb).astype(np.int64)
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
     @functools.cached_property
     def csc(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -45,37 +101,69 @@ class Blocks2D:
         col_ptr = np.concatenate([[0], np.cumsum(np.bincount(self.cols, minlength=self.geom.nkb))])
         return col_ptr, self.rows[order], self.full[order]
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.cols)
+    # -- transposed range views (proportional to their result) ---------------------------------------
+    @functools.cached_property
+    def csc_ranges(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(col_range_ptr, row_start, row_end)``: per key block, its full query blocks as ranges.
 
-    @property
-    def num_full(self) -> int:
-        return int(self.full.sum())
+        Membership of column c changes between rows t-1 and t exactly on the symmetric difference
+        of their ranges, so the transposed ranges come from those differences (one range per
+        column for causal), never from the expanded blocks.
+        """
+        g = self.geom
+        rr, s, e = self.range_rows, self.range_start, self.range_end
+        kinds = np.full(len(rr), FULL, dtype=np.uint8)
+        diff = combine_segments((rr + 1, s, e, kinds), (rr, s, e, kinds), g.nkb, _transition_kind)
+        t, c, k = segments_to_blocks(*diff)
+        order = np.argsort(c * (g.nqb + 2) + t, kind="stable")
+        t, c, k = t[order], c[order], k[order]
+        starts, ends = k == _OPENS, k == _CLOSES
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(c[starts], minlength=g.nkb))]).astype(np.int64)
+        return ptr, t[starts], t[ends]
+
+    @functools.cached_property
+    def csc_partial(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(col_part_ptr, rows)``: per key block, its partial query blocks (sorted)."""
+        order = np.lexsort((self.part_rows, self.part_cols))
+        ptr = np.concatenate([[0], np.cumsum(np.bincount(self.part_cols, minlength=self.geom.nkb))])
+        return ptr.astype(np.int64), self.part_rows[order]
 
     def allowed_pairs(self) -> int:
-        """Number of allowed (q, k) pairs (exact: evaluates partial blocks)."""
+        """Number of allowed (q, k) pairs (exact: evaluates partial blocks only)."""
         g = self.geom
-        rows, cols = self.rows, self.cols
-        sizes = (g.q_hi(rows) - g.q_lo(rows) + 1) * (g.k_hi(cols) - g.k_lo(cols) + 1)
-        total = int(sizes[self.full].sum())
-        partial = np.flatnonzero(~self.full)
+        k_cum = np.concatenate([[0], np.cumsum(g.k_hi(np.arange(g.nkb)) - g.k_lo(np.arange(g.nkb)) + 1)])
+        rr = self.range_rows
+        total = int(((g.q_hi(rr) - g.q_lo(rr) + 1) * (k_cum[self.range_end] - k_cum[self.range_start])).sum())
         per = max(1, EVAL_CHUNK // (g.block_m * g.block_n))  # bounded temporary memory
-        for s in range(0, len(partial), per):
-            total += int(partial_masks(self, partial[s:s + per]).sum())
+        for s in range(0, self.num_partial, per):
+            total += int(block_masks(self, self.part_rows[s:s + per], self.part_cols[s:s + per]).sum())
         return total
 
 
-def partial_masks(blocks: Blocks2D, which: np.ndarray, device="cpu") -> torch.Tensor:
-    """Element masks ``[len(which), BM, BN]`` of the given blocks (out-of-range elements False)."""
+# Kinds of ``csc_ranges``' row transitions: a column's full run opens or closes at a row.
+_OPENS, _CLOSES = PARTIAL, FULL
+
+
+def _transition_kind(above: np.ndarray, here: np.ndarray) -> np.ndarray:
+    return np.where(here != EMPTY, np.where(above == EMPTY, _OPENS, EMPTY),
+                    np.where(above != EMPTY, _CLOSES, EMPTY))
+
+
+def block_masks(blocks: Blocks2D, rows: np.ndarray, cols: np.ndarray, device="cpu") -> torch.Tensor:
+    """Element masks ``[len(rows), BM, BN]`` of the blocks (rows, cols) (out-of-range elements False)."""
     g = blocks.geom
-    rows, cols = blocks.rows[which], blocks.cols[which]
-    q = torch.from_numpy(g.q_lo(rows)).to(device)[:, None] + torch.arange(g.block_m, device=device)
-    k = torch.from_numpy(g.k_lo(cols)).to(device)[:, None] + torch.arange(g.block_n, device=device)
+    q = torch.from_numpy(g.q_lo(np.asarray(rows))).to(device)[:, None] + torch.arange(g.block_m, device=device)
+    k = torch.from_numpy(g.k_lo(np.asarray(cols))).to(device)[:, None] + torch.arange(g.block_n, device=device)
     valid = (q < g.q_len)[:, :, None] & (k < g.kv_len)[:, None, :]
     m = blocks.pattern.evaluate(0, 0, q.clamp_max(g.q_len - 1)[:, :, None], k.clamp_max(g.kv_len - 1)[:, None, :],
                                 g.q_len, g.kv_len)
     return m & valid
+
+
+def partial_masks(blocks: Blocks2D, which: np.ndarray, device="cpu") -> torch.Tensor:
+    """Element masks ``[len(which), BM, BN]`` of the given blocks of the explicit view
+    (indices into ``blocks.rows`` / ``blocks.cols``; out-of-range elements False)."""
+    return block_masks(blocks, blocks.rows[which], blocks.cols[which], device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,9 +364,18 @@ def _ell(ptr, idx, full, n_rows):
 
 
 def to_blocks2d(bs: BlockSet, pattern: Pattern) -> Blocks2D:
-    assert not (bs.kind == UNKNOWN).any(), "unrefined blocks in a final layout"
-    row_ptr = np.concatenate([[0], np.cumsum(np.bincount(bs.rows, minlength=bs.geom.nqb))])
-    return Blocks2D(bs.geom, pattern, row_ptr, bs.cols, bs.kind == FULL)
+    """Full segments become ranges, partial segments an explicit list."""
+    if (bs.seg_kind == UNKNOWN).any():
+        raise LayoutError(f"internal error: unrefined blocks in the final layout of {pattern!r}")
+    g = bs.geom
+    full = bs.seg_kind == FULL
+    fr, fs, fe = bs.seg_row[full], bs.seg_start[full], bs.seg_end[full]
+    pr, pc, _ = segments_to_blocks(bs.seg_row[~full], bs.seg_start[~full], bs.seg_end[~full], bs.seg_kind[~full])
+
+    def ptr(rows: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=g.nqb))]).astype(np.int64)
+
+    return Blocks2D(g, pattern, ptr(fr), fs, fe, ptr(pr), pc)
 
 
 def _check_blocks(block_m, block_n):

@@ -1,18 +1,24 @@
 """Block sets: which (query-block, key-block) pairs of a pattern are empty, partial or full.
 
-Each primitive classifies its block pairs from its parameters in time proportional to the
-non-empty blocks (no L x L evaluation); combinators use set algebra on sorted block keys.
-Where set algebra cannot decide (a union of two partial blocks may be full, an intersection
-may be empty), the block is marked UNKNOWN and resolved at the end by evaluating the root
-predicate on that block only, so the result always equals the layout from dense evaluation.
-Opaque mask_mods are evaluated chunk by chunk, as FlexAttention's ``create_block_mask`` does.
-:mod:`attncompiler.layout.block_layout` turns a block set into the BCSR :class:`~attncompiler.layout.block_layout.BlockLayout`.
+A block set holds, per query-block row, a few sorted, disjoint segments ``[start, end)`` of key
+blocks, each of one kind (FULL, PARTIAL or UNKNOWN; gaps are EMPTY). Causal, prefix, windows,
+block-local and documents are a few intervals per row, so each primitive is classified from its
+parameters in time proportional to its rows plus its explicitly listed blocks (no L x L
+evaluation), and union, intersection and complement work row by row on the segments' end points
+(vectorized over rows): a dense operand such as ``causal()`` or ``~block_local(n)`` is never
+expanded block by block. Where set algebra cannot decide (a union of two partial blocks may be
+full, an intersection may be empty), the block is UNKNOWN and resolved at the end by evaluating
+the root predicate on that block only, so the result always equals the layout from dense
+evaluation. Opaque mask_mods are evaluated chunk by chunk, as FlexAttention's
+``create_block_mask`` does. :mod:`attncompiler.layout.block_layout` turns a block set into the
+BCSR :class:`~attncompiler.layout.block_layout.BlockLayout` (full runs as ranges).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +33,9 @@ EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
 
 # Refinement evaluates at most this many elements at once (bounds temporary memory).
 EVAL_CHUNK = 1 << 22
+
+# Segments: (row, start, end, kind) arrays sorted by (row, start), disjoint within a row.
+Segments = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -59,19 +68,124 @@ class Geometry:
         return np.minimum((cols + 1) * self.block_n, self.kv_len) - 1
 
 
+# ---------------------------------------------------------------------------------------------
+# Segment algebra on raw arrays (any number of rows and columns)
+# ---------------------------------------------------------------------------------------------
+
+def empty_segments() -> Segments:
+    z = np.zeros(0, dtype=np.int64)
+    return z, z.copy(), z.copy(), np.zeros(0, dtype=np.uint8)
+
+
+def normalize_segments(rows, start, end, kind) -> Segments:
+    """Drop empty segments and merge contiguous ones of one kind (input sorted and disjoint)."""
+    rows, start, end = (np.asarray(x, dtype=np.int64) for x in (rows, start, end))
+    kind = np.asarray(kind, dtype=np.uint8)
+    keep = (end > start) & (kind != EMPTY)
+    rows, start, end, kind = rows[keep], start[keep], end[keep], kind[keep]
+    if len(rows) < 2:
+        return rows, start, end, kind
+    new = np.ones(len(rows), dtype=bool)
+    new[1:] = (rows[1:] != rows[:-1]) | (start[1:] != end[:-1]) | (kind[1:] != kind[:-1])
+    if new.all():
+        return rows, start, end, kind
+    first = np.flatnonzero(new)
+    last = np.concatenate([first[1:], [len(rows)]]) - 1
+    return rows[first], start[first], end[last], kind[first]
+
+
+def sort_segments(rows, start, end, kind, ncols: int) -> Segments:
+    """Sort disjoint segments by (row, start) and normalize them."""
+    order = np.argsort(np.asarray(rows, dtype=np.int64) * (ncols + 1) + start, kind="stable")
+    return normalize_segments(rows[order], start[order], end[order], kind[order])
+
+
+def _lookup(ks: np.ndarray, ke: np.ndarray, kinds: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Kind of the segment (global keys ``[ks, ke)``) holding each point ``q``; EMPTY if none."""
+    if len(ks) == 0:
+        return np.zeros(len(q), dtype=np.uint8)
+    i = np.searchsorted(ks, q, side="right") - 1
+    ic = np.maximum(i, 0)
+    return np.where((i >= 0) & (ke[ic] > q), kinds[ic], EMPTY).astype(np.uint8)
+
+
+def combine_segments(a: Segments, b: Segments, ncols: int,
+                     op: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Segments:
+    """Apply a per-block kind operator to two segment sets, row by row on their end points.
+
+    Cost is O((|a| + |b|) log): the elementary intervals between consecutive end points of
+    either side carry one kind on each side. ``op(EMPTY, EMPTY)`` must be EMPTY.
+    """
+    w = ncols + 1
+    keys_a = (a[0] * w + a[1], a[0] * w + a[2])
+    keys_b = (b[0] * w + b[1], b[0] * w + b[2])
+    pts = np.unique(np.concatenate(keys_a + keys_b))
+    if len(pts) < 2:
+        return empty_segments()
+    lo, hi = pts[:-1], pts[1:]
+    same = lo // w == hi // w
+    lo, hi = lo[same], hi[same]
+    out = op(_lookup(*keys_a, a[3], lo), _lookup(*keys_b, b[3], lo)).astype(np.uint8)
+    rows = lo // w
+    return normalize_segments(rows, lo - rows * w, hi - rows * w, out)
+
+
+def union_kind(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.where((a == FULL) | (b == FULL), FULL, np.where(a == EMPTY, b, np.where(b == EMPTY, a, UNKNOWN)))
+
+
+def intersection_kind(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.where((a == EMPTY) | (b == EMPTY), EMPTY,
+                    np.where(a == FULL, b, np.where(b == FULL, a, UNKNOWN)))
+
+
+def _complement_kind(a: np.ndarray, universe: np.ndarray) -> np.ndarray:
+    return np.where(universe == EMPTY, EMPTY, np.where(a == EMPTY, FULL, np.where(a == FULL, EMPTY, a)))
+
+
+def segments_to_blocks(rows, start, end, kind) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Expand segments to one entry per block: ``(rows, cols, kinds)``, in segment order."""
+    if (end - start == 1).all():  # already one block each (e.g. strided, refined blocks)
+        return rows, start, kind
+    r, c = pairs_from_ranges(rows, start, end - 1)
+    return r, c, np.repeat(kind, np.maximum(end - start, 0))
+
+
+def pairs_from_ranges(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """Expand per-row inclusive column ranges ``[lo, hi]`` into (row, col) pairs."""
+    counts = np.maximum(hi - lo + 1, 0)
+    r = np.repeat(rows, counts)
+    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+    c = np.arange(len(r), dtype=np.int64) + starts
+    return r, c
+
+
+# ---------------------------------------------------------------------------------------------
+# Block sets
+# ---------------------------------------------------------------------------------------------
+
 @dataclass(frozen=True, eq=False)
 class BlockSet:
-    """Non-empty blocks of one 2-D layout, sorted by (row, col); ``kind`` is PARTIAL/FULL/UNKNOWN."""
+    """Non-empty blocks of one 2-D layout as per-row segments of key blocks, sorted by (row, start).
+
+    ``seg_kind`` is PARTIAL/FULL/UNKNOWN; every block of a segment has that kind.
+    """
 
     geom: Geometry
-    rows: np.ndarray
-    cols: np.ndarray
-    kind: np.ndarray
+    seg_row: np.ndarray
+    seg_start: np.ndarray
+    seg_end: np.ndarray
+    seg_kind: np.ndarray
+
+    @staticmethod
+    def of(geom: Geometry, segs: Segments) -> BlockSet:
+        return BlockSet(geom, *segs)
 
     @staticmethod
     def make(geom: Geometry, rows, cols, kind) -> BlockSet:
-        rows = np.asarray(rows, dtype=np.int64)
-        cols = np.asarray(cols, dtype=np.int64)
+        """A block set from explicit blocks (duplicates keep the strongest kind)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        cols = np.asarray(cols, dtype=np.int64).reshape(-1)
         kind = np.broadcast_to(np.asarray(kind, dtype=np.uint8), rows.shape).copy()
         keep = kind != EMPTY
         rows, cols, kind = rows[keep], cols[keep], kind[keep]
@@ -85,87 +199,85 @@ class BlockSet:
             start = np.flatnonzero(uniq)
             merged = np.maximum.reduceat(np.where(kind_sorted == UNKNOWN, 0, kind_sorted), start)
             any_unknown = np.maximum.reduceat((kind_sorted == UNKNOWN).astype(np.uint8), start)
-            merged = np.where((merged < FULL) & (any_unknown == 1), UNKNOWN, merged).astype(np.uint8)
+            kind = np.where((merged < FULL) & (any_unknown == 1), UNKNOWN, merged).astype(np.uint8)
             order = order[start]
-            return BlockSet(geom, rows[order], cols[order], merged)
-        return BlockSet(geom, rows[order], cols[order], kind[order])
+        else:
+            kind = kind[order]
+        r, c = rows[order], cols[order]
+        return BlockSet(geom, *normalize_segments(r, c, c + 1, kind))
+
+    @staticmethod
+    def rows_of(geom: Geometry, kind: int) -> BlockSet:
+        """Every block of every row, of one kind."""
+        rows = np.arange(geom.nqb, dtype=np.int64)
+        return BlockSet(geom, *normalize_segments(rows, np.zeros_like(rows), np.full_like(rows, geom.nkb),
+                                                  np.full(len(rows), kind, dtype=np.uint8)))
 
     @property
-    def keys(self) -> np.ndarray:
-        return self.rows * self.geom.nkb + self.cols
+    def segments(self) -> Segments:
+        return self.seg_row, self.seg_start, self.seg_end, self.seg_kind
+
+    def blocks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Explicit ``(rows, cols, kinds)``, one entry per block (size of the result)."""
+        return segments_to_blocks(*self.segments)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return int((self.seg_end - self.seg_start).sum())
+
+    def __or__(self, other: BlockSet) -> BlockSet:
+        return BlockSet.of(self.geom, combine_segments(self.segments, other.segments, self.geom.nkb, union_kind))
+
+    def __and__(self, other: BlockSet) -> BlockSet:
+        return BlockSet.of(self.geom, combine_segments(self.segments, other.segments, self.geom.nkb,
+                                                       intersection_kind))
+
+    def __invert__(self) -> BlockSet:
+        universe = BlockSet.rows_of(self.geom, FULL)
+        return BlockSet.of(self.geom, combine_segments(self.segments, universe.segments, self.geom.nkb,
+                                                       _complement_kind))
 
 
-# ---------------------------------------------------------------------------------------------
-# Set algebra
-# ---------------------------------------------------------------------------------------------
-
-def _union(a: BlockSet, b: BlockSet) -> BlockSet:
-    ka, kb = a.keys, b.keys
-    keys = np.union1d(ka, kb)
-    kind_a = _lookup(ka, a.kind, keys)
-    kind_b = _lookup(kb, b.kind, keys)
-    out = np.where((kind_a == FULL) | (kind_b == FULL), FULL,
-                   np.where(kind_a == EMPTY, kind_b, np.where(kind_b == EMPTY, kind_a, UNKNOWN)))
-    nkb = a.geom.nkb
-    return BlockSet(a.geom, keys // nkb, keys % nkb, out.astype(np.uint8))
-
-
-def _intersection(a: BlockSet, b: BlockSet) -> BlockSet:
-    keys, ia, ib = np.intersect1d(a.keys, b.keys, assume_unique=True, return_indices=True)
-    kind_a, kind_b = a.kind[ia], b.kind[ib]
-    out = np.where(kind_a == FULL, kind_b, np.where(kind_b == FULL, kind_a, UNKNOWN))
-    nkb = a.geom.nkb
-    return BlockSet(a.geom, keys // nkb, keys % nkb, out.astype(np.uint8))
-
-
-def _complement(a: BlockSet) -> BlockSet:
-    g = a.geom
-    all_keys = np.arange(g.nqb * g.nkb, dtype=np.int64)
-    kind = _lookup(a.keys, a.kind, all_keys)
-    out = np.where(kind == EMPTY, FULL, np.where(kind == FULL, EMPTY, kind)).astype(np.uint8)
-    return BlockSet.make(g, all_keys // g.nkb, all_keys % g.nkb, out)
-
-
-def _lookup(keys: np.ndarray, kinds: np.ndarray, query: np.ndarray) -> np.ndarray:
-    pos = np.searchsorted(keys, query)
-    pos_c = np.minimum(pos, max(len(keys) - 1, 0))
-    hit = (pos < len(keys)) & (keys[pos_c] == query) if len(keys) else np.zeros(len(query), bool)
-    return np.where(hit, kinds[pos_c] if len(keys) else 0, EMPTY).astype(np.uint8)
-
-
-def _pairs_from_ranges(rows: np.ndarray, lo: np.ndarray, hi: np.ndarray):
-    """Expand per-row inclusive column ranges ``[lo, hi]`` into (row, col) pairs."""
-    counts = np.maximum(hi - lo + 1, 0)
-    r = np.repeat(rows, counts)
-    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-    c = np.arange(len(r), dtype=np.int64) + starts
-    return r, c
-
-
-def _all_pairs(g: Geometry):
-    rows = np.arange(g.nqb, dtype=np.int64)
-    return _pairs_from_ranges(rows, np.zeros_like(rows), np.full_like(rows, g.nkb - 1))
+def _from_intervals(g: Geometry, rows, ne_lo, ne_hi, f_lo, f_hi) -> BlockSet:
+    """Per row: non-empty key blocks ``[ne_lo, ne_hi)``, of which ``[f_lo, f_hi)`` are full."""
+    ne_hi = np.maximum(ne_hi, ne_lo)
+    has_full = f_lo < f_hi
+    f_lo = np.where(has_full, np.clip(f_lo, ne_lo, ne_hi), ne_hi)
+    f_hi = np.where(has_full, np.clip(f_hi, f_lo, ne_hi), ne_hi)
+    n = len(rows)
+    r = np.repeat(rows, 3)
+    start = np.stack([ne_lo, f_lo, f_hi], 1).reshape(-1)
+    end = np.stack([f_lo, f_hi, ne_hi], 1).reshape(-1)
+    kind = np.tile(np.array([PARTIAL, FULL, PARTIAL], dtype=np.uint8), n)
+    return BlockSet(g, *normalize_segments(r, start, end, kind))
 
 
 # ---------------------------------------------------------------------------------------------
 # Primitive classifiers
 # ---------------------------------------------------------------------------------------------
 
+def _rows(g: Geometry) -> np.ndarray:
+    return np.arange(g.nqb, dtype=np.int64)
+
+
+def _cols(g: Geometry) -> np.ndarray:
+    return np.arange(g.nkb, dtype=np.int64)
+
+
 def _band(g: Geometry, window: int, unit: int = 1) -> BlockSet:
-    """``|q // unit - k // unit| <= window`` (sliding window for unit 1, BigBird window else)."""
-    rows = np.arange(g.nqb, dtype=np.int64)
+    """``|q // unit - k // unit| <= window`` (sliding window for unit 1, BigBird window else).
+
+    Over a block ``q // unit - k // unit`` takes every integer in ``[lo, hi]``, with
+    ``lo = q_lo//u - k_hi//u`` and ``hi = q_hi//u - k_lo//u`` falling with the key block: the
+    non-empty and the full blocks of a row are intervals found by binary search.
+    """
+    rows, cols = _rows(g), _cols(g)
+    a, b = g.k_lo(cols) // unit, g.k_hi(cols) // unit  # both nondecreasing in the key block
     qa, qb = g.q_lo(rows) // unit, g.q_hi(rows) // unit
-    k_first = np.maximum((qa - window) * unit, 0)
-    k_last = np.minimum((qb + window + 1) * unit - 1, g.kv_len - 1)
-    r, c = _pairs_from_ranges(rows, k_first // g.block_n, k_last // g.block_n)
-    lo, hi = _diff_range(g, r, c, unit)
-    far = np.maximum(np.abs(lo), np.abs(hi))
-    near = np.where((lo <= 0) & (hi >= 0), 0, np.minimum(np.abs(lo), np.abs(hi)))
-    kind = np.where(far <= window, FULL, np.where(near > window, EMPTY, PARTIAL))
-    return BlockSet.make(g, r, c, kind)
+    ne_lo = np.searchsorted(b, qa - window, side="left")
+    ne_hi = np.searchsorted(a, qb + window, side="right")
+    f_lo = np.searchsorted(a, qb - window, side="left")
+    f_hi = np.searchsorted(b, qa + window, side="right")
+    return _from_intervals(g, rows, ne_lo, ne_hi, f_lo, f_hi)
 
 
 def _diff_range(g: Geometry, r, c, unit: int = 1):
@@ -175,49 +287,69 @@ def _diff_range(g: Geometry, r, c, unit: int = 1):
 
 def _dilated(g: Geometry, window: int, dilation: int) -> BlockSet:
     span = window * dilation
-    base = _band(g, span)
-    lo, hi = _diff_range(g, base.rows, base.cols)
+    base_r, base_c, base_kind = _band(g, span).blocks()
+    lo, hi = _diff_range(g, base_r, base_c)
     lo_c, hi_c = np.maximum(lo, -span), np.minimum(hi, span)
     has_multiple = (hi_c // dilation) * dilation >= lo_c
     single = lo == hi
     kind = np.where(~has_multiple, EMPTY,
-                    np.where(dilation == 1, base.kind, np.where(single, FULL, PARTIAL)))
-    return BlockSet.make(g, base.rows, base.cols, kind)
+                    np.where(dilation == 1, base_kind, np.where(single, FULL, PARTIAL)))
+    return BlockSet.make(g, base_r, base_c, kind)
 
 
 def _strided(g: Geometry, stride: int) -> BlockSet:
-    r, c = _all_pairs(g)
+    """``(q - k) % stride == 0``: per row, the key blocks around each multiple of the stride in
+    ``[q_lo - kv_len + 1, q_hi]`` (an arithmetic progression; O(nqb * kv_len / stride) blocks)."""
+    if stride == 1:
+        return BlockSet.rows_of(g, FULL)
+    if g.block_m == g.block_n and stride % g.block_n == 0 and stride >= 2 * g.block_n:
+        return _strided_aligned(g, stride // g.block_n)
+    if stride <= max(g.block_m, g.block_n):  # nearly every block is hit: classify all of them
+        r, c = pairs_from_ranges(_rows(g), np.zeros(g.nqb, np.int64), np.full(g.nqb, g.nkb - 1, np.int64))
+    else:
+        rows = _rows(g)
+        m_lo = -((-(g.q_lo(rows) - g.kv_len + 1)) // stride)  # ceil division
+        m_hi = g.q_hi(rows) // stride
+        rm, m = pairs_from_ranges(rows, m_lo, m_hi)
+        d = m * stride
+        c_lo = np.maximum(g.q_lo(rm) - d, 0) // g.block_n
+        c_hi = np.minimum(g.q_hi(rm) - d, g.kv_len - 1) // g.block_n
+        r, c = pairs_from_ranges(rm, c_lo, c_hi)
     lo, hi = _diff_range(g, r, c)
     has_multiple = (hi // stride) * stride >= lo
-    full = (stride == 1) | ((lo == hi) & (lo % stride == 0))
+    full = (lo == hi) & (lo % stride == 0)
     kind = np.where(~has_multiple, EMPTY, np.where(full, FULL, PARTIAL))
     return BlockSet.make(g, r, c, kind)
 
 
-def _block_local(g: Geometry, block: int) -> BlockSet:
-    rows = np.arange(g.nqb, dtype=np.int64)
-    qa, qb = g.q_lo(rows) // block, g.q_hi(rows) // block
-    k_first = qa * block
-    k_last = np.minimum((qb + 1) * block - 1, g.kv_len - 1)
-    r, c = _pairs_from_ranges(rows, k_first // g.block_n, np.maximum(k_last, k_first - 1) // g.block_n)
-    lo, hi = _diff_range(g, r, c, block)
-    kind = np.where((lo == 0) & (hi == 0), FULL, np.where((lo <= 0) & (hi >= 0), PARTIAL, EMPTY))
-    return BlockSet.make(g, r, c, kind)
+def _strided_aligned(g: Geometry, step: int) -> BlockSet:
+    """Strided with square blocks dividing the stride: block (r, c) is hit exactly when
+    ``c = r (mod step)`` (``q_lo - k_lo`` is then a multiple of the stride), partial unless the
+    blocks are single elements. Generated in sorted order, without a sort."""
+    rows = _rows(g)
+    c0 = rows % step
+    counts = np.maximum(-(-(g.nkb - c0) // step), 0)
+    r = np.repeat(rows, counts)
+    j = np.arange(len(r), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    c = c0[r] + step * j
+    kind = np.full(len(r), FULL if g.block_n == 1 else PARTIAL, dtype=np.uint8)
+    return BlockSet(g, r, c, c + 1, kind)  # columns step >= 2 apart: no runs to merge
 
 
 def _causal(g: Geometry) -> BlockSet:
-    rows = np.arange(g.nqb, dtype=np.int64)
-    last = np.minimum(g.q_hi(rows), g.kv_len - 1) // g.block_n
-    r, c = _pairs_from_ranges(rows, np.zeros_like(rows), np.where(g.q_hi(rows) >= 0, last, -1))
-    kind = np.where(g.k_hi(c) <= g.q_lo(r), FULL, PARTIAL)
-    return BlockSet.make(g, r, c, kind)
+    rows = _rows(g)
+    k_hi = g.k_hi(_cols(g))
+    ne_hi = np.minimum(g.q_hi(rows), g.kv_len - 1) // g.block_n + 1
+    f_hi = np.searchsorted(k_hi, g.q_lo(rows), side="right")  # k_hi <= q_lo
+    return _from_intervals(g, rows, np.zeros_like(rows), ne_hi, np.zeros_like(rows), f_hi)
 
 
 def _key_prefix(g: Geometry, n: int) -> BlockSet:
-    cols = np.arange(min(-(-n // g.block_n), g.nkb), dtype=np.int64)
-    r = np.repeat(np.arange(g.nqb, dtype=np.int64), len(cols))
-    c = np.tile(cols, g.nqb)
-    return BlockSet.make(g, r, c, np.where(g.k_hi(c) < n, FULL, PARTIAL))
+    rows = _rows(g)
+    k_hi = g.k_hi(_cols(g))
+    ne_hi = np.full_like(rows, min(-(-n // g.block_n), g.nkb))
+    f_hi = np.full_like(rows, np.searchsorted(k_hi, n - 1, side="right"))  # k_hi < n
+    return _from_intervals(g, rows, np.zeros_like(rows), ne_hi, np.zeros_like(rows), f_hi)
 
 
 def _global(g: Geometry, indices: tuple[int, ...]) -> BlockSet:
@@ -272,26 +404,25 @@ def _random_coarse(g: Geometry, blk: int, prow, pcol) -> BlockSet:
 
 
 def _document(g: Geometry, pat: Document) -> BlockSet:
+    """Per row: the key blocks of the documents its queries lie in; full where the row lies in
+    one document and the key block inside that same document."""
     off = pat.offsets(max(g.q_len, g.kv_len))  # clipped: O(documents), whatever sum(lengths) is
     total = int(off[-1])
-    rows = np.arange(g.nqb, dtype=np.int64)
+    rows, cols = _rows(g), _cols(g)
     qa, qb = g.q_lo(rows), np.minimum(g.q_hi(rows), total - 1)
     valid = qa < total
     sa = np.searchsorted(off, qa, side="right") - 1
     sb = np.searchsorted(off, np.maximum(qb, qa), side="right") - 1
     k_first = np.where(valid, off[np.clip(sa, 0, len(off) - 1)], 0)
     k_last = np.minimum(np.where(valid, off[np.clip(sb + 1, 0, len(off) - 1)] - 1, -1), g.kv_len - 1)
-    r, c = _pairs_from_ranges(rows[valid], k_first[valid] // g.block_n,
-                              np.where(k_last[valid] >= k_first[valid], k_last[valid] // g.block_n, -1))
-    ka, kb = g.k_lo(c), np.minimum(g.k_hi(c), total - 1)
-    ca = np.searchsorted(off, ka, side="right") - 1
-    cb = np.searchsorted(off, np.maximum(kb, ka), side="right") - 1
-    rsa, rsb = sa[r], sb[r]
-    q_in = g.q_hi(r) < total
-    k_in = g.k_hi(c) < total
-    full = (rsa == rsb) & (ca == cb) & (rsa == ca) & q_in & k_in
-    overlap = (np.maximum(rsa, ca) <= np.minimum(rsb, cb)) & (ka < total)
-    return BlockSet.make(g, r, c, np.where(full, FULL, np.where(overlap, PARTIAL, EMPTY)))
+    ne_lo = k_first // g.block_n
+    ne_hi = np.where(valid & (k_last >= k_first), k_last // g.block_n + 1, ne_lo)
+    one_doc = valid & (sa == sb) & (g.q_hi(rows) < total)
+    doc_lo = off[np.clip(sa, 0, len(off) - 1)]
+    doc_hi = off[np.clip(sa + 1, 0, len(off) - 1)] - 1
+    f_lo = np.searchsorted(g.k_lo(cols), doc_lo, side="left")
+    f_hi = np.where(one_doc, np.searchsorted(g.k_hi(cols), doc_hi, side="right"), f_lo)
+    return _from_intervals(g, rows, ne_lo, ne_hi, f_lo, f_hi)
 
 
 def _traced(g: Geometry, e) -> BlockSet:
@@ -316,8 +447,7 @@ def _traced(g: Geometry, e) -> BlockSet:
 def _classify(p: Pattern, g: Geometry) -> BlockSet:
     match p:
         case Full():
-            r, c = _all_pairs(g)
-            return BlockSet.make(g, r, c, FULL)
+            return BlockSet.rows_of(g, FULL)
         case Causal():
             return _causal(g)
         case SlidingWindow(w):
@@ -327,7 +457,7 @@ def _classify(p: Pattern, g: Geometry) -> BlockSet:
         case DilatedWindow(w, d):
             return _dilated(g, w, d)
         case BlockLocal(blk):
-            return _block_local(g, blk)
+            return _band(g, 0, blk)  # q // blk == k // blk
         case Strided(s):
             return _strided(g, s)
         case GlobalTokens(idx):
@@ -335,35 +465,37 @@ def _classify(p: Pattern, g: Geometry) -> BlockSet:
         case RandomBlocks():
             return _random(g, p)
         case PrefixLM(n):
-            return _union(_key_prefix(g, n), _causal(g))
+            return _key_prefix(g, n) | _causal(g)
         case Document():
             return _document(g, p)
         case Union(parts):
-            return functools.reduce(_union, (_classify(x, g) for x in parts))
+            return functools.reduce(BlockSet.__or__, (_classify(x, g) for x in parts))
         case Intersection(parts):
-            return functools.reduce(_intersection, (_classify(x, g) for x in parts))
+            sets = sorted((_classify(x, g) for x in parts), key=lambda s: len(s.seg_row))  # sparsest first
+            return functools.reduce(BlockSet.__and__, sets)
         case Complement(part):
-            return _complement(_classify(part, g))
+            return ~_classify(part, g)
         case Mask() if p.expr is not None:
             return _traced(g, p.expr)
         case Mask():
-            r, c = _all_pairs(g)
-            return BlockSet.make(g, r, c, UNKNOWN)
+            return BlockSet.rows_of(g, UNKNOWN)
     raise PatternError(f"cannot build a block layout for {p!r} ({p.family} pattern)")
 
 
 def _refine(p: Pattern, g: Geometry, bs: BlockSet, b: int, h: int) -> BlockSet:
     """Resolve UNKNOWN blocks by evaluating the predicate on their elements only."""
-    unknown = np.flatnonzero(bs.kind == UNKNOWN)
-    if len(unknown) == 0:
+    unknown = bs.seg_kind == UNKNOWN
+    if not unknown.any():
         return bs
-    kind = bs.kind.copy()
+    rows, cols, _ = segments_to_blocks(bs.seg_row[unknown], bs.seg_start[unknown], bs.seg_end[unknown],
+                                       bs.seg_kind[unknown])
+    kind = np.zeros(len(rows), dtype=np.uint8)
     per = max(1, EVAL_CHUNK // (g.block_m * g.block_n))
     ar_m, ar_n = torch.arange(g.block_m), torch.arange(g.block_n)
-    for start in range(0, len(unknown), per):
-        sel = unknown[start:start + per]
-        q = torch.from_numpy(g.q_lo(bs.rows[sel]))[:, None] + ar_m  # [P, BM]
-        k = torch.from_numpy(g.k_lo(bs.cols[sel]))[:, None] + ar_n  # [P, BN]
+    for start in range(0, len(rows), per):
+        sel = slice(start, start + per)
+        q = torch.from_numpy(g.q_lo(rows[sel]))[:, None] + ar_m  # [P, BM]
+        k = torch.from_numpy(g.k_lo(cols[sel]))[:, None] + ar_n  # [P, BN]
         q_ok, k_ok = q < g.q_len, k < g.kv_len
         q, k = q.clamp_max(g.q_len - 1), k.clamp_max(g.kv_len - 1)
         m = p.evaluate(b, h, q[:, :, None], k[:, None, :], g.q_len, g.kv_len)  # [P, BM, BN]
@@ -371,7 +503,10 @@ def _refine(p: Pattern, g: Geometry, bs: BlockSet, b: int, h: int) -> BlockSet:
         hits = (m & valid).sum(dim=(1, 2)).numpy()
         total = valid.sum(dim=(1, 2)).numpy()
         kind[sel] = np.where(hits == 0, EMPTY, np.where(hits == total, FULL, PARTIAL))
-    return BlockSet.make(g, bs.rows, bs.cols, kind)
+    known = ~unknown
+    segs = (np.concatenate([bs.seg_row[known], rows]), np.concatenate([bs.seg_start[known], cols]),
+            np.concatenate([bs.seg_end[known], cols + 1]), np.concatenate([bs.seg_kind[known], kind]))
+    return BlockSet.of(g, sort_segments(*segs, g.nkb))
 
 
 def block_set(p: Pattern, g: Geometry, b: int = 0, h: int = 0) -> BlockSet:
