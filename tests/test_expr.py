@@ -292,10 +292,10 @@ def test_repr_uses_python_precedence():
 
 
 def test_bounds_never_wrap_around():
-    # (q & k) has no useful bound; doubling the "unknown" interval must not wrap in int64
-    # and turn into a (wrong) sure answer. This once made a layout all-empty for an all-true mask.
+    # (q // k) (k may be 0) has no useful bound; doubling the "unknown" interval must not wrap in
+    # int64 and turn into a (wrong) sure answer. This once made a layout all-empty for an all-true mask.
     env = {n: (np.int64(0), np.int64(7)) for n in ENV_NAMES}
-    lo, hi = ((Q & KV) * 2 >= 0).bounds(env)
+    lo, hi = ((Q // KV) * 2 >= 0).bounds(env)
     assert (int(lo), int(hi)) == (0, 1)
     p = ac.mask(lambda b, h, q_idx, kv_idx: (q_idx & kv_idx) * 2 + 1 > 0)
     assert p.to_dense(8).all() and (p.layout(8, block_m=4).block_kinds() == 2).all()

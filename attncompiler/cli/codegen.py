@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 # The pattern-option machinery of `attnc show/verify/bench`, so every command reads the same options.
-from .common import Parser, add_pattern_options, guarded, lookup, pattern_params, positive_int
+from .common import Parser, add_pattern_options, describe_mask_tracing, guarded, lookup, pattern_params, positive_int
 
 _DTYPES = ("float32", "float16", "bfloat16")
 _HELP = {"compile": "generate the Triton kernels of a pattern and write their source to --emit DIR",
@@ -123,6 +123,8 @@ def cmd_explain(args) -> int:
     program, stages = _attention_stages(pattern, sched, opts)
     print(f"1. pattern   {args.pattern}: {pattern!r}")
     print(f"             family {pattern.family}")
+    for line in describe_mask_tracing(pattern).splitlines():
+        print(f"             {line}")
     for i, st, lay, src, _, _ in stages:
         g = lay.geom
         pairs = lay.group_index.size * g.nqb * g.nkb

@@ -165,3 +165,25 @@ def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
             print(f"attnc: error: {e}", file=sys.stderr)
             return 2
     return run
+
+
+def describe_mask_tracing(pattern) -> str:
+    """One line per ``ac.mask`` in ``pattern``: whether its mask_mod traced into an index
+    expression and, if not, the first operation that stopped the tracer and its source line."""
+    from ..dsl.mask_mod import Mask
+
+    def masks(p):
+        if isinstance(p, Mask):
+            yield p
+            return
+        for c in p.children():
+            yield from masks(c)
+
+    lines = []
+    for m in dict.fromkeys(masks(pattern)):
+        if m.traced:
+            lines.append(f"mask_mod traced: yes ({m.expr!r})")
+        else:
+            lines.append(f"mask_mod traced: no ({m!r}): {m.trace_failure or 'reason unknown'}; "
+                         "evaluated as FlexAttention's create_mask does, kernels read byte masks")
+    return "\n".join(lines)

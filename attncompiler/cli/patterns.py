@@ -13,8 +13,8 @@ import argparse
 import sys
 from typing import Callable
 
-from .common import (Parser, add_pattern_options, catalogue, guarded, lookup, pattern_params, positive_float,
-                     positive_int)
+from .common import (Parser, add_pattern_options, catalogue, describe_mask_tracing, guarded, lookup, pattern_params,
+                     positive_float, positive_int)
 
 COMMANDS = {
     "show": "draw a pattern (mask patterns) or print its program (other families)",
@@ -142,6 +142,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     L = opts.seq_len
     print(f"{args.pattern}: {pattern!r}")
     print(f"family: {pattern.family}, L={L}")
+    if tracing := describe_mask_tracing(pattern):
+        print(tracing)
     if pattern.family != Family.MASK:
         print(ac_compile(pattern, "torch").program)
         return 0

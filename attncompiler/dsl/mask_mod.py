@@ -1,6 +1,7 @@
 """Masks from a FlexAttention-style mask_mod: traced into an index expression when it can be,
-kept opaque (evaluated chunk by chunk) otherwise; and the probe that an opaque mask's dependence on
-the batch entry and the head is what it declares."""
+kept opaque otherwise and then evaluated exactly as FlexAttention's ``create_mask`` does (vmapped
+over the positions, each call seeing 0-d index tensors), chunk by chunk; and the probe that an
+opaque mask's dependence on the batch entry and the head is what it declares."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from ..errors import PatternError
 from ..ir.expr import Expr
 from ..ir.index import check_index_ranges
-from ..ir.trace import trace_uses
+from ..ir.trace import trace_report
 from ..ir.transform import substitute
 from .pattern import Pattern
 
@@ -30,13 +31,15 @@ class Mask(Pattern):
     opaque and evaluated chunk by chunk on tensors. For an opaque ``fn``, ``per_batch`` /
     ``per_head`` are True (evaluate per batch entry / head), False (declared independent: the
     b=0 / h=0 mask serves all) or None (undeclared: checked against the actual batch and heads
-    when the pattern is used, see :func:`check_batch_head_dependence`).
+    when the pattern is used, see :func:`check_batch_head_dependence`). ``trace_failure`` says
+    why an opaque ``fn`` did not trace (not part of equality).
     """
 
     fn: Callable | None
     expr: Expr | None
     per_head: bool | None = None
     per_batch: bool | None = None
+    trace_failure: str | None = None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Mask):
@@ -50,6 +53,8 @@ class Mask(Pattern):
 
     @property
     def traced(self) -> bool:
+        """True when the mask_mod traced into an index expression (analytic layout, analysis,
+        rendered into Triton kernels); False when it is opaque (see :attr:`trace_failure`)."""
         return self.expr is not None
 
     @property
@@ -69,7 +74,7 @@ class Mask(Pattern):
             # Substitution checks table indices that become constants (``docs[b, q]`` at b=2).
             return Mask(None, substitute(self.expr, {"b": b, "h": h}))
         if self.expr is None and (self.per_head or self.per_batch):
-            return Mask(functools.partial(_call_at, self.fn, b, h), None, False, False)
+            return Mask(functools.partial(_call_at, self.fn, b, h), None, False, False, self.trace_failure)
         return self
 
     def validate(self, q_len, kv_len):
@@ -82,17 +87,7 @@ class Mask(Pattern):
     def evaluate(self, b, h, q_idx, kv_idx, q_len, kv_len):
         if self.expr is not None:
             return super().evaluate(b, h, q_idx, kv_idx, q_len, kv_len)
-        shape = torch.broadcast_shapes(q_idx.shape, kv_idx.shape)
-        try:
-            out = self.fn(torch.as_tensor(b), torch.as_tensor(h), q_idx, kv_idx)
-        except RuntimeError as e:
-            if "Boolean value of Tensor" not in str(e):
-                raise PatternError(f"mask_mod {_fn_name(self.fn)} raised RuntimeError: {e}") from e
-            # Python control flow on an index (`if q > k:`): correct one element at a time.
-            return _evaluate_elementwise(self.fn, b, h, q_idx, kv_idx, shape)
-        except Exception as e:  # a user function failing on tensors: say which and how
-            raise PatternError(f"mask_mod {_fn_name(self.fn)} raised {type(e).__name__}: {e}") from e
-        return _check_mask_output(self.fn, out, shape)
+        return evaluate_mask_mod(self.fn, b, h, q_idx, kv_idx)
 
     def __repr__(self) -> str:
         if self.expr is not None:
@@ -125,6 +120,82 @@ def _check_mask_output(fn, out, shape) -> torch.Tensor:
             f"mask_mod {_fn_name(fn)} returned shape {tuple(out.shape)} for index tensors "
             f"broadcasting to {tuple(shape)}; it must be element-wise"
         ) from None
+
+# Elements one vmapped call of an opaque mask_mod covers (bounds its temporaries).
+VMAP_CHUNK = 1 << 20
+
+
+def evaluate_mask_mod(fn: Callable, b, h, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    """``fn`` on broadcastable position tensors with FlexAttention's semantics: vmapped, so each
+    call sees 0-d int64 tensors (``create_mask``'s ``_vmap_for_bhqkv``, with tensor indexing by a
+    0-d index turned into ``aten.index`` as there), chunk by chunk. A mask_mod that branches on an
+    index with Python ``if`` (which vmap refuses) is called one element at a time, up to a limit."""
+    q_idx, kv_idx = torch.as_tensor(q_idx).to(torch.int64), torch.as_tensor(kv_idx).to(torch.int64)
+    shape = torch.broadcast_shapes(q_idx.shape, kv_idx.shape)
+    bt, ht = torch.as_tensor(b, dtype=torch.int64), torch.as_tensor(h, dtype=torch.int64)
+    nd = len(shape)
+    q = q_idx.reshape((1,) * (nd - q_idx.dim()) + tuple(q_idx.shape))
+    k = kv_idx.reshape((1,) * (nd - kv_idx.dim()) + tuple(kv_idx.shape))
+    out = torch.empty(shape, dtype=torch.bool, device=q.device)
+    if out.numel() == 0:
+        return out
+    rows = max(1, VMAP_CHUNK // max(1, math.prod(shape[1:]))) if nd else 1
+    try:
+        for start in range(0, shape[0] if nd else 1, rows):
+            qc = q[start:start + rows] if nd and q.shape[0] > 1 else q
+            kc = k[start:start + rows] if nd and k.shape[0] > 1 else k
+            sub = torch.broadcast_shapes(qc.shape, kc.shape)
+            target = out[start:start + sub[0]] if nd else out
+            target.copy_(_check_mask_output(fn, _vmapped(fn, bt, ht, qc, kc), sub))
+    except RuntimeError as e:
+        if "data-dependent control flow" in str(e) or ".item()" in str(e):
+            # Python control flow on an index (`if q > k:`): correct one element at a time.
+            return _evaluate_elementwise(fn, b, h, q_idx, kv_idx, shape)
+        if "vmap" not in str(e) and "storage" not in str(e):
+            raise PatternError(f"mask_mod {_fn_name(fn)} raised RuntimeError: {e}") from e
+        # vmap refuses it (``create_mask`` would too), e.g. ``.numpy()``: a mask_mod written for
+        # whole index tensors still gets its mask from one broadcast call.
+        return _evaluate_broadcast(fn, b, h, q_idx, kv_idx, shape, e)
+    except PatternError:
+        raise
+    except Exception as e:  # a user function failing: say which and how
+        raise PatternError(f"mask_mod {_fn_name(fn)} raised {type(e).__name__}: {e}") from e
+    return out
+
+
+def _evaluate_broadcast(fn, b, h, q_idx, kv_idx, shape, why: Exception) -> torch.Tensor:
+    try:
+        out = fn(torch.as_tensor(b), torch.as_tensor(h), q_idx, kv_idx)
+    except Exception as e:
+        raise PatternError(f"mask_mod {_fn_name(fn)} raised {type(why).__name__} under FlexAttention's vmap "
+                           f"({why}) and {type(e).__name__} on index tensors ({e})") from e
+    return _check_mask_output(fn, out, shape)
+
+
+def _vmapped(fn: Callable, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``fn(b, h, q, k)`` per element of the broadcast of ``q`` and ``k`` (same rank): one vmap
+    per dimension, mapping the operand(s) that are not of size 1 there."""
+    from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+
+    def scalar(qi, ki):
+        r = fn(b, h, qi, ki)
+        return r if isinstance(r, torch.Tensor) else _check_mask_output(fn, r, ())
+
+    f, shape = scalar, torch.broadcast_shapes(q.shape, k.shape)
+    for d in reversed(range(len(shape))):
+        mq, mk = q.shape[d] != 1, k.shape[d] != 1
+        if mq or mk:
+            f = torch.vmap(f, in_dims=(0 if mq else None, 0 if mk else None))
+    qs, ks = q.reshape([n for n in q.shape if n != 1]), k.reshape([n for n in k.shape if n != 1])
+    with TransformGetItemToIndex():
+        res = f(qs, ks)
+    mapped = sum(1 for n in shape if n != 1)
+    if res.dim() != mapped:
+        raise PatternError(
+            f"mask_mod {_fn_name(fn)} returned shape {tuple(res.shape[mapped:])} for one (q_idx, kv_idx) element "
+            "(0-d index tensors, as under FlexAttention's vmap); it must be element-wise: one bool per element")
+    return res.reshape(shape)
+
 
 # Elements a mask_mod with Python control flow on an index is called for, one call each, in
 # one evaluation (a chunk of a layout, a dense mask): about a second of Python calls.
@@ -210,11 +281,16 @@ def mask(fn: Callable, *, per_head: bool | None = None, per_batch: bool | None =
     """A pattern from a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
 
     ``fn`` is first called with symbolic indices. If it uses only arithmetic, comparisons,
-    ``& | ~ % //``, ``abs``, ``torch.where`` and indexing of integer/bool tensors (any number
-    of dimensions, torch's rules: negative indices wrap, out of range is an error), the result
-    is an :class:`Expr` the compiler analyzes and renders into kernels, with int64 index
-    arithmetic, and ``b``/``h`` dependence is read off it. Otherwise ``fn`` stays opaque and is
-    evaluated chunk by chunk (one element at a time where it branches on an index with ``if``).
+    ``& | ^ ~ % // << >>`` (constant shift counts), ``abs``, ``clamp``, ``minimum``/``maximum``,
+    ``torch.where``, ``new_ones``/``ones_like``/``.to(dtype)`` constants and casts, torch's
+    ``and_masks``/``or_masks``/``noop_mask``, and indexing of integer/bool tensors (any number
+    of dimensions, indexing the result again; torch's rules: negative indices wrap, out of range
+    is an error), the result is an :class:`Expr` the compiler analyzes and renders into kernels,
+    with int64 index arithmetic, and ``b``/``h`` dependence is read off it (``p.traced`` is
+    True). Otherwise ``fn`` stays opaque (``p.traced`` False, ``p.trace_failure`` names the first
+    operation the tracer could not follow and its source line) and is evaluated as FlexAttention's
+    ``create_mask`` does: vmapped, each call seeing 0-d index tensors, chunk by chunk (one
+    element at a time, up to a limit, where it branches on an index with Python ``if``).
 
     Args:
         per_head, per_batch: for an opaque ``fn`` only: True evaluates it per head / batch entry;
@@ -228,11 +304,13 @@ def mask(fn: Callable, *, per_head: bool | None = None, per_batch: bool | None =
     for name, v in (("per_head", per_head), ("per_batch", per_batch)):
         if v is not None and not isinstance(v, (bool, np.bool_)):
             raise PatternError(f"{name}={v!r} must be True, False or None")
-    e, uses = trace_uses(fn)
+    r = trace_report(fn)
+    e, uses = r.expr, r.uses
     if e is not None:
         return Mask(None, e)
     if per_head is None and "h" in uses:
         per_head = True
     if per_batch is None and "b" in uses:
         per_batch = True
-    return Mask(fn, None, None if per_head is None else bool(per_head), None if per_batch is None else bool(per_batch))
+    return Mask(fn, None, None if per_head is None else bool(per_head), None if per_batch is None else bool(per_batch),
+                r.failure)

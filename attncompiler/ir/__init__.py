@@ -6,8 +6,8 @@ from .expr import (INDEX_VARS, KV, B, BinOp, Buffer, Const, Expr, H, Load, Q, Un
                    maximum, minimum, unop, where)
 from .transform import substitute, to_mask_mod
 from .index import Index, check_index_ranges, index
-from .trace import Sym, TraceError, trace, trace_uses
+from .trace import Sym, TraceError, TraceResult, trace, trace_report, trace_uses
 
 __all__ = ["B", "BOOL", "BinOp", "Buffer", "Const", "Expr", "H", "INDEX_VARS", "INT", "Index", "KV", "Load", "Q",
-           "Sym", "TraceError", "UnOp", "Var", "Where", "as_expr", "binop", "check_index_ranges", "index", "maximum",
-           "minimum", "substitute", "to_mask_mod", "trace", "trace_uses", "unop", "where"]
+           "Sym", "TraceError", "TraceResult", "UnOp", "Var", "Where", "as_expr", "binop", "check_index_ranges", "index", "maximum",
+           "minimum", "substitute", "to_mask_mod", "trace", "trace_report", "trace_uses", "unop", "where"]

@@ -36,6 +36,21 @@ def _unknown_where(lo, hi, flo, fhi):
     return np.where(bad, -_BIG, lo), np.where(bad, _BIG, hi)
 
 
+def _bitwise_nonneg(op: str, alo, ahi, blo, bhi):
+    """Bounds of ``& | ^`` on non-negative integers: ``a & b <= min(a, b)``, and ``a | b``,
+    ``a ^ b`` stay below the next power of two above both."""
+    if op == "and":
+        lo = np.where((alo == ahi) & (blo == bhi), alo & blo, 0)
+        return np.broadcast_arrays(lo, np.minimum(ahi, bhi))
+    top = np.maximum(ahi, bhi)
+    exp = np.minimum(np.ceil(np.log2(np.float64(top) + 1)).astype(np.int64), 62)
+    ones = (np.int64(1) << exp) - 1
+    exp = np.where(ones < top, exp + 1, exp)  # float rounding near a power of two
+    hi = np.where(exp >= 62, _BIG, (np.int64(1) << np.minimum(exp, 61)) - 1)
+    lo = np.maximum(alo, blo) if op == "or" else np.int64(0)
+    return np.broadcast_arrays(lo, hi)
+
+
 def interval_binop(op: str, ea: Any, eb: Any, env):
     """Bounds of ``ea op eb`` (``ea``, ``eb``: expression nodes) given variable bounds ``env``."""
     alo, ahi = ea.bounds(env)
@@ -96,6 +111,12 @@ def interval_binop(op: str, ea: Any, eb: Any, env):
             fixed = sure_a & sure_b
             val = alo ^ blo
             return np.where(fixed, val, zero), np.where(fixed, val, one)
+        case "lshift" if (c := eb.constant()) is not None and 0 <= c <= 61:  # x * 2**c, monotone
+            return _saturate(lambda x: x * (2 ** int(c)), (alo,), (ahi,))
+        case "rshift" if (c := eb.constant()) is not None and 0 <= c <= 63:  # floor(x / 2**c), monotone
+            return alo >> int(c), ahi >> int(c)
+        case "and" | "or" | "xor" if np.all(alo >= 0) and np.all(blo >= 0):
+            return _bitwise_nonneg(op, alo, ahi, blo, bhi)
     # Bitwise ops on ints, division by a non-constant, ...: no useful bound.
     big = _BIG
     if ea.kind == BOOL and eb.kind == BOOL:

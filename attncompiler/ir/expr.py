@@ -23,7 +23,7 @@ import torch
 from ..errors import PatternError
 
 from .bounds import interval_binop
-from .ops import BINOPS, BOOL, INT, INT64_MAX, INT64_MIN, PY_BINOPS, TORCH_BINOPS
+from .ops import BINOPS, BOOL, INT, INT64_MAX, INT64_MIN, PY_BINOPS, SHIFTS, TORCH_BINOPS
 
 
 class Expr:
@@ -48,6 +48,10 @@ class Expr:
     def __ror__(self, o: Any) -> Expr: return binop("or", o, self)
     def __xor__(self, o: Any) -> Expr: return binop("xor", self, o)
     def __rxor__(self, o: Any) -> Expr: return binop("xor", o, self)
+    def __lshift__(self, o: Any) -> Expr: return binop("lshift", self, o)
+    def __rlshift__(self, o: Any) -> Expr: return binop("lshift", o, self)
+    def __rshift__(self, o: Any) -> Expr: return binop("rshift", self, o)
+    def __rrshift__(self, o: Any) -> Expr: return binop("rshift", o, self)
     def __lt__(self, o: Any) -> Expr: return binop("lt", self, o)
     def __le__(self, o: Any) -> Expr: return binop("le", self, o)
     def __gt__(self, o: Any) -> Expr: return binop("gt", self, o)
@@ -395,6 +399,12 @@ def binop(op: str, a: Any, b: Any) -> Expr:
     a, b = as_expr(a), as_expr(b)
     if op in ("floordiv", "mod") and isinstance(b, Const) and b.value == 0:
         raise PatternError(f"division by zero in index expression {a!r} {BINOPS[op][0]} 0")
+    if op in SHIFTS:
+        if not isinstance(b, Const) or isinstance(b.value, bool) or a.kind == BOOL:
+            raise PatternError(f"shift {a!r} {BINOPS[op][0]} {b!r}: index expressions shift integers by "
+                               "constant counts only; compute a varying power of two with where()")
+        if not 0 <= b.value <= 63:  # torch's int64 semantics: << gives 0, >> keeps only the sign
+            return Const(0) if op == "lshift" else binop("rshift", a, 63)
     if isinstance(a, Const) and isinstance(b, Const):
         return as_expr(PY_BINOPS[op](a.value, b.value))
     if op == "add":

@@ -28,6 +28,8 @@ BINOPS: dict[str, tuple[str, int, str | None]] = {
     "or": ("|", 2, None),
     "xor": ("^", 3, None),
     "and": ("&", 4, None),
+    "lshift": ("<<", 5, INT),
+    "rshift": (">>", 5, INT),
     "add": ("+", 6, INT),
     "sub": ("-", 6, INT),
     "mul": ("*", 7, INT),
@@ -37,6 +39,22 @@ BINOPS: dict[str, tuple[str, int, str | None]] = {
     "max": ("max", 9, INT),
 }
 COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge"}
+SHIFTS = {"lshift", "rshift"}
+
+
+def wrap64(v: int) -> int:
+    """A Python int reduced to int64 two's complement (what torch's int64 arithmetic keeps)."""
+    return ((int(v) + 2**63) % 2**64) - 2**63
+
+
+def py_lshift(x: int, s: int) -> int:
+    """torch's int64 ``x << s``: wraps; a count outside [0, 63] gives 0."""
+    return 0 if not 0 <= s <= 63 else wrap64(x << s)
+
+
+def py_rshift(x: int, s: int) -> int:
+    """torch's int64 ``x >> s`` (arithmetic): a count outside [0, 63] shifts by 63 (the sign)."""
+    return x >> (s if 0 <= s <= 63 else 63)
 
 
 def check_divisor(y) -> None:
@@ -61,6 +79,7 @@ TORCH_BINOPS: dict[str, Callable] = {
     "and": lambda x, y: x & y, "or": lambda x, y: x | y, "xor": lambda x, y: x ^ y,
     "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
     "min": torch.minimum, "max": torch.maximum,
+    "lshift": torch.bitwise_left_shift, "rshift": torch.bitwise_right_shift,
 }
 PY_BINOPS: dict[str, Callable] = {
     "add": lambda x, y: x + y, "sub": lambda x, y: x - y, "mul": lambda x, y: x * y,
@@ -69,4 +88,5 @@ PY_BINOPS: dict[str, Callable] = {
     "eq": lambda x, y: x == y, "ne": lambda x, y: x != y, "lt": lambda x, y: x < y,
     "le": lambda x, y: x <= y, "gt": lambda x, y: x > y, "ge": lambda x, y: x >= y,
     "min": min, "max": max,
+    "lshift": py_lshift, "rshift": py_rshift,
 }

@@ -9,6 +9,9 @@ mask_mod as an opaque predicate.
 
 from __future__ import annotations
 
+import os
+import traceback
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -62,6 +65,11 @@ class Sym(ExprProxy):
     __ne__, _ = _bin("ne")  # type: ignore[assignment]
     del _bin, _
 
+    def __lshift__(self, o): return Sym(_shift("lshift", self.expr, o))
+    def __rlshift__(self, o): return Sym(_shift("lshift", o, self.expr))
+    def __rshift__(self, o): return Sym(_shift("rshift", self.expr, o))
+    def __rrshift__(self, o): return Sym(_shift("rshift", o, self.expr))
+    def __pos__(self): return self
     def __neg__(self): return Sym(binop("sub", 0, self.expr))
     def __invert__(self): return Sym(unop("invert", self.expr))
     def __abs__(self): return Sym(unop("abs", self.expr))
@@ -71,6 +79,34 @@ class Sym(ExprProxy):
     def logical_or(self, o): return Sym(binop("or", self.expr, _unwrap(o)))
     def eq(self, o): return Sym(binop("eq", self.expr, _unwrap(o)))
     def ne(self, o): return Sym(binop("ne", self.expr, _unwrap(o)))
+    def logical_xor(self, o): return Sym(binop("xor", _as_bool(self.expr), _as_bool(_unwrap(o))))
+    def bitwise_and(self, o): return Sym(binop("and", self.expr, _unwrap(o)))
+    def bitwise_or(self, o): return Sym(binop("or", self.expr, _unwrap(o)))
+    def bitwise_xor(self, o): return Sym(binop("xor", self.expr, _unwrap(o)))
+    def bitwise_not(self): return Sym(unop("invert", self.expr))
+    def bitwise_left_shift(self, o): return Sym(_shift("lshift", self.expr, o))
+    def bitwise_right_shift(self, o): return Sym(_shift("rshift", self.expr, o))
+    def minimum(self, o): return Sym(binop("min", self.expr, _unwrap(o)))
+    def maximum(self, o): return Sym(binop("max", self.expr, _unwrap(o)))
+    def clamp(self, min=None, max=None): return Sym(_clamp(self.expr, min, max))  # noqa: A002
+    clip = clamp
+    def clamp_min(self, m): return Sym(_clamp(self.expr, m, None))
+    def clamp_max(self, m): return Sym(_clamp(self.expr, None, m))
+    def new_ones(self, *size, dtype=None, **_): return Sym(_filled(1, size, dtype, self.expr))
+    def new_zeros(self, *size, dtype=None, **_): return Sym(_filled(0, size, dtype, self.expr))
+    def new_full(self, size, fill_value, *, dtype=None, **_): return Sym(_filled(fill_value, (size,), dtype, self.expr))
+    def to(self, *args, **kwargs): return Sym(_to(self.expr, *args, **kwargs))
+    def long(self): return Sym(_cast(self.expr, torch.int64))
+    def bool(self): return Sym(_cast(self.expr, torch.bool))
+    def clone(self): return self
+    def detach(self): return self
+    def dim(self): return 0
+
+    # A traced index stands for one 0-d int64 (or bool) value, as under FlexAttention's vmap.
+    device = property(lambda self: torch.device("cpu"))
+    dtype = property(lambda self: torch.bool if self.expr.kind == BOOL else torch.int64)
+    shape = property(lambda self: torch.Size([]))
+    ndim = property(lambda self: 0)
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -169,6 +205,70 @@ def _div(a, b, *, rounding_mode=None):
     return binop("floordiv", _unwrap(a), _unwrap(b))
 
 
+def _shift(op: str, a, count) -> Expr:
+    """``a << count`` / ``a >> count`` with torch's int64 semantics (a count outside [0, 63]:
+    ``<<`` gives 0, ``>>`` keeps the sign); a traced (non-constant) count is not traced."""
+    c = _unwrap(count)
+    if c.constant() is None or isinstance(c.constant(), bool):
+        raise TraceError(f"a shift by the non-constant count {c!r}")
+    x = _unwrap(a)
+    if x.kind == BOOL:
+        raise TraceError("a shift of a boolean")
+    return binop(op, x, c)
+
+
+def _clamp(x, lo, hi) -> Expr:
+    """torch's ``clamp``: ``min(max(x, lo), hi)`` (``hi`` wins where ``lo > hi``)."""
+    e = _unwrap(x)
+    if lo is not None:
+        e = binop("max", e, _unwrap(lo))
+    if hi is not None:
+        e = binop("min", e, _unwrap(hi))
+    return e
+
+
+def _as_bool(e: Expr) -> Expr:
+    return e if e.kind == BOOL else binop("ne", e, 0)
+
+
+def _cast(e: Expr, dtype) -> Expr:
+    """``e.to(dtype)`` for the dtypes index arithmetic keeps exact: bool and int64."""
+    if dtype is torch.bool:
+        return _as_bool(e)
+    if dtype is torch.int64:
+        return where(e, 1, 0) if e.kind == BOOL else e
+    raise TraceError(f"a conversion to {dtype} (only torch.bool and torch.int64 are traced)")
+
+
+def _to(e: Expr, *args, **kwargs) -> Expr:
+    """``Tensor.to``: devices and copy flags change nothing for an index; dtypes go to :func:`_cast`."""
+    dtype = kwargs.get("dtype")
+    for a in args:
+        if isinstance(a, torch.dtype):
+            dtype = a
+        elif isinstance(a, (Sym, torch.Tensor)):
+            dtype = torch.bool if isinstance(a, Sym) and a.expr.kind == BOOL else getattr(a, "dtype", None)
+        elif not isinstance(a, (str, torch.device, bool)):
+            raise TraceError(f"Tensor.to({a!r})")
+    return e if dtype is None else _cast(e, dtype)
+
+
+def _filled(value, size, dtype, like: Expr) -> Expr:
+    """A 0-d constant (``new_ones(())``, ``ones_like(q_idx)``): one value per element."""
+    dims = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+    if tuple(dims) != ():
+        raise TraceError(f"a constant tensor of shape {tuple(dims)} (a traced index is one 0-d value)")
+    if dtype is None:
+        dtype = torch.bool if like.kind == BOOL else torch.int64
+    return _cast(_unwrap(value), dtype)
+
+
+def _like(value):
+    def f(t, *, dtype=None, **_):
+        return _filled(value, (), dtype, _unwrap(t))
+    return f
+
+
 _TORCH_HANDLERS: dict[Any, Callable[..., Expr]] = {
     torch.where: lambda c, a, b: where(_unwrap(c), _unwrap(a), _unwrap(b)),
     torch.abs: lambda a: unop("abs", _unwrap(a)),
@@ -205,10 +305,49 @@ _TORCH_HANDLERS: dict[Any, Callable[..., Expr]] = {
     torch.Tensor.__rmod__: lambda a, b: binop("mod", _unwrap(b), _unwrap(a)),
     torch.floor_divide: lambda a, b: binop("floordiv", _unwrap(a), _unwrap(b)),
     torch.div: _div,
+    torch.Tensor.__xor__: lambda a, b: binop("xor", _unwrap(a), _unwrap(b)),
+    torch.Tensor.__rxor__: lambda a, b: binop("xor", _unwrap(b), _unwrap(a)),
+    torch.Tensor.__lshift__: lambda a, b: _shift("lshift", a, b),
+    torch.Tensor.__rlshift__: lambda a, b: _shift("lshift", b, a),
+    torch.Tensor.__rshift__: lambda a, b: _shift("rshift", a, b),
+    torch.Tensor.__rrshift__: lambda a, b: _shift("rshift", b, a),
+    torch.bitwise_and: lambda a, b: binop("and", _unwrap(a), _unwrap(b)),
+    torch.bitwise_or: lambda a, b: binop("or", _unwrap(a), _unwrap(b)),
+    torch.bitwise_xor: lambda a, b: binop("xor", _unwrap(a), _unwrap(b)),
+    torch.bitwise_not: lambda a: unop("invert", _unwrap(a)),
+    torch.bitwise_left_shift: lambda a, b: _shift("lshift", a, b),
+    torch.bitwise_right_shift: lambda a, b: _shift("rshift", a, b),
+    torch.logical_xor: lambda a, b: binop("xor", _as_bool(_unwrap(a)), _as_bool(_unwrap(b))),
+    torch.clamp: lambda x, min=None, max=None: _clamp(x, min, max),  # noqa: A006
+    torch.clip: lambda x, min=None, max=None: _clamp(x, min, max),  # noqa: A006
+    torch.clamp_min: lambda x, m: _clamp(x, m, None),
+    torch.clamp_max: lambda x, m: _clamp(x, None, m),
+    torch.lt: lambda a, b: binop("lt", _unwrap(a), _unwrap(b)),
+    torch.le: lambda a, b: binop("le", _unwrap(a), _unwrap(b)),
+    torch.gt: lambda a, b: binop("gt", _unwrap(a), _unwrap(b)),
+    torch.ge: lambda a, b: binop("ge", _unwrap(a), _unwrap(b)),
+    torch.add: lambda a, b: binop("add", _unwrap(a), _unwrap(b)),
+    torch.sub: lambda a, b: binop("sub", _unwrap(a), _unwrap(b)),
+    torch.mul: lambda a, b: binop("mul", _unwrap(a), _unwrap(b)),
+    torch.ones_like: _like(1),
+    torch.zeros_like: _like(0),
+    torch.full_like: lambda t, v, *, dtype=None, **_: _filled(v, (), dtype, _unwrap(t)),
+    torch.Tensor.to: lambda t, *a, **k: _to(_unwrap(t), *a, **k),
 }
 
 
 _USES: list[set[str]] = []  # one set per trace in progress
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """What tracing a mask_mod gave: the expression (None: opaque), the index variables it
+    touched before it stopped, and, when opaque, why (the first operation the tracer could not
+    follow and the user's source line)."""
+
+    expr: Expr | None
+    uses: frozenset[str]
+    failure: str | None = None
 
 
 def trace(fn: Callable) -> Expr | None:
@@ -218,7 +357,7 @@ def trace(fn: Callable) -> Expr | None:
         PatternError: when ``fn`` traces but returns a non-boolean value, or uses a constant
             beyond int64 or an impossible index.
     """
-    return trace_uses(fn)[0]
+    return trace_report(fn).expr
 
 
 def trace_uses(fn: Callable) -> tuple[Expr | None, frozenset[str]]:
@@ -227,18 +366,24 @@ def trace_uses(fn: Callable) -> tuple[Expr | None, frozenset[str]]:
     When ``fn`` stays opaque, a ``b`` or ``h`` among them means its mask may depend on the batch
     entry or head.
     """
+    r = trace_report(fn)
+    return r.expr, r.uses
+
+
+def trace_report(fn: Callable) -> TraceResult:
+    """Trace ``fn`` and say what happened (see :class:`TraceResult`); raises as :func:`trace`."""
     args = [Sym(v) for v in INDEX_VARS]
     _USES.append(set())
     try:
         out = fn(*args)
         e = _unwrap(out)
-    except TraceError:
-        return None, frozenset(_USES[-1])
+    except TraceError as err:
+        return TraceResult(None, frozenset(_USES[-1]), _failure(fn, err))
     except PatternError:
         raise
-    except (TypeError, RuntimeError, IndexError, ValueError, AttributeError):
+    except (TypeError, RuntimeError, IndexError, ValueError, AttributeError, NotImplementedError) as err:
         # torch or Python refused a proxy somewhere we do not intercept: keep fn opaque.
-        return None, frozenset(_USES[-1])
+        return TraceResult(None, frozenset(_USES[-1]), _failure(fn, err, f"{type(err).__name__}: "))
     finally:
         uses = _USES.pop()
     if e.kind != BOOL:
@@ -246,4 +391,22 @@ def trace_uses(fn: Callable) -> tuple[Expr | None, frozenset[str]]:
             f"mask_mod must return a boolean, but it returned the integer expression {e!r}; "
             "compare it with something, e.g. `... == 0`"
         )
-    return e, frozenset(uses)
+    return TraceResult(e, frozenset(uses))
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _failure(fn: Callable, err: BaseException, prefix: str = "") -> str:
+    """``"<what stopped the tracer> at <file>:<line>: <source>"``, the line being the innermost
+    frame of user code (not this package's tracer, not torch) in the traceback."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if not os.path.abspath(f.filename).startswith((_HERE, _TORCH_DIR))]
+    what = f"{prefix}{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    if not frames:
+        code = getattr(fn, "__code__", None)
+        return what if code is None else f"{what} (in {code.co_filename}:{code.co_firstlineno})"
+    f = frames[-1]
+    src = f" `{f.line.strip()}`" if f.line else ""
+    return f"{what} at {f.filename}:{f.lineno}:{src}"

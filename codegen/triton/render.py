@@ -5,7 +5,9 @@ helper, ``_predicate(b, h, q_idx, kv_idx, bufs, buf_meta)``, called only on part
 Buffers (document ids, random-block tables, ...) are runtime tensors addressed by position,
 never inlined, so the rendered text depends on the pattern's structure and not on the
 sequence length. Python floor semantics of ``//`` and ``%`` are kept: Triton truncates toward
-zero, so a division whose dividend may be negative goes through ``_floordiv``/``_mod``.
+zero, so a division whose dividend may be negative goes through ``_floordiv``/``_mod``. Shifts
+have constant counts in [0, 63] (the IR folds the others with torch's rules); ``<<`` is computed
+in int64 unless bounds prove int32 suffices, ``>>`` is arithmetic, as torch's on int64.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ PRED_END = "# --- end predicate ---\n"
 
 # Python operator precedence of what we emit (higher binds tighter); calls and names are 10.
 _OPS = {"eq": ("==", 1), "ne": ("!=", 1), "lt": ("<", 1), "le": ("<=", 1), "gt": (">", 1), "ge": (">=", 1),
-        "or": ("|", 2), "xor": ("^", 3), "and": ("&", 4), "add": ("+", 6), "sub": ("-", 6),
+        "or": ("|", 2), "xor": ("^", 3), "and": ("&", 4), "lshift": ("<<", 5), "rshift": (">>", 5),
+        "add": ("+", 6), "sub": ("-", 6),
         "mul": ("*", 7), "floordiv": ("//", 7), "mod": ("%", 7)}
 _VAR_NAMES = {"b": "b", "h": "h", "q_idx": "q_idx", "kv_idx": "kv_idx"}
 
@@ -49,6 +52,8 @@ def _nonneg(e: Expr) -> bool:
             return _nonneg(a) or _nonneg(b)
         case BinOp(op="floordiv" | "mod", a=a, b=Const(value=v)) if not isinstance(v, bool) and v > 0:
             return _nonneg(a)
+        case BinOp(op="rshift", a=a) | BinOp(op="and", a=a, b=Const()) if e.kind != BOOL:
+            return _nonneg(a) or (e.op == "and" and _nonneg(e.b))
         case Where(a=a, b=b):
             return _nonneg(a) and _nonneg(b)
     return False
@@ -149,7 +154,7 @@ class _Emitter:
     def _needs64(self, e: Expr) -> bool:
         """Whether ``e`` (an integer operation) may leave int32 in a value or an intermediate."""
         match e:
-            case BinOp(op="add" | "sub" | "mul") | UnOp(op="abs"):
+            case BinOp(op="add" | "sub" | "mul" | "lshift") | UnOp(op="abs"):
                 return not _fits32(self.range(e))
             case BinOp(op="floordiv" | "mod", a=a):
                 # The floor helpers never step outside their operands' range: |a // b| <= |a| and
