@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..layout.block_sets import pairs_from_ranges
 from .pieces import covers, merge
 
 DENSE_FRACTION = 0.5  # a block row attending to at least this share of key blocks is a dense candidate
@@ -31,16 +32,23 @@ def dense_block_rows(layout, fraction: float = DENSE_FRACTION) -> np.ndarray:
     g = layout.geom
     out = np.zeros(g.nqb, dtype=bool)
     for grp in layout.groups:
-        out |= np.bincount(grp.rows, minlength=g.nqb)[:g.nqb] >= max(1.0, fraction * g.nkb)
+        out |= np.diff(grp.row_ptr) >= max(1.0, fraction * g.nkb)  # counts from ranges, not blocks
     return out
 
 
-def _refine_straddling(grp, g, b_arr, extra, which, q0, q1, k0, k1) -> None:
+def row_blocks(grp, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the blocks in the selected block rows (bool [nqb]) only, full and partial."""
+    sel = rows[grp.range_rows]
+    fr, fc = pairs_from_ranges(grp.range_rows[sel], grp.range_start[sel], grp.range_end[sel] - 1)
+    psel = rows[grp.part_rows]
+    return np.concatenate([fr, grp.part_rows[psel]]), np.concatenate([fc, grp.part_cols[psel]])
+
+
+def _refine_straddling(grp, g, b_arr, extra, rows, cols, q0, q1, k0, k1) -> None:
     """Add the exact key pieces of blocks that straddle chunk boundaries, evaluating only undecided pieces."""
     import torch
 
-    for n, i in enumerate(which):
-        r, c = int(grp.rows[i]), int(grp.cols[i])
+    for n, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
         for qi in {int(q0[n]), int(q1[n])}:
             for kj in {int(k0[n]), int(k1[n])}:
                 qa, qb = max(g.q_lo(r), b_arr[qi]), min(g.q_hi(r) + 1, b_arr[qi + 1])
@@ -71,16 +79,30 @@ def chunk_needs(layout, chunk_bounds, skip_rows: np.ndarray | None = None) -> di
     keep_row = np.ones(g.nqb, dtype=bool) if skip_rows is None else ~skip_rows
     seen = np.zeros((C, g.nkb), dtype=bool)  # [query chunk, key block column]: some block there
     extra: dict = {}
+    nonwhole_cols = np.flatnonzero(~whole_col)  # at most C - 1 columns
+    whole_row = (rq0 == rq1) & keep_row
     for grp in layout.groups:
-        rows, cols = grp.rows, grp.cols
-        if len(rows) == 0:
-            continue
-        kept = keep_row[rows]
-        whole = (rq0 == rq1)[rows] & whole_col[cols] & kept
-        seen[rq0[rows[whole]], cols[whole]] = True
-        straddle = np.flatnonzero(~whole & kept)
-        _refine_straddling(grp, g, b_arr, extra, straddle, rq0[rows[straddle]], rq1[rows[straddle]],
-                           ck0[cols[straddle]], ck1[cols[straddle]])
+        # full ranges of whole rows: mark [start, end) per query chunk with a difference array
+        rr, s, e = grp.range_rows, grp.range_start, grp.range_end
+        w = whole_row[rr]
+        marks = np.zeros((C, g.nkb + 1), dtype=np.int32)
+        np.add.at(marks, (rq0[rr[w]], s[w]), 1)
+        np.add.at(marks, (rq0[rr[w]], e[w]), -1)
+        seen |= np.cumsum(marks, axis=1)[:, :g.nkb] > 0
+        # partial blocks of whole rows in whole columns
+        pr, pc = grp.part_rows, grp.part_cols
+        pw = whole_row[pr] & whole_col[pc]
+        seen[rq0[pr[pw]], pc[pw]] = True
+        # straddling blocks: every block of a kept row that spans chunks, and the blocks of whole
+        # rows in the few columns that span chunks
+        sr, sc = row_blocks(grp, keep_row & (rq0 != rq1))
+        parts_r, parts_c = [sr, pr[whole_row[pr] & ~whole_col[pc]]], [sc, pc[whole_row[pr] & ~whole_col[pc]]]
+        for j in nonwhole_cols:
+            hit = w & (s <= j) & (e > j)
+            parts_r.append(rr[hit])
+            parts_c.append(np.full(int(hit.sum()), j, dtype=np.int64))
+        r, c = np.concatenate(parts_r), np.concatenate(parts_c)
+        _refine_straddling(grp, g, b_arr, extra, r, c, rq0[r], rq1[r], ck0[c], ck1[c])
     out: dict = {}
     for a in range(C):
         cs = np.flatnonzero(seen[a] & whole_col)
@@ -107,8 +129,7 @@ def dense_chunk_needs(layout, chunk_bounds, rows: np.ndarray) -> np.ndarray:
     rq = (chunk_of(b_arr, g.q_lo(r_idx)), chunk_of(b_arr, g.q_hi(r_idx)))
     ck = (chunk_of(b_arr, g.k_lo(c_idx)), chunk_of(b_arr, g.k_hi(c_idx)))
     for grp in layout.groups:
-        sel = rows[grp.rows]
-        r, c = grp.rows[sel], grp.cols[sel]
+        r, c = row_blocks(grp, rows)
         for qa in rq:
             for kb in ck:
                 out[qa[r], kb[c]] = True
@@ -134,10 +155,12 @@ def chunk_blocks(layout, chunk_bounds, batch: int, heads: int, dense_rows: np.nd
     row_chunk = chunk_of(b_arr, g.q_lo(np.arange(g.nqb)))
     col_chunk = chunk_of(b_arr, g.k_lo(np.arange(g.nkb)))
     per_group = []
-    for grp in layout.groups:
-        d = np.zeros(len(grp.rows), dtype=bool) if dense_rows is None else dense_rows[grp.rows]
-        per_group.append(np.bincount(row_chunk[grp.rows[~d]], minlength=C)[:C]
-                         + np.bincount(col_chunk[grp.cols[d]], minlength=C)[:C])
+    d = np.zeros(g.nqb, dtype=bool) if dense_rows is None else dense_rows
+    for grp in layout.groups:  # per-row counts from ranges; dense rows (few) listed by key block
+        counts = np.where(d, 0, np.diff(grp.row_ptr))
+        _, dc = row_blocks(grp, d)
+        per_group.append(np.bincount(row_chunk, weights=counts, minlength=C)[:C].astype(np.int64)
+                         + np.bincount(col_chunk[dc], minlength=C)[:C])
     gi = layout.group_index
     blocks = np.zeros(C, dtype=np.int64)
     for idx, n in zip(*np.unique(gi.reshape(-1), return_counts=True)):
