@@ -378,3 +378,12 @@ def test_cli_show_and_explain_say_whether_a_mask_traced(tmp_path):
     from attncompiler.cli.common import describe_mask_tracing
     text = describe_mask_tracing(ac.mask(_scalar_flamingo) | ac.mask(causal))
     assert "traced: no" in text and "'float'" in text and "traced: yes" in text
+
+
+@pytest.mark.parametrize("name", list(GENERATORS))
+def test_traced_layout_equals_the_evaluated_layout(name):
+    from attncompiler.dsl.mask_mod import Mask
+    traced, opaque = ac.mask(GENERATORS[name]), Mask(GENERATORS[name], None, False, False)
+    for bm, bn in ((16, 16), (32, 16)):
+        want = opaque.layout(L, L, block_m=bm, block_n=bn).block_kinds()
+        assert (traced.layout(L, L, block_m=bm, block_n=bn).block_kinds() == want).all()
