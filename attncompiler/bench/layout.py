@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from .measure import JsonReport, Progress, check_positive, fmt, quiet
 from .peers import CREATE_BLOCK_MASK_BYTES_PER_PAIR, flex_mask_mod
 from ..errors import InputError, UnsupportedError
-from ..dsl.pattern import Family, Pattern
+from ..dsl.pattern import Family, Pattern, causal
+from ..dsl.primitives import block_local, document, global_tokens, prefix_lm, sliding_window, strided
 
 LAYOUT_CONTENDERS = ("attnc", "flex")
 
@@ -202,6 +203,9 @@ def _layout_worker() -> None:
         pass
     try:  # warm-up at a tiny length: lazy imports (vmap, dynamo) are not part of a build
         build(min(seq_len, 2 * block))
+        import torch  # and one element evaluation: torch imports sympy lazily on the first one
+
+        pattern.evaluate(0, 0, torch.arange(2)[:, None], torch.arange(2)[None, :], seq_len, seq_len)
     except Exception:
         pass
     before = _rss_now()
@@ -217,3 +221,56 @@ def _layout_worker() -> None:
     print(json.dumps(dict(name=name, seq_len=seq_len, first_s=times[0], median_s=statistics.median(times),
                           peak_rss_bytes=max(0, high - before), rss_lower_bound=high <= high_before,
                           blocks=blocks)))
+
+
+def scaling_patterns() -> dict[str, Pattern]:
+    """The layout-scaling table: banded unions, causal compositions, intersections with
+    complements and a strided pattern (built from DSL primitives, so they pickle)."""
+    return {
+        "sliding_window(256)": sliding_window(256),
+        "sliding_window(256) | global_tokens([0,1,2,3])": sliding_window(256) | global_tokens([0, 1, 2, 3]),
+        "sliding_window(256).causal()": sliding_window(256).causal(),
+        "document([1000] * 1048 + [576]).causal()": document([1000] * 1048 + [576]).causal(),
+        "block_local(4096).causal()": block_local(4096).causal(),
+        "causal()": causal(),
+        "strided(4096)": strided(4096),
+        "prefix_lm(1000)": prefix_lm(1000),
+        "sliding_window(256) & ~block_local(1000)": sliding_window(256) & ~block_local(1000),
+        "(sliding_window(256) | global_tokens([0,1,2,3])).causal()":
+            (sliding_window(256) | global_tokens([0, 1, 2, 3])).causal(),
+    }
+
+
+def run_layout_table(seq_len: int = 1 << 20, block: int = 64, repeats: int = 1, timeout_s: float = 120.0,
+                     progress: Progress = quiet) -> str:
+    """Build every pattern of :func:`scaling_patterns` in a fresh process; a Markdown table."""
+    rows = ["| pattern | time (s) | peak RSS (MiB) | blocks |", "|---|---|---|---|"]
+    for name, pat in scaling_patterns().items():
+        progress(f"building {name} at L={seq_len}")
+        res = run_layout_bench(pat, seq_len, block=block, repeats=repeats, builders=("attnc",), timeout_s=timeout_s)
+        e, cell = res.entries[0], name.replace("|", "\\|")  # a table cell may not hold a bare pipe
+        if e.skipped:
+            rows.append(f"| `{cell}` | {e.skipped} | | |")
+            continue
+        rss = (">=" if e.rss_lower_bound else "") + f"{e.peak_rss_bytes / 2**20:.1f}"
+        rows.append(f"| `{cell}` | {e.first_s:.3f} | {rss} | {e.blocks:,} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -c "from attncompiler.bench.layout import main; main()" [--seq-len N] [--block B]``:
+    the layout-scaling table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--seq-len", type=int, default=1 << 20)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1)
+    opts = ap.parse_args(argv)
+    print(f"layout build at L={opts.seq_len}, block {opts.block}, one fresh process per pattern "
+          "(time of the first build after a warm-up at a tiny length; peak RSS above the worker's baseline)")
+    print(run_layout_table(opts.seq_len, opts.block, opts.repeats))
+
+
+if __name__ == "__main__":
+    main()
