@@ -1,17 +1,23 @@
 """``attnc compile PATTERN --emit DIR`` and ``attnc explain PATTERN``.
 
-``compile`` writes the generated Triton source of a catalogue pattern for a user to read;
-``explain`` prints the pipeline layer by layer: the pattern, its block layout, the program's
-stages and schedules, and the generated kernel file (written to the kernel cache).
+``compile`` writes the generated Triton source of a pattern for a user to read (mode 0644: the
+copies are the user's; the kernel cache itself stays private); ``explain`` prints the pipeline
+layer by layer: the pattern, its block layout, the program's stages and schedules, and what runs
+them on the chosen backend (``--backend auto`` is what ``ac.compile`` picks here: Triton kernels
+on a CUDA machine, PyTorch ops otherwise). PATTERN is a catalogue name with ``--param value``
+options or a DSL expression, as for every ``attnc`` command.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-# The pattern-option machinery of `attnc show/verify/bench`, so every command reads the same options.
-from .common import Parser, add_pattern_options, describe_mask_tracing, guarded, lookup, pattern_params, positive_int
+from .common import describe_mask_tracing, mask_mods, parse_command, positive_int, register_pattern_command
+
+EMIT_MODE = 0o644
+"""Mode of the files ``attnc compile --emit`` writes: copies for the user to read and share."""
 
 _DTYPES = ("float32", "float16", "bfloat16")
 _HELP = {"compile": "generate the Triton kernels of a pattern and write their source to --emit DIR",
@@ -32,27 +38,29 @@ def _options(cmd: str, parser: argparse.ArgumentParser, pattern_names: set[str])
         add("--emit", required=True, metavar="DIR", help="directory to write the generated source into")
     else:
         add("--heads", type=positive_int, default=1, help="heads, for per-head patterns (default 1)")
+        add("--backend", choices=("auto", "torch", "triton"), default="auto",
+            help="backend to describe (default auto: what ac.compile picks on this machine)")
 
 
-def _parse(cmd: str, args: argparse.Namespace):
-    """``PATTERN [options]`` -> (pattern, options, schedule); pattern parameters become options
-    exactly as for ``attnc show`` (``--window 128``, ``--causal``, ``--lengths 256,512``)."""
+def _parse(cmd: str, argv: list[str]):
+    """``PATTERN [options]`` -> (pattern spec, options, schedule), with the grammar of every command."""
     from ..program import schedule as S
 
-    ctor = lookup(args.pattern)
-    pnames = {p.name for p in pattern_params(ctor)}
-    parser = Parser(prog=f"attnc {cmd} {args.pattern}", description=_HELP[cmd])
-    _options(cmd, parser, pnames)
-    taken = {a.dest for a in parser._actions} | {s.lstrip("-") for a in parser._actions for s in a.option_strings}
-    dests = add_pattern_options(parser, ctor, taken)
-    opts = parser.parse_args(args.rest)
-    kwargs = {name: getattr(opts, dest) for dest, name in dests.items()}
-    pattern = ctor(**kwargs)
-    block = opts.layout_block or (kwargs["block"] if isinstance(kwargs.get("block"), int) else 64)
+    [spec], opts = parse_command(cmd, _HELP[cmd], argv, lambda p, names: _options(cmd, p, names))
+    block = opts.layout_block or spec.block or 64
     sched = S.blocks(S.Schedule(), block)
     if opts.tile:
         sched = S.tile(sched, *opts.tile)
-    return pattern, opts, S.pipeline(S.warps(sched, opts.warps), opts.stages)
+    return spec, opts, S.pipeline(S.warps(sched, opts.warps), opts.stages)
+
+
+def auto_backend() -> str:
+    """What ``ac.compile(p, "auto")`` runs here: Triton when CUDA and triton are available."""
+    import importlib.util
+
+    import torch
+
+    return "triton" if torch.cuda.is_available() and importlib.util.find_spec("triton") else "torch"
 
 
 def _attention_stages(pattern, sched, opts):
@@ -91,11 +99,18 @@ def _family_kernel_files(program, opts) -> list[tuple[list[int], Path]]:
     return [(idx, path) for path, idx in files.items()]
 
 
-def cmd_compile(args) -> int:
-    """Write the generated kernel source of one pattern into ``--emit DIR``."""
+def _emit(path: Path, text: str) -> None:
+    """Write one emitted file atomically, readable by others (the cache's files are 0600)."""
     from ..codegen.cache import atomic_write
 
-    pattern, opts, sched = _parse("compile", args)
+    atomic_write(path, text)
+    os.chmod(path, EMIT_MODE)
+
+
+def cmd_compile(argv: list[str]) -> int:
+    """Write the generated kernel source of one pattern into ``--emit DIR``."""
+    spec, opts, sched = _parse("compile", argv)
+    pattern = spec.pattern
     program, stages = _attention_stages(pattern, sched, opts)
     family = _family_kernel_files(program, opts)
     if not stages and not family:
@@ -103,58 +118,118 @@ def cmd_compile(args) -> int:
         return 0
     for i, _, _, _, key, text in stages:
         suffix = "" if len(stages) == 1 else f"_stage{i}"
-        out = Path(opts.emit) / f"{args.pattern}_{opts.dtype}{suffix}.py"
-        atomic_write(out, text)
+        out = Path(opts.emit) / f"{spec.stem}_{opts.dtype}{suffix}.py"
+        _emit(out, text)
         print(f"wrote {out} ({len(text.splitlines())} lines, cache key {key})")
     for idx, path in family:
         text = path.read_text()
-        out = Path(opts.emit) / f"{args.pattern}_{path.stem.rsplit('_', 1)[0]}.py"
-        atomic_write(out, text)
+        out = Path(opts.emit) / f"{spec.stem}_{path.stem.rsplit('_', 1)[0]}.py"
+        _emit(out, text)
         print(f"wrote {out} ({len(text.splitlines())} lines; stages {idx}; one file for every dtype: Triton specializes it at launch)")
     return 0
 
 
-def cmd_explain(args) -> int:
-    """Print the pipeline of one pattern, layer by layer."""
+class _Steps:
+    """Prints numbered steps (1, 2, 3, ... whatever the program has) with indented details."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, title: str, first: str, *more: str) -> None:
+        self.n += 1
+        print(f"{f'{self.n}. {title}':<12} {first}")
+        for line in more:
+            print(f"{'':<12} {line}")
+
+
+def cmd_explain(argv: list[str]) -> int:
+    """Print the pipeline of one pattern, layer by layer, for the backend that would run it."""
+    spec, opts, sched = _parse("explain", argv)
+    pattern = spec.pattern
+    backend = auto_backend() if opts.backend == "auto" else opts.backend
+    step = _Steps()
+    step("pattern", f"{spec.text}: {pattern!r}", f"family {pattern.family}",
+         *describe_mask_tracing(pattern).splitlines())
+    if backend == "triton":
+        program, stages = _attention_stages(pattern, sched, opts)
+        layouts = [(i, st, lay, src.opaque) for i, st, lay, src, _, _ in stages]
+    else:
+        program, layouts = _torch_layouts(pattern, sched, opts)
+    for i, st, lay, opaque in layouts:
+        g = lay.geom
+        pairs = lay.group_index.size * g.nqb * g.nkb
+        where = f" [{i}]" if len(program.stages) > 1 else ""
+        step("layout" + where,
+             f"q_len {g.q_len}, kv_len {g.kv_len}, block {g.block_m}x{g.block_n}: "
+             f"{g.nqb} x {g.nkb} blocks, {len(lay.groups)} group(s) over {opts.heads} head(s)",
+             f"non-empty {lay.num_blocks} of {pairs} ({lay.block_density:.1%}): "
+             f"full {lay.num_full} (no mask work), partial {lay.num_partial} (predicate per element)",
+             "predicate: " + ("opaque (evaluated on tensors; kernels read per-block byte masks)" if opaque
+                              else "traced into an index expression"
+                              + (", rendered below" if backend == "triton" else ", evaluated on index tensors")))
+    step("program", *str(program).splitlines())
+    if backend == "triton":
+        _explain_triton(step, program, stages, opts)
+    else:
+        _explain_torch(step, program, layouts, opts)
+    return 0
+
+
+def _torch_layouts(pattern, sched, opts):
+    """The program and ``(index, stage, layout, opaque)`` of its BlockSparseAttention stages,
+    without generating any kernel (the torch backend reads the layouts directly)."""
+    from ..program.stages import BlockSparseAttention, lower
+
+    program = lower(pattern, sched)
+    out = []
+    for i, st in enumerate(program.stages):
+        if isinstance(st, BlockSparseAttention):
+            s = st.schedule
+            lay = st.pattern.layout(opts.seq_len, None, s.block_m, s.block_n, batch=1, heads=opts.heads)
+            out.append((i, st, lay, any(not m.traced for m in mask_mods(st.pattern))))
+    return program, out
+
+
+def _explain_torch(step, program, layouts, opts) -> None:
+    """Steps of the PyTorch backend: how attention stages run, and the CPU C kernels if any."""
+    for i, st, _, _ in layouts:
+        s = st.schedule
+        step("schedule", f"stage [{i}] on torch ({'CUDA' if auto_backend() == 'triton' else 'CPU'} tensors as "
+             f"PyTorch ops): blocks {s.block_m}x{s.block_n}; query blocks bucketed by their key-block count, "
+             f"chunks of about {s.tile_elems} score elements,",
+             f"online softmax over steps of at most {s.key_blocks_per_step} key blocks; full blocks skip the "
+             "mask, partial blocks evaluate the predicate; the backward recomputes probabilities from the lse")
+    cpu = _cpu_kernel_lines(program)
+    if cpu:
+        step(*cpu)
+    elif not layouts:
+        step("kernels", "none generated: every stage of this program runs as PyTorch ops")
+    else:
+        step("kernels", "none generated on torch: `attnc explain PATTERN --backend triton` shows the Triton "
+             "kernels a CUDA machine would run")
+
+
+def _explain_triton(step, program, stages, opts) -> None:
+    """Steps of the Triton backend: schedules and the generated kernel files (in the cache)."""
     from ..codegen import cache
     from ..codegen.triton.kernels import describe_schedule
 
-    pattern, opts, sched = _parse("explain", args)
-    program, stages = _attention_stages(pattern, sched, opts)
-    print(f"1. pattern   {args.pattern}: {pattern!r}")
-    print(f"             family {pattern.family}")
-    for line in describe_mask_tracing(pattern).splitlines():
-        print(f"             {line}")
-    for i, st, lay, src, _, _ in stages:
-        g = lay.geom
-        pairs = lay.group_index.size * g.nqb * g.nkb
-        where = f" (stage [{i}])" if len(program.stages) > 1 else ""
-        print(f"{'2. layout' + where:<12} q_len {g.q_len}, kv_len {g.kv_len}, block {g.block_m}x{g.block_n}: "
-              f"{g.nqb} x {g.nkb} blocks, {len(lay.groups)} group(s) over {opts.heads} head(s)")
-        print(f"             non-empty {lay.num_blocks} of {pairs} ({lay.block_density:.1%}): "
-              f"full {lay.num_full} (no mask work), partial {lay.num_partial} (predicate per element)")
-        print("             predicate: " + ("opaque (evaluated on tensors; kernels read per-block byte masks)"
-                                             if src.opaque else "traced into an index expression, rendered below"))
-    print("3. program   " + str(program).replace("\n", "\n             "))
     for i, st, lay, src, key, text in stages:
-        print(f"4. schedule  stage [{i}] on triton: {describe_schedule(st.schedule)}; dtype {opts.dtype} "
-              f"(dot precision {src.dot_precision!r}); other stages run as PyTorch ops")
+        step("schedule", f"stage [{i}] on triton: {describe_schedule(st.schedule)}; dtype {opts.dtype} "
+             f"(dot precision {src.dot_precision!r}); other stages run as PyTorch ops")
+    for i, st, lay, src, key, text in stages:
         path = cache.ensure(key, text)
-        print(f"5. kernels   {path}  (cache key {key}, {len(text.splitlines())} lines)")
-        print("             _attn_fwd       grid (ceil(Lq/TM), B*H): full key blocks, then partial ones through _predicate")
-        print("             _attn_bwd_dkdv  grid (ceil(Lk/TN), B*Hkv): transposed lists, GQA heads summed in order")
-        print("             _attn_bwd_dq    grid (ceil(Lq/TM), B*H): the forward lists again")
-        print("   predicate helper (partial blocks only):")
-        for line in src.predicate.rstrip().splitlines():
-            print("     " + line)
+        step("kernels", f"{path}  (cache key {key}, {len(text.splitlines())} lines)",
+             "_attn_fwd       grid (ceil(Lq/TM), B*H): full key blocks, then partial ones through _predicate",
+             "_attn_bwd_dkdv  grid (ceil(Lk/TN), B*Hkv): transposed lists, GQA heads summed in order",
+             "_attn_bwd_dq    grid (ceil(Lq/TM), B*H): the forward lists again",
+             "predicate helper (partial blocks only):",
+             *("  " + line for line in src.predicate.rstrip().splitlines()))
     family = _family_kernel_files(program, opts)
     for idx, path in family:
-        print(f"5. kernels   {path}  (stages {idx}, {len(path.read_text().splitlines())} lines)")
+        step("kernels", f"{path}  (stages {idx}, {len(path.read_text().splitlines())} lines)")
     if not stages and not family:
-        print("4. kernels   none: every stage of this program runs as PyTorch ops")
-    for line in _cpu_kernel_lines(program):
-        print(line)
-    return 0
+        step("kernels", "none: every stage of this program runs as PyTorch ops")
 
 
 def _cpu_kernel_lines(program) -> list[str]:
@@ -168,16 +243,11 @@ def _cpu_kernel_lines(program) -> list[str]:
         return []
     lib = cpu_build.load("cpu_diffusion")
     state = f"built: {lib._name}" if lib is not None else f"not used here: {cpu_build.STATUS.get('cpu_diffusion')}"
-    return [f"6. CPU       torch backend, float32: stages {idx} run the C kernels of "
-            "codegen/cpu/cpu_diffusion.c",
-            f"             ({state})"]
+    return ["CPU kernels", f"torch backend, float32: stages {idx} run the C kernels of codegen/cpu/cpu_diffusion.c",
+            f"({state})"]
 
 
 def register(subparsers) -> None:
     """Add ``compile`` and ``explain`` to the ``attnc`` parser."""
     for cmd, fn in (("compile", cmd_compile), ("explain", cmd_explain)):
-        p = subparsers.add_parser(cmd, help=_HELP[cmd], description=f"{_HELP[cmd]}. Options follow the pattern "
-                                  f"name; `attnc {cmd} PATTERN --help` lists them (the pattern's parameters included).")
-        p.add_argument("pattern", help="a catalogue name (see `attnc list`)")
-        p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...", help="options (after the pattern name)")
-        p.set_defaults(func=guarded(fn))
+        register_pattern_command(subparsers, cmd, _HELP[cmd], fn)

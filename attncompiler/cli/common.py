@@ -1,6 +1,9 @@
-"""What every ``attnc`` subcommand shares: the argument parser that reports usage errors, the
-catalogue lookup, options built from a pattern constructor's signature, number parsers, and the
-guard that turns errors into exit codes.
+"""What every ``attnc`` subcommand shares: the one pattern grammar (a catalogue name with
+``--param value`` options, or a DSL expression read by :func:`attncompiler.patterns.text.parse_pattern`),
+the argument parser that reports usage errors, options built from a pattern constructor's
+signature, number parsers, and the guard that turns errors into exit codes.
+
+This module imports nothing heavy at import time: ``attnc --help`` builds its parser from it.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import sys
 import types
 import typing
 from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import PatternError
+from ..errors import InputError, PatternError
+
 
 class UsageError(Exception):
     """A bad command line (unknown option, bad value): printed with usage, exit code 2."""
@@ -167,23 +172,215 @@ def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
     return run
 
 
-def describe_mask_tracing(pattern) -> str:
-    """One line per ``ac.mask`` in ``pattern``: whether its mask_mod traced into an index
-    expression and, if not, the first operation that stopped the tracer and its source line."""
+def mask_mods(pattern) -> list:
+    """Every distinct ``ac.mask`` node in ``pattern``, in order."""
     from ..dsl.mask_mod import Mask
 
-    def masks(p):
+    def walk(p):
         if isinstance(p, Mask):
             yield p
             return
         for c in p.children():
-            yield from masks(c)
+            yield from walk(c)
 
+    return list(dict.fromkeys(walk(pattern)))
+
+
+def describe_mask_tracing(pattern) -> str:
+    """One line per ``ac.mask`` in ``pattern``: whether its mask_mod traced into an index
+    expression and, if not, the first operation that stopped the tracer and its source line."""
     lines = []
-    for m in dict.fromkeys(masks(pattern)):
+    for m in mask_mods(pattern):
         if m.traced:
             lines.append(f"mask_mod traced: yes ({m.expr!r})")
         else:
             lines.append(f"mask_mod traced: no ({m!r}): {m.trace_failure or 'reason unknown'}; "
                          "evaluated as FlexAttention's create_mask does, kernels read byte masks")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# One pattern grammar for every command
+# ---------------------------------------------------------------------------------------------
+
+PATTERN_HELP = ("a catalogue name (`attnc list`), whose parameters become options (--window 64), or a DSL "
+                "expression in quotes: \"sliding_window(64) | global_tokens([0, 1]) & causal()\", "
+                "\"bigbird(block=64)\"")
+
+
+@dataclass(frozen=True)
+class PatternSpec:
+    """A pattern as given on the command line.
+
+    Attributes:
+        text: what was typed (a catalogue name or an expression).
+        pattern: the pattern it builds.
+        params: the catalogue parameters used (empty for expressions).
+        from_catalogue: whether ``text`` is a catalogue name (parameters came from options).
+    """
+
+    text: str
+    pattern: Any
+    params: dict
+    from_catalogue: bool
+
+    @property
+    def block(self) -> int | None:
+        """The pattern's own ``block`` parameter, when the catalogue entry has one."""
+        b = self.params.get("block")
+        return b if isinstance(b, int) and not isinstance(b, bool) else None
+
+    @property
+    def stem(self) -> str:
+        """A file-name-safe label: the catalogue name, or the expression's words joined by ``_``."""
+        words = "_".join(w for w in "".join(c if c.isalnum() else " " for c in self.text).split() if w != "ac")
+        return words[:60].rstrip("_") or "pattern"
+
+
+def is_catalogue_name(text: str) -> bool:
+    return text.isidentifier() and text in catalogue()
+
+
+def parse_expression(text: str):
+    """The pattern a DSL expression spells, read with ``patterns.text.parse_pattern`` (an ast
+    interpreter over the DSL's names; nothing is evaluated). Also takes a bare catalogue or DSL
+    name and the older ``NAME(key=literal, ...)`` catalogue form. Errors point at the offending
+    column with a caret."""
+    from ..patterns.text import dsl_names, parse_pattern
+
+    stripped = text.strip()
+    if is_catalogue_name(stripped):
+        return catalogue()[stripped]()
+    if stripped.isidentifier():
+        if stripped in dsl_names()[0]:
+            return parse_pattern(f"{stripped}()")
+        lookup(stripped)  # raises PatternError with close matches
+    try:
+        return parse_pattern(text)
+    except InputError as e:
+        legacy = _catalogue_call(stripped)
+        if legacy is not None:
+            return legacy
+        raise InputError(f"{e}{caret(text, str(e))}") from None
+
+
+def _catalogue_call(text: str):
+    """``NAME(key=literal, ...)`` over the catalogue (the form ``attnc analyze`` took), or None."""
+    import ast
+
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return None
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args
+            and all(kw.arg for kw in node.keywords) and is_catalogue_name(node.func.id)):
+        return None
+    try:
+        kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+        return catalogue()[node.func.id](**kwargs)
+    except (ValueError, TypeError, SyntaxError, PatternError):
+        return None
+
+
+def caret(text: str, message: str) -> str:
+    """Two lines showing ``text`` with a ``^`` under the column that ``message`` names
+    (``... at line 1, column C``, counted in the stripped text); empty when it names none."""
+    import re
+
+    m = re.search(r"at line (\d+), column (-?\d+)", message)
+    if m is None or "\n" in text.strip() or int(m.group(1)) != 1:
+        return ""
+    col = int(m.group(2)) - 1 + (len(text) - len(text.lstrip()))
+    if not 0 <= col <= len(text):
+        return ""
+    return f"\n    {text}\n    {' ' * col}^"
+
+
+def _positionals(argv: list[str], probe: argparse.ArgumentParser) -> list[str]:
+    """The positional words of ``argv``: skips the options ``probe`` knows with their values,
+    and unknown options (pattern parameters) with one value unless that looks like a pattern."""
+    nvals = {s: (1 if a.nargs is None else a.nargs if isinstance(a.nargs, int) else 1)
+             for a in probe._actions for s in a.option_strings}
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            return out + argv[i + 1:]
+        if tok.startswith("-") and len(tok) > 1 and not _is_number(tok):
+            if "=" not in tok:
+                if tok in nvals:
+                    i += nvals[tok]
+                elif i + 1 < len(argv) and not argv[i + 1].startswith("-") and not _looks_like_pattern(argv[i + 1]):
+                    i += 1
+        else:
+            out.append(tok)
+        i += 1
+    return out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _looks_like_pattern(s: str) -> bool:
+    return "(" in s or is_catalogue_name(s)
+
+
+def parse_command(cmd: str, description: str, argv: list[str],
+                  add_options: Callable[[argparse.ArgumentParser, set[str]], None],
+                  many: bool = False) -> tuple[list[PatternSpec], argparse.Namespace]:
+    """Parse ``attnc CMD PATTERN [options]`` (``PATTERN...`` when ``many``) with the one grammar.
+
+    ``add_options(parser, pattern_param_names)`` adds the command's own options. A single
+    catalogue name also gets one option per constructor parameter; an expression carries its
+    parameters itself. Returns the patterns and the parsed options."""
+    probe = Parser(prog=f"attnc {cmd}", add_help=False)
+    add_options(probe, set())
+    words = _positionals(list(argv), probe)
+    ctor = lookup(words[0]) if (not many and words and words[0].isidentifier()
+                                and words[0] not in _dsl_only_names()) else None
+    pnames = {p.name for p in pattern_params(ctor)} if ctor else set()
+    parser = Parser(prog=f"attnc {cmd}" + (f" {words[0]}" if ctor else ""), description=description)
+    add_options(parser, pnames)
+    parser.add_argument("pattern", nargs="+" if many else None, help=PATTERN_HELP)
+    dests = {}
+    if ctor is not None:
+        taken = {a.dest for a in parser._actions} | {s.lstrip("-") for a in parser._actions for s in a.option_strings}
+        dests = add_pattern_options(parser, ctor, taken)
+    opts = parser.parse_args(list(argv))
+    if ctor is not None:
+        kwargs = {name: getattr(opts, dest) for dest, name in dests.items()}
+        return [PatternSpec(opts.pattern, ctor(**kwargs), kwargs, True)], opts
+    texts = opts.pattern if many else [opts.pattern]
+    return [_spec(t) for t in texts], opts
+
+
+def _spec(text: str) -> PatternSpec:
+    if is_catalogue_name(text):
+        ctor = catalogue()[text]
+        params = {p.name: p.default for p in pattern_params(ctor) if p.default is not inspect.Parameter.empty}
+        return PatternSpec(text, ctor(), params, True)
+    return PatternSpec(text, parse_expression(text), {}, False)
+
+
+def _dsl_only_names() -> set[str]:
+    """DSL constructor names that are not catalogue names (``full``, ``strided`` is both)."""
+    from ..patterns.text import dsl_names
+
+    return set(dsl_names()[0]) - set(catalogue())
+
+
+def register_pattern_command(subparsers, cmd: str, help_text: str, run: Callable[[list[str]], int],
+                             many: bool = False) -> None:
+    """Add ``cmd`` to ``attnc``'s help; ``attnc CMD ...`` then calls ``run(argv)`` (see cli.main),
+    which parses with :func:`parse_command` so options may come before or after the pattern."""
+    p = subparsers.add_parser(cmd, help=help_text, description=(
+        f"{help_text}. PATTERN is {PATTERN_HELP}. `attnc {cmd} PATTERN --help` lists the options "
+        "(a catalogue pattern's parameters included)."))
+    p.add_argument("pattern", nargs="+" if many else None, help=PATTERN_HELP)
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...", help="options")
+    p.set_defaults(run_argv=run)

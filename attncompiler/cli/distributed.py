@@ -1,21 +1,28 @@
 """``attnc plan``: the distribution plan of a pattern at a length and world size (runs nothing).
 
-Example: ``attnc plan "sliding_window(window=256)" --seq-len 1048576 --world-size 8``;
+PATTERN is a catalogue name with ``--param value`` options or a DSL expression, as for every
+``attnc`` command. Example: ``attnc plan sliding_window --window 256 --seq-len 1048576 --world-size 8``
+(or ``attnc plan "sliding_window(256)" ...``);
 ``attnc plan causal -L 1048576 -P 8 --sharding auto`` also compares the shardings' load balance.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 
+from .common import parse_command, register_pattern_command
 
-def _cmd_plan(args) -> int:
-    from .analysis import resolve_pattern
+_HELP = "distributed attention plan: shards needed, bytes, blocks per rank"
+
+
+def _cmd_plan(argv: list[str]) -> int:
     from ..distributed.plan import format_plan, plan_attention
 
-    pattern = resolve_pattern(args.pattern)
+    [spec], args = parse_command("plan", _HELP, argv, _options)
+    pattern = spec.pattern
     plan = plan_attention(pattern, args.seq_len, args.world_size, args.mode, batch=args.batch, heads=args.heads,
-                          head_dim=args.head_dim, elem_bytes=args.elem_bytes, block=args.block,
+                          head_dim=args.head_dim, elem_bytes=args.elem_bytes, block=args.layout_block or spec.block,
                           gather=args.gather, sharding=args.sharding, stripes=args.stripes,
                           dense_rows={"auto": None, "on": True, "off": False}[args.dense_rows])
     if args.json:
@@ -35,11 +42,8 @@ def _cmd_plan(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    """Add ``plan`` to the ``attnc`` parser."""
-    p = subparsers.add_parser("plan", help="distributed attention plan: shards needed, bytes, blocks per rank",
-                              description=__doc__)
-    p.add_argument("pattern", help="catalogue name, optionally NAME(key=value, ...)")
+def _options(p: argparse.ArgumentParser, pattern_names: set[str]) -> None:
+    """The options of ``attnc plan`` (a pattern parameter of the same name gets ``--pattern-`` first)."""
     p.add_argument("--seq-len", "-L", type=int, required=True, help="sequence length L")
     p.add_argument("--world-size", "-P", type=int, required=True, help="number of ranks")
     p.add_argument("--mode", choices=("ring", "heads"), default="ring", help="sequence-parallel ring or head-parallel")
@@ -47,7 +51,9 @@ def register(subparsers) -> None:
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--elem-bytes", type=int, default=4, help="bytes per element (4: fp32, 2: bf16)")
-    p.add_argument("--block", type=int, default=None, help="layout block size used to find shard needs")
+    names = ["--layout-block"] + ([] if "block" in pattern_names else ["--block"])
+    p.add_argument(*names, dest="layout_block", type=int, default=None,
+                   help="layout block size used to find shard needs (default: the pattern's block parameter)")
     p.add_argument("--sharding", choices=("contiguous", "zigzag", "striped", "auto"), default="contiguous",
                    help="ring mode: how the sequence is split (auto: best load balance, then fewest bytes)")
     p.add_argument("--stripes", type=int, default=4, help="chunks per rank of the striped sharding")
@@ -56,4 +62,8 @@ def register(subparsers) -> None:
                         "(auto: when it moves fewer bytes)")
     p.add_argument("--gather", action="store_true", help="heads mode: all-gather the output")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_cmd_plan)
+
+
+def register(subparsers) -> None:
+    """Add ``plan`` to the ``attnc`` parser."""
+    register_pattern_command(subparsers, "plan", _HELP, _cmd_plan)

@@ -13,8 +13,8 @@ import argparse
 import sys
 from typing import Callable
 
-from .common import (Parser, add_pattern_options, catalogue, describe_mask_tracing, guarded, lookup, pattern_params,
-                     positive_float, positive_int)
+from .common import (catalogue, describe_mask_tracing, parse_command, pattern_params, positive_float, positive_int,
+                     register_pattern_command)
 
 COMMANDS = {
     "show": "draw a pattern (mask patterns) or print its program (other families)",
@@ -80,20 +80,12 @@ def _command_options(cmd: str, parser: argparse.ArgumentParser, pattern_names: s
             help="also try create_block_mask at this length, doubling up to --seq-len, to find its largest L")
 
 
-def _parse(cmd: str, args: argparse.Namespace):
-    """Parse ``PATTERN [options]``: returns the pattern, the command options and the layout block."""
-    ctor = lookup(args.pattern)
-    pnames = {p.name for p in pattern_params(ctor)}
-    parser = Parser(prog=f"attnc {cmd} {args.pattern}", description=COMMANDS[cmd])
-    _command_options(cmd, parser, pnames)
-    taken = {a.dest for a in parser._actions} | {s.lstrip("-") for a in parser._actions for s in a.option_strings}
-    dests = add_pattern_options(parser, ctor, taken)
-    opts = parser.parse_args(args.rest)
-    kwargs = {name: getattr(opts, dest) for dest, name in dests.items()}
-    pattern = ctor(**kwargs)
-    pattern_block = kwargs.get("block")
-    block = getattr(opts, "layout_block", None) or (pattern_block if isinstance(pattern_block, int) else 64)
-    return pattern, opts, block
+def _parse(cmd: str, argv: list[str]):
+    """Parse ``PATTERN [options]`` with the one grammar: returns the pattern spec, the options and
+    the layout block (``--layout-block``, else the pattern's ``block`` parameter, else 64)."""
+    [spec], opts = parse_command(cmd, COMMANDS[cmd], argv, lambda p, names: _command_options(cmd, p, names))
+    block = getattr(opts, "layout_block", None) or spec.block or 64
+    return spec, opts, block
 
 
 def _progress(opts) -> Callable[[str], None]:
@@ -132,15 +124,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
+def cmd_show(argv: list[str]) -> int:
     """``attnc show PATTERN``: picture and density (mask patterns) or the program (others)."""
     from ..runtime.compile import compile as ac_compile
     from ..dsl.pattern import Family
     from ..layout.picture import ASCII_CHARS, UNICODE_CHARS, render_text, save_png
 
-    pattern, opts, block = _parse("show", args)
+    spec, opts, block = _parse("show", argv)
+    pattern = spec.pattern
     L = opts.seq_len
-    print(f"{args.pattern}: {pattern!r}")
+    print(f"{spec.text}: {pattern!r}")
     print(f"family: {pattern.family}, L={L}")
     if tracing := describe_mask_tracing(pattern):
         print(tracing)
@@ -166,14 +159,15 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def cmd_verify(argv: list[str]) -> int:
     """``attnc verify PATTERN``: backend vs float64 reference on random inputs (exit 1 on mismatch)."""
     import torch
 
     from ..bench.attention import DTYPES
     from ..runtime.compile import compile as ac_compile
 
-    pattern, opts, _ = _parse("verify", args)
+    spec, opts, _ = _parse("verify", argv)
+    pattern = spec.pattern
     dtype = DTYPES[opts.dtype]
     atol = opts.atol or {torch.float32: 1e-4, torch.float64: 1e-10}.get(dtype, 2e-2)
     gen = torch.Generator().manual_seed(opts.input_seed)
@@ -182,7 +176,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for t in (q, k, v):
         t.requires_grad_(opts.backward)
     attn = ac_compile(pattern, opts.backend)
-    print(f"{args.pattern}: {pattern!r}")
+    print(f"{spec.text}: {pattern!r}")
     print(f"backend {opts.backend}, q/k/v {list(shape)} {opts.dtype}, input seed {opts.input_seed}")
     out = attn(q, k, v)  # [B, H, L, D]
     ref = attn.reference(q, k, v)  # float64
@@ -198,11 +192,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(argv: list[str]) -> int:
     """``attnc bench PATTERN``: our backend vs SDPA vs FlexAttention."""
     from ..bench.attention import run_bench
 
-    pattern, opts, _ = _parse("bench", args)
+    spec, opts, _ = _parse("bench", argv)
+    pattern = spec.pattern
     contenders = tuple(c for c, off in (("attnc", False), ("sdpa", opts.no_sdpa), ("flex", opts.no_flex)) if not off)
     res = run_bench(pattern, opts.seq_len, heads=opts.heads, head_dim=opts.head_dim, batch=opts.batch,
                     dtype=opts.dtype, backward=opts.backward, repeats=opts.repeats, contenders=contenders,
@@ -214,11 +209,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_layout(args: argparse.Namespace) -> int:
+def cmd_bench_layout(argv: list[str]) -> int:
     """``attnc bench-layout PATTERN``: layout build time and memory vs create_block_mask."""
     from ..bench.layout import run_layout_bench
 
-    pattern, opts, block = _parse("bench-layout", args)
+    spec, opts, block = _parse("bench-layout", argv)
+    pattern = spec.pattern
     builders = ("attnc",) if opts.no_flex else ("attnc", "flex")
     res = run_layout_bench(pattern, opts.seq_len, block=block, repeats=opts.repeats, builders=builders,
                            timeout_s=opts.timeout, mem_cap_bytes=int(opts.mem_cap_gb * 2**30),
@@ -235,9 +231,4 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_list)
     funcs = {"show": cmd_show, "verify": cmd_verify, "bench": cmd_bench, "bench-layout": cmd_bench_layout}
     for cmd, help_text in COMMANDS.items():
-        p = subparsers.add_parser(
-            cmd, help=help_text, description=f"{help_text}. Options follow the pattern name; "
-            f"`attnc {cmd} PATTERN --help` lists them (the pattern's parameters included).")
-        p.add_argument("pattern", help="a catalogue name (see `attnc list`)")
-        p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...", help="options (after the pattern name)")
-        p.set_defaults(func=guarded(funcs[cmd]))
+        register_pattern_command(subparsers, cmd, help_text, funcs[cmd])

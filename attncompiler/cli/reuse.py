@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from ..errors import InputError
 
 
@@ -40,6 +38,8 @@ def register(subparsers) -> None:
 
 def run_similarity(args: argparse.Namespace) -> int:
     """Load the checkpoint, print the similarity table, the plan and (optionally) its savings."""
+    import torch
+
     from ..nn import load_checkpoint
     from ..families.reuse.similarity import attention_similarity, suggest_reuse
     from ..families.reuse.plan import reuse_savings
