@@ -235,13 +235,7 @@ class BlockLayout:
         """
         g = self.geom
         n_rows = g.nkb if transposed else g.nqb
-        per_group = []
-        for grp in self.groups:
-            if transposed:
-                ptr, idx, full = grp.csc
-            else:
-                ptr, idx, full = grp.row_ptr, grp.cols, grp.full
-            per_group.append(_ell(ptr, idx, full, n_rows))
+        per_group = [_ell(*_lists(grp, transposed), n_rows) for grp in self.groups]
         width = max([1] + [max(p[1].shape[1], p[3].shape[1]) for p in per_group])
         width = max(width, pad_to or 0)
         Bm, Hm = self.group_index.shape
@@ -256,6 +250,34 @@ class BlockLayout:
             out[f"{names}_indices"][bi, hi, :, : pi.shape[1]] = torch.from_numpy(pi)
             out[f"full_{names}_num_blocks"][bi, hi] = torch.from_numpy(fn)
             out[f"full_{names}_indices"][bi, hi, :, : fi.shape[1]] = torch.from_numpy(fi)
+        return out
+
+    def bcsr_ranges(self, transposed: bool = False) -> dict[str, torch.Tensor]:
+        """Range-aware BCSR: partial blocks as in :meth:`bcsr`, full blocks as ``[start, end)``
+        ranges per row, ``full_{kv|q}_num_ranges [Bm, Hm, n]`` and ``full_{kv|q}_ranges
+        [Bm, Hm, n, width, 2]`` padded to the most ranges of any row (small: one for causal),
+        so a kernel's tables never grow with the length of a full run."""
+        g = self.geom
+        n_rows = g.nkb if transposed else g.nqb
+        names = ("q" if transposed else "kv")
+        parts, ranges = [], []
+        for grp in self.groups:
+            pptr, pidx, rptr, rs, re = _lists(grp, transposed)
+            parts.append((np.diff(pptr).astype(np.int32), _pack(pptr, pidx, n_rows)))
+            ranges.append((np.diff(rptr).astype(np.int32), _pack(rptr, np.stack([rs, re], axis=-1), n_rows)))
+        pw = max(p[1].shape[1] for p in parts)
+        rw = max(r[1].shape[1] for r in ranges)
+        Bm, Hm = self.group_index.shape
+        out = {f"{names}_num_blocks": torch.zeros(Bm, Hm, n_rows, dtype=torch.int32),
+               f"{names}_indices": torch.zeros(Bm, Hm, n_rows, pw, dtype=torch.int32),
+               f"full_{names}_num_ranges": torch.zeros(Bm, Hm, n_rows, dtype=torch.int32),
+               f"full_{names}_ranges": torch.zeros(Bm, Hm, n_rows, rw, 2, dtype=torch.int32)}
+        for (bi, hi), gid in np.ndenumerate(self.group_index):
+            (pn, pi), (rn, ri) = parts[gid], ranges[gid]
+            out[f"{names}_num_blocks"][bi, hi] = torch.from_numpy(pn)
+            out[f"{names}_indices"][bi, hi, :, : pi.shape[1]] = torch.from_numpy(pi)
+            out[f"full_{names}_num_ranges"][bi, hi] = torch.from_numpy(rn)
+            out[f"full_{names}_ranges"][bi, hi, :, : ri.shape[1]] = torch.from_numpy(ri)
         return out
 
     def to_block_mask(self):
@@ -344,23 +366,32 @@ def _flex_mask_mod(layout: BlockLayout):
     return mask_mod
 
 
-def _ell(ptr, idx, full, n_rows):
-    counts_p = np.zeros(n_rows, dtype=np.int64)
-    counts_f = np.zeros(n_rows, dtype=np.int64)
-    row_of = np.repeat(np.arange(n_rows), np.diff(ptr))
-    np.add.at(counts_p, row_of[~full], 1)
-    np.add.at(counts_f, row_of[full], 1)
+def _lists(grp: Blocks2D, transposed: bool):
+    """``(part_ptr, part_idx, range_ptr, range_start, range_end)`` of a group, per query row or
+    (transposed) per key column, straight from its ranges."""
+    if transposed:
+        pptr, pidx = grp.csc_partial
+        rptr, rs, re = grp.csc_ranges
+        return pptr, pidx, rptr, rs, re
+    return grp.part_ptr, grp.part_cols, grp.range_ptr, grp.range_start, grp.range_end
 
-    def pack(sel, counts):
-        width = int(counts.max()) if n_rows else 0
-        out = np.zeros((n_rows, max(width, 1)), dtype=np.int32)
-        r = row_of[sel]
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        pos = np.arange(len(r)) - starts[r]
-        out[r, pos] = idx[sel]
-        return out
 
-    return (counts_p.astype(np.int32), pack(~full, counts_p), counts_f.astype(np.int32), pack(full, counts_f))
+def _pack(ptr: np.ndarray, vals: np.ndarray, n_rows: int) -> np.ndarray:
+    """CSR ``(ptr, vals)`` -> ``[n_rows, width, ...]`` int32, rows padded with 0 to the longest."""
+    counts = np.diff(ptr)
+    width = max(int(counts.max()) if n_rows else 0, 1)
+    out = np.zeros((n_rows, width) + vals.shape[1:], dtype=np.int32)
+    r = np.repeat(np.arange(n_rows), counts)
+    out[r, np.arange(len(r)) - ptr[:-1][r]] = vals
+    return out
+
+
+def _ell(pptr, pidx, rptr, rs, re, n_rows):
+    """Padded partial and full index lists; the full lists expand the ranges (the output's size)."""
+    fr, fc = pairs_from_ranges(np.repeat(np.arange(n_rows), np.diff(rptr)), rs, re - 1)
+    fptr = np.concatenate([[0], np.cumsum(np.bincount(fr, minlength=n_rows))]).astype(np.int64)
+    return (np.diff(pptr).astype(np.int32), _pack(pptr, pidx, n_rows),
+            np.diff(fptr).astype(np.int32), _pack(fptr, fc, n_rows))
 
 
 def to_blocks2d(bs: BlockSet, pattern: Pattern) -> Blocks2D:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from attncompiler.layout.block_layout import Blocks2D
+from attncompiler.layout.block_sets import pairs_from_ranges
 from attncompiler.program.schedule import Schedule
 
 NEG_INF = float("-inf")
@@ -50,14 +51,33 @@ class Chunk:
 _MERGE_SLACK = 1.25
 
 
+def _row_extent(blocks: Blocks2D) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(counts, first, last)`` per query-block row, from the full ranges and the partial list
+    (never the expanded block list); empty rows have first 0 and last -1."""
+    nqb = blocks.geom.nqb
+    rptr, pptr = blocks.range_ptr, blocks.part_ptr
+    n_ranges, n_part = np.diff(rptr), np.diff(pptr)
+    counts = n_part + np.bincount(blocks.range_rows, weights=blocks.range_end - blocks.range_start,
+                                  minlength=nqb).astype(np.int64)
+    big = np.iinfo(np.int64).max
+    first = np.full(nqb, big, dtype=np.int64)
+    last = np.full(nqb, -1, dtype=np.int64)
+    has_r, has_p = n_ranges > 0, n_part > 0
+    # ranges and partial blocks are sorted within a row: the first / last entry bounds it
+    first[has_r] = blocks.range_start[rptr[:-1][has_r]]
+    last[has_r] = blocks.range_end[rptr[1:][has_r] - 1] - 1
+    first[has_p] = np.minimum(first[has_p], blocks.part_cols[pptr[:-1][has_p]])
+    last[has_p] = np.maximum(last[has_p], blocks.part_cols[pptr[1:][has_p] - 1])
+    first[counts == 0] = 0
+    return counts, first, last
+
+
 def _buckets(blocks: Blocks2D) -> list[tuple[np.ndarray, int, bool]]:
     """``(rows, width, contiguous)`` groups of query blocks processed with the same width."""
-    counts = np.diff(blocks.row_ptr)
+    counts, first, last = _row_extent(blocks)
     nonempty = counts > 0
     if not nonempty.any():
         return []
-    first = np.where(nonempty, blocks.cols[np.minimum(blocks.row_ptr[:-1], max(len(blocks.cols) - 1, 0))], 0)
-    last = np.where(nonempty, blocks.cols[np.maximum(blocks.row_ptr[1:] - 1, 0)], -1)
     contiguous = nonempty & (last - first + 1 == counts)
     out = [(np.flatnonzero((counts == c) & ~contiguous & nonempty), int(c), False)
            for c in np.unique(counts[nonempty & ~contiguous])]
@@ -78,19 +98,24 @@ def _buckets(blocks: Blocks2D) -> list[tuple[np.ndarray, int, bool]]:
 @functools.lru_cache(maxsize=256)
 def make_plan(blocks: Blocks2D, schedule: Schedule, group: int) -> tuple[Chunk, ...]:
     """Bucket, chunk and step a 2-D layout; ``group`` query heads share each key/value head
-    (their rows are folded into one matmul, so they count towards the tile size)."""
+    (their rows are folded into one matmul, so they count towards the tile size).
+
+    Works from the layout's full ranges and partial list: each chunk lists only its own key
+    blocks, so the plan is as large as the work, never the expanded layout."""
     g = blocks.geom
     ragged_k = g.kv_len % g.block_n != 0
+    counts = _row_extent(blocks)[0]
     chunks = []
     for rows, width, contiguous in _buckets(blocks):
         per_row_elems = group * g.block_m * min(width, schedule.key_blocks_per_step) * g.block_n
         rows_per_chunk = max(1, schedule.tile_elems // per_row_elems)
         for start in range(0, len(rows), rows_per_chunk):
             r = rows[start:start + rows_per_chunk]
-            cols, full, real = _chunk_blocks(blocks, r, width, contiguous)
+            w = int(counts[r].max())  # a chunk pads only to its own longest row
+            cols, full, real = _chunk_blocks(blocks, r, w, contiguous)
             steps = []
-            for c0 in range(0, width, schedule.key_blocks_per_step):
-                c1 = min(width, c0 + schedule.key_blocks_per_step)
+            for c0 in range(0, w, schedule.key_blocks_per_step):
+                c1 = min(w, c0 + schedule.key_blocks_per_step)
                 sc, sf, sr = cols[:, c0:c1], full[:, c0:c1], real[:, c0:c1]
                 pr, pc = np.nonzero(sr & ~sf)
                 needs_mask = not sf.all() or (ragged_k and bool((sc == g.nkb - 1).any()))
@@ -102,20 +127,37 @@ def make_plan(blocks: Blocks2D, schedule: Schedule, group: int) -> tuple[Chunk, 
     return tuple(chunks)
 
 
+def _row_blocks(blocks: Blocks2D, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(row position, col, full)`` of every block of the given rows, sorted by (position, col):
+    the rows' full ranges expanded, merged with their partial blocks."""
+    rptr, pptr = blocks.range_ptr, blocks.part_ptr
+    nr, np_ = rptr[rows + 1] - rptr[rows], pptr[rows + 1] - pptr[rows]
+    ridx = np.repeat(rptr[rows] - np.concatenate([[0], np.cumsum(nr)[:-1]]), nr) + np.arange(int(nr.sum()))
+    pidx = np.repeat(pptr[rows] - np.concatenate([[0], np.cumsum(np_)[:-1]]), np_) + np.arange(int(np_.sum()))
+    fpos, fcol = pairs_from_ranges(np.repeat(np.arange(len(rows)), nr), blocks.range_start[ridx],
+                                   blocks.range_end[ridx] - 1)
+    pos = np.concatenate([fpos, np.repeat(np.arange(len(rows)), np_)])
+    col = np.concatenate([fcol, blocks.part_cols[pidx]])
+    full = np.concatenate([np.ones(len(fpos), bool), np.zeros(len(pidx), bool)])
+    order = np.lexsort((col, pos))
+    return pos[order], col[order], full[order]
+
+
 def _chunk_blocks(blocks: Blocks2D, rows: np.ndarray, width: int, contiguous: bool):
     """``(cols, full, real)`` ``[R, width]``: key blocks per row, which are full, which are in the
     layout (the rest is padding: empty neighbouring blocks, fully masked)."""
-    counts = np.diff(blocks.row_ptr)[rows]
-    starts = blocks.row_ptr[rows]
-    if not contiguous:
-        sel = starts[:, None] + np.arange(width)
-        return blocks.cols[sel], blocks.full[sel], np.ones((len(rows), width), dtype=bool)
-    first = blocks.cols[starts]
+    R = len(rows)
+    pos, col, full_flags = _row_blocks(blocks, rows)
+    counts = np.bincount(pos, minlength=R)
+    if not contiguous:  # every row of the bucket has exactly ``width`` blocks
+        return col.reshape(R, width), full_flags.reshape(R, width), np.ones((R, width), dtype=bool)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    first = col[starts]
     lo = np.minimum(first, blocks.geom.nkb - width)  # extend right, or left at the end
     cols = lo[:, None] + np.arange(width)  # [R, W]
     real = (cols >= first[:, None]) & (cols < (first + counts)[:, None])
-    pos = np.clip(starts[:, None] + cols - first[:, None], 0, len(blocks.full) - 1)
-    full = real & blocks.full[pos]
+    full = np.zeros((R, width), dtype=bool)
+    full[pos, col - lo[pos]] = full_flags
     return cols, full, real
 
 
