@@ -276,3 +276,22 @@ def test_bcsr_and_range_bcsr_from_ranges_equal_the_block_grid(monkeypatch, patte
         assert got_f == want_f
     if not transposed:
         assert rt[f"full_{n}_ranges"].shape[-2] <= 2  # a few ranges per row, never a run's length
+
+
+@pytest.mark.parametrize("pattern", [ac.causal(), ac.prefix_lm(70) & ~ac.block_local(48),
+                                     (ac.sliding_window(30) | ac.global_tokens([0, 1, 2])).causal()], ids=repr)
+@pytest.mark.parametrize("width", [7, 13, 64])
+def test_picture_cells_from_ranges_merge_the_block_grid(monkeypatch, pattern, width):
+    """A cell is full when all its blocks are full, empty when none is present (from ranges)."""
+    from attncompiler.layout.picture import cell_grid
+
+    lay = build_layout(pattern, 203, 197, 8, 4)
+    kinds = lay.block_kinds()[0, 0]
+    _no_expanded_views(monkeypatch)
+    grid = cell_grid(lay, width=width)
+    fm, fn = grid.cell_m // 8, grid.cell_n // 4
+    for i in range(grid.kinds.shape[0]):
+        for j in range(grid.kinds.shape[1]):
+            cell = kinds[i * fm:(i + 1) * fm, j * fn:(j + 1) * fn]
+            want = EMPTY if (cell == EMPTY).all() else FULL if (cell == FULL).all() else PARTIAL
+            assert grid.kinds[i, j] == want, (i, j)

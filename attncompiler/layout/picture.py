@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import PatternError, UnsupportedError
-from .block_sets import EMPTY, FULL, PARTIAL
+from .block_sets import EMPTY, FULL, PARTIAL, pairs_from_ranges
 from .block_layout import BlockLayout
 from ..dsl.pattern import Family, Pattern
 
@@ -80,11 +80,15 @@ def _merge_blocks(lay: BlockLayout, width: int, batch: int, head: int) -> CellGr
     fm, fn = -(-g.nqb // width), -(-g.nkb // width)  # blocks per cell
     rows, cols = -(-g.nqb // fm), -(-g.nkb // fn)
     grp = lay.group_for(batch, head)
-    cell_r, cell_c = grp.rows // fm, grp.cols // fn
     present = np.zeros((rows, cols), dtype=np.int64)
     full = np.zeros((rows, cols), dtype=np.int64)
-    np.add.at(present, (cell_r, cell_c), 1)
-    np.add.at(full, (cell_r, cell_c), grp.full.astype(np.int64))
+    # full ranges: each adds its overlap with every cell column it crosses (never expanded)
+    s, e = grp.range_start, grp.range_end
+    which, cell_c = pairs_from_ranges(np.arange(len(s)), s // fn, (e - 1) // fn)
+    overlap = np.minimum(e[which], (cell_c + 1) * fn) - np.maximum(s[which], cell_c * fn)
+    np.add.at(full, (grp.range_rows[which] // fm, cell_c), overlap)
+    present += full
+    np.add.at(present, (grp.part_rows // fm, grp.part_cols // fn), 1)
     # Blocks per cell: the last cell row/column may hold fewer blocks.
     per_r = np.minimum(fm, g.nqb - np.arange(rows) * fm)
     per_c = np.minimum(fn, g.nkb - np.arange(cols) * fn)
