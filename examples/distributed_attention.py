@@ -87,10 +87,13 @@ def main() -> None:
         (ref * do.double()).sum().backward()
         err = max(float((out.detach().cpu().double() - ref.detach()[sl]).abs().max()),
                   float((dq_mine.cpu().double() - ref_in[0].grad[sl]).abs().max()))
+    line = (f"rank {rank}/{world}: {elapsed:.3f} s fwd+bwd, sent {stats.get('forward_bytes_sent', 0)} B forward "
+            f"+ {stats.get('backward_bytes_sent', 0)} B backward" + (f", max error {err:.2e}" if err is not None else ""))
+    for r in range(world):  # one whole line per rank, in rank order (ranks share one terminal)
+        dist.barrier()
+        if r == rank:
+            print(line, flush=True)
     dist.barrier()
-    print(f"rank {rank}/{world}: {elapsed:.3f} s fwd+bwd, sent {stats.get('forward_bytes_sent', 0)} B forward "
-          f"+ {stats.get('backward_bytes_sent', 0)} B backward" + (f", max error {err:.2e}" if err is not None else ""),
-          flush=True)
     dist.destroy_process_group()
 
 

@@ -7,7 +7,8 @@ layer before them (stored probabilities: the reused layers compute only P @ V), 
 seeds, and writes the validation-loss curves: ``reuse_lm_loss.csv`` (every run), a text plot
 ``reuse_lm_loss.txt`` of the per-variant mean with the final-loss mean and spread and, when
 matplotlib is importable (``pip install attncompiler[plot]``), ``reuse_lm_loss.png`` (mean curves
-with the per-seed curves faint), into ``--out`` (default: this folder).
+with the per-seed curves faint), into ``--out`` (default: a new temporary folder, printed at the end; the ``reuse_lm_loss.*`` files
+next to this script are a documented run and are never overwritten by default).
 
     python examples/reuse_lm.py                # 3 seeds x 2 variants x 300 steps: ~5-10 min on 2 cores
     python examples/reuse_lm.py --steps 100    # quicker
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -149,7 +151,8 @@ def main(argv=None) -> None:
                     help="torch CPU threads (1: OpenMP threads spin badly on a busy shared machine)")
     ap.add_argument("--save-checkpoint", type=Path, default=None,
                     help="also save the trained plain stack (for `attnc similarity`)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="folder for reuse_lm_loss.csv/.txt/.png (default: a new temporary folder)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -172,6 +175,8 @@ def main(argv=None) -> None:
             if reuse is None and seed == args.seeds[0]:
                 similarity_of(model, val_data[:4 * args.seq_len].view(4, args.seq_len), args)
 
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="reuse_lm_"))
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "reuse_lm_loss.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -186,6 +191,7 @@ def main(argv=None) -> None:
     (args.out / "reuse_lm_loss.txt").write_text(plot)
     print(plot)
     write_png(results, list(variants), args)
+    print(f"results in {args.out}")
 
 
 def mean_curve(runs: list[list[tuple[int, float, float]]]) -> list[tuple[int, float]]:

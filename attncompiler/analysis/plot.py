@@ -12,7 +12,7 @@ from ..errors import UnsupportedError
 from ..dsl.pattern import Pattern
 from .report import AnalysisReport
 
-_MAX_PIXELS = 512
+_MAX_PIXELS = 256
 _DENSE_SPECTRUM = 1500
 
 
@@ -55,27 +55,37 @@ def save_png(report: AnalysisReport, pattern: Pattern, path: str) -> None:
         raise UnsupportedError(f"--png {path} needs matplotlib; install it with "
                                "pip install 'attncompiler[plot]' (or pip install matplotlib)") from None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    L = report.seq_len
     if pattern.family == "mask":
-        axes[0].imshow(_mask_image(pattern, report.seq_len), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-        axes[0].set_title("mask (query rows, key columns)")
-        axes[0].set_xlabel("key")
-        axes[0].set_ylabel("query")
+        img = _mask_image(pattern, L)
+        # any allowed pair keeps a cell visible (a global token is 1 of L/512 rows of a cell)
+        shown = np.where(img > 0, 0.3 + 0.7 * img, 0.0)
+        axes[0].imshow(shown, cmap="Blues", vmin=0, vmax=1, interpolation="nearest", extent=(0, L, L, 0))
+        axes[0].set_title("mask: share of allowed pairs per cell")
+        axes[0].set_xlabel("key position")
+        axes[0].set_ylabel("query position")
     else:
         axes[0].axis("off")
+        axes[0].text(0.5, 0.5, f"{report.family} family:\nno single mask to draw", ha="center", va="center")
+    bound = "" if report.exact else " (upper bounds: block quotient)"
     xs = np.arange(1, len(report.reach_fraction) + 1)
     axes[1].plot(xs, report.reach_fraction, marker="o")
+    axes[1].set_xticks(xs)
     axes[1].set_ylim(0, 1.05)
     axes[1].set_xlabel("layers")
-    axes[1].set_ylabel("fraction of legal pairs reached")
-    axes[1].set_title(f"receptive field (hops_to_full = {report.hops_to_full if report.hops_to_full is not None else 'never'})")
+    axes[1].set_ylabel("fraction of legal pairs reached" + bound)
+    hops = report.hops_to_full if report.hops_to_full is not None else "never"
+    axes[1].set_title(f"receptive field per layer (hops_to_full = {hops}{'' if report.exact else ', a lower bound'})")
     spec = _spectrum(pattern, report)
     if spec is not None:
         axes[2].plot(spec, marker=".", linestyle="none")
+        axes[2].set_xlabel("index" + ("" if report.exact else " (block quotient: an estimate)"))
         axes[2].set_ylabel("normalized Laplacian eigenvalue")
     else:
         axes[2].bar(["lambda_2", "1 - slem"], [report.spectral_gap, 1 - report.slem])
     axes[2].set_title(f"spectrum (gap {report.spectral_gap:.3g})")
-    fig.suptitle(report.pattern[:120])
+    title = report.pattern if len(report.pattern) <= 110 else report.pattern[:107] + "..."
+    fig.suptitle(f"{title}   L={L}, {report.graph}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

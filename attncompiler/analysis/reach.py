@@ -31,6 +31,10 @@ from .quotient import Quotient
 # Word operations one profiled layer may cost before the profile is cut short.
 _LAYER_BUDGET = 3e9
 _DEFAULT_PROFILE = 8
+# A large-diameter graph still tries this many bitset layers first when they cost at most
+# _CHEAP_BUDGET word operations in all (bounding eccentricities can need thousands of BFS runs).
+_CHEAP_LAYERS = 64
+_CHEAP_BUDGET = 5e8
 
 
 @dataclass(frozen=True)
@@ -283,7 +287,13 @@ def undirected_diameter(q: Quotient, progress: Progress | None = None, small: bo
     lonely = (~q.intra) & (q.sizes > 1) & (np.diff(sym.indptr) == 0)
     if ncomp > 1 or lonely.any():
         return None
-    d = _closure_layers(sym, q.n) if small else None
+    words = (q.n + 63) // 64
+    if small:
+        d = _closure_layers(sym, q.n)
+    elif sym.nnz * words * _CHEAP_LAYERS <= _CHEAP_BUDGET:  # bitset layers are cheap here: exact and fast
+        d = _closure_layers(sym, q.n, limit=_CHEAP_LAYERS)
+    else:
+        d = None
     if d is None:  # large diameter: bounding eccentricities converge fast on such graphs
         d = max_distance(sym, sym, progress)
     if (q.intra & (q.sizes > 1)).any():

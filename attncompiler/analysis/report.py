@@ -15,14 +15,19 @@ from .cost import BlockCost, SymbolicCost, block_cost, symbolic_cost
 from .expansion import expansion
 from .graph import AttentionGraph, attention_graph, layer_operator
 from .progress import Progress
-from .quotient import from_graph
+from .quotient import Quotient, from_graph
 from .reach import causality_witness, reach
 
-# level="auto" analyzes token graphs up to this length and block quotients beyond it.
+# level="auto" answers in seconds: the exact token graph (twin-compressed) while it is small,
+# else the block quotient (hops as lower bounds, reach as upper bounds when blocks are partial).
+# Always the token graph up to this length:
+TOKEN_ALWAYS_MAX = 1024
+# Beyond it, mask patterns whose token graph has at most TOKEN_EDGES_MAX edges (estimated from
+# the block layout) up to TOKEN_LEVEL_MAX tokens, and only while the twin quotient keeps at most
+# QUOTIENT_EDGES_MAX edges; other families (dense one-layer operators) take the block quotient.
 TOKEN_LEVEL_MAX = 8192
-# ... and up to this length while the token graph has at most TOKEN_EDGES_MAX edges.
-TOKEN_EDGES_LENGTH = 65536
-TOKEN_EDGES_MAX = 2e7
+TOKEN_EDGES_MAX = 4e6
+QUOTIENT_EDGES_MAX = 3e5
 # Block quotients are kept to at most this many blocks (larger L get larger blocks).
 MAX_BLOCKS = 16384
 
@@ -176,16 +181,22 @@ def _choose_block(L: int, block: int | None) -> int:
 
 
 def _auto_level(pattern: Pattern, L: int, block: int, heads: int | None) -> str:
-    """Token level up to L = 8192, and up to 65536 while the token graph has <= 2e7 edges."""
-    if L <= TOKEN_LEVEL_MAX:
+    """``"token"`` when the exact token graph is cheap enough to answer in seconds, else ``"block"``
+    (see TOKEN_ALWAYS_MAX, TOKEN_LEVEL_MAX and TOKEN_EDGES_MAX)."""
+    if L <= TOKEN_ALWAYS_MAX:
         return "token"
-    if L > TOKEN_EDGES_LENGTH or pattern.family != "mask":
+    if L > TOKEN_LEVEL_MAX or pattern.family != "mask":
         return "block"
     from .mask_graph import group_layouts, head_patterns, union_blocks
 
     grps = group_layouts(head_patterns(pattern, heads), L, block)
     rows, _, _ = union_blocks(grps)
     return "token" if len(rows) * block * block <= TOKEN_EDGES_MAX else "block"
+
+
+def _too_large(q: Quotient, L: int) -> bool:
+    """An auto-chosen token quotient that would take more than seconds to analyze."""
+    return L > TOKEN_ALWAYS_MAX and q.adj.nnz > QUOTIENT_EDGES_MAX
 
 
 def _build(pattern: Pattern, L: int, level: str, block: int, heads: int | None) -> AttentionGraph:
@@ -231,16 +242,10 @@ def analyze(pattern: Pattern, seq_len: int, *, layers: int | None = None, block:
     blk = _choose_block(L, block)
     lvl = _auto_level(pattern, L, blk, heads) if level == "auto" else level
     prog = Progress(progress)
-    prog.update("building graph")
-    graph = _build(pattern, L, lvl, blk, heads)
+    graph, q, is_causal, leak = _graph_and_quotient(pattern, L, lvl, blk, heads, causal, prog)
+    if level == "auto" and graph.block == 1 and _too_large(q, L):
+        graph, q, is_causal, leak = _graph_and_quotient(pattern, L, "block", blk, heads, causal, prog)
     lvl = "token" if graph.block == 1 else "block"
-    is_causal = graph.causal if causal is None else bool(causal)
-    leak = None
-    if is_causal:
-        prog.update("causality check")
-        leak = None if (graph.causal and graph.block > 1) else causality_witness(graph)
-    prog.update("quotient")
-    q = from_graph(graph, compress=not is_causal)
     r = reach(q, causal=is_causal, clean=leak is None, layers=layers, progress=prog)
     prog.update("spectrum")
     e = expansion(q)
@@ -254,6 +259,8 @@ def analyze(pattern: Pattern, seq_len: int, *, layers: int | None = None, block:
     sym = symbolic_cost(pattern)
     cost = CostReport(allowed, 4.0 * allowed * head_dim, head_dim, sym, bc)
     notes = list(graph.notes)
+    if level == "auto":
+        notes.append(_level_note(lvl, q))
     if "not converged" in e.method:
         notes.append(e.method)
     if q.n < q.length and graph.block == 1:
@@ -271,6 +278,28 @@ def analyze(pattern: Pattern, seq_len: int, *, layers: int | None = None, block:
         edge_expansion_bounds=e.edge_expansion_bounds, vertex_expansion=e.vertex_expansion,
         components=e.components, cost=cost, exact=q.exact, graph=q.label, notes=tuple(notes),
         seconds=time.perf_counter() - t0)
+
+
+def _graph_and_quotient(pattern: Pattern, L: int, level: str, block: int, heads: int | None,
+                        causal: bool | None, prog: Progress):
+    """``(graph, quotient, is_causal, leak)`` at one level."""
+    prog.update(f"building {level} graph")
+    graph = _build(pattern, L, level, block, heads)
+    is_causal = graph.causal if causal is None else bool(causal)
+    leak = None
+    if is_causal:
+        prog.update("causality check")
+        leak = None if (graph.causal and graph.block > 1) else causality_witness(graph)
+    prog.update("quotient")
+    return graph, from_graph(graph, compress=not is_causal), is_causal, leak
+
+
+def _level_note(level: str, q: Quotient) -> str:
+    """Which level ``level="auto"`` chose, and what that means for the figures."""
+    if level == "token":
+        return "level auto -> token graph: exact"
+    how = "exact: every non-empty block is full" if q.exact else "level='token' (--level token) gives exact values, slower"
+    return f"level auto -> block quotient: the token graph is too large to answer in seconds ({how})"
 
 
 def compare_table(reports: list[AnalysisReport], names: list[str] | None = None) -> str:

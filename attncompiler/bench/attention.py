@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 import statistics
 from dataclasses import dataclass
 from typing import Callable
@@ -113,6 +115,29 @@ class BenchResult(JsonReport):
             lines.append(f"  peak memory: {self.memory_method}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced(device: torch.device):
+    """Drop what native code writes to file descriptor 2 while the CPU profiler runs: kineto
+    prints ``USDT: ... profiler_start/stop`` lines there that no option turns off. Python's own
+    ``sys.stderr`` (progress, warnings) is flushed first and works again afterwards."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def run_bench(pattern: Pattern, seq_len: int, *, heads: int = 4, head_dim: int = 64, batch: int = 1,
@@ -227,7 +252,7 @@ def run_bench(pattern: Pattern, seq_len: int, *, heads: int = 4, head_dim: int =
     if measure_memory:
         for name in names:
             progress(f"peak memory {name}")
-            with contextlib.nullcontext() if backward else torch.no_grad():
+            with contextlib.nullcontext() if backward else torch.no_grad(), native_stderr_silenced(dev):
                 peaks[name] = peak_memory(steps[name], dev)
     results = []
     ref_out = outputs.get("attnc")

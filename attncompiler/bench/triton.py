@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -127,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--autotune", action="store_true", help="let the backend pick its schedule per shape")
     args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{ap.prog}: this sweep times generated Triton kernels against FlexAttention and needs a CUDA "
+              "device; none is available here. On CPU, time the torch backend with `attnc bench PATTERN`.",
+              file=sys.stderr)
+        return 2
     if args.autotune:
         from ..codegen.triton.backend import set_autotune
 

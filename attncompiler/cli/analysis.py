@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .common import parse_command, parse_expression, register_pattern_command
 
@@ -30,7 +31,7 @@ def _common(p: argparse.ArgumentParser, pattern_names: set[str]) -> None:
     p.add_argument("--heads", type=int, default=None, help="heads of an opaque per-head mask")
     p.add_argument("--head-dim", type=int, default=64, help="D for FLOPs and bytes (default 64)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr (shown on a terminal)")
 
 
 def _analyze_options(p: argparse.ArgumentParser, pattern_names: set[str]) -> None:
@@ -48,7 +49,7 @@ def _analyze(args, spec, layers=None):
     rep = analyze(spec.pattern, args.seq_len, layers=layers, block=args.layout_block or spec.block,
                   level=args.level, heads=args.heads, head_dim=args.head_dim,
                   causal=True if getattr(args, "check_causal", False) else None,
-                  progress=not args.quiet)
+                  progress=not args.quiet and sys.stderr.isatty())
     return spec.pattern, rep
 
 

@@ -16,6 +16,12 @@ from typing import Callable
 from .common import (catalogue, describe_mask_tracing, parse_command, pattern_params, positive_float, positive_int,
                      register_pattern_command)
 
+VERIFY_LENGTHS = (512, 1024, 2048, 4096)
+"""Lengths ``attnc verify`` picks its main length from: the first where the pattern is sparse."""
+VERIFY_MAX_DENSITY = 0.5
+VERIFY_ODD_LENGTH = 333
+"""A second length, not a multiple of any block size, where the last blocks are ragged."""
+
 COMMANDS = {
     "show": "draw a pattern (mask patterns) or print its program (other families)",
     "verify": "run a backend on random inputs and compare with the float64 reference",
@@ -32,8 +38,14 @@ def _command_options(cmd: str, parser: argparse.ArgumentParser, pattern_names: s
     from ..bench.attention import DTYPES
 
     add = parser.add_argument
-    defaults = {"show": 1024, "verify": 256, "bench": 1024, "bench-layout": 65536}
-    add("--seq-len", type=positive_int, default=defaults[cmd], help=f"sequence length (default {defaults[cmd]})")
+    defaults = {"show": 1024, "verify": None, "bench": 1024, "bench-layout": 65536}
+    if cmd == "verify":
+        add("--seq-len", type=positive_int, default=None,
+            help=f"verify at this length only (default: the smallest of {', '.join(map(str, VERIFY_LENGTHS))} "
+                 f"where the pattern is sparse, density <= {VERIFY_MAX_DENSITY}, then also at {VERIFY_ODD_LENGTH}, "
+                 "not a block multiple)")
+    else:
+        add("--seq-len", type=positive_int, default=defaults[cmd], help=f"sequence length (default {defaults[cmd]})")
     if cmd in ("show", "bench-layout"):
         names = ["--layout-block"] + ([] if "block" in pattern_names else ["--block"])
         add(*names, dest="layout_block", type=positive_int, default=None,
@@ -44,10 +56,10 @@ def _command_options(cmd: str, parser: argparse.ArgumentParser, pattern_names: s
         add("--unicode", action="store_true", help="draw with block characters instead of ASCII")
         add("--png", metavar="FILE", help="also save the picture as a PNG (needs matplotlib)")
     if cmd in ("verify", "bench"):
-        heads, dim = (2, 32) if cmd == "verify" else (4, 64)
+        heads, dim, batch = (2, 32, 2) if cmd == "verify" else (4, 64, 1)
         add("--heads", type=positive_int, default=heads, help=f"attention heads (default {heads})")
         add("--head-dim", type=positive_int, default=dim, help=f"head dimension (default {dim})")
-        add("--batch", type=positive_int, default=1, help="batch size (default 1)")
+        add("--batch", type=positive_int, default=batch, help=f"batch size (default {batch})")
         add("--dtype", choices=sorted(DTYPES), default="float32")
         add("--backend", default="torch", help="our backend: torch, triton or auto (default torch)")
         add("--backward", action="store_true", help="also run (and check / time) the backward pass")
@@ -105,10 +117,29 @@ def _progress(opts) -> Callable[[str], None]:
 # Commands
 # ---------------------------------------------------------------------------------------------
 
-def cmd_list(args: argparse.Namespace) -> int:
-    """``attnc list``: the catalogue, one line per pattern."""
-    from ..patterns import describe
+_ABBREVIATIONS = frozenset({"al", "e.g", "i.e", "cf", "sec", "fig", "app", "eq", "vs", "resp"})
 
+
+def first_sentence(doc: str | None) -> str:
+    """The first full sentence of a docstring's first paragraph, on one line: it ends at a
+    period outside parentheses that closes no abbreviation (``et al.``, ``sec.``) and is
+    followed by the end or by a space and a capital."""
+    para = " ".join((doc or "").strip().split("\n\n")[0].split())
+    depth = 0
+    for i, c in enumerate(para):
+        depth += (c in "([") - (c in ")]")
+        if c != "." or depth > 0:
+            continue
+        if i + 1 == len(para):
+            return para
+        word = para[:i].rsplit(" ", 1)[-1].lower()
+        if para[i + 1] == " " and para[i + 2:i + 3].isupper() and word not in _ABBREVIATIONS:
+            return para[:i + 1]
+    return para
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``attnc list``: the catalogue, one line per pattern (the first sentence of its docstring)."""
     cat = catalogue()
     width = max(map(len, cat)) if cat else 0
     for name, ctor in cat.items():
@@ -116,7 +147,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             family = ctor().family
         except Exception:  # constructors with required parameters cannot be built bare
             family = "?"
-        line = f"{name:<{width}}  {family:<10} {describe(name)}"
+        line = f"{name:<{width}}  {family:<10} {first_sentence(ctor.__doc__)}"
         if args.verbose:
             params = " ".join(f"--{p.name.replace('_', '-')}" for p in pattern_params(ctor))
             line += f"\n{'':<{width}}  {'':<10} options: {params or '(none)'}"
@@ -159,8 +190,61 @@ def cmd_show(argv: list[str]) -> int:
     return 0
 
 
+def density(pattern, L: int, heads: int = 1) -> float | None:
+    """Allowed (q, k) pairs / L^2, averaged over ``heads`` (mask patterns; None for others)."""
+    from ..dsl.pattern import Family
+
+    if pattern.family != Family.MASK:
+        return None
+    lay = pattern.layout(L, L, 64, batch=1, heads=heads)
+    return sum(lay.group_for(0, h).allowed_pairs() for h in range(heads)) / (heads * L * L)
+
+
+def verify_lengths(pattern, heads: int) -> tuple[list[int], str]:
+    """The default lengths of ``attnc verify`` and why: the smallest of VERIFY_LENGTHS where
+    the pattern's density is at most VERIFY_MAX_DENSITY (else the largest), then VERIFY_ODD_LENGTH."""
+    chosen, why = VERIFY_LENGTHS[0], "not a mask pattern: density not defined"
+    for L in VERIFY_LENGTHS:
+        d = density(pattern, L, heads)
+        if d is None:
+            break
+        chosen = L
+        why = f"density {d:.4f} at L={L}" + ("" if d <= VERIFY_MAX_DENSITY else
+                                              f" (> {VERIFY_MAX_DENSITY} up to L={VERIFY_LENGTHS[-1]}: dense here)")
+        if d <= VERIFY_MAX_DENSITY:
+            break
+    return [chosen, VERIFY_ODD_LENGTH], why
+
+
+def _describe_variation(pattern, batch: int, heads: int) -> str:
+    period = pattern.head_period
+    per_head = "differs per head (period {})".format(period) if period not in (None, 1) else "same for every head"
+    per_batch = "differs per batch entry" if getattr(pattern, "batch_dependent", False) else "same for every batch entry"
+    return f"batch {batch} x heads {heads}: the pattern {per_head}, {per_batch}"
+
+
+def _verify_one(attn, opts, L: int, dtype, atol: float) -> tuple[dict[str, float], bool]:
+    """Run the backend and the float64 reference on seeded random inputs at length L."""
+    import torch
+
+    gen = torch.Generator().manual_seed(opts.input_seed)
+    shape = (opts.batch, opts.heads, L, opts.head_dim)
+    q, k, v, g = (torch.randn(*shape, generator=gen).to(dtype) for _ in range(4))  # [B, H, L, D]
+    for t in (q, k, v):
+        t.requires_grad_(opts.backward)
+    out = attn(q, k, v)  # [B, H, L, D]
+    ref = attn.reference(q, k, v)  # float64
+    errors = {"out": float((out.detach().double() - ref.detach()).abs().max())}
+    if opts.backward:
+        got = torch.autograd.grad(out, (q, k, v), g)
+        want = torch.autograd.grad(ref, (q, k, v), g.double())
+        errors.update({f"d{n}": float((a.double() - b).abs().max()) for n, a, b in zip("qkv", got, want)})
+    return errors, all(e <= atol for e in errors.values())
+
+
 def cmd_verify(argv: list[str]) -> int:
-    """``attnc verify PATTERN``: backend vs float64 reference on random inputs (exit 1 on mismatch)."""
+    """``attnc verify PATTERN``: backend vs float64 reference on random inputs at several lengths,
+    batch 2 x heads 2 by default (exit 1 on mismatch)."""
     import torch
 
     from ..bench.attention import DTYPES
@@ -170,24 +254,23 @@ def cmd_verify(argv: list[str]) -> int:
     pattern = spec.pattern
     dtype = DTYPES[opts.dtype]
     atol = opts.atol or {torch.float32: 1e-4, torch.float64: 1e-10}.get(dtype, 2e-2)
-    gen = torch.Generator().manual_seed(opts.input_seed)
-    shape = (opts.batch, opts.heads, opts.seq_len, opts.head_dim)
-    q, k, v, g = (torch.randn(*shape, generator=gen).to(dtype) for _ in range(4))  # [B, H, L, D]
-    for t in (q, k, v):
-        t.requires_grad_(opts.backward)
     attn = ac_compile(pattern, opts.backend)
     print(f"{spec.text}: {pattern!r}")
-    print(f"backend {opts.backend}, q/k/v {list(shape)} {opts.dtype}, input seed {opts.input_seed}")
-    out = attn(q, k, v)  # [B, H, L, D]
-    ref = attn.reference(q, k, v)  # float64
-    errors = {"out": float((out.detach().double() - ref.detach()).abs().max())}
-    if opts.backward:
-        got = torch.autograd.grad(out, (q, k, v), g)
-        want = torch.autograd.grad(ref, (q, k, v), g.double())
-        errors.update({f"d{n}": float((a.double() - b).abs().max()) for n, a, b in zip("qkv", got, want)})
-    ok = all(e <= atol for e in errors.values())
-    for name, e in errors.items():
-        print(f"max |{name} - reference| = {e:.3e}  ({'ok' if e <= atol else 'FAIL'}, tolerance {atol:g})")
+    if opts.seq_len is None:
+        lengths, why = verify_lengths(pattern, opts.heads)
+        print(f"lengths {', '.join(map(str, lengths))} ({why}; {lengths[-1]} is not a block multiple)")
+    else:
+        lengths = [opts.seq_len]
+        d = density(pattern, opts.seq_len, opts.heads)
+        print(f"length {opts.seq_len}" + ("" if d is None else f", density {d:.4f}"))
+    print(f"backend {opts.backend}, {_describe_variation(pattern, opts.batch, opts.heads)}, head_dim {opts.head_dim}, "
+          f"{opts.dtype}, input seed {opts.input_seed}")
+    ok = True
+    for L in lengths:
+        errors, good = _verify_one(attn, opts, L, dtype, atol)
+        ok &= good
+        for name, e in errors.items():
+            print(f"L={L}: max |{name} - reference| = {e:.3e}  ({'ok' if e <= atol else 'FAIL'}, tolerance {atol:g})")
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1
 
