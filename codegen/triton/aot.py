@@ -26,7 +26,7 @@ from .kernels import kernel_tiles, kernels_for
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _DATA = ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")
 _PTRS = {"mask_tab": "u8", "bufs": "i64", "buf_meta": "i64", "Lse": "fp32", "Delta": "fp32",
-         **{n: "i32" for n in ("kv_num", "kv_idx", "full_num", "full_idx", "mask_ids", "q_num", "q_idx")}}
+         **{n: "i32" for n in ("kv_num", "kv_idx", "full_nr", "full_rng", "mask_ids", "q_num", "q_idx")}}
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """Runtime of the generated Triton kernels: sources, layout tensors, launches, autograd.
 
 ``kernels_for`` renders (or fetches from the on-disk cache) the module for a pattern, schedule
-and dtype; ``layout_tensors`` turns a :class:`~attncompiler.layout.block_layout.BlockLayout` into the int32
-BCSR tensors the kernels walk (plus byte masks for opaque predicates); ``TritonAttentionFn``
-runs the forward kernel and, for the backward pass, the dk/dv kernel over the transposed lists
-and the dq kernel. Nothing here depends on the sequence length except the layout tensors.
+and dtype; ``layout_tensors`` turns a :class:`~attncompiler.layout.block_layout.BlockLayout` into
+the int32 tensors the kernels walk -- partial-block lists and ``[start, end)`` ranges of full
+blocks, never the expanded block lists (plus byte masks for opaque predicates);
+``TritonAttentionFn`` runs the forward kernel and, for the backward pass, the dk/dv kernel over
+the transposed lists and the dq kernel. Nothing here depends on the sequence length except the layout tensors.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from attncompiler.program.autograd_guard import single_backward
 from attncompiler.errors import ScheduleError
 from attncompiler.ir import expr as E
 from attncompiler.ir.expr import Expr
-from attncompiler.layout.block_layout import BlockLayout, partial_masks
+from attncompiler.layout.block_layout import EVAL_CHUNK, BlockLayout, block_masks
 from attncompiler.dsl.pattern import Complement, Intersection, Pattern, PerHead, Union
 from attncompiler.program.schedule import Schedule
 
@@ -134,10 +135,12 @@ def kernels_for(pattern: Pattern, q_len: int, kv_len: int, schedule: Schedule, d
 class LayoutTensors:
     """What the kernels read about one layout on one device.
 
-    ``fwd``/``bwd`` hold ``(num, idx, full_num, full_idx, mask_ids)`` with shapes
-    ``[Bm, Hm, n]`` and ``[Bm, Hm, n, W]`` (int32): partial and full blocks per query block
-    (forward, dq) and per key block (dk/dv). ``mask_tab`` ``[T, BM, BN]`` uint8 holds the byte
-    masks of partial blocks when the predicate is opaque (else one dummy byte).
+    ``fwd``/``bwd`` hold ``(num, idx, full_num_ranges, full_ranges, mask_ids)`` (int32): per
+    query block (forward, dq) or per key block (dk/dv), the partial blocks ``[Bm, Hm, n]`` /
+    ``[Bm, Hm, n, PW]``, the full blocks as ``[start, end)`` ranges ``[Bm, Hm, n]`` /
+    ``[Bm, Hm, n, RW, 2]``, and each partial entry's byte-mask id. ``mask_tab`` ``[T, BM, BN]``
+    uint8 holds the byte masks of partial blocks when the predicate is opaque (else one dummy
+    byte). Nothing here expands a run of full blocks, so a causal layout costs O(L / block).
     """
 
     fwd: tuple[torch.Tensor, ...]
@@ -151,51 +154,62 @@ class LayoutTensors:
     def bm_hm(self) -> tuple[int, int]:
         return int(self.fwd[0].shape[0]), int(self.fwd[0].shape[1])
 
+    @staticmethod
+    def widths(t: tuple[torch.Tensor, ...]) -> tuple[int, int]:
+        """``(PW, RW)``: padded widths of the partial lists and of the range lists."""
+        return int(t[1].shape[-1]), int(t[3].shape[-2])
 
-def _pack(ptr: np.ndarray, values: np.ndarray, full: np.ndarray, n_rows: int, width: int) -> np.ndarray:
-    """ELL-pack ``values`` of the partial entries of a CSR structure, in CSR order per row."""
-    row_of = np.repeat(np.arange(n_rows), np.diff(ptr))
-    sel = ~full
-    r = row_of[sel]
-    counts = np.bincount(r, minlength=n_rows)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+def _ell(ptr: np.ndarray, values: np.ndarray, n_rows: int, width: int) -> np.ndarray:
+    """ELL-pack the CSR ``(ptr, values)`` into ``[n_rows, width]`` int32 (padding 0)."""
+    counts = np.diff(ptr)
+    r = np.repeat(np.arange(n_rows), counts)
     out = np.zeros((n_rows, width), dtype=np.int32)
-    out[r, np.arange(len(r)) - starts[r]] = values[sel]
+    out[r, np.arange(len(r)) - ptr[:-1][r]] = values
     return out
+
+
+def _mask_ids(layout: BlockLayout, pw_f: int, pw_b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Byte masks of every group's partial blocks (numbered in each group's partial-list order,
+    groups one after another) and, aligned with the partial lists, their ids per query row and
+    per key column. Proportional to the partial blocks (an opaque predicate needs their masks)."""
+    g = layout.geom
+    Bm, Hm = layout.group_index.shape
+    ids_f = torch.zeros(Bm, Hm, g.nqb, pw_f, dtype=torch.int32)
+    ids_b = torch.zeros(Bm, Hm, g.nkb, pw_b, dtype=torch.int32)
+    tabs, per_group, base = [], [], 0
+    per = max(1, EVAL_CHUNK // (g.block_m * g.block_n))  # bounded float temporaries
+    for grp in layout.groups:
+        n = grp.num_partial
+        ids = base + np.arange(n, dtype=np.int64)
+        for s in range(0, n, per):
+            tabs.append(block_masks(grp, grp.part_rows[s:s + per], grp.part_cols[s:s + per]).to(torch.uint8))
+        base += n
+        col_ptr, _ = grp.csc_partial
+        order = np.lexsort((grp.part_rows, grp.part_cols))  # the order of grp.csc_partial
+        per_group.append((_ell(grp.part_ptr, ids, g.nqb, pw_f), _ell(col_ptr, ids[order], g.nkb, pw_b)))
+    for (bi, hi), gid in np.ndenumerate(layout.group_index):
+        ids_f[bi, hi] = torch.from_numpy(per_group[gid][0])
+        ids_b[bi, hi] = torch.from_numpy(per_group[gid][1])
+    tab = torch.cat(tabs) if tabs else torch.zeros(1, dtype=torch.uint8)
+    return ids_f, ids_b, tab
 
 
 @functools.lru_cache(maxsize=64)
 def _layout_tensors(layout: BlockLayout, opaque: bool, device: str) -> tuple:
-    g = layout.geom
-    fwd, bwd = layout.bcsr(), layout.bcsr(transposed=True)
-    Bm, Hm = layout.group_index.shape
-    wf, wb = fwd["kv_indices"].shape[-1], bwd["q_indices"].shape[-1]
-    ids_f = torch.zeros(Bm, Hm, g.nqb, wf, dtype=torch.int32)
-    ids_b = torch.zeros(Bm, Hm, g.nkb, wb, dtype=torch.int32)
-    tabs = []
+    fwd, bwd = layout.bcsr_ranges(), layout.bcsr_ranges(transposed=True)
+    pw_f, pw_b = fwd["kv_indices"].shape[-1], bwd["q_indices"].shape[-1]
     if opaque:
-        base, per_group = 0, []
-        for grp in layout.groups:
-            partial = np.flatnonzero(~grp.full)
-            ids = np.full(grp.num_blocks, -1, dtype=np.int64)
-            ids[partial] = base + np.arange(len(partial))
-            base += len(partial)
-            if len(partial):
-                tabs.append(partial_masks(grp, partial).to(torch.uint8))  # [P, BM, BN]
-            col_ptr, _, full_t = grp.csc
-            order = np.lexsort((grp.rows, grp.cols))  # the order of grp.csc
-            per_group.append((_pack(grp.row_ptr, ids, grp.full, g.nqb, wf),
-                              _pack(col_ptr, ids[order], full_t, g.nkb, wb)))
-        for (bi, hi), gid in np.ndenumerate(layout.group_index):
-            ids_f[bi, hi] = torch.from_numpy(per_group[gid][0])
-            ids_b[bi, hi] = torch.from_numpy(per_group[gid][1])
-    tab = torch.cat(tabs) if tabs else torch.zeros(1, dtype=torch.uint8)
+        ids_f, ids_b, tab = _mask_ids(layout, pw_f, pw_b)
+    else:  # the kernels never read mask ids without byte masks: one shared zero table
+        ids_f, ids_b = torch.zeros_like(fwd["kv_indices"]), torch.zeros_like(bwd["q_indices"])
+        tab = torch.zeros(1, dtype=torch.uint8)
 
     def dev(t):
         return t.to(device).contiguous()
 
-    f = tuple(dev(fwd[k]) for k in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")) + (dev(ids_f),)
-    b = tuple(dev(bwd[k]) for k in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")) + (dev(ids_b),)
+    f = tuple(dev(fwd[k]) for k in ("kv_num_blocks", "kv_indices", "full_kv_num_ranges", "full_kv_ranges")) + (dev(ids_f),)
+    b = tuple(dev(bwd[k]) for k in ("q_num_blocks", "q_indices", "full_q_num_ranges", "full_q_ranges")) + (dev(ids_b),)
     return f, b, dev(tab)
 
 
@@ -262,7 +276,7 @@ def _forward(plan: Plan, q, k, v, scale: float):
     plan.kernels.module._attn_fwd[grid](
         q, k, v, out, lse, *t.fwd, t.mask_tab, t.bufs, t.buf_meta, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, H // Hkv, Bm, Hm, plan.layout.num_q_blocks, t.fwd[1].shape[-1], Lq, Lk, D, Dv,
+        H, H // Hkv, Bm, Hm, plan.layout.num_q_blocks, *t.widths(t.fwd), Lq, Lk, D, Dv,
         EVEN_N=Lk % plan.tile_n == 0, **plan.consts(q, v))
     return out, lse
 
@@ -280,10 +294,10 @@ def _backward(plan: Plan, q, k, v, out, lse, dout, scale: float):
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     plan.kernels.module._attn_bwd_dkdv[(-(-Lk // plan.tile_n), B * Hkv)](
         q, k, v, dout, dk, dv, lse, delta, *t.bwd, t.mask_tab, t.bufs, t.buf_meta, scale, *strides,
-        H, Hkv, H // Hkv, Bm, Hm, plan.layout.num_kv_blocks, t.bwd[1].shape[-1], Lq, Lk, D, Dv, **consts)
+        H, Hkv, H // Hkv, Bm, Hm, plan.layout.num_kv_blocks, *t.widths(t.bwd), Lq, Lk, D, Dv, **consts)
     plan.kernels.module._attn_bwd_dq[(-(-Lq // plan.tile_m), B * H)](
         q, k, v, dout, dq, lse, delta, *t.fwd, t.mask_tab, t.bufs, t.buf_meta, scale, *strides,
-        H, H // Hkv, Bm, Hm, plan.layout.num_q_blocks, t.fwd[1].shape[-1], Lq, Lk, D, Dv, **consts)
+        H, H // Hkv, Bm, Hm, plan.layout.num_q_blocks, *t.widths(t.fwd), Lq, Lk, D, Dv, **consts)
     return dq, dk, dv
 
 

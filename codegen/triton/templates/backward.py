@@ -1,8 +1,9 @@
 """Template: block-sparse flash-attention backward, deterministic (no atomics).
 
 ``_attn_bwd_dkdv``: one program owns TN keys of one (batch, kv head) and walks the transposed
-(by key block) lists of every query head that shares the kv head, so dk/dv are summed in a
-fixed order. ``_attn_bwd_dq``: one program owns TM queries and walks the same lists as the
+(by key block) lists of every query head that shares the kv head -- full query blocks as
+``[start, end)`` ranges, then the partial ones -- so dk/dv are summed in a fixed order.
+``_attn_bwd_dq``: one program owns TM queries and walks the same ranges and lists as the
 forward pass. Probabilities are recomputed from the saved log-sum-exp.
 """
 
@@ -44,14 +45,14 @@ def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, Lse, Delta,
-    q_num, q_idx, full_num, full_idx, mask_ids,  # transposed BCSR [Bm, Hm, NKB(, W)] int32
+    q_num, q_idx, full_nr, full_rng, mask_ids,  # transposed: partial [Bm, Hm, NKB(, PW)], ranges [.., RW, 2]
     mask_tab, bufs, buf_meta,
     sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    H, Hkv, G, Bm, Hm, NKB, W, q_len, kv_len, head_dim, v_dim,
+    H, Hkv, G, Bm, Hm, NKB, PW, RW, q_len, kv_len, head_dim, v_dim,
     BM: tl.constexpr, BN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -87,18 +88,20 @@ def _attn_bwd_dkdv(
         do_ptrs = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_dv[None, :] * stride_dod
         lse_ptr = Lse + (b * H + h).to(tl.int64) * q_len
         delta_ptr = Delta + (b * H + h).to(tl.int64) * q_len
-        n_full = tl.load(full_num + lay)
-        for j in range(0, n_full):
-            r = tl.load(full_idx + lay.to(tl.int64) * W + j)
-            for t in tl.static_range(BM // TM):
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, r * BM + t * TM,
-                                    offs_m0, offs_n, n_ok, d_ok, dv_ok, b, h, r * BM, k_lo, mask_tab, 0,
+        n_rng = tl.load(full_nr + lay)
+        for j in range(0, n_rng):
+            r_at = full_rng + (lay.to(tl.int64) * RW + j) * 2
+            r0 = tl.load(r_at)
+            r1 = tl.load(r_at + 1)
+            for start_m in range(r0 * BM, r1 * BM, TM):
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m,
+                                    offs_m0, offs_n, n_ok, d_ok, dv_ok, b, h, start_m, k_lo, mask_tab, 0,
                                     bufs, buf_meta, qk_scale, q_len, stride_qm, stride_dom,
                                     BM, BN, False, OPAQUE, DOT_PREC)
         n_part = tl.load(q_num + lay)
         for j in range(0, n_part):
-            r = tl.load(q_idx + lay.to(tl.int64) * W + j)
-            tile_id = tl.load(mask_ids + lay.to(tl.int64) * W + j)
+            r = tl.load(q_idx + lay.to(tl.int64) * PW + j)
+            tile_id = tl.load(mask_ids + lay.to(tl.int64) * PW + j)
             for t in tl.static_range(BM // TM):
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, r * BM + t * TM,
                                     offs_m0, offs_n, n_ok, d_ok, dv_ok, b, h, r * BM, k_lo, mask_tab, tile_id,
@@ -140,14 +143,14 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n0, m
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, DQ, Lse, Delta,
-    kv_num, kv_idx, full_num, full_idx, mask_ids,  # BCSR [Bm, Hm, NQB(, W)] int32
+    kv_num, kv_idx, full_nr, full_rng, mask_ids,  # partial [Bm, Hm, NQB(, PW)], ranges [.., RW, 2] int32
     mask_tab, bufs, buf_meta,
     sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    H, G, Bm, Hm, NQB, W, q_len, kv_len, head_dim, v_dim,
+    H, G, Bm, Hm, NQB, PW, RW, q_len, kv_len, head_dim, v_dim,
     BM: tl.constexpr, BN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -182,17 +185,19 @@ def _attn_bwd_dq(
     qk_scale = sm_scale * LOG2E
     dq = tl.zeros([TM, D_PAD], dtype=tl.float32)
 
-    n_full = tl.load(full_num + lay)
-    for j in range(0, n_full):
-        c = tl.load(full_idx + lay.to(tl.int64) * W + j)
-        for t in tl.static_range(BN // TN):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, c * BN + t * TN, offs_m, offs_n0, m_ok,
-                          d_ok, dv_ok, b, h, q_lo, c * BN, mask_tab, 0, bufs, buf_meta, qk_scale, kv_len,
+    n_rng = tl.load(full_nr + lay)
+    for j in range(0, n_rng):
+        r_at = full_rng + (lay.to(tl.int64) * RW + j) * 2
+        c0 = tl.load(r_at)
+        c1 = tl.load(r_at + 1)
+        for start_n in range(c0 * BN, c1 * BN, TN):
+            dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n0, m_ok,
+                          d_ok, dv_ok, b, h, q_lo, start_n, mask_tab, 0, bufs, buf_meta, qk_scale, kv_len,
                           stride_kn, stride_vn, BM, BN, False, OPAQUE, DOT_PREC)
     n_part = tl.load(kv_num + lay)
     for j in range(0, n_part):
-        c = tl.load(kv_idx + lay.to(tl.int64) * W + j)
-        tile_id = tl.load(mask_ids + lay.to(tl.int64) * W + j)
+        c = tl.load(kv_idx + lay.to(tl.int64) * PW + j)
+        tile_id = tl.load(mask_ids + lay.to(tl.int64) * PW + j)
         for t in tl.static_range(BN // TN):
             dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, c * BN + t * TN, offs_m, offs_n0, m_ok,
                           d_ok, dv_ok, b, h, q_lo, c * BN, mask_tab, tile_id, bufs, buf_meta, qk_scale,

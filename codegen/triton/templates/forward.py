@@ -1,7 +1,8 @@
 """Template: block-sparse flash-attention forward (online softmax over a BCSR layout).
 
 One program computes TM query rows of one (batch, head). It walks the full key blocks of its
-layout row without any mask work, then the partial blocks through ``_allowed``. Layout blocks
+layout row -- a few ``[start, end)`` ranges of key blocks, so a causal row is one range however
+long -- without any mask work, then the partial blocks through ``_allowed``. Layout blocks
 (BM x BN) are cut into kernel tiles (TM x TN) that divide them.
 """
 
@@ -43,14 +44,14 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n0, d_ok, 
 @triton.jit
 def _attn_fwd(
     Q, K, V, Out, Lse,
-    kv_num, kv_idx, full_num, full_idx, mask_ids,  # BCSR [Bm, Hm, NQB(, W)] int32
+    kv_num, kv_idx, full_nr, full_rng, mask_ids,  # partial [Bm, Hm, NQB(, PW)], ranges [.., RW, 2] int32
     mask_tab, bufs, buf_meta,  # opaque byte masks; predicate buffers
     sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, G, Bm, Hm, NQB, W, q_len, kv_len, head_dim, v_dim,
+    H, G, Bm, Hm, NQB, PW, RW, q_len, kv_len, head_dim, v_dim,
     BM: tl.constexpr, BN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, EVEN_N: tl.constexpr,
     OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -83,20 +84,22 @@ def _attn_fwd(
     m_i = tl.full([TM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([TM], dtype=tl.float32)
 
-    # Full blocks: no predicate.
-    n_full = tl.load(full_num + lay)
-    for j in range(0, n_full):
-        c = tl.load(full_idx + lay.to(tl.int64) * W + j)
-        for t in tl.static_range(BN // TN):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, c * BN + t * TN, offs_m, offs_n0,
-                                      d_ok, dv_ok, b, h, q_lo, c * BN, mask_tab, 0, bufs, buf_meta,
+    # Full blocks: each range [c0, c1) of key blocks, tile by tile, no predicate.
+    n_rng = tl.load(full_nr + lay)
+    for j in range(0, n_rng):
+        r_at = full_rng + (lay.to(tl.int64) * RW + j) * 2
+        c0 = tl.load(r_at)
+        c1 = tl.load(r_at + 1)
+        for start_n in range(c0 * BN, c1 * BN, TN):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n0,
+                                      d_ok, dv_ok, b, h, q_lo, start_n, mask_tab, 0, bufs, buf_meta,
                                       qk_scale, kv_len, stride_kn, stride_vn,
                                       BM, BN, False, EVEN_N, OPAQUE, DOT_PREC)
     # Partial blocks: the predicate decides element by element.
     n_part = tl.load(kv_num + lay)
     for j in range(0, n_part):
-        c = tl.load(kv_idx + lay.to(tl.int64) * W + j)
-        tile_id = tl.load(mask_ids + lay.to(tl.int64) * W + j)
+        c = tl.load(kv_idx + lay.to(tl.int64) * PW + j)
+        tile_id = tl.load(mask_ids + lay.to(tl.int64) * PW + j)
         for t in tl.static_range(BN // TN):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, c * BN + t * TN, offs_m, offs_n0,
                                       d_ok, dv_ok, b, h, q_lo, c * BN, mask_tab, tile_id, bufs, buf_meta,
