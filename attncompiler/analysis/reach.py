@@ -236,7 +236,11 @@ def _directed_hops(q: Quotient, causal: bool, progress: Progress) -> tuple[int |
             b = _bfs(q.adj, 0)
             miss = np.flatnonzero(~np.isfinite(b))
             return None, (int(q.starts[miss[0]]), int(q.starts[0]))
-        hops = max_distance(fwd, q.adj, progress)
+        hops = None
+        if q.adj.nnz * ((q.n + 63) // 64) * _CHEAP_LAYERS <= _CHEAP_BUDGET:  # bitset layers: exact, fast
+            hops = _closure_layers(q.adj, q.n, limit=_CHEAP_LAYERS)
+        if hops is None:
+            hops = max_distance(fwd, q.adj, progress)
     else:  # legal pairs are P < Q in token order: a BFS per node
         hops = 0
         n = q.n
