@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from attncompiler.families.diffusion.program import GlobalSplit
-from attncompiler.layout.block_layout import BlockLayout, Blocks2D
+from attncompiler.layout.block_layout import BlockLayout, Blocks2D, pairs_from_ranges
 from attncompiler.program.schedule import Schedule
 
 from .common import pad_len
@@ -75,9 +75,8 @@ def _band(blocks: Blocks2D) -> tuple[int, int]:
     g = blocks.geom
     if g.block_m != g.block_n or g.q_len != g.kv_len or not blocks.num_blocks:
         return 0, 0
-    d = blocks.cols - blocks.rows
-    lo = int(d.min())
-    common = np.flatnonzero(np.bincount(d - lo) >= _BAND_SHARE * g.nqb) + lo
+    lo, hist = _offset_histogram(blocks)
+    common = np.flatnonzero(hist >= _BAND_SHARE * g.nqb) + lo
     best = (0, 0)
     for start in common:  # the longest run of consecutive common offsets
         n = 1
@@ -85,6 +84,60 @@ def _band(blocks: Blocks2D) -> tuple[int, int]:
             n += 1
         best = max(best, (n, -int(start)))
     return -best[1], best[0]
+
+
+def _offset_histogram(blocks: Blocks2D) -> tuple[int, np.ndarray]:
+    """``(lo, hist)``: how many blocks lie on each offset ``col - row`` (from ``lo`` on), counted
+    from the full ranges (a difference array over offsets) and the partial list, never from the
+    expanded blocks."""
+    rr, rs, re = blocks.range_rows, blocks.range_start, blocks.range_end
+    pd = blocks.part_cols - blocks.part_rows
+    lo = int(min(np.min(rs - rr, initial=0), np.min(pd, initial=0)))
+    hi = int(max(np.max(re - rr, initial=0), np.max(pd + 1, initial=0)))  # one past the last offset
+    diff = np.zeros(hi - lo + 1, dtype=np.int64)
+    np.add.at(diff, rs - rr - lo, 1)
+    np.add.at(diff, re - rr - lo, -1)
+    hist = np.cumsum(diff)[:-1]
+    hist += np.bincount(pd - lo, minlength=hi - lo)
+    return lo, hist
+
+
+def _others(blocks: Blocks2D, dlo: int, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ptr [nqb + 1], cols)``: per query block, its key blocks outside the band
+    ``[row + dlo, row + dlo + nb)``, sorted -- the pieces of its full ranges left and right of
+    the band and its partial blocks there (the plan stores a tile column for each anyway)."""
+    nqb = blocks.geom.nqb
+    rr, rs, re = blocks.range_rows, blocks.range_start, blocks.range_end
+    b_lo, b_hi = rr + dlo, rr + dlo + nb
+    left = pairs_from_ranges(rr, rs, np.minimum(re, b_lo) - 1)
+    right = pairs_from_ranges(rr, np.maximum(rs, b_hi), re - 1)
+    pr, pc = blocks.part_rows, blocks.part_cols
+    outside = (pc - pr < dlo) | (pc - pr >= dlo + nb)
+    rows = np.concatenate([left[0], right[0], pr[outside]])
+    cols = np.concatenate([left[1], right[1], pc[outside]])
+    order = np.lexsort((cols, rows))
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=nqb))]).astype(np.int64)
+    return ptr, cols[order]
+
+
+def _kinds_at(blocks: Blocks2D, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(present, full)`` of the blocks ``(rows, cols)`` (same shape; columns outside
+    ``[0, nkb)`` are absent), by binary search in the ranges and the partial list."""
+    nkb = blocks.geom.nkb
+    inside = (cols >= 0) & (cols < nkb)
+    key = rows * (nkb + 1) + np.where(inside, cols, nkb)
+    full = np.zeros(rows.shape, dtype=bool)
+    if len(blocks.range_start):
+        starts = blocks.range_rows * (nkb + 1) + blocks.range_start
+        i = np.searchsorted(starts, key, side="right") - 1
+        ic = np.maximum(i, 0)
+        full = (i >= 0) & (blocks.range_rows[ic] == rows) & (blocks.range_end[ic] > cols) & inside
+    part = np.zeros(rows.shape, dtype=bool)
+    if len(blocks.part_cols):
+        pkeys = blocks.part_rows * (nkb + 1) + blocks.part_cols
+        j = np.minimum(np.searchsorted(pkeys, key), len(pkeys) - 1)
+        part = (pkeys[j] == key) & inside
+    return full | part, full
 
 
 def _buckets(counts: np.ndarray) -> list[tuple[np.ndarray, int]]:
@@ -146,10 +199,8 @@ def plan_for(blocks: Blocks2D, schedule: Schedule, split: GlobalSplit | None) ->
     ng = len(split.tokens) if split is not None else 0
     gtok = np.asarray(split.tokens if ng else (), dtype=np.int64) + pad_lo * bn  # padded token ids
     gok = global_parts(split, g.q_len, nqb, bm, "cpu")[1] if ng else None
-    rows, cols = blocks.rows, blocks.cols
-    in_band = (cols - rows >= dlo) & (cols - rows < dlo + nb)
-    keys = rows * nkb + cols  # CSR order is sorted by (row, col)
-    counts = np.bincount(rows[~in_band], minlength=nqb)
+    optr, ocols = _others(blocks, dlo, nb)
+    counts = np.diff(optr)
     chunks, offset = [], 0
     for bucket, wo in _buckets(counts):
         nr = wo * bn + ng
@@ -160,16 +211,11 @@ def plan_for(blocks: Blocks2D, schedule: Schedule, split: GlobalSplit | None) ->
             R = len(r)
             band = r[:, None] + dlo + np.arange(nb)  # [R, nb] key blocks (may fall off the ends)
             other = np.full((R, wo), -1, dtype=np.int64)
-            for i, row in enumerate(r):
-                sel = slice(blocks.row_ptr[row], blocks.row_ptr[row + 1])
-                o = cols[sel][~in_band[sel]]
-                other[i, :len(o)] = o
+            n_o = counts[r]
+            sel = np.arange(wo)[None, :] < n_o[:, None]
+            other[sel] = ocols[(optr[r][:, None] + np.arange(wo)[None, :])[sel]]
             slots = np.concatenate([band, other], axis=1)  # [R, nb + wo]
-            pos = np.searchsorted(keys, r[:, None] * nkb + slots)
-            pos_c = np.minimum(pos, max(len(keys) - 1, 0))
-            present = (slots >= 0) & (slots < nkb) & (len(keys) > 0)
-            present &= keys[pos_c] == r[:, None] * nkb + slots if len(keys) else False
-            full = present & blocks.full[pos_c] if len(keys) else present
+            present, full = _kinds_at(blocks, np.broadcast_to(r[:, None], slots.shape), slots)
             ragged = (slots == nkb - 1) & (g.kv_len % bn != 0)
             need = ~(full & ~ragged).all(axis=1) | (nb + wo == 0)
             tok = torch.from_numpy(r * bm)[:, None] + torch.arange(bm)  # [R, BM] query tokens

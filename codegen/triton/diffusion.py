@@ -23,7 +23,7 @@ import torch
 from attncompiler.program.autograd_guard import single_backward
 from attncompiler.families.diffusion.program import DiffusionHop, SparseProbs
 from attncompiler.families.diffusion.reference import expand_heads
-from attncompiler.layout.block_layout import BlockLayout
+from attncompiler.layout.block_layout import BlockLayout, Blocks2D, pairs_from_ranges
 
 from attncompiler.errors import ScheduleError
 
@@ -78,6 +78,20 @@ class _Group:
     nnz: int
 
 
+def _stored_blocks(grp: Blocks2D) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(row_ptr, rows, cols, part)`` of every block P stores, in CSR (row, col) order, from the
+    full ranges and the partial list; ``part`` is the block's position in the partial list (the
+    byte-mask numbering of ``layout_tensors``), -1 for full blocks. O(stored blocks): P holds a
+    tile for each anyway."""
+    fr, fc = pairs_from_ranges(grp.range_rows, grp.range_start, grp.range_end - 1)
+    rows = np.concatenate([fr, grp.part_rows])
+    cols = np.concatenate([fc, grp.part_cols])
+    part = np.concatenate([np.full(len(fr), -1, dtype=np.int64), np.arange(grp.num_partial, dtype=np.int64)])
+    order = np.lexsort((cols, rows))
+    row_ptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=grp.geom.nqb))])
+    return row_ptr, rows[order], cols[order], part[order]
+
+
 @functools.lru_cache(maxsize=64)
 def _groups(layout: BlockLayout, batch: int, heads: int, device: str) -> tuple[_Group, ...]:
     members: dict[int, list[int]] = {}
@@ -89,16 +103,15 @@ def _groups(layout: BlockLayout, batch: int, heads: int, device: str) -> tuple[_
     out, base = [], 0
     i32 = functools.partial(torch.tensor, dtype=torch.int32, device=device)
     for gid, grp in enumerate(layout.groups):
-        partial = np.flatnonzero(~grp.full)
-        part = np.full(grp.num_blocks, -1, dtype=np.int64)
-        part[partial] = base + np.arange(len(partial))  # numbering of layout_tensors' byte masks
-        base += len(partial)
-        if gid not in members:
-            continue
-        order = np.lexsort((grp.rows, grp.cols))  # CSC order of the blocks
-        col_ptr = np.concatenate([[0], np.cumsum(np.bincount(grp.cols, minlength=grp.geom.nkb))])
-        out.append(_Group(i32(members[gid]), i32(grp.row_ptr), i32(grp.cols), i32(part), i32(col_ptr),
-                          i32(grp.rows[order]), i32(order), grp.num_blocks))
+        n_part = grp.num_partial
+        if gid in members:
+            row_ptr, rows, cols, pos = _stored_blocks(grp)
+            part = np.where(pos >= 0, base + pos, -1)
+            order = np.lexsort((rows, cols))  # CSC order of the blocks
+            col_ptr = np.concatenate([[0], np.cumsum(np.bincount(cols, minlength=grp.geom.nkb))])
+            out.append(_Group(i32(members[gid]), i32(row_ptr), i32(cols), i32(part), i32(col_ptr),
+                              i32(rows[order]), i32(order), len(rows)))
+        base += n_part
     return tuple(out)
 
 
