@@ -115,7 +115,7 @@ def test_non_finite_inputs(bad, which):
     qkv[which][0, 1, 3, 2] = bad
     name = "qkv"[which]
     with pytest.raises(ac.InputError, match=rf"{name} contains NaN or inf.*check_finite=False"):
-        ac.compile(ac.causal(), backend="torch")(*qkv)
+        ac.compile(ac.causal(), backend="torch", check_finite=True)(*qkv)
     with pytest.raises(ac.InputError, match=rf"{name} contains NaN or inf"):
         ac.reference(ac.causal(), *qkv)
     # Documented opt-out: no check and no error.

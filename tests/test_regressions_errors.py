@@ -233,8 +233,8 @@ def _expect_unknown(call, name="q_offset"):
 def test_forward_rejects_unknown_keywords(pattern):
     q, k, v = _qkv()
     attn = ac.compile(pattern, backend="torch")
-    _expect_unknown(lambda: attn(q, k, v, q_offset=5))
-    _expect_unknown(lambda: ac.reference(pattern, q, k, v, q_offset=5))
+    _expect_unknown(lambda: attn(q, k, v, kv_offset=5), "kv_offset")
+    _expect_unknown(lambda: ac.reference(pattern, q, k, v, kv_offset=5), "kv_offset")
     attn(q, k, v)  # the module still works
 
 

@@ -124,13 +124,13 @@ class Pattern:
         return p.evaluate(b, h, q, k, q_len, kv_len)
 
     def layout(self, q_len: int, kv_len: int | None = None, block_m: int = 64, block_n: int | None = None,
-               *, batch: int = 1, heads: int = 1):
+               *, batch: int = 1, heads: int = 1, q_start: int = 0):
         """The BCSR block layout of this pattern (cached). See :func:`attncompiler.layout.block_layout.build_layout`."""
         from ..layout.block_layout import build_layout  # late import: layouts build on patterns
 
         kv_len = q_len if kv_len is None else kv_len
         block_n = block_m if block_n is None else block_n
-        return build_layout(self, q_len, kv_len, block_m, block_n, batch=batch, heads=heads)
+        return build_layout(self, q_len, kv_len, block_m, block_n, batch=batch, heads=heads, q_start=q_start)
 
 
 def require_mask(p: Pattern, what: str) -> None:

@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from ..ir import expr as E
-from ..errors import PatternError
+from ..errors import InputError, PatternError
 from ..ir.expr import Expr
 from .pattern import INT_LIMIT, Pattern, check_int, short_list
 
@@ -218,10 +218,17 @@ class PrefixLM(Pattern):
 class Document(Pattern):
     """Query and key lie in the same segment of a packed sequence of these lengths.
 
-    Positions past ``sum(lengths)`` belong to no document and see nothing.
+    Positions past ``sum(lengths)`` belong to no document and see nothing. ``lengths=None``
+    (``ac.document()``): the documents are call-time data, ``cu_seqlens``, bound per call with
+    :func:`bind_documents`; such a pattern has no layout or mask until then.
     """
 
-    lengths: tuple[int, ...]
+    lengths: tuple[int, ...] | None
+
+    def validate(self, q_len: int, kv_len: int) -> None:
+        if self.lengths is None:
+            raise InputError("ac.document() without lengths takes its documents at call time: pass "
+                             "cu_seqlens=[0, end_0, end_1, ...] to the compiled module or to ac.reference")
 
     def offsets(self, n: int) -> np.ndarray:
         """Segment boundaries ``[0, end_0, end_1, ...]`` clipped to the first ``n`` positions.
@@ -233,13 +240,32 @@ class Document(Pattern):
         return np.minimum(np.concatenate([[0], ends]), n).astype(np.int64)
 
     def predicate(self, q_len, kv_len):
+        self.validate(q_len, kv_len)
         off = self.offsets(max(q_len, kv_len))
         ids = np.repeat(np.arange(len(self.lengths), dtype=np.int64), np.diff(off))  # [<= max(q_len, kv_len)]
         buf = E.Buffer("doc_id", ids)
         return E.Load(buf, E.Q, -1).eq(E.Load(buf, E.KV, -2))
 
     def __repr__(self) -> str:
-        return f"ac.document({short_list(self.lengths)})"
+        return "ac.document()" if self.lengths is None else f"ac.document({short_list(self.lengths)})"
+
+
+def has_runtime_documents(p: Pattern) -> bool:
+    """Whether ``p`` holds an ``ac.document()`` whose documents come at call time."""
+    if isinstance(p, Document):
+        return p.lengths is None
+    return any(has_runtime_documents(c) for c in p.children())
+
+
+def bind_documents(p: Pattern, lengths: tuple[int, ...]) -> Pattern:
+    """``p`` with every ``ac.document()`` (no lengths) given these document lengths (each >= 1)."""
+    if isinstance(p, Document):
+        return Document(tuple(lengths)) if p.lengths is None else p
+    kids = p.children()
+    if not kids:
+        return p
+    new = tuple(bind_documents(c, lengths) for c in kids)
+    return p if new == kids else p._rebuild(new)
 
 
 
@@ -346,13 +372,17 @@ def prefix_lm(prefix: int) -> Pattern:
     return PrefixLM(check_int("prefix", prefix, 0))
 
 
-def document(lengths: Iterable[int]) -> Pattern:
+def document(lengths: Iterable[int] | None = None) -> Pattern:
     """Document packing: query and key fall in the same segment of the packed sequence.
 
     Args:
         lengths: the length of each packed document, in order; positions past their sum
-            belong to no document and see no key.
+            belong to no document and see no key. ``None``: the documents change per batch and
+            are given at call time as ``cu_seqlens`` (``[0, end_0, end_1, ..., L]``, as in
+            FlashAttention), with no new pattern, program or kernel per batch.
     """
+    if lengths is None:
+        return Document(None)
     try:
         ls = tuple(check_int("document length", n, 1) for n in lengths)
     except TypeError:

@@ -154,9 +154,9 @@ def block_masks(blocks: Blocks2D, rows: np.ndarray, cols: np.ndarray, device="cp
     g = blocks.geom
     q = torch.from_numpy(g.q_lo(np.asarray(rows))).to(device)[:, None] + torch.arange(g.block_m, device=device)
     k = torch.from_numpy(g.k_lo(np.asarray(cols))).to(device)[:, None] + torch.arange(g.block_n, device=device)
-    valid = (q < g.q_len)[:, :, None] & (k < g.kv_len)[:, None, :]
-    m = blocks.pattern.evaluate(0, 0, q.clamp_max(g.q_len - 1)[:, :, None], k.clamp_max(g.kv_len - 1)[:, None, :],
-                                g.q_len, g.kv_len)
+    valid = (q < g.q_end)[:, :, None] & (k < g.kv_len)[:, None, :]
+    m = blocks.pattern.evaluate(0, 0, q.clamp_max(g.q_end - 1)[:, :, None], k.clamp_max(g.kv_len - 1)[:, None, :],
+                                g.q_end, g.kv_len)
     return m & valid
 
 
@@ -284,6 +284,9 @@ class BlockLayout:
         """Export as a FlexAttention ``BlockMask`` (needs torch >= 2.5)."""
         from torch.nn.attention.flex_attention import BlockMask
 
+        if self.geom.q_start:
+            raise LayoutError(f"a layout of query rows at offset q_start={self.geom.q_start} has no BlockMask "
+                              "export (FlexAttention places queries at 0); build it with q_start=0")
         t = self.bcsr(pad_to=self.geom.nkb)
         mask_mod = _flex_mask_mod(self)
         return BlockMask.from_kv_blocks(
@@ -417,14 +420,17 @@ def _check_blocks(block_m, block_n):
 
 @functools.lru_cache(maxsize=128)
 def build_layout(pattern: Pattern, q_len: int, kv_len: int, block_m: int = 64, block_n: int = 64,
-                 *, batch: int = 1, heads: int = 1) -> BlockLayout:
-    """Build (and cache) the exact block layout of a mask pattern.
+                 *, batch: int = 1, heads: int = 1, q_start: int = 0) -> BlockLayout:
+    """Build (and cache, bounded LRU) the exact block layout of a mask pattern.
 
     Args:
         pattern: a mask pattern.
         q_len, kv_len: sequence lengths; need not be multiples of the block sizes.
         block_m, block_n: query and key block sizes.
         batch, heads: sizes used only when the pattern depends on the batch entry or head.
+        q_start: absolute position of query row 0 (decoding, chunked prefill): the layout holds
+            rows ``q_start .. q_start + q_len - 1`` of the pattern at query length
+            ``q_start + q_len``, built in time proportional to those rows' blocks.
     """
     require_mask(pattern, "a block layout")
     check_lengths(q_len, kv_len)
@@ -432,9 +438,11 @@ def build_layout(pattern: Pattern, q_len: int, kv_len: int, block_m: int = 64, b
     for name, v in (("batch", batch), ("heads", heads)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
             raise LayoutError(f"{name}={v!r} must be a positive integer")
-    pattern.validate(q_len, kv_len)
-    check_batch_head_dependence(pattern, batch, heads, q_len, kv_len)  # opaque mask_mods that did not say
-    g = Geometry(int(q_len), int(kv_len), int(block_m), int(block_n))
+    if isinstance(q_start, bool) or not isinstance(q_start, (int, np.integer)) or q_start < 0:
+        raise LayoutError(f"q_start={q_start!r} must be a non-negative integer")
+    pattern.validate(q_start + q_len, kv_len)
+    check_batch_head_dependence(pattern, batch, heads, q_start + q_len, kv_len)  # opaque mask_mods that did not say
+    g = Geometry(int(q_len), int(kv_len), int(block_m), int(block_n), int(q_start))
     _check_layout_size(g)
     try:
         return _build_layout(pattern, g, batch, heads)

@@ -40,12 +40,24 @@ Segments = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 @dataclass(frozen=True)
 class Geometry:
-    """Lengths and block sizes of one layout."""
+    """Lengths and block sizes of one layout.
+
+    ``q_len`` query rows sit at positions ``q_start .. q_start + q_len - 1`` (a decode step or a
+    chunk of prefill: ``q_start > 0``); the pattern is evaluated at those positions, as if its
+    query length were ``q_end``. Only the layout's own rows are classified, so a one-row query
+    against a long cache costs its visible blocks, not the whole square.
+    """
 
     q_len: int
     kv_len: int
     block_m: int
     block_n: int
+    q_start: int = 0
+
+    @property
+    def q_end(self) -> int:
+        """One past the last query position (the pattern's query length)."""
+        return self.q_start + self.q_len
 
     @property
     def nqb(self) -> int:
@@ -56,10 +68,11 @@ class Geometry:
         return -(-self.kv_len // self.block_n)
 
     def q_lo(self, rows):
-        return rows * self.block_m
+        """First query position of each query block (absolute: ``q_start`` included)."""
+        return rows * self.block_m + self.q_start
 
     def q_hi(self, rows):
-        return np.minimum((rows + 1) * self.block_m, self.q_len) - 1
+        return np.minimum((rows + 1) * self.block_m, self.q_len) - 1 + self.q_start
 
     def k_lo(self, cols):
         return cols * self.block_n
@@ -302,7 +315,7 @@ def _strided(g: Geometry, stride: int) -> BlockSet:
     ``[q_lo - kv_len + 1, q_hi]`` (an arithmetic progression; O(nqb * kv_len / stride) blocks)."""
     if stride == 1:
         return BlockSet.rows_of(g, FULL)
-    if g.block_m == g.block_n and stride % g.block_n == 0 and stride >= 2 * g.block_n:
+    if g.block_m == g.block_n and stride % g.block_n == 0 and stride >= 2 * g.block_n and g.q_start % stride == 0:
         return _strided_aligned(g, stride // g.block_n)
     if stride <= max(g.block_m, g.block_n):  # nearly every block is hit: classify all of them
         r, c = pairs_from_ranges(_rows(g), np.zeros(g.nqb, np.int64), np.full(g.nqb, g.nkb - 1, np.int64))
@@ -354,7 +367,8 @@ def _key_prefix(g: Geometry, n: int) -> BlockSet:
 
 def _global(g: Geometry, indices: tuple[int, ...]) -> BlockSet:
     idx = np.asarray(indices, dtype=np.int64)
-    q_count = np.bincount(idx[idx < g.q_len] // g.block_m, minlength=g.nqb)[: g.nqb]
+    loc = idx - g.q_start  # query rows of the layout
+    q_count = np.bincount(loc[(loc >= 0) & (loc < g.q_len)] // g.block_m, minlength=g.nqb)[: g.nqb]
     k_count = np.bincount(idx[idx < g.kv_len] // g.block_n, minlength=g.nkb)[: g.nkb]
     rows_all, cols_all = np.arange(g.nqb), np.arange(g.nkb)
     q_full = q_count == (g.q_hi(rows_all) - g.q_lo(rows_all) + 1)
@@ -367,17 +381,19 @@ def _global(g: Geometry, indices: tuple[int, ...]) -> BlockSet:
 
 
 def _random(g: Geometry, pat: RandomBlocks) -> BlockSet:
-    tab = pat.table(g.q_len, g.kv_len)  # [pattern rows, r] key-block ids
+    tab = pat.table(g.q_end, g.kv_len)  # [pattern rows, r] key-block ids
     blk = pat.block
     if tab.shape[1] == 0:
         return BlockSet.make(g, [], [], [])
     prow = np.repeat(np.arange(tab.shape[0], dtype=np.int64), tab.shape[1])
     pcol = tab.reshape(-1)
-    if g.block_m % blk == 0 and g.block_n % blk == 0:
+    if g.block_m % blk == 0 and g.block_n % blk == 0 and g.q_start == 0:
         return _random_coarse(g, blk, prow, pcol)
+    keep = ((prow + 1) * blk > g.q_start) & (prow * blk < g.q_end)  # pattern rows among the layout's
+    prow, pcol = prow[keep], pcol[keep]
     # Layout blocks overlapping each allowed pattern cell.
-    r_lo, r_hi = prow * blk // g.block_m, np.minimum((prow + 1) * blk, g.q_len) - 1
-    r_hi = r_hi // g.block_m
+    r_lo = (np.maximum(prow * blk, g.q_start) - g.q_start) // g.block_m
+    r_hi = (np.minimum((prow + 1) * blk, g.q_end) - 1 - g.q_start) // g.block_m
     c_lo, c_hi = pcol * blk // g.block_n, (np.minimum((pcol + 1) * blk, g.kv_len) - 1) // g.block_n
     nr, nc = r_hi - r_lo + 1, c_hi - c_lo + 1
     cell = np.repeat(np.arange(len(prow)), nr * nc)
@@ -406,7 +422,7 @@ def _random_coarse(g: Geometry, blk: int, prow, pcol) -> BlockSet:
 def _document(g: Geometry, pat: Document) -> BlockSet:
     """Per row: the key blocks of the documents its queries lie in; full where the row lies in
     one document and the key block inside that same document."""
-    off = pat.offsets(max(g.q_len, g.kv_len))  # clipped: O(documents), whatever sum(lengths) is
+    off = pat.offsets(max(g.q_end, g.kv_len))  # clipped: O(documents), whatever sum(lengths) is
     total = int(off[-1])
     rows, cols = _rows(g), _cols(g)
     qa, qb = g.q_lo(rows), np.minimum(g.q_hi(rows), total - 1)
@@ -464,7 +480,7 @@ def traced_subtiles(g: Geometry, e, rows: np.ndarray, kind: np.ndarray) -> np.nd
         r, c = rows[rr[s:s + step]], cc[s:s + step].astype(np.int64)
         q0 = g.q_lo(r)[:, None, None] + sub[None, :, None] * tm  # [P, S, 1]
         k0 = g.k_lo(c)[:, None, None] + sub[None, None, :] * tn  # [P, 1, S]
-        q1 = np.minimum(np.minimum(q0 + tm, g.q_hi(r)[:, None, None] + 1), g.q_len) - 1
+        q1 = np.minimum(np.minimum(q0 + tm, g.q_hi(r)[:, None, None] + 1), g.q_end) - 1
         k1 = np.minimum(np.minimum(k0 + tn, g.k_hi(c)[:, None, None] + 1), g.kv_len) - 1
         valid = (q0 <= q1) & (k0 <= k1)  # tiles past the block's (or the sequence's) end
         env = {"q_idx": (q0, np.maximum(q1, q0)), "kv_idx": (k0, np.maximum(k1, k0)),
@@ -531,9 +547,9 @@ def _refine(p: Pattern, g: Geometry, bs: BlockSet, b: int, h: int) -> BlockSet:
         sel = slice(start, start + per)
         q = torch.from_numpy(g.q_lo(rows[sel]))[:, None] + ar_m  # [P, BM]
         k = torch.from_numpy(g.k_lo(cols[sel]))[:, None] + ar_n  # [P, BN]
-        q_ok, k_ok = q < g.q_len, k < g.kv_len
-        q, k = q.clamp_max(g.q_len - 1), k.clamp_max(g.kv_len - 1)
-        m = p.evaluate(b, h, q[:, :, None], k[:, None, :], g.q_len, g.kv_len)  # [P, BM, BN]
+        q_ok, k_ok = q < g.q_end, k < g.kv_len
+        q, k = q.clamp_max(g.q_end - 1), k.clamp_max(g.kv_len - 1)
+        m = p.evaluate(b, h, q[:, :, None], k[:, None, :], g.q_end, g.kv_len)  # [P, BM, BN]
         valid = q_ok[:, :, None] & k_ok[:, None, :]
         hits = (m & valid).sum(dim=(1, 2)).numpy()
         total = valid.sum(dim=(1, 2)).numpy()

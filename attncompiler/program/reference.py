@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 from ..errors import PatternError, UnsupportedError
-from .inputs import check_keywords, check_qkv, default_scale
+from .inputs import Dims, check_keywords, check_qkv, default_scale
+from .positions import batch_groups, is_default
 from ..dsl.pattern import Family, Pattern
 from ..dsl.mask_mod import check_batch_head_dependence
 
@@ -55,8 +56,10 @@ def reference(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
     Rows with no visible key give zeros (and log-sum-exp ``-inf``). The result is float64 and
     differentiable with respect to q, k and v. When ``Lq != Lk`` positions are top-left (query
-    row i is position i). Keywords other than ``scale``, ``return_lse`` and the family's own
-    (e.g. ABC's ``param``, ``control``) raise :class:`~attncompiler.errors.UnexpectedArgumentError`.
+    row i is position i); mask patterns take the call-time positions ``q_offset``, ``align``,
+    ``cu_seqlens`` and ``kv_lens`` as the compiled module does. Keywords other than ``scale``,
+    ``return_lse`` and the family's own (e.g. ABC's ``param``, ``control``; the positions for
+    masks) raise :class:`~attncompiler.errors.UnexpectedArgumentError`.
 
     Returns:
         ``out [B, H, Lq, Dv]`` (float64), or ``(out, lse [B, H, Lq])`` with ``return_lse``.
@@ -101,7 +104,23 @@ def masked_attention(q, k, v, mask, scale):
     return torch.matmul(p, v), lse
 
 
-def mask_reference(pattern, q, k, v, scale):
+def mask_reference(pattern, q, k, v, scale, *, q_offset=0, align: str | None = None, cu_seqlens=None,
+                   kv_lens=None):
+    """Masked softmax attention; the call-time positions (see :mod:`.positions`) pick, per batch
+    entry, rows ``q_offset .. q_offset + Lq - 1`` of the dense mask at query length
+    ``q_offset + Lq`` and key length ``kv_lens[b]`` (later keys masked)."""
     B, H, Lq, _ = q.shape
-    mask = dense_masks(pattern, B, H, Lq, k.shape[2], q.device)
+    Lk = k.shape[2]
+    dims = Dims(B, H, k.shape[1], Lq, Lk, q.shape[3], v.shape[3])
+    groups = batch_groups(pattern, dims, q_offset=q_offset, align=align, cu_seqlens=cu_seqlens, kv_lens=kv_lens)
+    if is_default(groups, dims):
+        return masked_attention(q, k, v, dense_masks(pattern, B, H, Lq, Lk, q.device), scale)
+    Hm = 1 if pattern.head_period == 1 else H
+    mask = torch.zeros(B, Hm, Lq, Lk, dtype=torch.bool, device=q.device)
+    for grp in groups:
+        p, off, n = grp.positions.bind(pattern), grp.positions.q_offset, grp.kv_len
+        for b in (range(B) if grp.index is None else grp.index):
+            for h in range(Hm):
+                if n:
+                    mask[b, h, :, :n] = p.to_dense(off + Lq, n, b=b, h=h, device=q.device)[off:]
     return masked_attention(q, k, v, mask, scale)

@@ -17,19 +17,21 @@ MODULES: dict[str, type[CompiledAttention]] = {DIFFUSION: DiffusionAttention, ME
 
 
 def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | None = None,
-            check_finite: bool = True) -> CompiledAttention:
+            check_finite: bool = False) -> CompiledAttention:
     """Compile an attention pattern into a ``torch.nn.Module``.
 
     The module's ``forward(q, k, v)`` takes ``q [B, H, Lq, D]`` and ``k, v [B, Hkv, Lk, *]``;
-    when ``Lq != Lk`` positions are top-left (query row i is position i, key j is position j,
-    as in FlexAttention). Unknown keywords raise
+    positions are top-left by default (query row i is position i, key j is position j, as in
+    FlexAttention); mask patterns take ``q_offset=``, ``align="bottom_right"``, ``kv_lens=`` and
+    ``cu_seqlens=`` per call (see :class:`~attncompiler.runtime.module.CompiledAttention`). Unknown keywords raise
     :class:`~attncompiler.errors.UnexpectedArgumentError`.
 
     Args:
         pattern: any pattern built with the DSL or the catalogue.
         backend: ``"auto"`` (Triton on CUDA tensors, torch otherwise), ``"torch"`` or ``"triton"``.
         schedule: block sizes and tuning knobs; the default suits CPU and GPU.
-        check_finite: reject NaN/inf inputs with an :class:`InputError` (one extra pass over q/k/v).
+        check_finite: reject NaN/inf inputs with an :class:`InputError`. Off by default: it costs
+            an extra pass over q/k/v and a host sync per call (``attnc verify`` turns it on).
     """
     if not isinstance(pattern, Pattern):
         raise PatternError(f"compile() needs an attention pattern, got {type(pattern).__name__} {pattern!r}")

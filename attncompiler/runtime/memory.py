@@ -32,7 +32,7 @@ class MemoryAttention(LazyModuleMixin, CompiledAttention):
     """
 
     def __init__(self, pattern: Memory, backend: str = "auto", schedule: Schedule | None = None,
-                 check_finite: bool = True):
+                 check_finite: bool = False):
         super().__init__(pattern, backend, schedule, check_finite)
         if pattern.control.param_shape(pattern.slots, 1) is None:
             self.register_parameter("control_param", None)

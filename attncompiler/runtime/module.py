@@ -13,8 +13,9 @@ from typing import Callable
 import torch
 
 from ..errors import UnsupportedError
-from ..program.inputs import check_keywords, check_qkv, default_scale
-from ..dsl.pattern import Pattern
+from ..program.inputs import Dims, check_keywords, check_qkv, default_scale
+from ..program.positions import POSITION_KEYWORDS, BatchGroup, batch_groups, is_default
+from ..dsl.pattern import Family, Pattern
 from ..families.diffusion.program import recompute_hops
 from ..program.stages import Program, lower, run_passes
 from ..program.schedule import Schedule
@@ -50,12 +51,14 @@ class CompiledAttention(torch.nn.Module):
     ``q`` is ``[B, H, Lq, D]``; ``k``, ``v`` are ``[B, Hkv, Lk, D]`` with ``H % Hkv == 0``.
     The output has q's dtype and shape ``[B, H, Lq, Dv]``. ``return_lse=True`` also returns
     the log-sum-exp ``[B, H, Lq]`` (float32 for float16/bfloat16/float32 inputs, float64 for
-    float64 inputs; ``-inf`` for rows with no visible key). When ``Lq != Lk`` positions are
-    top-left: query row i is position i (as in FlexAttention).
+    float64 inputs; ``-inf`` for rows with no visible key). By default positions are top-left:
+    query row i is position i (as in FlexAttention); mask patterns take the call-time positions
+    ``q_offset``, ``align``, ``cu_seqlens`` and ``kv_lens`` (:mod:`attncompiler.program.positions`).
+    ``check_finite=True`` rejects NaN/inf inputs (off by default: an extra pass and a host sync).
     """
 
     def __init__(self, pattern: Pattern, backend: str = "auto", schedule: Schedule | None = None,
-                 check_finite: bool = True):
+                 check_finite: bool = False):
         super().__init__()
         from ..codegen.registry import BACKENDS
 
@@ -69,30 +72,85 @@ class CompiledAttention(torch.nn.Module):
     def forward(self, q, k, v, scale: float | None = None, *, return_lse: bool = False, **stage_inputs):
         """``out [B, H, Lq, Dv]`` (q's dtype), or ``(out, lse [B, H, Lq])`` with ``return_lse``.
 
-        Positions are top-left when ``Lq != Lk``: query row i sits at position i, key j at j (as
-        in FlexAttention). ``lse`` is float32 for float16/bfloat16/float32 inputs and float64 for
-        float64 inputs, ``-inf`` for rows with no visible key. ``stage_inputs`` are the program's
-        call inputs (:meth:`Program.call_inputs`); any other keyword raises
+        Positions are top-left by default: query row i sits at position i, key j at j (as in
+        FlexAttention). Mask patterns also take ``q_offset`` (int or int tensor ``[B]``: row i at
+        ``q_offset + i``), ``align="bottom_right"`` (``q_offset = Lk - Lq``, decoding),
+        ``kv_lens`` (int tensor ``[B]``: valid keys per batch entry) and ``cu_seqlens`` (the
+        documents of an ``ac.document()`` without lengths); one module serves every offset.
+        ``lse`` is float32 for float16/bfloat16/float32 inputs and float64 for float64 inputs,
+        ``-inf`` for rows with no visible key. ``stage_inputs`` are the program's call inputs
+        (:meth:`Program.call_inputs`); any other keyword raises
         :class:`~attncompiler.errors.UnexpectedArgumentError`.
         """
-        from ..codegen.context import RunContext
-        from ..codegen.registry import stage_impl
-
+        positions = {n: stage_inputs.pop(n) for n in POSITION_KEYWORDS if n in stage_inputs} \
+            if self.takes_positions else {}
         self.check_call_keywords("forward", stage_inputs)
         dims = check_qkv(q, k, v, check_finite=self.check_finite)
         backend = resolve_backend(self.backend, q.device)
-        ctx = RunContext(scale=default_scale(dims.head_dim, scale), batch=dims.batch, heads=dims.heads,
-                         extra={"need_lse": return_lse})
+        groups = batch_groups(self.pattern, dims, **positions) if self.takes_positions else None
+        if groups is None or is_default(groups, dims):
+            out, lse = self.run_program(q, k, v, dims, scale, return_lse, stage_inputs, backend, None)
+        else:
+            if backend != "torch":
+                raise UnsupportedError(
+                    f"call-time positions ({', '.join(positions)}) run on the torch backend only for now; "
+                    f"the {backend!r} backend would ignore them: compile with backend='torch'")
+            out, lse = self.run_groups(q, k, v, dims, scale, return_lse, stage_inputs, groups)
+        out = out.to(q.dtype)
+        return (out, lse_dtype(lse, q.dtype)) if return_lse else out
+
+    @property
+    def takes_positions(self) -> bool:
+        """Whether forward takes ``q_offset``/``align``/``cu_seqlens``/``kv_lens`` (mask patterns)."""
+        return self.pattern.family == Family.MASK
+
+    def run_program(self, q, k, v, dims: Dims, scale, return_lse: bool, stage_inputs: dict, backend: str,
+                    group: BatchGroup | None):
+        """Run the program's stages once: ``(out, lse or None)``."""
+        from ..codegen.context import RunContext
+        from ..codegen.registry import stage_impl
+
+        extra = {"need_lse": return_lse}
+        if group is not None:
+            extra["positions"] = group.positions
+        ctx = RunContext(scale=default_scale(dims.head_dim, scale), batch=q.shape[0], heads=dims.heads,
+                         extra=extra)
         env = {"q": q, "k": k, "v": v, **stage_inputs}
         for stage in self.program.stages:
             env.update(stage_impl(backend, type(stage))(stage, env, ctx))
-        out = env["out"].to(q.dtype)
-        return (out, lse_dtype(env.get("lse"), q.dtype)) if return_lse else out
+        return env["out"], env.get("lse")
+
+    def run_groups(self, q, k, v, dims: Dims, scale, return_lse: bool, stage_inputs: dict,
+                   groups: list[BatchGroup]):
+        """Run each batch group with its own positions (keys sliced to its valid length) and put
+        the results back in batch order (differentiable: a concatenation and a gather)."""
+        outs, lses, order = [], [], []
+        for grp in groups:
+            idx = list(range(dims.batch)) if grp.index is None else list(grp.index)
+            sel = None if grp.index is None else torch.tensor(idx, device=q.device)
+            qg, kg, vg = (t if sel is None else t.index_select(0, sel) for t in (q, k, v))
+            if grp.kv_len == 0:  # no valid key: zeros and lse -inf
+                o = qg.new_zeros(qg.shape[:3] + (v.shape[-1],))
+                lse = torch.full(qg.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+            else:
+                o, lse = self.run_program(qg, kg[:, :, :grp.kv_len], vg[:, :, :grp.kv_len], dims, scale, True,
+                                          stage_inputs, "torch", grp)
+            outs.append(o.to(q.dtype))
+            lses.append(lse.float() if q.dtype != torch.float64 else lse.double())
+            order += idx
+        if len(groups) == 1 and groups[0].index is None:
+            return outs[0], lses[0]
+        inverse = torch.empty(dims.batch, dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(dims.batch)
+        inverse = inverse.to(q.device)
+        return torch.cat(outs).index_select(0, inverse), torch.cat(lses).index_select(0, inverse)
 
     def check_call_keywords(self, method: str, given, program: Program | None = None) -> None:
         """Reject keywords that ``program`` (default: this module's) does not read."""
         program = self.program if program is None else program
-        check_keywords(f"{type(self).__name__}.{method}", given, ("scale", "return_lse", *program.call_inputs()))
+        extra = POSITION_KEYWORDS if self.takes_positions and program is self.program else ()
+        check_keywords(f"{type(self).__name__}.{method}", given,
+                       ("scale", "return_lse", *program.call_inputs(), *extra))
 
     def reference(self, q, k, v, scale: float | None = None, **kwargs):
         """The float64 oracle for this module's computation (families with learned parameters

@@ -211,17 +211,19 @@ def step_bias(blocks: Blocks2D, chunk: Chunk, step: Step, dtype, device) -> Step
     if cached is not None and cached.biases[0].dtype == dtype and cached.biases[0].device == device:
         return cached
     g = blocks.geom
-    m = _step_mask(blocks, chunk, step, device)  # [R, bm, C*bn]
+    # Built on the host and copied once: deciding runs and empty rows reads values, which on a
+    # device tensor would be a host sync in the forward of every new layout.
+    m = _step_mask(blocks, chunk, step, "cpu")  # [R, bm, C*bn]
     R, C = len(chunk.rows), step.c1 - step.c0
     need = ~m.view(R, g.block_m, C, g.block_n).all(dim=3).all(dim=1).all(dim=0)  # [C] columns to mask
-    runs = _runs(need.cpu().numpy())
+    runs = _runs(need.numpy())
     if sum(j1 - j0 for j0, j1 in runs) * 2 > C:  # mostly masked: one run is cheaper than many
         runs = [(0, C)]
     bn = g.block_n
-    biases = tuple(torch.zeros(R, g.block_m, (j1 - j0) * bn, dtype=dtype, device=device)
-                   .masked_fill_(~m[:, :, j0 * bn:j1 * bn], NEG_INF) for j0, j1 in runs)
+    biases = tuple(torch.zeros(R, g.block_m, (j1 - j0) * bn, dtype=dtype)
+                   .masked_fill_(~m[:, :, j0 * bn:j1 * bn], NEG_INF).to(device) for j0, j1 in runs)
     empty = ~m.any(dim=-1)
-    sm = StepMask(tuple(runs), biases, empty if bool(empty.any()) else None)
+    sm = StepMask(tuple(runs), biases, empty.to(device) if bool(empty.any()) else None)
     if _mask_cache_used[0] + sm.nbytes() <= _MASK_CACHE_BYTES:
         _mask_cache[id(step)] = sm
         _mask_cache_used[0] += sm.nbytes()
@@ -255,10 +257,10 @@ def _step_mask(blocks: Blocks2D, chunk: Chunk, step: Step, device) -> torch.Tens
     m = step.full.to(device)[:, None, :, None].expand(R, g.block_m, C, g.block_n).contiguous()
     if len(step.partial_r):
         pr, pc = step.partial_r.numpy(), step.partial_c.numpy()
-        q = torch.from_numpy(chunk.rows[pr] * g.block_m)[:, None] + torch.arange(g.block_m)  # [P, bm]
+        q = torch.from_numpy(g.q_lo(chunk.rows[pr]))[:, None] + torch.arange(g.block_m)  # [P, bm] positions
         k = torch.from_numpy(chunk.cols[pr, step.c0 + pc] * g.block_n)[:, None] + torch.arange(g.block_n)
-        em = blocks.pattern.evaluate(0, 0, q.clamp_max(g.q_len - 1)[:, :, None],
-                                     k.clamp_max(g.kv_len - 1)[:, None, :], g.q_len, g.kv_len)  # [P, bm, bn]
+        em = blocks.pattern.evaluate(0, 0, q.clamp_max(g.q_end - 1)[:, :, None],
+                                     k.clamp_max(g.kv_len - 1)[:, None, :], g.q_end, g.kv_len)  # [P, bm, bn]
         m.permute(0, 2, 1, 3)[step.partial_r.to(device), step.partial_c.to(device)] = em.to(device)
     m = m.view(R, g.block_m, C * g.block_n)
     if g.kv_len % g.block_n:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from attncompiler.program.positions import group_layout
 from attncompiler.program.stages import BlockSparseAttention
 
 from . import combiner, diffusion, memory
@@ -13,7 +14,8 @@ def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) ->
     """Run one ``BlockSparseAttention`` stage with the chunked PyTorch implementation."""
     q, k, v = (env[n] for n in stage.inputs)
     s = stage.schedule
-    layout = stage.pattern.layout(q.shape[2], k.shape[2], s.block_m, s.block_n, batch=ctx.batch, heads=ctx.heads)
+    layout = group_layout(stage.pattern, q.shape[2], k.shape[2], s.block_m, s.block_n, batch=ctx.batch,
+                          heads=ctx.heads, positions=ctx.extra.get("positions"))
     out, lse = block_sparse_attention(q, k, v, layout, s, ctx.scale, ctx.extra.get("need_lse", True))
     return dict(zip(stage.outputs, (out, lse)))
 
