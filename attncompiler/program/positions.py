@@ -184,5 +184,7 @@ def group_layout(pattern: Pattern, q_len: int, kv_len: int, block_m: int, block_
     """The (cached) layout of one batch group: rows at ``positions.q_offset`` onwards, documents bound."""
     if positions is None or positions == Positions():  # the pattern's own layout (families may override it)
         return pattern.layout(q_len, kv_len, block_m, block_n, batch=batch, heads=heads)
-    return build_layout(positions.bind(pattern), q_len, kv_len, block_m, block_n, batch=batch, heads=heads,
-                        q_start=positions.q_offset)
+    # A decode step (a few rows) uses query blocks of its own height: padding one row to a whole
+    # block would multiply the work by the block height.
+    return build_layout(positions.bind(pattern), q_len, kv_len, min(block_m, q_len), block_n, batch=batch,
+                        heads=heads, q_start=positions.q_offset)
