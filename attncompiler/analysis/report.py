@@ -105,7 +105,7 @@ class AnalysisReport:
         rows = [("pattern", self.pattern), ("seq_len", f"{self.seq_len:,}"),
                 ("graph", self.graph + ("" if self.exact else " (bounds, not exact)")),
                 ("causal", str(self.causal)), ("density", f"{self.density:.6g}"),
-                ("hops_to_full", _hops(self)), ("diameter", "disconnected" if self.diameter is None else str(self.diameter)),
+                ("hops_to_full", _hops(self)), ("diameter", "disconnected" if self.diameter is None else _bound(self, self.diameter)),
                 ("reach after 1.. layers", " ".join(f"{x:.3f}" for x in self.reach_fraction))]
         if self.causality_ok is not None:
             rows.append(("causality", "ok" if self.causality_ok else
@@ -138,10 +138,16 @@ class AnalysisReport:
 
 def _hops(r: AnalysisReport) -> str:
     if r.hops_to_full is not None:
-        return str(r.hops_to_full)
+        return _bound(r, r.hops_to_full)
     if r.never_witness:
         return f"never (key {r.never_witness[0]} never reaches query {r.never_witness[1]})"
     return "never"
+
+
+def _bound(r: AnalysisReport, value) -> str:
+    """A hop count or diameter: ``>= v`` from a block quotient with partial blocks (its paths
+    over-approximate the token graph's, so distances are lower bounds; "never" stays exact)."""
+    return str(value) if r.exact else f">={value}"
 
 
 def _num(x) -> str:
@@ -307,13 +313,19 @@ def compare_table(reports: list[AnalysisReport], names: list[str] | None = None)
 
     ``names`` label the rows (default: each pattern's repr, shortened).
     """
-    head = ("pattern", "density", "hops_to_full", "diameter", "spectral_gap", "ramanujan", "cost class")
+    head = ("pattern", "density", "hops_to_full", "diameter", "spectral_gap", "ramanujan", "cost class", "level")
     rows = [head]
     names = names or [r.pattern if len(r.pattern) <= 48 else r.pattern[:45] + "..." for r in reports]
     for name, r in zip(names, reports):
         rows.append((name, f"{r.density:.4g}",
-                     "never" if r.hops_to_full is None else str(r.hops_to_full),
-                     "-" if r.diameter is None else str(r.diameter), f"{r.spectral_gap:.4g}",
-                     _num(r.ramanujan_ratio), r.cost.asymptotic))
+                     "never" if r.hops_to_full is None else _bound(r, r.hops_to_full),
+                     "-" if r.diameter is None else _bound(r, r.diameter),
+                     f"{r.spectral_gap:.4g}" + ("" if r.exact else "~"),
+                     _num(r.ramanujan_ratio) + ("" if r.exact else "~"), r.cost.asymptotic,
+                     "token" if r.level == "token" else f"block {r.block}" + ("" if r.exact else " (bounds)")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    if not all(r.exact for r in reports):
+        lines.append(">=: a lower bound and ~: an estimate (block quotient with partial blocks); "
+                     "--level token gives exact values, slower")
+    return "\n".join(lines)

@@ -1,10 +1,12 @@
 """``attnc list | show | verify | bench | bench-layout``: the catalogue from the command line.
 
-Patterns are named as in :data:`attncompiler.patterns.CATALOGUE`; each constructor's parameters
-become options after the name (``attnc show bigbird --seq-len 4096 --window-blocks 5``): ints
-and floats as numbers, bools as ``--flag/--no-flag``, sequences as comma lists
-(``--lengths 256,512``). ``attnc COMMAND PATTERN --help`` lists them. The commands are
-family-generic: anything ``ac.compile`` runs can be verified and benchmarked.
+A pattern is a catalogue name (:data:`attncompiler.patterns.CATALOGUE`) whose constructor's
+parameters become options (``attnc show bigbird --seq-len 4096 --window-blocks 5``: ints and
+floats as numbers, bools as ``--flag/--no-flag``, sequences as comma lists ``--lengths 256,512``;
+``attnc COMMAND PATTERN --help`` lists them), or a DSL expression in quotes
+(``attnc verify "sliding_window(64) | global_tokens([0, 1]) & causal()"``), read safely by
+:func:`attncompiler.cli.common.parse_command`. The commands are family-generic: anything
+``ac.compile`` runs can be verified and benchmarked.
 """
 
 from __future__ import annotations
