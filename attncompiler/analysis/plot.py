@@ -67,15 +67,15 @@ def save_png(report: AnalysisReport, pattern: Pattern, path: str) -> None:
     else:
         axes[0].axis("off")
         axes[0].text(0.5, 0.5, f"{report.family} family:\nno single mask to draw", ha="center", va="center")
-    bound = "" if report.exact else " (upper bounds: block quotient)"
     xs = np.arange(1, len(report.reach_fraction) + 1)
     axes[1].plot(xs, report.reach_fraction, marker="o")
     axes[1].set_xticks(xs)
     axes[1].set_ylim(0, 1.05)
     axes[1].set_xlabel("layers")
-    axes[1].set_ylabel("fraction of legal pairs reached" + bound)
+    axes[1].set_ylabel("fraction of legal pairs reached")
     hops = report.hops_to_full if report.hops_to_full is not None else "never"
-    axes[1].set_title(f"receptive field per layer (hops_to_full = {hops}{'' if report.exact else ', a lower bound'})")
+    axes[1].set_title(f"receptive field per layer (hops_to_full = {hops})" + (
+        "" if report.exact else "\nblock quotient: reach upper bounds, hops a lower bound"), fontsize=10)
     spec = _spectrum(pattern, report)
     if spec is not None:
         axes[2].plot(spec, marker=".", linestyle="none")
