@@ -256,7 +256,7 @@ def cmd_verify(argv: list[str]) -> int:
     pattern = spec.pattern
     dtype = DTYPES[opts.dtype]
     atol = opts.atol or {torch.float32: 1e-4, torch.float64: 1e-10}.get(dtype, 2e-2)
-    attn = ac_compile(pattern, opts.backend)
+    attn = ac_compile(pattern, opts.backend, check_finite=True)  # verify rejects NaN/inf inputs
     print(f"{spec.text}: {pattern!r}")
     if opts.seq_len is None:
         lengths, why = verify_lengths(pattern, opts.heads)
