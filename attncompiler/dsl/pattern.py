@@ -100,7 +100,7 @@ class Pattern:
             raise AssertionError(f"{type(self).__name__} must override evaluate()")
         env = {"b": torch.as_tensor(b), "h": torch.as_tensor(h), "q_idx": q_idx, "kv_idx": kv_idx}
         out = e.evaluate(env)
-        shape = torch.broadcast_shapes(q_idx.shape, kv_idx.shape)
+        shape = broadcast_shape(q_idx.shape, kv_idx.shape)
         if out.shape != shape:  # e.g. a constant predicate (also keeps torch.compile's 0-d case simple)
             out = out.expand(shape)
         return out if out.dtype == torch.bool else out.bool()
@@ -131,6 +131,17 @@ class Pattern:
         kv_len = q_len if kv_len is None else kv_len
         block_n = block_m if block_n is None else block_n
         return build_layout(self, q_len, kv_len, block_m, block_n, batch=batch, heads=heads, q_start=q_start)
+
+
+def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    """The broadcast of two shapes by plain arithmetic (``torch.broadcast_shapes`` imports sympy,
+    over a second, on its first call)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    out = tuple(y if x == 1 else x for x, y in zip(a, b))
+    if any(x != 1 and y != 1 and x != y for x, y in zip(a, b)):
+        raise PatternError(f"index shapes {tuple(a)} and {tuple(b)} do not broadcast")
+    return out
 
 
 def require_mask(p: Pattern, what: str) -> None:

@@ -533,27 +533,64 @@ def _classify(p: Pattern, g: Geometry) -> BlockSet:
     raise PatternError(f"cannot build a block layout for {p!r} ({p.family} pattern)")
 
 
+def cell_size(p: Pattern) -> int:
+    """A period ``c`` such that ``p`` is constant on every aligned cell ``[a*c, (a+1)*c) x [b*c, (b+1)*c)``
+    of absolute positions (0: constant everywhere; 1: no structure known).
+
+    BigBird's parts (block windows, random blocks, global tokens on whole blocks) are constant on
+    their block's cells, so an undecided layout block is decided from one element per cell it
+    meets, not from all of its elements. Exact types only: a subclass may change the predicate.
+    """
+    t = type(p)
+    if t is Full:
+        return 0
+    if t in (BlockWindow, BlockLocal, RandomBlocks):
+        return p.block
+    if t is GlobalTokens:
+        idx = np.unique(np.asarray(p.indices, dtype=np.int64))
+        if len(idx) == 0:
+            return 0
+        breaks = np.flatnonzero(idx[1:] != idx[:-1] + 1)  # last index of every run but the last
+        starts, ends = np.append(idx[:1], idx[breaks + 1]), np.append(idx[breaks], idx[-1]) + 1
+        return int(np.gcd.reduce(np.concatenate([starts, ends])))
+    if t is Document and p.lengths is not None:
+        return int(np.gcd.reduce(np.cumsum(np.asarray(p.lengths, dtype=np.int64))))
+    if t in (Union, Intersection, Complement):
+        return int(functools.reduce(np.gcd, (cell_size(c) for c in p.children()), 0))
+    return 1
+
+
+def _representatives(lo: np.ndarray, hi: np.ndarray, cell: int, n: int) -> np.ndarray:
+    """``[P, n]`` positions of blocks ``[lo, hi]``: ``lo`` and the start of every later cell of
+    size ``cell`` (all positions when ``cell`` is 1), clipped to ``hi`` (repeats are harmless)."""
+    if cell <= 1:
+        return np.minimum(lo[:, None] + np.arange(n, dtype=np.int64), hi[:, None])
+    nxt = (lo // cell + 1) * cell  # first cell start after lo
+    steps = np.concatenate([[0], np.arange(n - 1, dtype=np.int64)])
+    pts = np.where(np.arange(n) == 0, lo[:, None], nxt[:, None] + steps * cell)
+    return np.minimum(pts, hi[:, None])
+
+
 def _refine(p: Pattern, g: Geometry, bs: BlockSet, b: int, h: int) -> BlockSet:
-    """Resolve UNKNOWN blocks by evaluating the predicate on their elements only."""
+    """Resolve UNKNOWN blocks by evaluating the predicate on their elements only: one element
+    per cell on which the pattern is constant (:func:`cell_size`), vectorized over blocks."""
     unknown = bs.seg_kind == UNKNOWN
     if not unknown.any():
         return bs
     rows, cols, _ = segments_to_blocks(bs.seg_row[unknown], bs.seg_start[unknown], bs.seg_end[unknown],
                                        bs.seg_kind[unknown])
+    cell = cell_size(p)
+    n_q = 1 if cell == 0 else min(g.block_m, -(-g.block_m // cell) + 1)  # cells a block can meet
+    n_k = 1 if cell == 0 else min(g.block_n, -(-g.block_n // cell) + 1)
     kind = np.zeros(len(rows), dtype=np.uint8)
-    per = max(1, EVAL_CHUNK // (g.block_m * g.block_n))
-    ar_m, ar_n = torch.arange(g.block_m), torch.arange(g.block_n)
+    per = max(1, EVAL_CHUNK // (n_q * n_k))
     for start in range(0, len(rows), per):
-        sel = slice(start, start + per)
-        q = torch.from_numpy(g.q_lo(rows[sel]))[:, None] + ar_m  # [P, BM]
-        k = torch.from_numpy(g.k_lo(cols[sel]))[:, None] + ar_n  # [P, BN]
-        q_ok, k_ok = q < g.q_end, k < g.kv_len
-        q, k = q.clamp_max(g.q_end - 1), k.clamp_max(g.kv_len - 1)
-        m = p.evaluate(b, h, q[:, :, None], k[:, None, :], g.q_end, g.kv_len)  # [P, BM, BN]
-        valid = q_ok[:, :, None] & k_ok[:, None, :]
-        hits = (m & valid).sum(dim=(1, 2)).numpy()
-        total = valid.sum(dim=(1, 2)).numpy()
-        kind[sel] = np.where(hits == 0, EMPTY, np.where(hits == total, FULL, PARTIAL))
+        r, c = rows[start:start + per], cols[start:start + per]
+        q = torch.from_numpy(_representatives(g.q_lo(r), g.q_hi(r), cell, n_q))  # [P, n_q], inside the block
+        k = torch.from_numpy(_representatives(g.k_lo(c), g.k_hi(c), cell, n_k))
+        m = p.evaluate(b, h, q[:, :, None], k[:, None, :], g.q_end, g.kv_len)  # [P, n_q, n_k]
+        kind[start:start + per] = np.where(m.all(dim=2).all(dim=1).numpy(), FULL,
+                                           np.where(m.any(dim=2).any(dim=1).numpy(), PARTIAL, EMPTY))
     known = ~unknown
     segs = (np.concatenate([bs.seg_row[known], rows]), np.concatenate([bs.seg_start[known], cols]),
             np.concatenate([bs.seg_end[known], cols + 1]), np.concatenate([bs.seg_kind[known], kind]))
