@@ -91,11 +91,7 @@ class CompiledAttention(torch.nn.Module):
         if groups is None or is_default(groups, dims):
             out, lse = self.run_program(q, k, v, dims, scale, return_lse, stage_inputs, backend, None)
         else:
-            if backend != "torch":
-                raise UnsupportedError(
-                    f"call-time positions ({', '.join(positions)}) run on the torch backend only for now; "
-                    f"the {backend!r} backend would ignore them: compile with backend='torch'")
-            out, lse = self.run_groups(q, k, v, dims, scale, return_lse, stage_inputs, groups)
+            out, lse = self.run_groups(q, k, v, dims, scale, return_lse, stage_inputs, groups, backend)
         out = out.to(q.dtype)
         return (out, lse_dtype(lse, q.dtype)) if return_lse else out
 
@@ -121,7 +117,7 @@ class CompiledAttention(torch.nn.Module):
         return env["out"], env.get("lse")
 
     def run_groups(self, q, k, v, dims: Dims, scale, return_lse: bool, stage_inputs: dict,
-                   groups: list[BatchGroup]):
+                   groups: list[BatchGroup], backend: str = "torch"):
         """Run each batch group with its own positions (keys sliced to its valid length) and put
         the results back in batch order (differentiable: a concatenation and a gather)."""
         outs, lses, order = [], [], []
@@ -134,7 +130,7 @@ class CompiledAttention(torch.nn.Module):
                 lse = torch.full(qg.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
             else:
                 o, lse = self.run_program(qg, kg[:, :, :grp.kv_len], vg[:, :, :grp.kv_len], dims, scale, True,
-                                          stage_inputs, "torch", grp)
+                                          stage_inputs, backend, grp)
             outs.append(o.to(q.dtype))
             lses.append(lse.float() if q.dtype != torch.float64 else lse.double())
             order += idx

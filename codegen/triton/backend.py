@@ -20,6 +20,9 @@ from typing import Callable, Sequence
 import torch
 import triton  # noqa: F401  (an ImportError here tells the registry the backend is unavailable)
 
+from attncompiler.errors import UnsupportedError
+from attncompiler.layout.block_layout import BlockLayout, build_layout
+from attncompiler.program.positions import Positions
 from attncompiler.program.stages import BlockSparseAttention
 from attncompiler.program.schedule import Schedule
 
@@ -143,7 +146,29 @@ def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) ->
     s = stage.schedule
     if autotune_enabled() and q.is_cuda:
         s = autotune(stage.pattern, q, k, v, ctx.scale, s, batch=ctx.batch, heads=ctx.heads)
-    layout = stage.pattern.layout(q.shape[2], k.shape[2], s.block_m, s.block_n, batch=ctx.batch, heads=ctx.heads)
+    layout = group_layout(stage.pattern, q.shape[2], k.shape[2], s, batch=ctx.batch, heads=ctx.heads,
+                          positions=ctx.extra.get("positions"))
     out, lse = triton_attention(q, k, v, layout, s, ctx.scale)
     return dict(zip(stage.outputs, (out, lse)))
+
+
+def group_layout(pattern, q_len: int, kv_len: int, s: Schedule, *, batch: int, heads: int,
+                 positions: Positions | None) -> BlockLayout:
+    """The layout of one batch group: the pattern's own, or for call-time positions the rows at
+    ``positions.q_offset`` onwards (``Geometry.q_start``, passed to the kernels at run time).
+
+    Unlike the torch backend, query blocks keep the schedule's height: the kernel tiles divide it,
+    and one kernel serves every decode step.
+
+    Raises:
+        UnsupportedError: runtime documents (``cu_seqlens``): their lengths would be baked into the
+            kernel source (a new kernel per call); use backend='torch'.
+    """
+    if positions is None or positions == Positions():
+        return pattern.layout(q_len, kv_len, s.block_m, s.block_n, batch=batch, heads=heads)
+    if positions.doc_lengths is not None:
+        raise UnsupportedError(f"cu_seqlens (runtime documents of {pattern!r}) is not supported by the triton "
+                               "backend yet (the kernels have no runtime segment table); use backend='torch'")
+    return build_layout(pattern, q_len, kv_len, s.block_m, s.block_n, batch=batch, heads=heads,
+                        q_start=positions.q_offset)
 

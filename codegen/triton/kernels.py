@@ -227,7 +227,7 @@ def _buffer_tensors(predicate: Expr | None, device: str) -> tuple[torch.Tensor, 
 
 def layout_tensors(layout: BlockLayout, device: torch.device) -> LayoutTensors:
     """Kernel-side tensors of ``layout`` on ``device`` (cached per layout and device)."""
-    pred = predicate_for(layout.pattern, layout.q_len, layout.kv_len)
+    pred = predicate_for(layout.pattern, layout.geom.q_end, layout.kv_len)
     opaque = pred is None
     f, b, tab = _layout_tensors(layout, opaque, str(device))
     bufs, meta = _buffer_tensors(pred, str(device))
@@ -251,6 +251,11 @@ class Plan:
     tile_m: int
     tile_n: int
 
+    @property
+    def q_start(self) -> int:
+        """Absolute position of query row 0 (a runtime kernel argument: one kernel for every offset)."""
+        return self.layout.geom.q_start
+
     def consts(self, q: torch.Tensor, v: torch.Tensor) -> dict:
         return dict(BM=self.layout.block_m, BN=self.layout.block_n, TM=self.tile_m, TN=self.tile_n,
                     D_PAD=pad_dim(q.shape[-1]), DV_PAD=pad_dim(v.shape[-1]), OPAQUE=self.tensors.opaque,
@@ -261,7 +266,7 @@ class Plan:
 def make_plan(layout: BlockLayout, schedule: Schedule, dtype: torch.dtype, device: torch.device) -> Plan:
     """Kernels and layout tensors for one call (everything cached underneath)."""
     tm, tn = kernel_tiles(schedule)
-    kern = kernels_for(layout.pattern, layout.q_len, layout.kv_len, schedule, dtype)
+    kern = kernels_for(layout.pattern, layout.geom.q_end, layout.kv_len, schedule, dtype)
     return Plan(kern, layout, layout_tensors(layout, device), schedule, tm, tn)
 
 
@@ -276,7 +281,7 @@ def _forward(plan: Plan, q, k, v, scale: float):
     plan.kernels.module._attn_fwd[grid](
         q, k, v, out, lse, *t.fwd, t.mask_tab, t.bufs, t.buf_meta, scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, H // Hkv, Bm, Hm, plan.layout.num_q_blocks, *t.widths(t.fwd), Lq, Lk, D, Dv,
+        H, H // Hkv, Bm, Hm, plan.layout.num_q_blocks, *t.widths(t.fwd), Lq, Lk, D, Dv, plan.q_start,
         EVEN_N=Lk % plan.tile_n == 0, **plan.consts(q, v))
     return out, lse
 
@@ -294,10 +299,12 @@ def _backward(plan: Plan, q, k, v, out, lse, dout, scale: float):
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     plan.kernels.module._attn_bwd_dkdv[(-(-Lk // plan.tile_n), B * Hkv)](
         q, k, v, dout, dk, dv, lse, delta, *t.bwd, t.mask_tab, t.bufs, t.buf_meta, scale, *strides,
-        H, Hkv, H // Hkv, Bm, Hm, plan.layout.num_kv_blocks, *t.widths(t.bwd), Lq, Lk, D, Dv, **consts)
+        H, Hkv, H // Hkv, Bm, Hm, plan.layout.num_kv_blocks, *t.widths(t.bwd), Lq, Lk, D, Dv, plan.q_start,
+        **consts)
     plan.kernels.module._attn_bwd_dq[(-(-Lq // plan.tile_m), B * H)](
         q, k, v, dout, dq, lse, delta, *t.fwd, t.mask_tab, t.bufs, t.buf_meta, scale, *strides,
-        H, H // Hkv, Bm, Hm, plan.layout.num_q_blocks, *t.widths(t.fwd), Lq, Lk, D, Dv, **consts)
+        H, H // Hkv, Bm, Hm, plan.layout.num_q_blocks, *t.widths(t.fwd), Lq, Lk, D, Dv, plan.q_start,
+        **consts)
     return dq, dk, dv
 
 

@@ -4,7 +4,8 @@
 (by key block) lists of every query head that shares the kv head -- full query blocks as
 ``[start, end)`` ranges, then the partial ones -- so dk/dv are summed in a fixed order.
 ``_attn_bwd_dq``: one program owns TM queries and walks the same ranges and lists as the
-forward pass. Probabilities are recomputed from the saved log-sum-exp.
+forward pass. Probabilities are recomputed from the saved log-sum-exp. The predicate sees absolute
+query positions ``q_start + row`` (decoding, chunked prefill).
 """
 
 import triton
@@ -17,7 +18,7 @@ from common import LOG2E, _allowed  # noqa: F401  (the generated file holds both
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m0, offs_n, n_ok,
-               d_ok, dv_ok, b, h, q_lo, k_lo, mask_tab, tile_id, bufs, buf_meta, qk_scale, q_len,
+               d_ok, dv_ok, b, h, q_lo, k_lo, mask_tab, tile_id, bufs, buf_meta, qk_scale, q_len, q_start,
                stride_qm, stride_dom,
                BM: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, OPAQUE: tl.constexpr,
                DOT_PREC: tl.constexpr):
@@ -31,8 +32,8 @@ def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [TN, TM]
     ok = m_ok[:, None] & n_ok[None, :]  # [TM, TN]
     if MASKED:
-        ok = ok & _allowed(b, h, offs_m[:, None], offs_n[None, :], q_lo, k_lo, mask_tab, tile_id,
-                           bufs, buf_meta, BM, BN, OPAQUE)
+        ok = ok & _allowed(b, h, q_start + offs_m[:, None], offs_n[None, :], q_start + q_lo, k_lo, mask_tab,
+                           tile_id, bufs, buf_meta, BM, BN, OPAQUE)
     ok_t = tl.trans(ok.to(tl.int8)) != 0  # [TN, TM]
     p_t = tl.where(ok_t, tl.exp2(s_t - lse2[None, :]), 0.0)  # [TN, TM]
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
@@ -53,6 +54,7 @@ def _attn_bwd_dkdv(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     H, Hkv, G, Bm, Hm, NKB, PW, RW, q_len, kv_len, head_dim, v_dim,
+    q_start,  # absolute position of query row 0: runtime, not constexpr
     BM: tl.constexpr, BN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -96,7 +98,7 @@ def _attn_bwd_dkdv(
             for start_m in range(r0 * BM, r1 * BM, TM):
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m,
                                     offs_m0, offs_n, n_ok, d_ok, dv_ok, b, h, start_m, k_lo, mask_tab, 0,
-                                    bufs, buf_meta, qk_scale, q_len, stride_qm, stride_dom,
+                                    bufs, buf_meta, qk_scale, q_len, q_start, stride_qm, stride_dom,
                                     BM, BN, False, OPAQUE, DOT_PREC)
         n_part = tl.load(q_num + lay)
         for j in range(0, n_part):
@@ -105,7 +107,7 @@ def _attn_bwd_dkdv(
             for t in tl.static_range(BM // TM):
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, r * BM + t * TM,
                                     offs_m0, offs_n, n_ok, d_ok, dv_ok, b, h, r * BM, k_lo, mask_tab, tile_id,
-                                    bufs, buf_meta, qk_scale, q_len, stride_qm, stride_dom,
+                                    bufs, buf_meta, qk_scale, q_len, q_start, stride_qm, stride_dom,
                                     BM, BN, True, OPAQUE, DOT_PREC)
 
     dk = dk * sm_scale
@@ -119,7 +121,7 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n0, m_ok, d_ok, dv_ok,
+def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, pos_m, offs_n0, m_ok, d_ok, dv_ok,
              b, h, q_lo, k_lo, mask_tab, tile_id, bufs, buf_meta, qk_scale, kv_len,
              stride_kn, stride_vn,
              BM: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, OPAQUE: tl.constexpr,
@@ -131,7 +133,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n0, m
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [TM, TN]
     ok = m_ok[:, None] & n_ok[None, :]
     if MASKED:
-        ok = ok & _allowed(b, h, offs_m[:, None], offs_n[None, :], q_lo, k_lo, mask_tab, tile_id,
+        ok = ok & _allowed(b, h, pos_m[:, None], offs_n[None, :], q_lo, k_lo, mask_tab, tile_id,
                            bufs, buf_meta, BM, BN, OPAQUE)
     p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)  # [TM, TN]
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [TM, TN]
@@ -151,6 +153,7 @@ def _attn_bwd_dq(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     H, G, Bm, Hm, NQB, PW, RW, q_len, kv_len, head_dim, v_dim,
+    q_start,  # absolute position of query row 0: runtime, not constexpr
     BM: tl.constexpr, BN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -170,6 +173,7 @@ def _attn_bwd_dq(
     d_ok = offs_d < head_dim
     dv_ok = offs_dv < v_dim
     m_ok = offs_m < q_len
+    pos_m = q_start + offs_m  # absolute query positions: what the predicate sees
 
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                 + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -191,16 +195,16 @@ def _attn_bwd_dq(
         c0 = tl.load(r_at)
         c1 = tl.load(r_at + 1)
         for start_n in range(c0 * BN, c1 * BN, TN):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_m, offs_n0, m_ok,
-                          d_ok, dv_ok, b, h, q_lo, start_n, mask_tab, 0, bufs, buf_meta, qk_scale, kv_len,
+            dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, pos_m, offs_n0, m_ok,
+                          d_ok, dv_ok, b, h, q_start + q_lo, start_n, mask_tab, 0, bufs, buf_meta, qk_scale, kv_len,
                           stride_kn, stride_vn, BM, BN, False, OPAQUE, DOT_PREC)
     n_part = tl.load(kv_num + lay)
     for j in range(0, n_part):
         c = tl.load(kv_idx + lay.to(tl.int64) * PW + j)
         tile_id = tl.load(mask_ids + lay.to(tl.int64) * PW + j)
         for t in tl.static_range(BN // TN):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, c * BN + t * TN, offs_m, offs_n0, m_ok,
-                          d_ok, dv_ok, b, h, q_lo, c * BN, mask_tab, tile_id, bufs, buf_meta, qk_scale,
+            dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, c * BN + t * TN, pos_m, offs_n0, m_ok,
+                          d_ok, dv_ok, b, h, q_start + q_lo, c * BN, mask_tab, tile_id, bufs, buf_meta, qk_scale,
                           kv_len, stride_kn, stride_vn, BM, BN, True, OPAQUE, DOT_PREC)
 
     dq = dq * sm_scale

@@ -2,7 +2,8 @@
 
 One program computes TM query rows of one (batch, head). It walks the full key blocks of its
 layout row -- a few ``[start, end)`` ranges of key blocks, so a causal row is one range however
-long -- without any mask work, then the partial blocks through ``_allowed``. Layout blocks
+long -- without any mask work, then the partial blocks through ``_allowed``, which sees absolute
+query positions ``q_start + row`` (``q_lo`` too, so byte-mask offsets stay local). Layout blocks
 (BM x BN) are cut into kernel tiles (TM x TN) that divide them.
 """
 
@@ -15,7 +16,7 @@ from common import LN2, LOG2E, _allowed  # noqa: F401  (the generated file holds
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n0, d_ok, dv_ok,
+def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, pos_m, offs_n0, d_ok, dv_ok,
               b, h, q_lo, k_lo, mask_tab, tile_id, bufs, buf_meta, qk_scale, kv_len,
               stride_kn, stride_vn,
               BM: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr,
@@ -25,7 +26,7 @@ def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n0, d_ok, 
     k = tl.load(k_ptrs + offs_n[:, None] * stride_kn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [TN, D]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [TM, TN], log2 units
     if MASKED:
-        ok = _allowed(b, h, offs_m[:, None], offs_n[None, :], q_lo, k_lo, mask_tab, tile_id,
+        ok = _allowed(b, h, pos_m[:, None], offs_n[None, :], q_lo, k_lo, mask_tab, tile_id,
                       bufs, buf_meta, BM, BN, OPAQUE)
         s = tl.where(ok & n_ok[None, :], s, float("-inf"))
     elif not EVEN_N:
@@ -52,6 +53,7 @@ def _attn_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     H, G, Bm, Hm, NQB, PW, RW, q_len, kv_len, head_dim, v_dim,
+    q_start,  # absolute position of query row 0 (decoding, chunked prefill): runtime, not constexpr
     BM: tl.constexpr, BN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, EVEN_N: tl.constexpr,
     OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -72,6 +74,7 @@ def _attn_fwd(
     d_ok = offs_d < head_dim
     dv_ok = offs_dv < v_dim
     m_ok = offs_m < q_len
+    pos_m = q_start + offs_m  # absolute query positions: what the predicate sees
 
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -91,8 +94,8 @@ def _attn_fwd(
         c0 = tl.load(r_at)
         c1 = tl.load(r_at + 1)
         for start_n in range(c0 * BN, c1 * BN, TN):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, offs_m, offs_n0,
-                                      d_ok, dv_ok, b, h, q_lo, start_n, mask_tab, 0, bufs, buf_meta,
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, pos_m, offs_n0,
+                                      d_ok, dv_ok, b, h, q_start + q_lo, start_n, mask_tab, 0, bufs, buf_meta,
                                       qk_scale, kv_len, stride_kn, stride_vn,
                                       BM, BN, False, EVEN_N, OPAQUE, DOT_PREC)
     # Partial blocks: the predicate decides element by element.
@@ -101,8 +104,8 @@ def _attn_fwd(
         c = tl.load(kv_idx + lay.to(tl.int64) * PW + j)
         tile_id = tl.load(mask_ids + lay.to(tl.int64) * PW + j)
         for t in tl.static_range(BN // TN):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, c * BN + t * TN, offs_m, offs_n0,
-                                      d_ok, dv_ok, b, h, q_lo, c * BN, mask_tab, tile_id, bufs, buf_meta,
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, c * BN + t * TN, pos_m, offs_n0,
+                                      d_ok, dv_ok, b, h, q_start + q_lo, c * BN, mask_tab, tile_id, bufs, buf_meta,
                                       qk_scale, kv_len, stride_kn, stride_vn,
                                       BM, BN, True, EVEN_N, OPAQUE, DOT_PREC)
 
