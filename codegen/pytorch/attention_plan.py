@@ -72,6 +72,47 @@ def _row_extent(blocks: Blocks2D) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return counts, first, last
 
 
+@dataclass(frozen=True, eq=False)
+class KeyRange:
+    """The keys of a one-block-row layout when they are one contiguous range ``[k0, k1)``.
+
+    ``visible`` is ``[q_len, k1 - k0]`` bool (query rows by key columns), or None when every
+    row sees every key of the range. Edge columns no row sees are trimmed off."""
+
+    k0: int
+    k1: int
+    visible: torch.Tensor | None
+
+
+@functools.lru_cache(maxsize=256)
+def single_key_range(blocks: Blocks2D) -> KeyRange | None:
+    """The layout's keys as one :class:`KeyRange`, or None when the layout has more than one
+    query block, its key blocks are not contiguous, or some query row sees no key.
+
+    Decoding (a few rows against a long cache) has this shape: the step is then one fused
+    attention over a slice of K/V, with a mask only when the edge blocks are partial."""
+    g = blocks.geom
+    if g.nqb != 1:
+        return None
+    counts, first, last = (int(a[0]) for a in _row_extent(blocks))
+    if counts == 0 or last - first + 1 != counts:
+        return None
+    k0, k1 = first * g.block_n, min((last + 1) * g.block_n, g.kv_len)
+    vis = torch.ones(g.q_len, k1 - k0, dtype=torch.bool)
+    parts = blocks.part_cols[blocks.part_ptr[0]:blocks.part_ptr[1]]
+    if len(parts):
+        k = torch.from_numpy(parts * g.block_n)[:, None] + torch.arange(g.block_n)  # [P, bn]
+        k = k[k < k1]  # the ragged last block ends at kv_len
+        q = torch.arange(g.q_start, g.q_end)
+        vis[:, k - k0] = blocks.pattern.evaluate(0, 0, q[:, None], k[None, :], g.q_end, g.kv_len)
+    if not bool(vis.any(dim=1).all()):
+        return None  # a row with no visible key: the block path gives it zeros and lse -inf
+    cols = torch.nonzero(vis.any(dim=0)).reshape(-1)
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    vis = vis[:, lo:hi]
+    return KeyRange(k0 + lo, k0 + hi, None if bool(vis.all()) else vis.contiguous())
+
+
 def _buckets(blocks: Blocks2D) -> list[tuple[np.ndarray, int, bool]]:
     """``(rows, width, contiguous)`` groups of query blocks processed with the same width."""
     counts, first, last = _row_extent(blocks)
