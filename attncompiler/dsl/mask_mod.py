@@ -20,6 +20,7 @@ from ..ir.index import check_index_ranges
 from ..ir.trace import trace_report
 from ..ir.transform import substitute
 from .pattern import Pattern
+from .recognize import rewrite
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,6 +57,17 @@ class Mask(Pattern):
         """True when the mask_mod traced into an index expression (analytic layout, analysis,
         rendered into Triton kernels); False when it is opaque (see :attr:`trace_failure`)."""
         return self.expr is not None
+
+    def structure(self) -> Pattern | None:
+        """The DSL pattern this traced mask provably equals (analytic layout), with any part no
+        rule recognises kept as a traced leaf; None when opaque or nothing is recognised. Cached."""
+        if self.expr is None:
+            return None
+        cached = self.__dict__.get("_structure", self)
+        if cached is self:
+            cached = rewrite(self.expr, lambda e: Mask(None, e))
+            object.__setattr__(self, "_structure", cached)
+        return cached
 
     @property
     def head_period(self):

@@ -527,7 +527,8 @@ def _classify(p: Pattern, g: Geometry) -> BlockSet:
         case Complement(part):
             return ~_classify(part, g)
         case Mask() if p.expr is not None:
-            return _traced(g, p.expr)
+            s = p.structure()  # the equal DSL pattern where recognised (dsl/recognize.py)
+            return _traced(g, p.expr) if s is None else _classify(s, g)
         case Mask():
             return BlockSet.rows_of(g, UNKNOWN)
     raise PatternError(f"cannot build a block layout for {p!r} ({p.family} pattern)")
