@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from attncompiler import dsl
 from attncompiler.errors import PatternError
-from attncompiler.dsl.pattern import Pattern
+from attncompiler.dsl.pattern import Pattern, check_int as int_param
 from attncompiler.families.diffusion.pattern import diffuse
 
-from ._params import int_param
 
 _MAX_GLOBAL_TOKENS = 1 << 24  # listed one by one
 

@@ -6,9 +6,7 @@ from typing import Sequence
 
 from attncompiler import dsl
 from attncompiler.errors import PatternError
-from attncompiler.dsl.pattern import Pattern
-
-from ._params import int_param
+from attncompiler.dsl.pattern import Pattern, check_int as int_param
 
 
 def sliding_window(window: int = 256, causal: bool = False) -> Pattern:
