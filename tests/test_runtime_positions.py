@@ -332,3 +332,14 @@ def test_fused_key_range_decode_matches_oracle(monkeypatch, dtype, Lq, Lk, offse
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(lse.double(), ref_lse, **(tol or dict(rtol=1e-5, atol=2e-5)))
     assert_matches_oracle(out, ref, (q, k, v), **(dict(tol, grad_rtol=1e-9, grad_atol=1e-9) if tol else {}))
+
+
+def test_offsets_beyond_the_index_domain_raise_instead_of_wrapping():
+    """A q_offset past int64 arithmetic is refused; on Triton, past the int32 domain its predicates
+    are proven for (the rendered int32/int64 choice would otherwise wrap silently)."""
+    x = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ac.InputError, match="q_offset"):
+        ac.compile(ac.causal(), backend="torch")(x, x, x, q_offset=2**62)
+    pytest.importorskip("triton")
+    with pytest.raises(ac.UnsupportedError, match="q_offset"):
+        ac.compile(ac.sliding_window(4), backend="triton")(x, x, x, q_offset=2**31)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..dsl.pattern import Pattern
+from ..dsl.pattern import INT_LIMIT, Pattern
 from ..dsl.primitives import bind_documents, has_runtime_documents
 from ..errors import InputError, UnsupportedError
 from ..layout.block_layout import BlockLayout, build_layout
@@ -82,7 +82,7 @@ def batch_groups(pattern: Pattern, dims: Dims, *, q_offset=0, align: str | None 
             raise InputError(f"align='bottom_right' needs Lq <= the key length of every batch entry; got Lq={Lq}, "
                              f"key lengths {kv.tolist()}: use top_left positions (align=None) or a q_offset")
     else:
-        off = small_ints("q_offset", q_offset, B, 0, None)
+        off = small_ints("q_offset", q_offset, B, 0, INT_LIMIT - Lq)  # positions stay within int64 arithmetic
     docs = _documents(pattern, cu_seqlens, Lk)
     keys = list(zip(off.tolist(), kv.tolist()))
     if len(set(keys)) == 1:

@@ -34,6 +34,8 @@ from .common import check_device
 _AUTOTUNE: bool | None = None  # None: follow ATTNC_AUTOTUNE
 _WINNERS: dict[str, Schedule] = {}
 
+POSITION_LIMIT = 2**31  # query/key positions the rendered predicates are proven for: [0, 2**31 - 1]
+
 
 def set_autotune(enabled: bool | None) -> None:
     """Turn autotuning on or off for this process (None: follow ``ATTNC_AUTOTUNE``)."""
@@ -166,6 +168,11 @@ def group_layout(pattern, q_len: int, kv_len: int, s: Schedule, *, batch: int, h
     """
     if positions is None or positions == Positions():
         return pattern.layout(q_len, kv_len, s.block_m, s.block_n, batch=batch, heads=heads)
+    if positions.q_offset + q_len > POSITION_LIMIT:
+        # The predicate's int32/int64 choice is proven for positions up to 2**31 - 1 (render.py).
+        raise UnsupportedError(f"q_offset={positions.q_offset} with Lq={q_len} puts query positions past "
+                               f"{POSITION_LIMIT - 1}, beyond what the triton kernels' index arithmetic is "
+                               "proven for; use backend='torch'")
     if positions.doc_lengths is not None:
         raise UnsupportedError(f"cu_seqlens (runtime documents of {pattern!r}) is not supported by the triton "
                                "backend yet (the kernels have no runtime segment table); use backend='torch'")
