@@ -22,6 +22,7 @@ def _half(x):
 
 
 def sliding_window(window: int, causal: bool):
+    """Closed forms for a window of ``window`` tokens on each side (one side, self included, when causal)."""
     if causal:
         return {"pairs": L * (w + 1) - _half(w * (w + 1)), "row_max": w + 1, "values": {w: window},
                 "assumptions": "L >= window + 1"}
@@ -30,15 +31,19 @@ def sliding_window(window: int, causal: bool):
 
 
 def causal():
+    """Closed forms for the causal mask: ``L (L + 1) / 2`` pairs, at most ``L`` keys per row."""
     return {"pairs": _half(L * (L + 1)), "row_max": L}
 
 
 def prefix_lm(prefix: int):
+    """Closed forms for a prefix LM: bidirectional over the first ``prefix`` tokens, causal after them."""
     return {"pairs": n ** 2 + _half(L * (L + 1)) - _half(n * (n + 1)), "row_max": L, "values": {n: prefix},
             "assumptions": "L >= prefix"}
 
 
 def document(lengths):
+    """Closed forms for block-diagonal document masking with the given document ``lengths`` (tokens);
+    the growth class assumes more documents of these lengths."""
     offs = [sum(lengths[:i]) for i in range(len(lengths))]
     seen = [sp.Min(li, sp.Max(0, L - o)) for li, o in zip(lengths, offs)]  # part of each document inside L
     mean_sq = sp.Rational(sum(x * x for x in lengths), sum(lengths))
@@ -47,6 +52,8 @@ def document(lengths):
 
 
 def bigbird(block, window_blocks, global_blocks, random_blocks, seed, causal):
+    """Closed forms for BigBird (window, global and random blocks of ``block`` tokens); None when causal.
+    Exact without random blocks, an upper bound with them."""
     if causal:
         return None
     hv, gv = (window_blocks - 1) // 2, global_blocks
@@ -62,6 +69,8 @@ def bigbird(block, window_blocks, global_blocks, random_blocks, seed, causal):
 
 
 def longformer(window, dilation, global_indices, causal):
+    """Closed forms for Longformer: a window of ``window`` tokens each side at ``dilation``, plus global
+    tokens attending and attended everywhere; None when causal."""
     if causal:
         return None
     G = sorted(global_indices)
@@ -74,6 +83,8 @@ def longformer(window, dilation, global_indices, causal):
 
 
 def fixed(stride, summary, merged):
+    """Closed forms for the Sparse Transformer fixed pattern (``stride``-token blocks, ``summary`` summary
+    columns each); both heads merged into one mask, or the mean of the two heads."""
     m = L / l
     own = _half(L * (l + 1))
     summ = c * m * L - _half(c * l * m * (m - 1)) - _half(m * c * (2 * l - c - 1))
@@ -87,6 +98,8 @@ def fixed(stride, summary, merged):
 
 
 def strided(stride, merged):
+    """Closed forms for the Sparse Transformer strided pattern (local ``stride`` tokens plus every
+    ``stride``-th key); both heads merged into one mask, or the mean of the two heads."""
     m = L / l
     local = L * (l + 1) - _half(l * (l + 1))
     summ = m * L - _half(l * m * (m - 1))
@@ -99,6 +112,8 @@ def strided(stride, merged):
 
 
 def logsparse(local):
+    """Closed forms for LogSparse: ``local`` preceding tokens plus keys at power-of-two distances back,
+    about ``L log2 L`` pairs."""
     K = sp.floor(sp.log(L - 1, 2))
     if local == 0:
         pairs = L * (K + 2) - (2 ** (K + 1) - 1)
@@ -113,6 +128,8 @@ def logsparse(local):
 
 
 def axial(cols, causal):
+    """Closed forms for axial attention over an ``(L / cols) x cols`` grid: each query sees its row and
+    its column (the earlier part of each when causal)."""
     rr = L / c
     if causal:
         return {"pairs": _half(L * (c + 1)) + rr * L - _half(c * rr * (rr - 1)) - L, "row_max": c + rr - 1,

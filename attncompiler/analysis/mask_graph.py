@@ -52,6 +52,8 @@ def head_patterns(pattern: Pattern, heads: int | None = None) -> list[Pattern]:
 
 
 def group_layouts(pats: list[Pattern], L: int, block: int) -> list[Blocks2D]:
+    """The block layout of each head pattern at length ``L`` with square ``block``-token blocks, one
+    :class:`Blocks2D` per pattern (the input of the block graphs)."""
     return [p.layout(L, L, block, block).group_for(0, 0) for p in pats]
 
 

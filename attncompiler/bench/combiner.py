@@ -74,6 +74,8 @@ def _one_layer_full(pattern, L: int) -> str:
 
 def run(lengths, heads: int, head_dim: int, reps: int, everything: bool, backward: bool,
         dense: bool = True, shared_slots: bool = False, only: tuple[str, ...] = ()) -> list[dict]:
+    """Time (forward, optionally forward + backward) and measure the peak memory of each contender at
+    each length in ``lengths``; one result dict per (L, contender), times in ms, memory in MB."""
     rows = []
     for L in lengths:
         q, k, v = (torch.randn(1, heads, L, head_dim) for _ in range(3))
@@ -122,6 +124,7 @@ def run(lengths, heads: int, head_dim: int, reps: int, everything: bool, backwar
 
 
 def main(argv=None) -> None:
+    """Command-line entry: run the Combiner benchmark and print its table of medians."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--heads", type=int, default=4)

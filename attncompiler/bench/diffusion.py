@@ -174,6 +174,8 @@ def time_both(L: int, B: int, H: int, D: int, hops: int, mode: str, block: int, 
 
 
 def run_child(*args) -> dict:
+    """Run one memory measurement (``--child`` plus ``args``) in a fresh single-thread subprocess, so
+    peak resident memory is its own, and return its JSON result."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", MODULE, "--child", *map(str, args)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)

@@ -19,6 +19,7 @@ Progress = Callable[[str], None]
 
 
 def quiet(msg: str) -> None:
+    """Progress callback that discards its message (the default when no progress is wanted)."""
     pass
 
 
@@ -40,6 +41,8 @@ def _sync(device: torch.device) -> None:
 
 
 def timed_run(fn: Callable[[], None], device: torch.device) -> float:
+    """Wall-clock seconds of one call of ``fn``, synchronizing CUDA before and after so queued kernels
+    count."""
     _sync(device)
     t0 = time.perf_counter()
     fn()
@@ -84,10 +87,12 @@ def peak_memory(fn: Callable[[], None], device: torch.device) -> int:
 
 
 def fmt(x, spec: str) -> str:
+    """Format ``x`` with ``spec``, or ``"-"`` when it is None (a missing table cell)."""
     return "-" if x is None else format(x, spec)
 
 
 def check_positive(**kw) -> None:
+    """Raise :class:`InputError` unless every keyword value is a positive int (bools rejected)."""
     for name, v in kw.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InputError(f"{name}={v!r} must be a positive integer")

@@ -203,6 +203,8 @@ def gpu_compare(L: int, H: int = 4, D: int = 64, n: int = 64, reps: int = 5, dev
 
 
 def main(argv=None) -> None:
+    """Command-line entry: run the bounded-memory benchmarks (or, on cuda, the GPU comparison) and
+    print each result as a JSON line; ``--peak-child`` runs one subprocess peak measurement."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="quick check: L=2048, memory at 1024, 256 steps")
     ap.add_argument("--seq-len", type=int, default=16384)

@@ -55,6 +55,8 @@ def flex_mask_mod(pattern: Pattern, q_len: int, kv_len: int, device="cpu") -> tu
 
 
 def setup_sdpa(pattern, q, k, v, cap, calls, skipped, progress) -> None:
+    """Put an SDPA call for ``pattern`` in ``calls`` (a dense bool mask unless causal or full), or the
+    reason in ``skipped`` when that mask would exceed ``cap`` bytes."""
     from ..dsl.pattern import Causal
     from ..dsl.primitives import Full
     from ..program.reference import dense_masks
@@ -78,6 +80,8 @@ def setup_sdpa(pattern, q, k, v, cap, calls, skipped, progress) -> None:
 
 
 def setup_flex(pattern, q, k, v, block, how, cap, calls, skipped, progress) -> str:
+    """Put a compiled FlexAttention call with a ``block``-token BlockMask in ``calls``, or the reason in
+    ``skipped``; returns a note on how the BlockMask was built, for the description."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:

@@ -97,6 +97,8 @@ def counted_attention_flops(stack: TransformerStack, x: torch.Tensor) -> int:
 
 
 def main(argv=None) -> None:
+    """Command-line entry: time the stack without reuse and with both reuse variants, and print the
+    medians with the cost model's predictions and a per-part layer breakdown."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="L=1024, d_model=256, H=4, 4 layers")
     ap.add_argument("--seq-len", type=int, default=4096)

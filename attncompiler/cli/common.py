@@ -26,6 +26,8 @@ class UsageError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
+    """ArgumentParser that raises :class:`UsageError` (with the usage line) instead of printing and
+    exiting, so the CLI reports usage errors like its other errors."""
     def error(self, message):
         raise UsageError(f"{message}\n{self.format_usage().strip()}")
 
@@ -35,12 +37,15 @@ class Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------------
 
 def catalogue() -> dict[str, Callable]:
+    """The pattern catalogue, name -> constructor (imported on first use, keeping CLI start-up fast)."""
     from ..patterns import CATALOGUE
 
     return CATALOGUE
 
 
 def lookup(name: str) -> Callable:
+    """The catalogue constructor called ``name``; raises :class:`PatternError` naming close matches
+    otherwise."""
     cat = catalogue()
     if name not in cat:
         close = difflib.get_close_matches(name, list(cat), n=3)
@@ -86,6 +91,7 @@ def _typed(fn, what):
 
 
 def pattern_params(ctor: Callable) -> list[inspect.Parameter]:
+    """The parameters of ``ctor`` that can be passed by name, i.e. those the CLI offers as options."""
     return [p for p in inspect.signature(ctor).parameters.values()
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
@@ -141,6 +147,7 @@ def add_pattern_options(parser: argparse.ArgumentParser, ctor: Callable, taken: 
 
 
 def positive_int(s: str) -> int:
+    """argparse ``type`` for an integer >= 1; raises ArgumentTypeError otherwise."""
     try:
         v = int(s)
     except ValueError:
@@ -151,6 +158,7 @@ def positive_int(s: str) -> int:
 
 
 def positive_float(s: str) -> float:
+    """argparse ``type`` for a number > 0; raises ArgumentTypeError otherwise."""
     try:
         v = float(s)
     except ValueError:
@@ -238,6 +246,7 @@ class PatternSpec:
 
 
 def is_catalogue_name(text: str) -> bool:
+    """Whether ``text`` is exactly the name of a catalogue pattern."""
     return text.isidentifier() and text in catalogue()
 
 

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``attnc`` parser, with one subcommand per command module's ``register``."""
     parser = argparse.ArgumentParser(prog="attnc", description="attncompiler: declare, analyze and run attention patterns")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:

@@ -145,6 +145,8 @@ def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
 
 
 def require_mask(p: Pattern, what: str) -> None:
+    """Raise :class:`PatternError` unless ``p`` is a mask-family pattern; ``what`` names the operation
+    that needs one."""
     if p.family != Family.MASK:
         raise PatternError(
             f"{what} needs a mask pattern, but {p!r} is a {p.family} pattern; "
@@ -153,6 +155,7 @@ def require_mask(p: Pattern, what: str) -> None:
 
 
 def check_lengths(q_len: int, kv_len: int) -> None:
+    """Raise :class:`LayoutError` unless ``q_len`` and ``kv_len`` are positive integers (tokens)."""
     for name, v in (("q_len", q_len), ("kv_len", kv_len)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
             raise LayoutError(f"{name}={v!r} must be a positive integer")
@@ -315,6 +318,7 @@ def _wrap(p: Pattern, prec: int) -> str:
 
 
 def short_list(xs: Sequence[int]) -> str:
+    """Compact repr of an int sequence: ``range(a, b)`` for a long consecutive run, else the list."""
     xs = list(xs)
     n = len(xs)
     if n > 8 and xs == list(range(xs[0], xs[0] + n)):

@@ -396,6 +396,8 @@ def as_expr(x: Any) -> Expr:
 
 
 def binop(op: str, a: Any, b: Any) -> Expr:
+    """Build ``a <op> b`` as an index expression, folding constants and trivial identities and rejecting
+    division by a constant zero and non-constant shifts."""
     a, b = as_expr(a), as_expr(b)
     if op in ("floordiv", "mod") and isinstance(b, Const) and b.value == 0:
         raise PatternError(f"division by zero in index expression {a!r} {BINOPS[op][0]} 0")
@@ -427,6 +429,7 @@ def binop(op: str, a: Any, b: Any) -> Expr:
 
 
 def unop(op: str, a: Any) -> Expr:
+    """Build the unary ``op`` (``abs`` or ``invert``) of ``a``, folding constants and double inversion."""
     a = as_expr(a)
     if isinstance(a, Const):
         v = a.value

@@ -58,17 +58,20 @@ def py_rshift(x: int, s: int) -> int:
 
 
 def check_divisor(y) -> None:
+    """Raise :class:`PatternError` on a zero divisor in an eager mask_mod (skipped under torch.compile)."""
     if isinstance(y, torch.Tensor) and not torch.compiler.is_compiling() and bool((y == 0).any()):
         raise PatternError("integer division or modulo by zero in a traced mask_mod (torch raises "
                            "ZeroDivisionError there too); keep the divisor non-zero, e.g. `x // (k + 1)`")
 
 
 def floordiv(x, y):
+    """Python ``//`` on tensors (floor rounding), with a zero-divisor check."""
     check_divisor(y)
     return torch.div(x, y, rounding_mode="floor")  # Python/torch `//`: floors
 
 
 def mod(x, y):
+    """Python ``%`` on tensors (result takes the divisor's sign), with a zero-divisor check."""
     check_divisor(y)
     return torch.remainder(x, y)  # Python/torch `%`: the sign of the divisor
 

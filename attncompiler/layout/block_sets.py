@@ -86,6 +86,7 @@ class Geometry:
 # ---------------------------------------------------------------------------------------------
 
 def empty_segments() -> Segments:
+    """Segments ``(rows, start, end, kind)`` holding no segment."""
     z = np.zeros(0, dtype=np.int64)
     return z, z.copy(), z.copy(), np.zeros(0, dtype=np.uint8)
 
@@ -144,10 +145,14 @@ def combine_segments(a: Segments, b: Segments, ncols: int,
 
 
 def union_kind(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise block kind of the union of two masks: FULL if either is, the other if one is
+    EMPTY, else UNKNOWN."""
     return np.where((a == FULL) | (b == FULL), FULL, np.where(a == EMPTY, b, np.where(b == EMPTY, a, UNKNOWN)))
 
 
 def intersection_kind(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise block kind of the intersection of two masks: EMPTY if either is, the other if one
+    is FULL, else UNKNOWN."""
     return np.where((a == EMPTY) | (b == EMPTY), EMPTY,
                     np.where(a == FULL, b, np.where(b == FULL, a, UNKNOWN)))
 

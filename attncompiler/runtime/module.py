@@ -22,6 +22,8 @@ from ..program.schedule import Schedule
 
 
 def resolve_backend(backend: str, device: torch.device | None = None) -> str:
+    """The backend to run: ``"auto"`` means triton when CUDA is available and ``device`` (if given) is
+    CUDA, else torch; any other name is returned unchanged."""
     if backend == "auto":
         return "triton" if torch.cuda.is_available() and (device is None or device.type == "cuda") else "torch"
     return backend

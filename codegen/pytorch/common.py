@@ -67,6 +67,7 @@ def _unfold_into(dst: torch.Tensor, val: torch.Tensor) -> None:
     dst.copy_(val.view(R, G, bm, X).transpose(0, 1))
 
 def pad_len(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Zero-pad ``t`` ``[B, H, L, X]`` along the sequence axis to ``n`` tokens (unchanged when ``L == n``)."""
     L = t.shape[2]
     return t if L == n else torch.nn.functional.pad(t, (0, 0, 0, n - L))
 
@@ -80,4 +81,5 @@ def write_rows(dst: torch.Tensor, val: torch.Tensor, chunk: Chunk) -> None:
         dst.index_copy_(1, chunk.q_index, val.view(R, G, bm, X).transpose(0, 1))
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute in for inputs of ``dtype``: float64 stays float64, all else is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

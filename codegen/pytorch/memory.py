@@ -277,6 +277,7 @@ def read_memory(q: torch.Tensor, mem: SlotMemory, scale: float, need_lse: bool =
 # ---------------------------------------------------------------------------------------------
 
 def run_slot_control(stage: SlotControl, env: dict, ctx: RunContext) -> dict:
+    """Run a SlotControl stage: the slot weights or logits ``[B, Hkv, Lk, n]`` from the keys."""
     k, param = env[stage.inputs[0]], env.get(stage.inputs[1])
     pattern = Memory(stage.slots, stage.control)
     w = control_weights(pattern, k.to(_compute_dtype(k.dtype)), param, env.get("control"))
@@ -284,11 +285,13 @@ def run_slot_control(stage: SlotControl, env: dict, ctx: RunContext) -> dict:
 
 
 def run_slot_write(stage: SlotWrite, env: dict, ctx: RunContext) -> dict:
+    """Run a SlotWrite stage: write keys and values into the slots with the control weights."""
     k, v, w = (env[n] for n in stage.inputs)
     return {stage.outputs[0]: write_memory(k, v, w, stage.causal, stage.normalized, stage.schedule.block_m)}
 
 
 def run_slot_read(stage: SlotRead, env: dict, ctx: RunContext) -> dict:
+    """Run a SlotRead stage: attend the queries over the slot memory, giving ``out`` and ``lse``."""
     q, mem = (env[name] for name in stage.inputs)
     out, lse = read_memory(q, mem, ctx.scale, ctx.extra.get("need_lse", True), stage.schedule.tile_elems)
     return dict(zip(stage.outputs, (out, lse)))

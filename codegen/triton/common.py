@@ -22,6 +22,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def tool_versions() -> dict[str, str]:
+    """Versions of attncompiler, triton ("none" if missing), torch and python, for kernel cache keys."""
     try:
         import triton
 
@@ -33,6 +34,7 @@ def tool_versions() -> dict[str, str]:
 
 
 def pad_dim(d: int) -> int:
+    """Head dimension padded to a power of two, at least 16 (what ``tl.dot`` tiles need)."""
     return max(16, 1 << (d - 1).bit_length())
 
 
@@ -47,6 +49,7 @@ def interpreting() -> bool:
 
 
 def check_device(q: torch.Tensor) -> None:
+    """Raise :class:`UnsupportedError` unless ``q`` is on CUDA (or on CPU under TRITON_INTERPRET=1)."""
     if q.is_cuda or (q.device.type == "cpu" and interpreting()):
         return
     raise UnsupportedError(

@@ -63,6 +63,7 @@ def kernel_tiles(schedule: Schedule) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=512)
 def predicate_for(pattern: Pattern, q_len: int, kv_len: int) -> Expr | None:
+    """Cached :func:`kernel_predicate` for ``pattern`` at these lengths (None: opaque to the kernel)."""
     return kernel_predicate(pattern, q_len, kv_len)
 
 

@@ -286,6 +286,7 @@ def render_predicate(expr: Expr | None) -> str:
 
 @functools.lru_cache(maxsize=None)
 def read_template(name: str) -> str:
+    """The body of template ``name`` (the text after its body marker), cached."""
     text = (TEMPLATE_DIR / name).read_text()
     if BODY not in text:
         raise AssertionError(f"template {name} has no body marker")
