@@ -149,6 +149,7 @@ def save_png(obj: Pattern | BlockLayout, path: str, seq_len: int | None = None, 
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
         from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
     except ImportError as e:
         raise UnsupportedError(
             f"saving a PNG needs matplotlib ({e}); install it with `pip install matplotlib` "
@@ -156,12 +157,19 @@ def save_png(obj: Pattern | BlockLayout, path: str, seq_len: int | None = None, 
     grid = cell_grid(obj, seq_len, kv_len=kv_len, width=width, block=block, batch=batch, head=head)
     pattern = obj.pattern if isinstance(obj, BlockLayout) else obj
     fig, ax = plt.subplots(figsize=(6, 6 * grid.kinds.shape[0] / max(grid.kinds.shape[1], 1) + 0.6))
-    cmap = ListedColormap(["#ffffff", "#9ecae1", "#08519c"])  # empty, partial, full
+    colors = ["#ffffff", "#9ecae1", "#08519c"]  # empty, partial, full
+    cmap = ListedColormap(colors)
     ax.imshow(grid.kinds, cmap=cmap, vmin=0, vmax=2, interpolation="nearest",
               extent=(0, grid.kv_len, grid.q_len, 0))
     ax.set_xlabel("key position")
     ax.set_ylabel("query position")
     ax.set_title(title if title is not None else repr(pattern)[:80], fontsize=8)
+    cell = f"{grid.cell_m} x {grid.cell_n} positions per cell"
+    ax.legend(handles=[Patch(facecolor=c, edgecolor="#808080", label=name)
+                       for c, name in zip(colors, ("no pair visible", "some pairs visible",
+                                                   "every pair visible"))],
+              title=cell, title_fontsize=7, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12),
+              ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
