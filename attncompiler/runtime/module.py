@@ -17,6 +17,7 @@ from ..program.inputs import Dims, check_keywords, check_qkv, default_scale
 from ..program.positions import POSITION_KEYWORDS, BatchGroup, batch_groups, is_default
 from ..dsl.pattern import Family, Pattern
 from ..families.diffusion.program import recompute_hops
+from ..program.dense import fuse_dense
 from ..program.stages import Program, lower, run_passes
 from ..program.schedule import Schedule
 
@@ -32,7 +33,10 @@ def resolve_backend(backend: str, device: torch.device | None = None) -> str:
 # The program passes, by name: ``Program -> Program`` rewrites a runtime module may ask for.
 PASSES: dict[str, Callable[[Program], Program]] = {
     "recompute_hops": recompute_hops,  # diffusion: K fused attention hops instead of a stored P
+    "fuse_dense": fuse_dense,  # masks exactly full / causal: a DenseAttention stage (fused kernel)
 }
+# The passes CompiledAttention runs by default, per pattern family (safe on every backend).
+DEFAULT_PASSES: dict[str, tuple[str, ...]] = {Family.MASK: ("fuse_dense",)}
 
 
 @functools.lru_cache(maxsize=256)
@@ -68,7 +72,7 @@ class CompiledAttention(torch.nn.Module):
             raise UnsupportedError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKENDS}")
         self.pattern = pattern
         self.backend = backend
-        self.program = compile_program(pattern, schedule)
+        self.program = compile_program(pattern, schedule, DEFAULT_PASSES.get(pattern.family, ()))
         self.check_finite = check_finite
 
     def forward(self, q, k, v, scale: float | None = None, *, return_lse: bool = False, **stage_inputs):

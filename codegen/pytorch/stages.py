@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from attncompiler.program.positions import group_layout
+from attncompiler.program.dense import DenseAttention
 from attncompiler.program.stages import BlockSparseAttention
 
 from . import combiner, diffusion, memory
 from ..context import RunContext
 from .attention import block_sparse_attention
+from .dense import run_dense
 
 
 def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) -> dict:
@@ -20,5 +22,6 @@ def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) ->
     return dict(zip(stage.outputs, (out, lse)))
 
 
-STAGES = {BlockSparseAttention: run_block_sparse, **combiner.STAGES, **diffusion.STAGES, **memory.STAGES}
+STAGES = {BlockSparseAttention: run_block_sparse, DenseAttention: run_dense,  # dense: SDPA's fused CPU kernel
+          **combiner.STAGES, **diffusion.STAGES, **memory.STAGES}
 SOURCES: dict = {}  # every torch stage runs as PyTorch ops: no generated files

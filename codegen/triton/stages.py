@@ -3,6 +3,7 @@ generated kernel file of their own (read by the registry; importing it needs ``t
 
 from __future__ import annotations
 
+from attncompiler.program.dense import DenseAttention
 from attncompiler.program.stages import BlockSparseAttention
 
 from ..pytorch import diffusion as torch_diffusion
@@ -10,6 +11,7 @@ from . import combiner, diffusion, memory
 from .backend import run_block_sparse
 
 STAGES = {BlockSparseAttention: run_block_sparse,
+          DenseAttention: run_block_sparse,  # same semantics: the pattern's block-sparse kernels
           **torch_diffusion.SHARED_STAGES,  # plain tensor algebra, any device (recompute-schedule hops)
           **diffusion.STAGES, **combiner.STAGES, **memory.STAGES}
 SOURCES = {**diffusion.SOURCES, **memory.SOURCES}

@@ -1,0 +1,113 @@
+"""PyTorch implementation of the ``DenseAttention`` stage: SDPA's fused flash kernel for CPU.
+
+A pattern that is exactly ``full()`` or exactly (top-left) causal is what ATen's
+``_scaled_dot_product_flash_attention_for_cpu`` computes with ``is_causal`` False / True; it
+returns the log-sum-exp, and its backward (``..._for_cpu_backward``) recomputes from it, so both
+directions run as one parallel region each instead of the block loop's many small ops.
+
+GQA: for ``full()`` the query heads sharing a key/value head are folded into its query rows
+(a view; K/V read once); causal rows cannot be folded (row positions would change), so K/V are
+repeated per query head and their gradients summed back.
+
+Falls back to the block-sparse path (exactly the ``BlockSparseAttention`` stage) for float64,
+non-CPU tensors, a value width different from the key width, empty lengths (the fused kernel
+divides by zero there) and call-time positions it cannot express: a causal call at a query
+offset, or runtime documents. ``full()`` ignores offsets (every key stays visible), and key
+padding (``kv_lens``) arrives as already-sliced keys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attncompiler.program.autograd_guard import single_backward
+from attncompiler.program.dense import DenseAttention
+from attncompiler.program.positions import group_layout
+
+from ..context import RunContext
+from .attention import block_sparse_attention
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def fused_applies(causal: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions=None) -> bool:
+    """Whether the fused kernel computes exactly this call (see the module docstring)."""
+    if q.device.type != "cpu" or q.dtype not in FUSED_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        return False
+    if q.shape[-1] != v.shape[-1] or 0 in q.shape or 0 in k.shape:
+        return False
+    if positions is not None:
+        if getattr(positions, "doc_lengths", None) is not None:
+            return False
+        if causal and getattr(positions, "q_offset", 0) != 0:
+            return False
+    return True
+
+
+def _prepare(q, k, v, causal: bool):
+    """``(q', k', v')`` with equal head counts: GQA folded (full) or K/V repeated (causal)."""
+    B, H, Lq, D = q.shape
+    Hkv = k.shape[1]
+    if H == Hkv:
+        return q, k, v
+    G = H // Hkv
+    if not causal:
+        return q.reshape(B, Hkv, G * Lq, D), k, v
+    return q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+
+
+def _forward(q, k, v, causal: bool, scale: float):
+    """``(out, lse)`` in the caller's shapes, and the kernel's own ``(q', k', v', out', lse')``."""
+    qq, kk, vv = _prepare(q, k, v, causal)
+    out, lse = _flash(qq, kk, vv, 0.0, causal, scale=scale)
+    B, H, Lq, _ = q.shape
+    return (out.reshape(B, H, Lq, v.shape[-1]), lse.reshape(B, H, Lq)), (qq, kk, vv, out, lse)
+
+
+class DenseAttentionFn(torch.autograd.Function):
+    """Differentiable dense (full or top-left causal) attention through the fused CPU kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal: bool, scale: float):
+        (out, lse), saved = _forward(q, k, v, causal, scale)
+        ctx.save_for_backward(*saved)
+        ctx.causal, ctx.scale, ctx.shapes = causal, scale, (q.shape, k.shape)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @single_backward("DenseAttention (torch backend, fused CPU kernel)")
+    def backward(ctx, dout, _dlse):
+        qq, kk, vv, out, lse = ctx.saved_tensors
+        q_shape, k_shape = ctx.shapes
+        dq, dk, dv = _flash_backward(dout.reshape(out.shape).contiguous(), qq, kk, vv, out, lse, 0.0,
+                                     ctx.causal, scale=ctx.scale)
+        if dk.shape != k_shape:  # causal GQA: K/V were repeated per query head
+            B, Hkv, Lk, D = k_shape
+            dk = dk.view(B, Hkv, -1, Lk, D).sum(2)
+            dv = dv.view(B, Hkv, -1, Lk, dv.shape[-1]).sum(2)
+        return dq.reshape(q_shape), dk, dv, None, None
+
+
+def dense_attention(q, k, v, causal: bool, scale: float):
+    """``(out [B,H,Lq,Dv], lse [B,H,Lq] float32)`` of full / top-left causal attention with the
+    fused kernel; differentiable in q, k, v. Call only where :func:`fused_applies` is True."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return DenseAttentionFn.apply(q, k, v, causal, scale)
+    return _forward(q, k, v, causal, scale)[0]
+
+
+def run_dense(stage: DenseAttention, env: dict, ctx: RunContext) -> dict:
+    """Run one ``DenseAttention`` stage: the fused kernel where it applies, else block-sparse."""
+    q, k, v = (env[n] for n in stage.inputs)
+    positions = ctx.extra.get("positions")
+    if fused_applies(stage.causal, q, k, v, positions):
+        out, lse = dense_attention(q, k, v, stage.causal, ctx.scale)
+        return dict(zip(stage.outputs, (out, lse)))
+    s = stage.schedule
+    layout = group_layout(stage.pattern, q.shape[2], k.shape[2], s.block_m, s.block_n, batch=ctx.batch,
+                          heads=ctx.heads, positions=positions)
+    out, lse = block_sparse_attention(q, k, v, layout, s, ctx.scale, ctx.extra.get("need_lse", True))
+    return dict(zip(stage.outputs, (out, lse)))
