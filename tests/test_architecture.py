@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("attncompiler.analysis",),
     ("attncompiler.codegen",),
     ("attncompiler.runtime",),
-    ("attncompiler.nn", "attncompiler.distributed"),
+    ("attncompiler.nn", "attncompiler.distributed", "attncompiler.integrations"),
     ("attncompiler.bench",),
     ("attncompiler.cli",),
 ]

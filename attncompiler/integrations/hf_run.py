@@ -1,0 +1,124 @@
+"""One transformers attention call run with compiled modules: padding, packing and cache offsets.
+
+Compiled modules are cached by pattern (and score modification), so a model holds one module per
+layer kind and a decode loop never compiles anything after its first step
+(:func:`compiled_modules` counts them). Left padding is read as a shift: a row whose first ``s``
+keys are padding runs on its keys ``s:`` with its positions moved by ``s``, which leaves every
+translation-invariant mask (causal, sliding windows) exactly as transformers builds it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import numpy as np
+import torch
+
+from ..dsl.pattern import Pattern
+from ..dsl.primitives import document
+from ..errors import InputError, UnsupportedError
+from ..runtime.compile import compile as compile_pattern
+from ..runtime.module import CompiledAttention
+from .hf_masks import HFLayout
+
+# (pattern, backend, softcap) -> module; sinks are per layer, so their modules are keyed by the parameter.
+MODULES: dict[tuple, CompiledAttention] = {}
+
+
+def compiled_modules() -> int:
+    """How many attention modules the transformers integration has compiled in this process."""
+    return len(MODULES)
+
+
+def score_mod_supported() -> tuple[bool, bool]:
+    """``(softcap, sinks)``: whether ``ac.compile`` takes ``score_mod=`` (with ``ac.softcap``) and ``sinks=``."""
+    params = inspect.signature(compile_pattern).parameters
+    root = sys.modules.get("attncompiler")  # already imported: this module lives inside it
+    return ("score_mod" in params and hasattr(root, "softcap")), "sinks" in params
+
+
+def module_for(pattern: Pattern, backend: str, softcap: float | None, sinks: torch.Tensor | None) -> CompiledAttention:
+    """The (cached) compiled module of one layer kind."""
+    key = (pattern, backend, softcap, None if sinks is None else id(sinks))
+    mod = MODULES.get(key)
+    if mod is None:
+        has_softcap, has_sinks = score_mod_supported()
+        options = {}
+        if softcap is not None:
+            if not has_softcap:
+                raise UnsupportedError(
+                    f"softcap={softcap} (Gemma 2 attn_logit_softcapping) needs score modifications, which this "
+                    "attncompiler does not have yet; set config.attn_logit_softcapping=None or use "
+                    "attn_implementation='eager'")
+            options["score_mod"] = sys.modules["attncompiler"].softcap(softcap)
+        if sinks is not None:
+            if not has_sinks:
+                raise UnsupportedError(
+                    "attention sinks (s_aux, gpt-oss) need ac.compile(..., sinks=), which this attncompiler does not "
+                    "have yet; use attn_implementation='eager' for this model")
+            options["sinks"] = sinks
+        mod = compile_pattern(pattern, backend, **options)
+        MODULES[key] = mod
+    return mod
+
+
+def run_attention(mod_of, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                  layout: HFLayout | None) -> torch.Tensor:
+    """``out [B, H, Lq, D]`` of ``pattern`` on one layer call; ``mod_of(pattern)`` gives the module.
+
+    Without a layout (no mask hook ran) the queries are the last ``Lq`` positions of the keys.
+    Query rows that sit on left padding get zeros (transformers never reads them).
+    """
+    B, _, Lq, _ = q.shape
+    Lk = k.shape[2]
+    if layout is None:
+        return mod_of(pattern)(q, k, v, scale, q_offset=Lk - Lq)
+    if (layout.q_length, layout.kv_length) != (Lq, Lk) or layout.batch not in (B, 1):
+        raise InputError(f"the attention mask was built for batch {layout.batch}, {layout.q_length} queries and "
+                         f"{layout.kv_length} keys, but the layer got q {list(q.shape)} and k {list(k.shape)}; "
+                         "build the mask with the same inputs as the attention call")
+    qo = layout.q_offset - layout.kv_offset  # key j sits at kv_offset + j
+    if qo < 0:
+        raise InputError(f"q_offset={layout.q_offset} < kv_offset={layout.kv_offset}: queries before the cached keys")
+    groups = row_groups(layout, B, Lk)
+    if len(groups) == 1 and groups[0][0] == (0, Lk, None):
+        return mod_of(pattern)(q, k, v, scale, q_offset=qo)
+    outs, order = [], []
+    for (start, end, docs), rows in groups:
+        sel = torch.tensor(rows, device=q.device)
+        qg, kg, vg = (t.index_select(0, sel) for t in (q, k, v))
+        r0 = min(max(start - qo, 0), Lq)  # rows on left padding
+        shape = (len(rows), q.shape[1], r0, v.shape[-1])
+        pieces = [q.new_zeros(shape)]
+        if end > start and r0 < Lq:
+            kw = {"q_offset": qo + r0 - start}
+            p = pattern
+            if docs is not None:
+                p = pattern & document()
+                kw["cu_seqlens"] = torch.tensor(np.concatenate([[0], np.cumsum(docs)]), dtype=torch.int64)
+            pieces.append(mod_of(p)(qg[:, :, r0:], kg[:, :, start:end], vg[:, :, start:end], scale, **kw))
+        else:
+            pieces.append(q.new_zeros((len(rows), q.shape[1], Lq - r0, v.shape[-1])))
+        outs.append(torch.cat(pieces, dim=2))
+        order += rows
+    out = torch.cat(outs)
+    if order != list(range(B)):
+        inverse = torch.empty(B, dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(B)
+        out = out.index_select(0, inverse.to(q.device))
+    return out
+
+
+def row_groups(layout: HFLayout, batch: int, kv_len: int) -> list[tuple[tuple, list[int]]]:
+    """Batch rows with equal ``(start, end, documents)``, in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for b in range(batch):
+        r = b if layout.batch == batch else 0
+        start = 0 if layout.starts is None else int(layout.starts[r])
+        end = kv_len if layout.ends is None else int(layout.ends[r])
+        docs = None if layout.documents is None else layout.documents[r]
+        if docs is not None and len(docs) == 1:
+            docs = None  # one document: no document mask
+        groups.setdefault((start, end, docs), []).append(b)
+    return list(groups.items())

@@ -1,0 +1,249 @@
+"""Hugging Face transformers backend: ``attn_implementation="attncompiler"``.
+
+>>> from attncompiler.integrations import transformers as ac_hf
+>>> ac_hf.register()
+>>> model = AutoModelForCausalLM.from_config(config, attn_implementation="attncompiler")
+>>> ac_hf.set_patterns(model, {"*": ac.sliding_window(512) | ac.global_tokens(range(8))})
+
+By default a model computes its own attention exactly (causal or bidirectional layers, per-layer
+sliding windows, GQA, left/right padding, packed sequences through ``position_ids``, KV-cache
+prefill and decoding). The mask hook reads each forward's mask into one :class:`HFLayout` that
+every layer uses; :func:`set_patterns` then gives any layer any mask pattern, with the model's
+causality and padding applied on top. transformers is imported only when these functions run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..analysis.graph import attention_graph, layer_operator
+from ..dsl.pattern import Family, Pattern, causal
+from ..errors import InputError, UnexpectedArgumentError, UnsupportedError
+from .hf_masks import HFLayout, build_layout, model_pattern
+from .hf_run import compiled_modules, module_for, run_attention
+
+NAME = "attncompiler"
+PATTERN_ATTR = "attncompiler_pattern"  # set on attention modules by set_patterns
+# Keywords transformers' models hand to every attention function that do not change the result here.
+PLUMBING = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states",
+                      "return_dict", "layer_idx", "past_key_values", "cache", "position_embeddings",
+                      "logits_to_keep", "token_type_ids", "deterministic", "target_dtype", "sliding_window", "is_causal", "softcap", "s_aux"})
+
+__all__ = ["register", "attention_forward", "mask_hook", "set_patterns", "layer_patterns", "analyze",
+           "StackReport", "compiled_modules", "HFLayout"]
+
+
+def register() -> None:
+    """Add ``"attncompiler"`` to transformers' ``AttentionInterface`` and ``AttentionMaskInterface``.
+
+    Both are needed: with only the attention function registered, transformers hands it no mask
+    and padding would be ignored.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, mask_hook)
+
+
+def mask_hook(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+              attention_mask: torch.Tensor | None = None, **kwargs) -> HFLayout:
+    """transformers' mask interface: one :class:`HFLayout` per mask kind and forward (no dense mask)."""
+    return build_layout(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: ``(out [B, Lq, H, D] contiguous, None)``.
+
+    ``query`` is ``[B, H, Lq, D]``, ``key``/``value`` ``[B, Hkv, Lk, D]``. The layer's pattern is the
+    one :func:`set_patterns` gave it (with the model's causality on top), else the model's own
+    mask from ``attention_mask`` (an :class:`HFLayout` built by :func:`mask_hook`).
+
+    Raises:
+        UnsupportedError: attention dropout in training, a prepared 4D tensor mask, softcap or sinks
+            before attncompiler has score modifications, FlashAttention packing keywords.
+        UnexpectedArgumentError: a keyword this function does not know (it would be ignored).
+    """
+    unknown = [n for n, v in kwargs.items() if n not in PLUMBING and not n.startswith("output_") and v is not None]
+    if unknown:
+        hint = (" (FlashAttention packing keywords: pack through position_ids instead)"
+                if any(n.startswith(("cu_seq_lens", "max_length")) for n in unknown) else "")
+        raise UnexpectedArgumentError(f"attncompiler attention got unexpected keyword argument(s) "
+                                      f"{', '.join(map(repr, unknown))}{hint}")
+    if dropout and dropout > 0:
+        raise UnsupportedError(f"attention dropout={dropout} in training mode is not implemented by attncompiler; "
+                               "set config.attention_dropout = 0.0 (or call model.eval())")
+    if isinstance(attention_mask, torch.Tensor):
+        raise UnsupportedError(f"a prepared {attention_mask.dim()}D tensor attention mask {list(attention_mask.shape)} "
+                               "reached attncompiler; pass a 2D padding mask (the mask hook reads it) or use "
+                               "set_patterns for custom masks")
+    layout = attention_mask if isinstance(attention_mask, HFLayout) else None
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = layout.base == "causal" if layout is not None else getattr(module, "is_causal", True)
+    chosen = getattr(module, PATTERN_ATTR, None)
+    if chosen is not None:
+        pattern = chosen & causal() if is_causal else chosen
+        if layout is not None and layout.kv_offset and not is_causal_window_only(chosen):
+            raise UnsupportedError(f"layer {getattr(module, 'layer_idx', '?')}: pattern {chosen!r} with a sliding "
+                                   f"KV cache (keys start at position {layout.kv_offset}); use a full cache "
+                                   "(DynamicCache without sliding layers) with set_patterns")
+    elif layout is not None:
+        pattern = layout.pattern
+    else:
+        pattern = model_pattern(bool(is_causal), kwargs.get("sliding_window"), bidirectional_inclusive=False)
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    backend = "auto"
+    out = run_attention(lambda p: module_for(p, backend, softcap, sinks), pattern, query, key, value, scaling,
+                        layout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def is_causal_window_only(pattern: Pattern) -> bool:
+    """Whether a pattern depends on position differences only (then a sliding cache's offset is harmless)."""
+    from ..dsl.pattern import Causal, Intersection
+    from ..dsl.primitives import Full, SlidingWindow
+
+    if isinstance(pattern, (Causal, SlidingWindow, Full)):
+        return True
+    return isinstance(pattern, Intersection) and all(is_causal_window_only(p) for p in pattern.parts)
+
+
+def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
+    """The model's self-attention modules by layer index (modules with ``layer_idx`` and ``is_causal``)."""
+    found: dict[int, torch.nn.Module] = {}
+    for m in model.modules():
+        idx = getattr(m, "layer_idx", None)
+        if isinstance(idx, int) and hasattr(m, "is_causal") and idx not in found:
+            found[idx] = m
+    if not found:
+        raise UnsupportedError(f"no attention modules with layer_idx and is_causal in {type(model).__name__}; "
+                               "set_patterns needs a transformers model with per-layer attention modules")
+    return dict(sorted(found.items()))
+
+
+def set_patterns(model: torch.nn.Module, patterns: dict) -> torch.nn.Module:
+    """Give layers their own mask patterns: ``{"*": pattern, 3: other, ...}`` (layer index or ``"*"``).
+
+    The model's causality (``is_causal``) and padding are applied on top; a pattern given to a layer
+    replaces the layer's own mask (its sliding window too). ``None`` restores a layer's own mask.
+    The model is switched to ``attn_implementation="attncompiler"`` (registering it if needed).
+    Pattern positions are token indices counted from each row's first non-padding token.
+    """
+    mods = attention_modules(model)
+    default = patterns.get("*", ...)
+    for key, p in patterns.items():
+        if key != "*" and (isinstance(key, bool) or not isinstance(key, int) or key not in mods):
+            raise InputError(f"set_patterns key {key!r} is not '*' or a layer index of this model "
+                             f"(0..{max(mods)})")
+        if p is not None and (not isinstance(p, Pattern) or p.family != Family.MASK):
+            raise InputError(f"set_patterns[{key!r}] = {p!r} must be a mask pattern (ac.sliding_window(...), "
+                             "ac.mask(...), ...) or None")
+    for idx, m in mods.items():
+        p = patterns.get(idx, default)
+        if p is not ...:
+            setattr(m, PATTERN_ATTR, p)
+    register()
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        model.set_attn_implementation(NAME)
+    return model
+
+
+def layer_patterns(model: torch.nn.Module) -> dict[int, Pattern]:
+    """Each layer's effective pattern: its :func:`set_patterns` pattern with causality, else its own mask
+    (read from the module's ``is_causal``/``sliding_window`` and the config's ``layer_types``)."""
+    cfg = model.config
+    types = getattr(cfg, "layer_types", None)
+    out = {}
+    for idx, m in attention_modules(model).items():
+        chosen = getattr(m, PATTERN_ATTR, None)
+        is_causal = bool(m.is_causal)
+        if chosen is not None:
+            out[idx] = chosen & causal() if is_causal else chosen
+            continue
+        window = getattr(m, "sliding_window", None)
+        if window is None and (types is None or types[idx] == "sliding_attention"):
+            window = getattr(cfg, "sliding_window", None) if types is not None or is_causal else None
+        out[idx] = model_pattern(is_causal, window, bidirectional_inclusive=False) if window else \
+            model_pattern(is_causal, None, bidirectional_inclusive=False)
+    return out
+
+
+@dataclass(frozen=True)
+class StackReport:
+    """Stacked reach of a model's attention layers at one sequence length.
+
+    ``hops_to_full``: layers (running through the model's layers in order, repeating the stack)
+    until every legal (query, key) pair is connected, or None if not within ``max_layers``.
+    ``reach_after_model``: fraction of legal pairs connected after the model's own depth.
+    ``level``: ``"token"`` (exact) or ``"block"`` (block quotient: reach is an upper bound, hops a lower bound).
+    """
+
+    seq_len: int
+    layers: int
+    causal: bool
+    level: str
+    block: int
+    hops_to_full: int | None
+    reach_after_model: float
+    patterns: tuple[str, ...]
+    seconds: float
+
+    def __str__(self) -> str:
+        kinds = sorted(set(self.patterns), key=self.patterns.index)
+        rows = [f"stacked reach of {self.layers} layers at L={self.seq_len} ({self.level} level"
+                + (f", block {self.block}" if self.level == "block" else "") + ")",
+                f"  hops_to_full        {self.hops_to_full if self.hops_to_full is not None else 'not reached'}",
+                f"  reach after model   {self.reach_after_model:.4f}",
+                f"  causal              {self.causal}"]
+        rows += [f"  layers {sum(p == k for p in self.patterns):>3} x {k}" for k in kinds]
+        return "\n".join(rows)
+
+
+def analyze(model: torch.nn.Module, seq_len: int, *, max_layers: int | None = None,
+            token_max: int = 1024) -> StackReport:
+    """Stacked reach across the model's layers and patterns (see :class:`StackReport`).
+
+    Token level (exact) up to ``seq_len <= token_max``, block level beyond. ``max_layers`` bounds
+    the search for ``hops_to_full`` (default: four times the model's depth, at least 16).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise InputError(f"seq_len={seq_len!r} must be a positive integer")
+    pats = layer_patterns(model)
+    order = [pats[i] for i in sorted(pats)]
+    depth = len(order)
+    limit = max_layers if max_layers is not None else max(4 * depth, 16)
+    level = "token" if seq_len <= token_max else "block"
+    block = 1 if level == "token" else max(1, math.ceil(seq_len / 512))
+    ops: dict[Pattern, np.ndarray] = {}
+    for p in set(order):
+        g = attention_graph(p, seq_len, level=level, block=block) if level == "block" else \
+            attention_graph(p, seq_len, level="token")
+        ops[p] = layer_operator(g).toarray().astype(np.float32)
+    n = next(iter(ops.values())).shape[0]
+    is_causal = all(np.allclose(np.triu(m, 1), 0) for m in ops.values())
+    legal = np.tril(np.ones((n, n), bool)) if is_causal else np.ones((n, n), bool)
+    r = np.eye(n, dtype=np.float32)
+    hops, after = None, None
+    for step in range(1, limit + 1):
+        r = np.minimum(r + ops[order[(step - 1) % depth]] @ r, 1.0)  # residual stream keeps what it had
+        full = bool((r > 0)[legal].all())
+        if step == depth:
+            after = float((r > 0)[legal].mean())
+        if full and hops is None:
+            hops = step
+        if hops is not None and step >= depth:
+            break
+    if after is None:
+        after = float((r > 0)[legal].mean())
+    return StackReport(seq_len, depth, is_causal, level, block, hops, after, tuple(repr(p) for p in order),
+                       time.perf_counter() - t0)

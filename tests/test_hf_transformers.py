@@ -1,0 +1,277 @@
+"""The transformers backend: models from configs (random weights, offline) agree with eager/SDPA."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import attncompiler as ac  # noqa: E402
+from attncompiler.errors import UnexpectedArgumentError, UnsupportedError  # noqa: E402
+from attncompiler.integrations import transformers as ac_hf  # noqa: E402
+from attncompiler.integrations.hf_masks import build_layout  # noqa: E402
+from attncompiler.integrations.hf_run import score_mod_supported  # noqa: E402
+from transformers import masking_utils as mu  # noqa: E402
+
+ac_hf.register()
+TOL = 1e-4
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0)
+
+
+def build(name: str, **over):
+    """A tiny model of one architecture, random weights, eval mode, fp32."""
+    torch.manual_seed(0)
+    if name == "llama":
+        cfg, cls = transformers.LlamaConfig(**{**SMALL, **over}), transformers.LlamaForCausalLM
+    elif name == "mistral":
+        cfg, cls = transformers.MistralConfig(**{**SMALL, "sliding_window": 5, **over}), transformers.MistralForCausalLM
+    elif name == "gemma2":
+        kw = {**SMALL, "head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 16,
+              "attn_logit_softcapping": None, "final_logit_softcapping": None, **over}
+        cfg, cls = transformers.Gemma2Config(**kw), transformers.Gemma2ForCausalLM
+    elif name == "qwen3":
+        cfg, cls = transformers.Qwen3Config(**{**SMALL, "head_dim": 16, **over}), transformers.Qwen3ForCausalLM
+    elif name == "modernbert":
+        kw = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  local_attention=6, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  cls_token_id=1, sep_token_id=2, attention_dropout=0.0, **over)
+        cfg, cls = transformers.ModernBertConfig(**kw), transformers.ModernBertForMaskedLM
+    elif name == "gpt_oss":
+        kw = {**SMALL, "head_dim": 16, "num_local_experts": 2, "num_experts_per_tok": 1, "sliding_window": 4,
+              **over}
+        cfg, cls = transformers.GptOssConfig(**kw), transformers.GptOssForCausalLM
+    else:
+        raise KeyError(name)
+    return cls(cfg).eval()
+
+
+def logits(model, impl, **inputs):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+DECODERS = ["llama", "mistral", "gemma2", "qwen3"]
+
+
+def left_padded(batch=3, length=13, pads=(0, 4, 1)):
+    torch.manual_seed(1)
+    ids = torch.randint(1, 97, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b, p in enumerate(pads):
+        mask[b, :p] = 0
+    return ids, mask, pads
+
+
+@pytest.mark.parametrize("name", DECODERS + ["modernbert"])
+def test_logits_match_eager_and_sdpa_on_left_padded_batch(name):
+    model = build(name)
+    ids, mask, pads = left_padded()
+    ref = logits(model, "eager", input_ids=ids, attention_mask=mask)
+    got = logits(model, "attncompiler", input_ids=ids, attention_mask=mask)
+    sdpa = logits(model, "sdpa", input_ids=ids, attention_mask=mask) if model._supports_sdpa else ref
+    for b, p in enumerate(pads):
+        torch.testing.assert_close(got[b, p:], ref[b, p:], atol=TOL, rtol=TOL)
+        torch.testing.assert_close(got[b, p:], sdpa[b, p:], atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_logits_match_on_packed_sequences(name):
+    model = build(name)
+    torch.manual_seed(2)
+    ids = torch.randint(1, 97, (2, 15))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6, 0, 1],
+                        [0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2, 3, 4, 5]])
+    ref = logits(model, "eager", input_ids=ids, position_ids=pos)
+    got = logits(model, "attncompiler", input_ids=ids, position_ids=pos)
+    torch.testing.assert_close(got, ref, atol=TOL, rtol=TOL)
+    # packing really changed the answer (the test would notice a dropped document mask)
+    plain = logits(model, "eager", input_ids=ids)
+    assert (plain - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2"])
+def test_greedy_generation_matches_and_compiles_once_per_layer_kind(name):
+    model = build(name)
+    ids, mask, _ = left_padded(batch=2, length=9, pads=(0, 3))
+    model.set_attn_implementation("sdpa" if model._supports_sdpa else "eager")
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    model.set_attn_implementation("attncompiler")
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, ref)
+    # a long decode compiles nothing new: one module per layer kind, whatever the step
+    before = ac_hf.compiled_modules()
+    model.generate(ids, attention_mask=mask, max_new_tokens=50, do_sample=False, pad_token_id=0)
+    assert ac_hf.compiled_modules() == before
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_one_training_step_gives_the_same_gradients(name):
+    grads = {}
+    ids, mask, pads = left_padded()
+    labels = ids.clone()
+    for b, p in enumerate(pads):
+        labels[b, :p + 1] = -100  # no loss on predictions made at padding (their rows are implementation-defined)
+    for impl in ("eager", "attncompiler"):
+        model = build(name).train()
+        model.set_attn_implementation(impl)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["eager"].keys() == grads["attncompiler"].keys()
+    for n, g in grads["eager"].items():
+        torch.testing.assert_close(grads["attncompiler"][n], g, atol=TOL, rtol=1e-3, msg=n)
+
+
+def test_dropout_in_training_is_refused_naming_the_config_field():
+    model = build("llama", attention_dropout=0.1).train()
+    model.set_attn_implementation("attncompiler")
+    with pytest.raises(UnsupportedError, match="attention_dropout"):
+        model(input_ids=torch.randint(0, 97, (1, 5)))
+
+
+def test_softcap_until_score_mods_land():
+    """Flips to an equality check once ac.softcap exists."""
+    model = build("gemma2", attn_logit_softcapping=5.0)
+    ids = torch.randint(1, 97, (1, 11))
+    if score_mod_supported()[0]:
+        torch.testing.assert_close(logits(model, "attncompiler", input_ids=ids), logits(model, "eager", input_ids=ids),
+                                   atol=TOL, rtol=TOL)
+    else:
+        with pytest.raises(UnsupportedError, match="softcap"):
+            logits(model, "attncompiler", input_ids=ids)
+
+
+def test_gpt_oss_sinks_until_score_mods_land():
+    if not hasattr(transformers, "GptOssForCausalLM"):
+        pytest.skip("this transformers has no gpt-oss")
+    model = build("gpt_oss")
+    ids = torch.randint(1, 97, (1, 11))
+    if score_mod_supported()[1]:
+        torch.testing.assert_close(logits(model, "attncompiler", input_ids=ids), logits(model, "eager", input_ids=ids),
+                                   atol=TOL, rtol=TOL)
+    else:
+        with pytest.raises(UnsupportedError, match="sinks"):
+            logits(model, "attncompiler", input_ids=ids)
+
+
+def dense_reference(allowed, q, k, v, scale):
+    """float64 softmax attention under a dense bool mask [B, 1|H, Lq, Lk]; empty rows give zeros."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(rep, 1) for t in (k, v))
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_layer_call_equals_float64_with_transformers_own_mask(seed):
+    """The mask hook + attention function against the dense mask transformers builds, in float64,
+    with logits of magnitude ~100-1000, odd lengths, left/right padding, a cache offset and GQA."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, Hkv, D = 3, 4, 2, 8
+    Lq, past = [(13, 0), (1, 20), (5, 16)][seed]
+    Lk = past + Lq
+    window = [None, 6, 4][seed]
+    fn = mu.causal_mask_function if window is None else mu.sliding_window_causal_mask_function(window)
+    pad = torch.ones(B, Lk, dtype=torch.bool)
+    pad[1, :3] = False  # left padding
+    pad[2, Lk - 2:] = False if Lq > 2 else True  # right padding
+    q = (torch.randn(B, H, Lq, D, generator=g) * 8).requires_grad_()
+    k = (torch.randn(B, Hkv, Lk, D, generator=g) * 8).requires_grad_()
+    v = torch.randn(B, Hkv, Lk, D, generator=g).requires_grad_()
+    scale = 1.3
+    layout = ac_hf.mask_hook(B, Lq, Lk, q_offset=past, kv_offset=0, mask_function=fn, attention_mask=pad)
+    dense = mu.sdpa_mask(B, Lq, Lk, q_offset=past, kv_offset=0, mask_function=fn, attention_mask=pad,
+                         allow_is_causal_skip=False)
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, w = ac_hf.attention_forward(module, q, k, v, layout, scaling=scale)
+    assert w is None and out.shape == (B, Lq, H, D) and out.is_contiguous()
+    ref = dense_reference(dense, q, k, v, scale).transpose(1, 2)
+    rows = dense.any(-1)[:, 0]  # [B, Lq] rows with a visible key
+    assert (out[rows].double() - ref[rows]).abs().max() < 1e-4
+    torch.manual_seed(seed)
+    dout = torch.randn_like(ref) * rows[:, :, None, None]
+    g_got = torch.autograd.grad(out, (q, k, v), dout.float())
+    g_ref = torch.autograd.grad(ref, (q, k, v), dout)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-3, rtol=2e-3)
+
+
+def test_set_patterns_gives_the_dense_oracle_answer():
+    model = build("llama")
+    pattern = ac.sliding_window(2) | ac.global_tokens([0, 1])
+    ids, mask, pads = left_padded(length=11, pads=(0, 3, 0))
+    B, L = ids.shape
+    # the same mask for eager: pattern (positions from each row's first real token) & causal & padding
+    allowed = torch.zeros(B, 1, L, L, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        n = L - p
+        allowed[b, 0, p:, p:] = pattern.to_dense(n) & torch.ones(n, n, dtype=torch.bool).tril()
+    float_mask = torch.zeros(B, 1, L, L).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    ref = logits(model, "eager", input_ids=ids, attention_mask=float_mask)
+    ac_hf.set_patterns(model, {"*": pattern})
+    got = logits(model, "attncompiler", input_ids=ids, attention_mask=mask)
+    for b, p in enumerate(pads):
+        torch.testing.assert_close(got[b, p:], ref[b, p:], atol=TOL, rtol=TOL)
+    own = logits(build("llama"), "attncompiler", input_ids=ids, attention_mask=mask)
+    assert (own[0] - got[0]).abs().max() > 1e-3  # the pattern changed the answer
+    # per layer: layer 1 back to its own (causal) mask
+    ac_hf.set_patterns(model, {1: None})
+    pats = ac_hf.layer_patterns(model)
+    assert pats[0] == pattern & ac.causal() and pats[1] == ac.causal()
+
+
+def test_analyze_reports_stacked_reach():
+    model = build("llama", num_hidden_layers=3)
+    ac_hf.set_patterns(model, {"*": ac.sliding_window(8)})
+    rep = ac_hf.analyze(model, seq_len=64)
+    assert rep.level == "token" and rep.causal
+    assert rep.hops_to_full == math.ceil(63 / 8)  # a causal window of 8 moves 8 tokens per layer
+    assert 0 < rep.reach_after_model < 1
+    ac_hf.set_patterns(model, {1: ac.full()})  # a full (causal) second layer connects every legal pair
+    rep = ac_hf.analyze(model, seq_len=64)
+    assert rep.hops_to_full == 2 and rep.reach_after_model == 1.0 and "hops_to_full" in str(rep)
+    big = ac_hf.analyze(build("mistral"), seq_len=2048)
+    assert big.level == "block"
+
+
+def test_mistral_decode_past_the_window_with_a_sliding_cache():
+    model = build("mistral", sliding_window=4)
+    ids = torch.randint(1, 97, (1, 10))
+    model.set_attn_implementation("eager")
+    ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+    model.set_attn_implementation("attncompiler")
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=False), ref)
+
+
+def test_refusals_name_the_problem():
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(UnexpectedArgumentError, match="cu_seq_lens_q"):
+        ac_hf.attention_forward(module, q, q, q, None, cu_seq_lens_q=torch.tensor([0, 3]))
+    with pytest.raises(UnsupportedError, match="4D tensor"):
+        ac_hf.attention_forward(module, q, q, q, torch.zeros(1, 1, 3, 3))
+    holes = torch.tensor([[True, False, True]])
+    with pytest.raises(UnsupportedError, match="one run of ones"):
+        build_layout(1, 3, 3, mask_function=mu.causal_mask_function, attention_mask=holes)
+    with pytest.raises(UnsupportedError, match="chunked_overlay"):
+        build_layout(1, 3, 3, mask_function=mu.chunked_causal_mask_function(2, torch.zeros(1, dtype=torch.long)))
+    with pytest.raises(ValueError, match="set_patterns key 7"):
+        ac_hf.set_patterns(build("llama"), {7: ac.causal()})
+
+
+def test_import_attncompiler_does_not_import_transformers():
+    code = ("import sys, attncompiler, attncompiler.integrations.transformers as t; "
+            "print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
