@@ -29,3 +29,18 @@ def test_custom_pattern():
     for check in ("same dense mask", "same block layout", "same outputs", "both match the float64 reference"):
         assert f"ok   {check}" in out
     assert "traced into an expression: True" in out
+
+
+def test_hf_long_context():
+    import pytest
+
+    pytest.importorskip("transformers")
+    before = subprocess.run(["git", "status", "--porcelain", "--", str(EXAMPLES)], capture_output=True, text=True,
+                            cwd=EXAMPLES).stdout
+    out = run_example("hf_long_context.py", "--steps", "3", "--seq-len", "64", "--batch", "2", "--layers", "2",
+                      "--window", "8")
+    assert "hops_to_full" in out and "tokens/s" in out
+    assert "compiled attention modules: 1" in out  # one pattern, one module, whatever the step
+    after = subprocess.run(["git", "status", "--porcelain", "--", str(EXAMPLES)], capture_output=True, text=True,
+                           cwd=EXAMPLES).stdout
+    assert after == before  # the example writes nothing in the repository
