@@ -23,7 +23,7 @@ import sympy
 from ..families.combiner.pattern import FAMILY, Combiner, CombinerFixed, CombinerLogsparse, span_table
 from ..errors import PatternError, UnsupportedError
 from .graph import ATTEND, READ, SUMMARY, TOKEN, WRITE, AttentionGraph, register_graph_builder
-from .mask_graph import token_adjacency
+from .mask_graph import block_adjacency, token_adjacency
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,19 +180,31 @@ def combiner_graph(pattern: Combiner, seq_len: int, *, level: str = "token", blo
     T = -(-L // unit)
     rows, cols, kinds = [], [], []
     base = T
+    weights = []
     for f in pattern.factorizations():
-        plan = plan_for(f, L)
-        nS = len(plan.span_ptr) - 1
-        sizes = np.diff(plan.span_ptr)
-        rows += [plan.direct_q // unit, base + np.repeat(np.arange(nS), sizes), plan.read_q // unit]
-        cols += [plan.direct_k // unit, plan.span_idx // unit, base + plan.read_s]
-        kinds += [np.full(len(plan.direct_q), ATTEND), np.full(len(plan.span_idx), WRITE),
-                  np.full(len(plan.read_q), READ)]
+        if unit == 1:
+            plan = plan_for(f, L)
+            span_ptr, span_idx, read_q, read_s = plan.span_ptr, plan.span_idx, plan.read_q, plan.read_s
+            direct_q, direct_k, direct_w = plan.direct_q, plan.direct_k, np.ones(len(plan.direct_q))
+        else:  # the direct part's block quotient counts its token edges per block pair exactly,
+            # evaluating only partial blocks (the token adjacency would list every edge)
+            table = span_table(f, L)
+            span_ptr, span_idx = table.members_csr
+            read_q, read_s = table.pair_q, table.pair_s
+            w = block_adjacency(f.direct(), L, unit)[0].tocoo()
+            direct_q, direct_k, direct_w = w.row.astype(np.int64) * unit, w.col.astype(np.int64) * unit, w.data
+        nS = len(span_ptr) - 1
+        sizes = np.diff(span_ptr)
+        rows += [direct_q // unit, base + np.repeat(np.arange(nS), sizes), read_q // unit]
+        cols += [direct_k // unit, span_idx // unit, base + read_s]
+        kinds += [np.full(len(direct_q), ATTEND), np.full(len(span_idx), WRITE), np.full(len(read_q), READ)]
+        weights += [np.asarray(direct_w, dtype=np.float64), np.ones(len(span_idx)), np.ones(len(read_q))]
         base += nS
     r, c, kd = np.concatenate(rows), np.concatenate(cols), np.concatenate(kinds)
-    code, first, count = np.unique(r * base + c, return_index=True, return_counts=True)  # merge duplicates
+    code, first, inverse = np.unique(r * base + c, return_index=True, return_inverse=True)  # merge duplicates
     r, c, kd = code // base, code % base, kd[first]
-    weight = count if unit > 1 else np.ones(len(code))
+    weight = np.bincount(inverse.reshape(-1), weights=np.concatenate(weights), minlength=len(code)) \
+        if unit > 1 else np.ones(len(code))
     adj = sp.csr_matrix((weight.astype(np.float64), (r, c)), shape=(base, base))
     ek = sp.csr_matrix((kd.astype(np.int8), (r, c)), shape=(base, base))
     node_kind = np.concatenate([np.full(T, TOKEN, np.int8), np.full(base - T, SUMMARY, np.int8)])

@@ -21,13 +21,20 @@ weight = allowed (query, key) pairs in the block pair, exact):
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from ..errors import LayoutError, UnsupportedError
-from ..layout.block_layout import Blocks2D, partial_masks
+from ..layout.block_layout import FULL, PARTIAL, Blocks2D, block_masks
+from ..layout.block_sets import combine_segments, pairs_from_ranges, segments_to_blocks, sort_segments, union_kind
+from ..dsl import (BlockLocal, BlockWindow, Causal, Complement, DilatedWindow, Full, Intersection, Mask,
+                   SlidingWindow, Strided, Union)
 from ..dsl.pattern import Pattern
+from ..ir.expr import BinOp, Var
 from .graph import ATTEND, TOKEN, AttentionGraph, register_graph_builder
 
 # Above this many L x L elements the token graph is built from the layout, not a dense mask.
@@ -57,17 +64,146 @@ def group_layouts(pats: list[Pattern], L: int, block: int) -> list[Blocks2D]:
     return [p.layout(L, L, block, block).group_for(0, 0) for p in pats]
 
 
-def union_blocks(grps: list[Blocks2D]):
-    """Union of several layouts: sorted ``(rows, cols, full)`` where full = full in some head."""
+@dataclass(frozen=True, eq=False)
+class UnionLayout:
+    """The union of several heads' layouts, kept as the layouts keep themselves: blocks full in
+    some head as per-row ``[start, end)`` ranges, the other non-empty blocks as an explicit sorted
+    list. ``part_multi`` marks partial blocks non-empty in more than one head (their element mask
+    is the OR of the heads'); ``part_head`` names the one head of the others."""
+
+    geom: object
+    range_rows: np.ndarray
+    range_start: np.ndarray
+    range_end: np.ndarray
+    part_rows: np.ndarray
+    part_cols: np.ndarray
+    part_multi: np.ndarray
+    part_head: np.ndarray
+    part_index: np.ndarray  # position of the block in its head's partial list (single-head blocks)
+
+    @property
+    def num_full(self) -> int:
+        return int((self.range_end - self.range_start).sum())
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_full + len(self.part_rows)
+
+    def full_blocks(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, cols)`` of the full blocks, expanded (for consumers that need one entry each)."""
+        return pairs_from_ranges(self.range_rows, self.range_start, self.range_end - 1)
+
+
+def _segments(grp: Blocks2D):
+    """A layout as block segments: full ranges FULL, partial blocks PARTIAL (sorted, disjoint)."""
+    rows = np.concatenate([grp.range_rows, grp.part_rows])
+    start = np.concatenate([grp.range_start, grp.part_cols])
+    end = np.concatenate([grp.range_end, grp.part_cols + 1])
+    kind = np.concatenate([np.full(len(grp.range_rows), FULL, np.uint8), np.full(len(grp.part_rows), PARTIAL, np.uint8)])
+    return sort_segments(rows, start, end, kind, grp.geom.nkb)
+
+
+def union_layout(grps: list[Blocks2D]) -> UnionLayout:
+    """Union of several layouts, computed on their ranges (cost proportional to ranges plus
+    partial blocks, never to the full blocks)."""
     g = grps[0].geom
-    keys = np.concatenate([grp.rows * g.nkb + grp.cols for grp in grps])
-    full = np.concatenate([grp.full for grp in grps])
-    order = np.lexsort((~full, keys))  # per key, a full entry first
-    keys, full = keys[order], full[order]
-    first = np.ones(len(keys), dtype=bool)
-    first[1:] = keys[1:] != keys[:-1]
-    keys, full = keys[first], full[first]
-    return keys // g.nkb, keys % g.nkb, full
+    segs = _segments(grps[0])
+    for grp in grps[1:]:
+        segs = combine_segments(segs, _segments(grp), g.nkb, union_kind)  # PARTIAL | PARTIAL -> UNKNOWN
+    rows, start, end, kind = segs
+    f = kind == FULL
+    pr, pc, pk = segments_to_blocks(rows[~f], start[~f], end[~f], kind[~f])
+    order = np.lexsort((pc, pr))
+    pr, pc, pk = pr[order], pc[order], pk[order]
+    head = np.full(len(pr), -1, np.int64)
+    index = np.zeros(len(pr), np.int64)
+    single = pk == PARTIAL
+    want = pr * g.nkb + pc
+    for h, grp in enumerate(grps):  # which head holds each single-head partial block
+        have = grp.part_rows * g.nkb + grp.part_cols  # sorted by (row, col)
+        pos = np.searchsorted(have, want)
+        pos_c = np.minimum(pos, max(len(have) - 1, 0))
+        hit = single & (pos < len(have)) & (have[pos_c] == want) if len(have) else np.zeros(len(want), bool)
+        head[hit], index[hit] = h, pos_c[hit]
+    assert (head[single] >= 0).all(), "a partial block of the union belongs to no head"
+    return UnionLayout(g, rows[f], start[f], end[f], pr, pc, ~single, head, index)
+
+
+@functools.lru_cache(maxsize=32)
+def partial_weights(grp: Blocks2D, dtype: torch.dtype) -> np.ndarray:
+    """Allowed pairs of each partial block of ``grp`` (aligned with ``part_rows``), evaluated once
+    per layout: the block graph, its cost and each head's cost share them.
+
+    When the predicate is invariant under shifting both positions by a period ``P``
+    (:func:`shift_period`: windows, strided, causal, block-local and their combinations), whole
+    blocks with the same offset ``q_lo - k_lo`` and the same ``q_lo mod P`` have the same mask:
+    one block per class is evaluated (exact; for block-aligned periods at most ``nqb + nkb``
+    blocks instead of every partial block)."""
+    g = grp.geom
+    rows, cols = grp.part_rows, grp.part_cols
+    w = np.zeros(len(rows), dtype=np.int64)
+    todo = np.arange(len(rows))
+    period = shift_period(grp.pattern, g.q_end, g.kv_len) if len(rows) else None
+    if period is not None and period <= g.q_end:  # a longer period shares nothing
+        whole = (g.q_hi(rows) - g.q_lo(rows) + 1 == g.block_m) & (g.k_hi(cols) - g.k_lo(cols) + 1 == g.block_n)
+        sel = np.flatnonzero(whole)
+        q0, k0 = g.q_lo(rows[sel]), g.k_lo(cols[sel])
+        _, first, inverse = np.unique((q0 - k0 + g.kv_len) * period + q0 % period, return_index=True,
+                                      return_inverse=True)
+        w[sel] = _count(grp, rows[sel][first], cols[sel][first], dtype)[inverse.reshape(-1)]
+        todo = np.flatnonzero(~whole)
+    w[todo] = _count(grp, rows[todo], cols[todo], dtype)
+    return w
+
+
+def shift_period(p: Pattern, q_len: int, kv_len: int) -> int | None:
+    """A period ``P`` with ``p(q + P, k + P) == p(q, k)`` for every pair inside the lengths (1:
+    any shift, i.e. a function of ``q - k``), or None when none is known. Exact types only, as
+    in :func:`attncompiler.layout.block_sets.cell_size`: a subclass may change the predicate."""
+    t = type(p)
+    if t in (Full, Causal, SlidingWindow, DilatedWindow, Strided):
+        return 1
+    if t in (BlockLocal, BlockWindow):
+        return int(p.block)
+    if t in (Union, Intersection, Complement):
+        periods = [shift_period(c, q_len, kv_len) for c in p.children()]
+        return None if None in periods else int(np.lcm.reduce(np.array(periods, dtype=np.int64)))
+    if t is Mask:
+        return 1 if depends_on_difference(p.predicate(q_len, kv_len)) else None
+    return None
+
+
+def _count(grp: Blocks2D, rows: np.ndarray, cols: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """Allowed pairs of each given block, evaluated in chunks that bound memory."""
+    out = np.zeros(len(rows), dtype=np.int64)
+    for sl in _chunks(len(rows), grp.geom):
+        m = _eval_blocks(grp, rows[sl], cols[sl], dtype)
+        out[sl] = m.reshape(len(m), -1).sum(dim=1, dtype=torch.int32).numpy()
+    return out
+
+
+def depends_on_difference(e) -> bool:
+    """Whether the traced predicate ``e`` reads ``q_idx`` and ``kv_idx`` only as a pair
+    combined by one binary operation (``q_idx - kv_idx``, ``kv_idx <= q_idx``, ...), i.e. it is
+    a function of ``q - k`` (and of the other variables). None (opaque) gives False."""
+    if e is None:
+        return False
+    pos = {"q_idx", "kv_idx"}
+    if isinstance(e, Var):
+        return e.name not in pos
+    for node in e.walk():  # every occurrence of a position must sit in a (q_idx, kv_idx) pair
+        kids = node.children()
+        if not any(isinstance(c, Var) and c.name in pos for c in kids):
+            continue
+        pair = isinstance(node, BinOp) and node.op in _DIFFERENCE_OPS and all(isinstance(c, Var) for c in kids) \
+            and {c.name for c in kids} == pos
+        if not pair:
+            return False
+    return True
+
+
+# Binary operations of (q_idx, kv_idx) that are functions of q_idx - kv_idx.
+_DIFFERENCE_OPS = frozenset({"sub", "lt", "le", "gt", "ge", "eq", "ne"})
 
 
 def index_dtype(pats: list[Pattern], L: int) -> torch.dtype:
@@ -88,12 +224,11 @@ def index_dtype(pats: list[Pattern], L: int) -> torch.dtype:
     return torch.int32
 
 
-def _block_masks(grp: Blocks2D, which: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """:func:`attncompiler.layout.block_layout.partial_masks` with a choice of index dtype."""
+def _eval_blocks(grp: Blocks2D, rows: np.ndarray, cols: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`attncompiler.layout.block_layout.block_masks` with a choice of index dtype."""
     if dtype == torch.int64:
-        return partial_masks(grp, which)
+        return block_masks(grp, rows, cols)
     g = grp.geom
-    rows, cols = grp.rows[which], grp.cols[which]
     q = torch.from_numpy(g.q_lo(rows).astype(np.int32))[:, None] + torch.arange(g.block_m, dtype=dtype)
     k = torch.from_numpy(g.k_lo(cols).astype(np.int32))[:, None] + torch.arange(g.block_n, dtype=dtype)
     valid = (q < g.q_len)[:, :, None] & (k < g.kv_len)[:, None, :]
@@ -109,15 +244,29 @@ def union_masks(grps: list[Blocks2D], rows: np.ndarray, cols: np.ndarray,
     out = torch.zeros(len(rows), g.block_m, g.block_n, dtype=torch.bool)
     want = rows * g.nkb + cols
     for grp in grps:
-        have = grp.rows * g.nkb + grp.cols
-        pos = np.searchsorted(have, want)
-        pos_c = np.minimum(pos, max(len(have) - 1, 0))
-        hit = (pos < len(have)) & (have[pos_c] == want) if len(have) else np.zeros(len(want), bool)
-        if hit.all():
-            out |= _block_masks(grp, pos_c, dtype)
-        elif hit.any():
-            out[torch.from_numpy(np.flatnonzero(hit))] |= _block_masks(grp, pos_c[hit], dtype)
+        seg = _segments(grp)
+        # kind of each wanted block in this head: look it up in the head's segments
+        keys_lo, keys_hi = seg[0] * (g.nkb + 1) + seg[1], seg[0] * (g.nkb + 1) + seg[2]
+        w = rows * (g.nkb + 1) + cols
+        pos = np.searchsorted(keys_lo, w, side="right") - 1
+        pos_c = np.maximum(pos, 0)
+        hit = (pos >= 0) & (w < keys_hi[pos_c]) if len(keys_lo) else np.zeros(len(want), bool)
+        if not hit.any():
+            continue
+        full = hit & (seg[3][pos_c] == FULL)
+        out[torch.from_numpy(np.flatnonzero(full))] = _valid(g, rows[full], cols[full])
+        part = hit & ~full
+        if part.any():
+            sel = torch.from_numpy(np.flatnonzero(part))
+            out[sel] |= _eval_blocks(grp, rows[part], cols[part], dtype)
     return out
+
+
+def _valid(g, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+    """``[P, BM, BN]`` True on elements inside the lengths (a full block's mask)."""
+    q = torch.from_numpy(g.q_lo(rows))[:, None] + torch.arange(g.block_m)
+    k = torch.from_numpy(g.k_lo(cols))[:, None] + torch.arange(g.block_n)
+    return (q < g.q_len)[:, :, None] & (k < g.kv_len)[:, None, :]
 
 
 def _chunks(n: int, g):
@@ -136,76 +285,107 @@ def token_adjacency(pattern: Pattern, L: int, *, block: int = 64, heads: int | N
         return sp.csr_matrix(dense)
     grps = group_layouts(pats, L, block)
     g = grps[0].geom
-    rows, cols, full = union_blocks(grps)
+    u = union_layout(grps)
     qs, ks = [], []
-    bi, bj = np.meshgrid(np.arange(g.block_m), np.arange(g.block_n), indexing="ij")
-    bi, bj = bi.reshape(-1), bj.reshape(-1)
-    fr, fc = rows[full], cols[full]
-    for sl in _chunks(len(fr), g):  # full blocks: whole rectangles, clipped to L
-        q = (fr[sl, None] * g.block_m + bi).reshape(-1)
-        k = (fc[sl, None] * g.block_n + bj).reshape(-1)
-        ok = (q < L) & (k < L)
-        qs.append(q[ok]); ks.append(k[ok])
-    pr, pc = rows[~full], cols[~full]
+    # full ranges: every token row of the block row sees the range's key tokens (clipped to L)
+    rr, k0 = u.range_rows, u.range_start * g.block_n
+    k1 = np.minimum(u.range_end * g.block_n, L)
+    tq = rr[:, None] * g.block_m + np.arange(g.block_m)  # [ranges, bm] token rows
+    ok = tq < L
+    tq, tk0, tk1 = tq[ok], np.broadcast_to(k0[:, None], ok.shape)[ok], np.broadcast_to(k1[:, None], ok.shape)[ok]
+    fq, fk = pairs_from_ranges(tq, tk0, tk1 - 1)
+    qs.append(fq); ks.append(fk)
     dtype = index_dtype(pats, L)
-    for sl in _chunks(len(pr), g):  # partial blocks: evaluate the union of the heads
-        m = union_masks(grps, pr[sl], pc[sl], dtype).numpy()
+    for sl in _chunks(len(u.part_rows), g):  # partial blocks: evaluate the union of the heads
+        pr, pc = u.part_rows[sl], u.part_cols[sl]
+        m = union_masks(grps, pr, pc, dtype).numpy()
         b, i, j = np.nonzero(m)
-        qs.append(pr[sl][b] * g.block_m + i); ks.append(pc[sl][b] * g.block_n + j)
+        qs.append(pr[b] * g.block_m + i); ks.append(pc[b] * g.block_n + j)
     q, k = np.concatenate(qs), np.concatenate(ks)
     adj = sp.csr_matrix((np.ones(len(q), dtype=bool), (q, k)), shape=(L, L))
+    adj.sum_duplicates()
     adj.sort_indices()
     return adj
 
 
+@functools.lru_cache(maxsize=16)
 def block_adjacency(pattern: Pattern, L: int, block: int, *, heads: int | None = None):
     """Block quotient of one layer: ``(weights CSR [nb, nb] int64, all_full, sym_diag [nb])``.
 
     ``weights[r, c]`` = allowed pairs in (query block r, key block c); ``sym_diag[r]`` = ordered
     pairs of distinct tokens of block r connected in either direction (for the spectrum).
+
+    Built from the heads' ranges: a full range is one run of the CSR row (weight = its area),
+    and only partial blocks are evaluated, once per head layout (:func:`partial_weights`); a
+    block partial in several heads evaluates the union of their masks. Cached (the report's
+    graph and cost ask for the same quotient).
     """
     pats = head_patterns(pattern, heads)
     grps = group_layouts(pats, L, block)
     g = grps[0].geom
-    rows, cols, full = union_blocks(grps)
-    rsize = g.q_hi(rows) - g.q_lo(rows) + 1
-    csize = g.k_hi(cols) - g.k_lo(cols) + 1
-    w = np.where(full, rsize * csize, 0).astype(np.int64)
-    sizes = g.q_hi(np.arange(g.nqb)) - g.q_lo(np.arange(g.nqb)) + 1
-    sym_diag = np.zeros(g.nqb, dtype=np.int64)
-    diag_full = full & (rows == cols)
-    sym_diag[rows[diag_full]] = sizes[rows[diag_full]] * (sizes[rows[diag_full]] - 1)
-    part = np.flatnonzero(~full)
+    u = union_layout(grps)
     dtype = index_dtype(pats, L)
-    for sl in _chunks(len(part), g):
-        sel = part[sl]
-        m = union_masks(grps, rows[sel], cols[sel], dtype)  # [P, BM, BN]
-        w[sel] = np.count_nonzero(m.numpy().reshape(len(sel), -1), axis=1)
-        d = rows[sel] == cols[sel]
-        if d.any():
-            md = m[torch.from_numpy(np.flatnonzero(d))]
-            sym = md | md.transpose(1, 2)
-            sym_diag[rows[sel][d]] = (sym.sum(dim=(1, 2)) - torch.diagonal(sym, dim1=1, dim2=2).sum(dim=1)).numpy()
-    keep = w > 0
-    adj = sp.csr_matrix((w[keep], (rows[keep], cols[keep])), shape=(g.nqb, g.nkb))
+    sizes = g.q_hi(np.arange(g.nqb)) - g.q_lo(np.arange(g.nqb)) + 1
+    k_cum = np.concatenate([[0], np.cumsum(g.k_hi(np.arange(g.nkb)) - g.k_lo(np.arange(g.nkb)) + 1)])
+    fr, fc = u.full_blocks()
+    fw = sizes[fr] * (k_cum[fc + 1] - k_cum[fc])
+    pw = np.zeros(len(u.part_rows), dtype=np.int64)
+    for h, grp in enumerate(grps):
+        mine = u.part_head == h
+        if mine.any():
+            pw[mine] = partial_weights(grp, dtype)[u.part_index[mine]]
+    multi = np.flatnonzero(u.part_multi)
+    for sl in _chunks(len(multi), g):
+        sel = multi[sl]
+        m = union_masks(grps, u.part_rows[sel], u.part_cols[sel], dtype)
+        pw[sel] = m.reshape(len(sel), -1).sum(dim=1).numpy()
+    sym_diag = np.zeros(g.nqb, dtype=np.int64)
+    diag_full = fr == fc
+    sym_diag[fr[diag_full]] = sizes[fr[diag_full]] * (sizes[fr[diag_full]] - 1)
+    diag = np.flatnonzero(u.part_rows == u.part_cols)
+    for sl in _chunks(len(diag), g):
+        sel = diag[sl]
+        md = union_masks(grps, u.part_rows[sel], u.part_cols[sel], dtype)
+        sym = md | md.transpose(1, 2)
+        sym_diag[u.part_rows[sel]] = (sym.sum(dim=(1, 2)) - torch.diagonal(sym, dim1=1, dim2=2).sum(dim=1)).numpy()
+    keep = pw > 0
+    rows = np.concatenate([fr, u.part_rows[keep]])
+    cols = np.concatenate([fc, u.part_cols[keep]])
+    adj = sp.csr_matrix((np.concatenate([fw, pw[keep]]).astype(np.int64), (rows, cols)), shape=(g.nqb, g.nkb))
     adj.sort_indices()
-    return adj, bool(full[keep].all()), sym_diag
+    return adj, bool(keep.sum() == 0), sym_diag
 
 
 def causal_leak(pattern: Pattern, L: int, *, block: int = 64, heads: int | None = None) -> tuple[int, int] | None:
-    """A pair ``(key, query)`` with ``key > query`` that the pattern allows, or None (exact)."""
+    """A pair ``(key, query)`` with ``key > query`` that the pattern allows, or None (exact).
+
+    Decided on the union's ranges: a block right of the diagonal or a full diagonal block leaks
+    for sure; otherwise only the partial diagonal blocks are evaluated."""
     pats = head_patterns(pattern, heads)
     grps = group_layouts(pats, L, block)
     g = grps[0].geom
-    rows, cols, full = union_blocks(grps)
-    # A block right of the diagonal, or a full diagonal block, leaks for sure: show one pair.
-    sure = np.flatnonzero((cols > rows) | ((cols == rows) & full & (g.block_m > 1)))
-    check = sure[:1] if len(sure) else np.flatnonzero(cols == rows)
-    for sl in _chunks(len(check), g):
-        sel = check[sl]
-        m = union_masks(grps, rows[sel], cols[sel])  # [P, BM, BN]
-        q = torch.from_numpy(g.q_lo(rows[sel]))[:, None, None] + torch.arange(g.block_m)[None, :, None]
-        k = torch.from_numpy(g.k_lo(cols[sel]))[:, None, None] + torch.arange(g.block_n)[None, None, :]
+    u = union_layout(grps)
+    rr, rs, re_ = u.range_rows, u.range_start, u.range_end
+    right = re_ - 1 > rr  # a full range reaching past the diagonal
+    on_diag = (rs <= rr) & (rr < re_) & (g.block_m > 1)
+    cand = []
+    if right.any():
+        i = int(np.flatnonzero(right)[0]); cand.append((int(rr[i]), max(int(rs[i]), int(rr[i]) + 1)))
+    if on_diag.any():
+        i = int(np.flatnonzero(on_diag)[0]); cand.append((int(rr[i]), int(rr[i])))
+    pright = np.flatnonzero(u.part_cols > u.part_rows)
+    if len(pright):
+        cand.append((int(u.part_rows[pright[0]]), int(u.part_cols[pright[0]])))
+    if cand:  # a sure leak: show one pair of it
+        r, c = min(cand)
+        rows, cols = np.array([r]), np.array([c])
+    else:
+        check = np.flatnonzero(u.part_cols == u.part_rows)
+        rows, cols = u.part_rows[check], u.part_cols[check]
+    for sl in _chunks(len(rows), g):
+        m = union_masks(grps, rows[sl], cols[sl])  # [P, BM, BN]
+        q = torch.from_numpy(g.q_lo(rows[sl]))[:, None, None] + torch.arange(g.block_m)[None, :, None]
+        k = torch.from_numpy(g.k_lo(cols[sl]))[:, None, None] + torch.arange(g.block_n)[None, None, :]
         hit = m & (k > q)
         if hit.any():
             b, i, j = (int(x) for x in torch.nonzero(hit)[0])

@@ -193,11 +193,10 @@ def _auto_level(pattern: Pattern, L: int, block: int, heads: int | None) -> str:
         return "token"
     if L > TOKEN_LEVEL_MAX or pattern.family != "mask":
         return "block"
-    from .mask_graph import group_layouts, head_patterns, union_blocks
+    from .mask_graph import group_layouts, head_patterns, union_layout
 
     grps = group_layouts(head_patterns(pattern, heads), L, block)
-    rows, _, _ = union_blocks(grps)
-    return "token" if len(rows) * block * block <= TOKEN_EDGES_MAX else "block"
+    return "token" if union_layout(grps).num_blocks * block * block <= TOKEN_EDGES_MAX else "block"
 
 
 def _too_large(q: Quotient, L: int) -> bool:
