@@ -56,3 +56,8 @@ def test_diffusion_memory_child_answers_json():
     out = _run("-m", "attncompiler.bench.diffusion", "--child", "ours", "128", "1", "1", "8", "1", "fwd", "32")
     res = json.loads(out.strip().splitlines()[-1])
     assert res["impl"] == "ours" and isinstance(res["peak_mib"], float)
+
+
+def test_cpu_grid_cli_prints_its_options():
+    out = _run("benchmarks/cpu_grid.py", "--help")
+    assert out.startswith("usage:") and "--threads" in out and "--load" in out and "--quick" in out

@@ -75,6 +75,7 @@ def _command_options(cmd: str, parser: argparse.ArgumentParser, pattern_names: s
         add("--no-flex", action="store_true", help="skip FlexAttention (its compilation takes ~20 s on CPU)")
         add("--json", action="store_true", help="print machine-readable JSON")
         add("--quiet", action="store_true", help="no progress messages on stderr")
+        add("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's own)")
     if cmd == "bench":
         add("--no-sdpa", action="store_true", help="skip SDPA with a dense mask")
         add("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -277,11 +278,24 @@ def cmd_verify(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
+def set_threads(n: int | None) -> None:
+    """``torch.set_num_threads(n)`` when ``--threads`` was given."""
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def cmd_bench(argv: list[str]) -> int:
     """``attnc bench PATTERN``: our backend vs SDPA vs FlexAttention."""
     from ..bench.attention import run_bench
 
+    if "--grid" in argv:  # the CPU benchmark grid: its own options (attnc bench --grid --help)
+        from ..bench.grid import main as grid_main
+
+        return grid_main([a for a in argv if a != "--grid"])
     spec, opts, _ = _parse("bench", argv)
+    set_threads(opts.threads)
     pattern = spec.pattern
     contenders = tuple(c for c, off in (("attnc", False), ("sdpa", opts.no_sdpa), ("flex", opts.no_flex)) if not off)
     res = run_bench(pattern, opts.seq_len, heads=opts.heads, head_dim=opts.head_dim, batch=opts.batch,
@@ -299,6 +313,7 @@ def cmd_bench_layout(argv: list[str]) -> int:
     from ..bench.layout import run_layout_bench
 
     spec, opts, block = _parse("bench-layout", argv)
+    set_threads(opts.threads)
     pattern = spec.pattern
     builders = ("attnc",) if opts.no_flex else ("attnc", "flex")
     res = run_layout_bench(pattern, opts.seq_len, block=block, repeats=opts.repeats, builders=builders,
