@@ -10,8 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 import attncompiler as ac
 import attncompiler.analysis.mask_graph as mg
-from attncompiler.analysis.mask_graph import (block_adjacency, causal_leak, depends_on_difference, head_patterns,
-                                              shift_period, token_adjacency)
+from attncompiler.analysis.mask_graph import block_adjacency, causal_leak, head_patterns, token_adjacency
+from attncompiler.layout.shift import depends_on_difference, shift_period
 
 from strategies import bool_exprs, cases, expressions
 

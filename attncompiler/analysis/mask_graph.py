@@ -30,11 +30,9 @@ import torch
 
 from ..errors import LayoutError, UnsupportedError
 from ..layout.block_layout import FULL, PARTIAL, Blocks2D, block_masks
+from ..layout.shift import shift_classes, shift_period
 from ..layout.block_sets import combine_segments, pairs_from_ranges, segments_to_blocks, sort_segments, union_kind
-from ..dsl import (BlockLocal, BlockWindow, Causal, Complement, DilatedWindow, Full, Intersection, Mask,
-                   SlidingWindow, Strided, Union)
 from ..dsl.pattern import Pattern
-from ..ir.expr import BinOp, Var
 from .graph import ATTEND, TOKEN, AttentionGraph, register_graph_builder
 
 # Above this many L x L elements the token graph is built from the layout, not a dense mask.
@@ -142,35 +140,13 @@ def partial_weights(grp: Blocks2D, dtype: torch.dtype) -> np.ndarray:
     g = grp.geom
     rows, cols = grp.part_rows, grp.part_cols
     w = np.zeros(len(rows), dtype=np.int64)
-    todo = np.arange(len(rows))
     period = shift_period(grp.pattern, g.q_end, g.kv_len) if len(rows) else None
     if period is not None and period <= g.q_end:  # a longer period shares nothing
-        whole = (g.q_hi(rows) - g.q_lo(rows) + 1 == g.block_m) & (g.k_hi(cols) - g.k_lo(cols) + 1 == g.block_n)
-        sel = np.flatnonzero(whole)
-        q0, k0 = g.q_lo(rows[sel]), g.k_lo(cols[sel])
-        _, first, inverse = np.unique((q0 - k0 + g.kv_len) * period + q0 % period, return_index=True,
-                                      return_inverse=True)
-        w[sel] = _count(grp, rows[sel][first], cols[sel][first], dtype)[inverse.reshape(-1)]
-        todo = np.flatnonzero(~whole)
-    w[todo] = _count(grp, rows[todo], cols[todo], dtype)
-    return w
-
-
-def shift_period(p: Pattern, q_len: int, kv_len: int) -> int | None:
-    """A period ``P`` with ``p(q + P, k + P) == p(q, k)`` for every pair inside the lengths (1:
-    any shift, i.e. a function of ``q - k``), or None when none is known. Exact types only, as
-    in :func:`attncompiler.layout.block_sets.cell_size`: a subclass may change the predicate."""
-    t = type(p)
-    if t in (Full, Causal, SlidingWindow, DilatedWindow, Strided):
-        return 1
-    if t in (BlockLocal, BlockWindow):
-        return int(p.block)
-    if t in (Union, Intersection, Complement):
-        periods = [shift_period(c, q_len, kv_len) for c in p.children()]
-        return None if None in periods else int(np.lcm.reduce(np.array(periods, dtype=np.int64)))
-    if t is Mask:
-        return 1 if depends_on_difference(p.predicate(q_len, kv_len)) else None
-    return None
+        qs, ks = g.q_hi(rows) - g.q_lo(rows) + 1, g.k_hi(cols) - g.k_lo(cols) + 1
+        first, inverse = shift_classes(period, g.q_lo(rows), qs, g.k_lo(cols), ks)
+        w[:] = _count(grp, rows[first], cols[first], dtype)[inverse]
+        return w
+    return _count(grp, rows, cols, dtype)
 
 
 def _count(grp: Blocks2D, rows: np.ndarray, cols: np.ndarray, dtype: torch.dtype) -> np.ndarray:
@@ -180,30 +156,6 @@ def _count(grp: Blocks2D, rows: np.ndarray, cols: np.ndarray, dtype: torch.dtype
         m = _eval_blocks(grp, rows[sl], cols[sl], dtype)
         out[sl] = m.reshape(len(m), -1).sum(dim=1, dtype=torch.int32).numpy()
     return out
-
-
-def depends_on_difference(e) -> bool:
-    """Whether the traced predicate ``e`` reads ``q_idx`` and ``kv_idx`` only as a pair
-    combined by one binary operation (``q_idx - kv_idx``, ``kv_idx <= q_idx``, ...), i.e. it is
-    a function of ``q - k`` (and of the other variables). None (opaque) gives False."""
-    if e is None:
-        return False
-    pos = {"q_idx", "kv_idx"}
-    if isinstance(e, Var):
-        return e.name not in pos
-    for node in e.walk():  # every occurrence of a position must sit in a (q_idx, kv_idx) pair
-        kids = node.children()
-        if not any(isinstance(c, Var) and c.name in pos for c in kids):
-            continue
-        pair = isinstance(node, BinOp) and node.op in _DIFFERENCE_OPS and all(isinstance(c, Var) for c in kids) \
-            and {c.name for c in kids} == pos
-        if not pair:
-            return False
-    return True
-
-
-# Binary operations of (q_idx, kv_idx) that are functions of q_idx - kv_idx.
-_DIFFERENCE_OPS = frozenset({"sub", "lt", "le", "gt", "ge", "eq", "ne"})
 
 
 def index_dtype(pats: list[Pattern], L: int) -> torch.dtype:

@@ -28,6 +28,7 @@ from ..dsl.primitives import (BlockLocal, BlockWindow, DilatedWindow, Document, 
                               RandomBlocks, SlidingWindow, Strided)
 from ..dsl.mask_mod import Mask
 from ..errors import PatternError
+from .shift import shift_classes, shift_period
 
 EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
 
@@ -579,12 +580,28 @@ def _representatives(lo: np.ndarray, hi: np.ndarray, cell: int, n: int) -> np.nd
 
 def _refine(p: Pattern, g: Geometry, bs: BlockSet, b: int, h: int) -> BlockSet:
     """Resolve UNKNOWN blocks by evaluating the predicate on their elements only: one element
-    per cell on which the pattern is constant (:func:`cell_size`), vectorized over blocks."""
+    per cell on which the pattern is constant (:func:`cell_size`), vectorized over blocks; for
+    shift-invariant predicates only one block per class of equal masks (:mod:`.shift`)."""
     unknown = bs.seg_kind == UNKNOWN
     if not unknown.any():
         return bs
     rows, cols, _ = segments_to_blocks(bs.seg_row[unknown], bs.seg_start[unknown], bs.seg_end[unknown],
                                        bs.seg_kind[unknown])
+    period = shift_period(p, g.q_end, g.kv_len)
+    if period is not None and period <= g.q_end and len(rows) > 1:
+        first, inverse = shift_classes(period, g.q_lo(rows), g.q_hi(rows) - g.q_lo(rows) + 1, g.k_lo(cols),
+                                       g.k_hi(cols) - g.k_lo(cols) + 1)
+        kind = _decide(p, g, rows[first], cols[first], b, h)[inverse]
+    else:
+        kind = _decide(p, g, rows, cols, b, h)
+    known = ~unknown
+    segs = (np.concatenate([bs.seg_row[known], rows]), np.concatenate([bs.seg_start[known], cols]),
+            np.concatenate([bs.seg_end[known], cols + 1]), np.concatenate([bs.seg_kind[known], kind]))
+    return BlockSet.of(g, sort_segments(*segs, g.nkb))
+
+
+def _decide(p: Pattern, g: Geometry, rows: np.ndarray, cols: np.ndarray, b: int, h: int) -> np.ndarray:
+    """EMPTY / PARTIAL / FULL of the given blocks from one element per cell of each."""
     cell = cell_size(p)
     n_q = 1 if cell == 0 else min(g.block_m, -(-g.block_m // cell) + 1)  # cells a block can meet
     n_k = 1 if cell == 0 else min(g.block_n, -(-g.block_n // cell) + 1)
@@ -597,10 +614,7 @@ def _refine(p: Pattern, g: Geometry, bs: BlockSet, b: int, h: int) -> BlockSet:
         m = p.evaluate(b, h, q[:, :, None], k[:, None, :], g.q_end, g.kv_len)  # [P, n_q, n_k]
         kind[start:start + per] = np.where(m.all(dim=2).all(dim=1).numpy(), FULL,
                                            np.where(m.any(dim=2).any(dim=1).numpy(), PARTIAL, EMPTY))
-    known = ~unknown
-    segs = (np.concatenate([bs.seg_row[known], rows]), np.concatenate([bs.seg_start[known], cols]),
-            np.concatenate([bs.seg_end[known], cols + 1]), np.concatenate([bs.seg_kind[known], kind]))
-    return BlockSet.of(g, sort_segments(*segs, g.nkb))
+    return kind
 
 
 def block_set(p: Pattern, g: Geometry, b: int = 0, h: int = 0) -> BlockSet:
