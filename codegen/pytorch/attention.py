@@ -65,8 +65,8 @@ def forward_group(blocks: Blocks2D, plan, ops: Operands, out, lse) -> None:
     G = ops.G
     for chunk in plan:
         R = len(chunk.rows)
-        Ks = [ops.keys(ops.k, st, R) for st in chunk.steps]
-        Vs = [ops.keys(ops.v, st, R) for st in chunk.steps]
+        Ks = [ops.keys(ops.k, chunk, st) for st in chunk.steps]
+        Vs = [ops.keys(ops.v, chunk, st) for st in chunk.steps]
         biases = [step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
                   for st in chunk.steps]
         q_rows = ops.rows(ops.q, chunk)  # [B, Hkv, G, R, bm, D]
@@ -137,10 +137,12 @@ def backward_group(blocks: Blocks2D, plan, ops: Operands, dout, lse, delta, dq, 
         R = len(chunk.rows)
         q_rows, do_rows = ops.rows(ops.q, chunk), ops.rows(dout, chunk)
         lse_rows, delta_rows = ops.rows(lse, chunk), ops.rows(delta, chunk)
-        Ks = [ops.keys(ops.k, st, R) for st in chunk.steps]
-        Vs = [ops.keys(ops.v, st, R) for st in chunk.steps]
+        Ks = [ops.keys(ops.k, chunk, st) for st in chunk.steps]
+        Vs = [ops.keys(ops.v, chunk, st) for st in chunk.steps]
         biases = [step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
                   for st in chunk.steps]
+        # key-block ids of the dk/dv scatter: built per chunk from the plan's compact form
+        index = [chunk.step_index(st).to(ops.q.device) for st in chunk.steps]
         for b in range(ops.B):
             for h in range(ops.Hkv):
                 qt, do = fold(q_rows[b, h]), fold(do_rows[b, h])
@@ -154,8 +156,8 @@ def backward_group(blocks: Blocks2D, plan, ops: Operands, dout, lse, delta, dq, 
                     part = torch.bmm(ds, K)  # [R, G*bm, D]
                     dq_acc = part if dq_acc is None else dq_acc.add_(part)
                     C = st.c1 - st.c0
-                    dk[b, h].index_add_(0, st.index, torch.bmm(ds.transpose(1, 2), qt).view(R * C, ops.bn, ops.D))
-                    dv[b, h].index_add_(0, st.index, torch.bmm(p.transpose(1, 2), do).view(R * C, ops.bn, ops.Dv))
+                    dk[b, h].index_add_(0, index[i], torch.bmm(ds.transpose(1, 2), qt).view(R * C, ops.bn, ops.D))
+                    dv[b, h].index_add_(0, index[i], torch.bmm(p.transpose(1, 2), do).view(R * C, ops.bn, ops.Dv))
                 write_rows(dq[b, h], dq_acc, chunk)
 
 

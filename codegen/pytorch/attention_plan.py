@@ -22,27 +22,64 @@ NEG_INF = float("-inf")
 
 @dataclass(frozen=True, eq=False)
 class Step:
-    """One online-softmax step of a chunk: a slice of its key-block columns."""
+    """One online-softmax step of a chunk: a slice ``[c0, c1)`` of its key-block columns.
+
+    Only partial (or padded) blocks are listed; the key-block ids of the step are derived on
+    demand from the chunk (:meth:`Chunk.step_index`), so a plan is as large as its rows, steps
+    and partial blocks, never one entry per computed block."""
 
     c0: int
     c1: int
     affine: tuple[int, int] | None  # (first block, step between rows) when the band is strided
-    index: torch.Tensor  # [R * C] key-block ids (gather path and backward scatter)
     needs_mask: bool
-    partial_r: torch.Tensor  # positions of partial blocks in the [R, C] grid
+    partial_r: torch.Tensor  # positions of partial blocks in the step's [R, C] grid
     partial_c: torch.Tensor
-    full: torch.Tensor  # [R, C] bool
 
 
 @dataclass(frozen=True, eq=False)
 class Chunk:
-    """Query blocks processed together (same number of key blocks)."""
+    """Query blocks processed together (same number of key blocks).
+
+    Rows whose key blocks are one contiguous run (``lo`` given) read columns
+    ``lo[r] + j``; of those, ``[first[r], first[r] + count[r])`` are in the layout (the rest is
+    padding) and full unless listed as partial by the step. Other rows list their blocks
+    (``explicit = (cols, full)``, ``[R, width]``)."""
 
     rows: np.ndarray
     q_slice: tuple[int, int] | None  # consecutive rows: a slice of query blocks
     q_index: torch.Tensor
-    cols: np.ndarray  # [R, C]
+    width: int
+    lo: np.ndarray | None
+    first: np.ndarray | None
+    count: np.ndarray | None
+    explicit: tuple[np.ndarray, np.ndarray] | None
     steps: tuple[Step, ...]
+
+    def step_cols(self, step: Step) -> np.ndarray:
+        """``[R, C]`` key-block ids of the step (built on demand, bounded by the chunk)."""
+        if self.explicit is not None:
+            return self.explicit[0][:, step.c0:step.c1]
+        return self.lo[:, None] + np.arange(step.c0, step.c1)
+
+    def step_index(self, step: Step) -> torch.Tensor:
+        """``[R * C]`` key-block ids of the step, for gathers and the backward's scatter-add."""
+        return torch.from_numpy(np.ascontiguousarray(self.step_cols(step)).reshape(-1))
+
+    def step_full(self, step: Step) -> np.ndarray:
+        """``[R, C]`` bool: blocks of the step that are full (neither partial nor padding)."""
+        if self.explicit is not None:
+            return self.explicit[1][:, step.c0:step.c1].copy()
+        cols = self.step_cols(step)
+        full = (cols >= self.first[:, None]) & (cols < (self.first + self.count)[:, None])
+        full[step.partial_r.numpy(), step.partial_c.numpy()] = False
+        return full
+
+    @property
+    def cols(self) -> np.ndarray:
+        """``[R, width]`` key-block ids of every column (built on demand)."""
+        if self.explicit is not None:
+            return self.explicit[0]
+        return self.lo[:, None] + np.arange(self.width)
 
 
 # Rows whose key blocks form one contiguous run are merged into buckets of similar length, padded
@@ -141,11 +178,11 @@ def make_plan(blocks: Blocks2D, schedule: Schedule, group: int) -> tuple[Chunk, 
     """Bucket, chunk and step a 2-D layout; ``group`` query heads share each key/value head
     (their rows are folded into one matmul, so they count towards the tile size).
 
-    Works from the layout's full ranges and partial list: each chunk lists only its own key
-    blocks, so the plan is as large as the work, never the expanded layout."""
+    Works from the layout's full ranges and partial list: contiguous rows keep one start column
+    each and their partial blocks, so the plan is as large as its rows and partial blocks,
+    never the expanded layout (causal at 1M tokens has 134 million computed blocks)."""
     g = blocks.geom
-    ragged_k = g.kv_len % g.block_n != 0
-    counts = _row_extent(blocks)[0]
+    counts, firsts, _ = _row_extent(blocks)
     chunks = []
     for rows, width, contiguous in _buckets(blocks):
         per_row_elems = group * g.block_m * min(width, schedule.key_blocks_per_step) * g.block_n
@@ -153,24 +190,69 @@ def make_plan(blocks: Blocks2D, schedule: Schedule, group: int) -> tuple[Chunk, 
         for start in range(0, len(rows), rows_per_chunk):
             r = rows[start:start + rows_per_chunk]
             w = int(counts[r].max())  # a chunk pads only to its own longest row
-            cols, full, real = _chunk_blocks(blocks, r, w, contiguous)
-            steps = []
-            for c0 in range(0, w, schedule.key_blocks_per_step):
-                c1 = min(w, c0 + schedule.key_blocks_per_step)
-                sc, sf, sr = cols[:, c0:c1], full[:, c0:c1], real[:, c0:c1]
-                pr, pc = np.nonzero(sr & ~sf)
-                needs_mask = not sf.all() or (ragged_k and bool((sc == g.nkb - 1).any()))
-                steps.append(Step(c0, c1, _affine(sc), torch.from_numpy(sc.reshape(-1).copy()), needs_mask,
-                                  torch.from_numpy(pr), torch.from_numpy(pc), torch.from_numpy(sf.copy())))
             consecutive = bool((np.diff(r) == 1).all())
-            chunks.append(Chunk(r, (int(r[0]), int(r[-1]) + 1) if consecutive else None,
-                                torch.from_numpy(r.copy()), cols, tuple(steps)))
+            q_slice = (int(r[0]), int(r[-1]) + 1) if consecutive else None
+            if contiguous:
+                chunks.append(_band_chunk(blocks, r, w, firsts[r], counts[r], q_slice, schedule))
+            else:
+                chunks.append(_explicit_chunk(blocks, r, w, q_slice, schedule))
     return tuple(chunks)
+
+
+def _step_range(w: int, schedule: Schedule):
+    return ((c0, min(w, c0 + schedule.key_blocks_per_step)) for c0 in range(0, w, schedule.key_blocks_per_step))
+
+
+def _band_chunk(blocks: Blocks2D, r: np.ndarray, w: int, first: np.ndarray, count: np.ndarray, q_slice,
+                schedule: Schedule) -> Chunk:
+    """A chunk of rows whose key blocks are one contiguous run each: columns ``lo + j``."""
+    g = blocks.geom
+    lo = np.minimum(first, g.nkb - w)  # extend right, or left at the end
+    pptr = blocks.part_ptr
+    n_p = pptr[r + 1] - pptr[r]
+    pidx = np.repeat(pptr[r] - np.concatenate([[0], np.cumsum(n_p)[:-1]]), n_p) + np.arange(int(n_p.sum()))
+    p_row = np.repeat(np.arange(len(r)), n_p)
+    p_pos = blocks.part_cols[pidx] - lo[p_row]  # column of each partial block in the chunk
+    order = np.argsort(p_pos, kind="stable")
+    p_row, p_pos = p_row[order], p_pos[order]
+    stride = _progression(lo)
+    end = first + count
+    steps = []
+    for c0, c1 in _step_range(w, schedule):
+        i0, i1 = np.searchsorted(p_pos, [c0, c1])
+        padded = bool(((lo + c0) < first).any() or ((lo + c1) > end).any())
+        ragged = g.kv_len % g.block_n != 0 and bool(((lo + c0 <= g.nkb - 1) & (g.nkb - 1 < lo + c1)).any())
+        affine = None if stride is None else (int(lo[0]) + c0, stride)
+        steps.append(Step(c0, c1, affine, padded or ragged or i1 > i0,
+                          torch.from_numpy(p_row[i0:i1].copy()), torch.from_numpy(p_pos[i0:i1] - c0)))
+    return Chunk(r, q_slice, torch.from_numpy(r.copy()), w, lo, first.copy(), count.copy(), None, tuple(steps))
+
+
+def _explicit_chunk(blocks: Blocks2D, r: np.ndarray, w: int, q_slice, schedule: Schedule) -> Chunk:
+    """A chunk of rows with gaps between their key blocks (every row has exactly ``w``)."""
+    g = blocks.geom
+    pos, col, full_flags = _row_blocks(blocks, r)
+    cols, full = col.reshape(len(r), w), full_flags.reshape(len(r), w)
+    steps = []
+    for c0, c1 in _step_range(w, schedule):
+        sc, sf = cols[:, c0:c1], full[:, c0:c1]
+        pr, pc = np.nonzero(~sf)
+        needs_mask = not sf.all() or (g.kv_len % g.block_n != 0 and bool((sc == g.nkb - 1).any()))
+        steps.append(Step(c0, c1, _affine(sc), needs_mask, torch.from_numpy(pr), torch.from_numpy(pc)))
+    return Chunk(r, q_slice, torch.from_numpy(r.copy()), w, None, None, None, (cols, full), tuple(steps))
+
+
+def _progression(lo: np.ndarray) -> int | None:
+    """The common difference of ``lo`` when it is a non-negative arithmetic progression."""
+    if len(lo) < 2:
+        return 1
+    d = np.diff(lo)
+    return int(d[0]) if d[0] >= 0 and (d == d[0]).all() else None
 
 
 def _row_blocks(blocks: Blocks2D, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(row position, col, full)`` of every block of the given rows, sorted by (position, col):
-    the rows' full ranges expanded, merged with their partial blocks."""
+    the rows' full ranges expanded, merged with their partial blocks (rows with gaps only)."""
     rptr, pptr = blocks.range_ptr, blocks.part_ptr
     nr, np_ = rptr[rows + 1] - rptr[rows], pptr[rows + 1] - pptr[rows]
     ridx = np.repeat(rptr[rows] - np.concatenate([[0], np.cumsum(nr)[:-1]]), nr) + np.arange(int(nr.sum()))
@@ -182,24 +264,6 @@ def _row_blocks(blocks: Blocks2D, rows: np.ndarray) -> tuple[np.ndarray, np.ndar
     full = np.concatenate([np.ones(len(fpos), bool), np.zeros(len(pidx), bool)])
     order = np.lexsort((col, pos))
     return pos[order], col[order], full[order]
-
-
-def _chunk_blocks(blocks: Blocks2D, rows: np.ndarray, width: int, contiguous: bool):
-    """``(cols, full, real)`` ``[R, width]``: key blocks per row, which are full, which are in the
-    layout (the rest is padding: empty neighbouring blocks, fully masked)."""
-    R = len(rows)
-    pos, col, full_flags = _row_blocks(blocks, rows)
-    counts = np.bincount(pos, minlength=R)
-    if not contiguous:  # every row of the bucket has exactly ``width`` blocks
-        return col.reshape(R, width), full_flags.reshape(R, width), np.ones((R, width), dtype=bool)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    first = col[starts]
-    lo = np.minimum(first, blocks.geom.nkb - width)  # extend right, or left at the end
-    cols = lo[:, None] + np.arange(width)  # [R, W]
-    real = (cols >= first[:, None]) & (cols < (first + counts)[:, None])
-    full = np.zeros((R, width), dtype=bool)
-    full[pos, col - lo[pos]] = full_flags
-    return cols, full, real
 
 
 def _affine(cols: np.ndarray) -> tuple[int, int] | None:
@@ -295,16 +359,18 @@ def _step_mask(blocks: Blocks2D, chunk: Chunk, step: Step, device) -> torch.Tens
     """``[R, bm, C*bn]`` bool: full blocks True, partial blocks from the predicate, padding False."""
     g = blocks.geom
     R, C = len(chunk.rows), step.c1 - step.c0
-    m = step.full.to(device)[:, None, :, None].expand(R, g.block_m, C, g.block_n).contiguous()
+    cols = chunk.step_cols(step)  # [R, C]
+    m = torch.from_numpy(chunk.step_full(step)).to(device)[:, None, :, None].expand(R, g.block_m, C, g.block_n)
+    m = m.contiguous()
     if len(step.partial_r):
         pr, pc = step.partial_r.numpy(), step.partial_c.numpy()
         q = torch.from_numpy(g.q_lo(chunk.rows[pr]))[:, None] + torch.arange(g.block_m)  # [P, bm] positions
-        k = torch.from_numpy(chunk.cols[pr, step.c0 + pc] * g.block_n)[:, None] + torch.arange(g.block_n)
+        k = torch.from_numpy(cols[pr, pc] * g.block_n)[:, None] + torch.arange(g.block_n)
         em = blocks.pattern.evaluate(0, 0, q.clamp_max(g.q_end - 1)[:, :, None],
                                      k.clamp_max(g.kv_len - 1)[:, None, :], g.q_end, g.kv_len)  # [P, bm, bn]
         m.permute(0, 2, 1, 3)[step.partial_r.to(device), step.partial_c.to(device)] = em.to(device)
     m = m.view(R, g.block_m, C * g.block_n)
     if g.kv_len % g.block_n:
-        k_pos = (torch.from_numpy(chunk.cols[:, step.c0:step.c1]) * g.block_n)[:, :, None] + torch.arange(g.block_n)
+        k_pos = (torch.from_numpy(cols) * g.block_n)[:, :, None] + torch.arange(g.block_n)
         m &= (k_pos.view(R, 1, C * g.block_n) < g.kv_len).to(device)
     return m

@@ -30,19 +30,19 @@ class Operands:
             return t[:, :, :, chunk.q_slice[0]:chunk.q_slice[1]]
         return t.index_select(3, chunk.q_index)
 
-    def keys(self, blocks_view: torch.Tensor, step: Step, R: int) -> torch.Tensor:
+    def keys(self, blocks_view: torch.Tensor, chunk: Chunk, step: Step) -> torch.Tensor:
         """Key (or value) blocks of a step as ``[B, Hkv, R, C*bn, X]`` (see :func:`step_keys`)."""
-        return step_keys(blocks_view, step, R)
+        return step_keys(blocks_view, chunk, step)
 
 def key_blocks(t: torch.Tensor, g, compute_dtype) -> torch.Tensor:
     """``[B, Hkv, Lk, X]`` -> padded block view ``[B, Hkv, nkb, bn, X]`` in the compute dtype."""
     B, Hkv, _, X = t.shape
     return pad_len(t.to(compute_dtype), g.nkb * g.block_n).contiguous().view(B, Hkv, g.nkb, g.block_n, X)
 
-def step_keys(blocks_view: torch.Tensor, step: Step, R: int) -> torch.Tensor:
+def step_keys(blocks_view: torch.Tensor, chunk: Chunk, step: Step) -> torch.Tensor:
     """Key (or value) blocks of a step as ``[B, Hkv, R, C*bn, X]``: a strided view for
     affine bands (no copy; per-head slices are plain 3-D strided matrices), else a gather."""
-    C = step.c1 - step.c0
+    C, R = step.c1 - step.c0, len(chunk.rows)
     B, Hkv, _, bn, X = blocks_view.shape
     if step.affine is not None:
         c0, st = step.affine
@@ -52,7 +52,7 @@ def step_keys(blocks_view: torch.Tensor, step: Step, R: int) -> torch.Tensor:
     # A 2-D row gather is much faster than index_select on dim 2 of a 5-D tensor.
     nkb = blocks_view.shape[2]
     offsets = torch.arange(B * Hkv, device=blocks_view.device)[:, None] * nkb
-    idx = (offsets + step.index.to(blocks_view.device)[None, :]).reshape(-1)
+    idx = (offsets + chunk.step_index(step).to(blocks_view.device)[None, :]).reshape(-1)
     rows = blocks_view.reshape(B * Hkv * nkb, bn * X).index_select(0, idx)
     return rows.view(B, Hkv, R, C * bn, X)
 

@@ -22,6 +22,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from attncompiler.program.autograd_guard import single_backward
@@ -133,7 +134,7 @@ def _probs_forward(q, k, v, layout, schedule, scale, workspace=None):
     for i, chunk in enumerate(plan.chunks):
         st = chunk.steps[0]
         R = len(chunk.rows)
-        K, V = step_keys(ops.k, st, R), step_keys(ops.v, st, R)  # [B, Hkv, R, C*bn, X]
+        K, V = step_keys(ops.k, chunk, st), step_keys(ops.v, chunk, st)  # [B, Hkv, R, C*bn, X]
         mask = step_bias(blocks, chunk, st, ops.q.dtype, q.device) if st.needs_mask else None
         q_rows = ops.rows(ops.q, chunk)  # [B, Hkv, G, R, bm, D]
         for b in range(ops.B):
@@ -180,17 +181,18 @@ def _probs_backward(q, k, v, p, dout, dp, layout, schedule, scale):
     for i, chunk in enumerate(plan.chunks):
         st = chunk.steps[0]
         R, C = len(chunk.rows), st.c1 - st.c0
-        K, V = step_keys(ops.k, st, R), step_keys(ops.v, st, R)
+        K, V = step_keys(ops.k, chunk, st), step_keys(ops.v, chunk, st)
         q_rows, do_rows = ops.rows(ops.q, chunk), ops.rows(do_all, chunk)
+        index = chunk.step_index(st).to(q.device)  # dk/dv scatter, built per chunk
         for b in range(ops.B):
             for h in range(ops.Hkv):
                 pt = plan.tile(p[b, h], i)  # [R, G*bm, C*bn]
                 do = fold(do_rows[b, h])  # [R, G*bm, Dv]
-                dv[b, h].index_add_(0, st.index, torch.bmm(pt.transpose(1, 2), do).view(R * C, g.block_n, ops.Dv))
+                dv[b, h].index_add_(0, index, torch.bmm(pt.transpose(1, 2), do).view(R * C, g.block_n, ops.Dv))
                 dpt = torch.baddbmm(plan.tile(dp[b, h], i), do, V[b, h].transpose(1, 2))  # both uses of P
                 ds = dpt.sub_((pt * dpt).sum(dim=-1, keepdim=True)).mul_(pt)  # softmax backward; masked P = 0
                 write_rows(dq[b, h], torch.bmm(ds, K[b, h]), chunk)
-                dk[b, h].index_add_(0, st.index, torch.bmm(ds.transpose(1, 2), fold(q_rows[b, h]))
+                dk[b, h].index_add_(0, index, torch.bmm(ds.transpose(1, 2), fold(q_rows[b, h]))
                                     .view(R * C, g.block_n, ops.D))
     Lq, Lk = q.shape[2], k.shape[2]
     return ((dq.view(q.shape[0], q.shape[1], -1, ops.D)[:, :, :Lq] * scale).to(q.dtype),
@@ -220,7 +222,7 @@ def _apply_forward(sp: StoredProbs, p, v):
     vb = key_blocks(v, g, p.dtype)  # [B, Hkv, nkb, bn, Dv]
     out = torch.zeros(B, Hkv, sp.plan.group, g.nqb, g.block_m, Dv, dtype=p.dtype, device=v.device)
     for i, chunk in enumerate(sp.plan.chunks):
-        V = step_keys(vb, chunk.steps[0], len(chunk.rows))  # [B, Hkv, R, C*bn, Dv]
+        V = step_keys(vb, chunk, chunk.steps[0])  # [B, Hkv, R, C*bn, Dv]
         for b in range(B):
             for h in range(Hkv):
                 _pv_into(out[b, h], sp.plan.tile(p[b, h], i), V[b, h], chunk)
@@ -239,7 +241,8 @@ def _apply_backward(sp: StoredProbs, p, v, dout):
     for i, chunk in enumerate(sp.plan.chunks):
         st = chunk.steps[0]
         R, C = len(chunk.rows), st.c1 - st.c0
-        V = step_keys(vb, st, R)
+        V = step_keys(vb, chunk, st)
+        index = chunk.step_index(st).to(v.device)
         rows = do_all[:, :, :, chunk.q_slice[0]:chunk.q_slice[1]] if chunk.q_slice is not None else \
             do_all.index_select(3, chunk.q_index)
         for b in range(B):
@@ -247,7 +250,7 @@ def _apply_backward(sp: StoredProbs, p, v, dout):
                 do = fold(rows[b, h])  # [R, G*bm, Dv]
                 pt = sp.plan.tile(p[b, h], i)
                 torch.bmm(do, V[b, h].transpose(1, 2), out=sp.plan.tile(dp[b, h], i))
-                dv[b, h].index_add_(0, st.index, torch.bmm(pt.transpose(1, 2), do).view(R * C, g.block_n, Dv))
+                dv[b, h].index_add_(0, index, torch.bmm(pt.transpose(1, 2), do).view(R * C, g.block_n, Dv))
     return dp, dv.view(B, Hkv, -1, Dv)[:, :, :v.shape[2]].to(v.dtype)
 
 
@@ -302,7 +305,7 @@ class StoredProbs:
         for i, chunk in enumerate(self.plan.chunks):
             st = chunk.steps[0]
             R, C = len(chunk.rows), st.c1 - st.c0
-            cols = torch.from_numpy(chunk.cols[:, st.c0:st.c1].copy())  # [R, C]
+            cols = torch.from_numpy(np.ascontiguousarray(chunk.step_cols(st)))  # [R, C]
             rows = torch.from_numpy(chunk.rows.copy())
             for b in range(B):
                 for h in range(Hkv):
