@@ -9,7 +9,9 @@ By default a model computes its own attention exactly (causal or bidirectional l
 sliding windows, GQA, left/right padding, packed sequences through ``position_ids``, KV-cache
 prefill and decoding). The mask hook reads each forward's mask into one :class:`HFLayout` that
 every layer uses; :func:`set_patterns` then gives any layer any mask pattern, with the model's
-causality and padding applied on top. transformers is imported only when these functions run.
+causality and padding applied on top. Under torch.distributed, :func:`enable_context_parallel`
+runs every layer's pattern as sequence-parallel ring attention, each rank holding a shard of the
+sequence (:mod:`.hf_context_parallel`). transformers is imported only when these functions run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from ..analysis.graph import attention_graph, layer_operator
 from ..dsl.pattern import Family, Pattern, causal
 from ..errors import InputError, UnexpectedArgumentError, UnsupportedError
+from .hf_context_parallel import CP_ATTR, ContextParallel, check_sharding
 from .hf_masks import HFLayout, build_layout, model_pattern
 from .hf_run import compiled_modules, module_for, run_attention
 
@@ -31,10 +34,12 @@ PATTERN_ATTR = "attncompiler_pattern"  # set on attention modules by set_pattern
 # Keywords transformers' models hand to every attention function that do not change the result here.
 PLUMBING = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions", "output_hidden_states",
                       "return_dict", "layer_idx", "past_key_values", "cache", "position_embeddings",
+                      "shift_labels", "num_items_in_batch",
                       "logits_to_keep", "token_type_ids", "deterministic", "target_dtype", "sliding_window", "is_causal", "softcap", "s_aux"})
 
 __all__ = ["register", "attention_forward", "mask_hook", "set_patterns", "layer_patterns", "analyze",
-           "StackReport", "compiled_modules", "HFLayout"]
+           "StackReport", "compiled_modules", "HFLayout", "enable_context_parallel", "disable_context_parallel",
+           "shard_inputs", "ContextParallel"]
 
 
 def register() -> None:
@@ -99,6 +104,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     else:
         pattern = model_pattern(bool(is_causal), kwargs.get("sliding_window"), bidirectional_inclusive=False)
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    cp = getattr(module, CP_ATTR, None)
+    if cp is not None:
+        if softcap is not None or sinks is not None:
+            raise UnsupportedError(f"layer {getattr(module, 'layer_idx', '?')}: "
+                                   f"{'softcap' if softcap is not None else 'attention sinks (s_aux)'} with context "
+                                   "parallelism is not supported (the ring has no score modifications); "
+                                   "disable_context_parallel(model) for this model")
+        return cp.attention(pattern, query, key, value, scaling, layout).transpose(1, 2).contiguous(), None
     backend = "auto"
     out = run_attention(lambda p: module_for(p, backend, softcap, sinks), pattern, query, key, value, scaling,
                         layout)
@@ -153,6 +166,61 @@ def set_patterns(model: torch.nn.Module, patterns: dict) -> torch.nn.Module:
     if getattr(model.config, "_attn_implementation", None) != NAME:
         model.set_attn_implementation(NAME)
     return model
+
+
+def enable_context_parallel(model: torch.nn.Module, group=None, sharding: str = "auto") -> ContextParallel:
+    """Run the model's attention as sequence-parallel ring attention over ``group`` (default: the world).
+
+    Each rank then feeds the model its shard of the sequence, cut by :meth:`ContextParallel.shard_inputs`
+    (which also gives the global ``position_ids`` rotary embeddings need); see
+    :mod:`~attncompiler.integrations.hf_context_parallel`. ``sharding`` is ``"contiguous"``,
+    ``"zigzag"``, ``"striped"`` or ``"auto"`` (chosen per sequence length from the layers' patterns).
+    Layer patterns (:func:`set_patterns`) apply as without context parallelism. The model is switched
+    to ``attn_implementation="attncompiler"`` and ``config.use_cache`` to False (no KV cache:
+    decoding is not supported; :func:`disable_context_parallel` restores both).
+
+    Raises:
+        InputError: torch.distributed is not initialized, or an unknown ``sharding``.
+    """
+    import torch.distributed as dist
+
+    sharding = check_sharding(sharding)
+    if not dist.is_available() or not dist.is_initialized():
+        raise InputError("context parallelism needs an initialized process group; run under torchrun (or call "
+                         "torch.distributed.init_process_group) before enable_context_parallel")
+    mods = attention_modules(model)
+    cp = ContextParallel(group, sharding, lambda: layer_patterns(model),
+                         int(getattr(model.config, "num_attention_heads", 1) or 1))
+    for m in mods.values():
+        setattr(m, CP_ATTR, cp)
+    if not hasattr(model, "attncompiler_use_cache"):
+        model.attncompiler_use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    register()
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        model.set_attn_implementation(NAME)
+    return cp
+
+
+def disable_context_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`enable_context_parallel`: every rank runs whole sequences again; ``use_cache`` restored."""
+    for m in attention_modules(model).values():
+        if hasattr(m, CP_ATTR):
+            delattr(m, CP_ATTR)
+    if hasattr(model, "attncompiler_use_cache"):
+        model.config.use_cache = model.__dict__.pop("attncompiler_use_cache")
+    return model
+
+
+def shard_inputs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, *, shift_labels: bool = True) -> dict:
+    """This rank's part of a batch for a model under :func:`enable_context_parallel`
+    (see :meth:`ContextParallel.shard_inputs`): ``model(**shard_inputs(model, ids, labels=ids))``."""
+    cps = {id(c): c for m in attention_modules(model).values() if (c := getattr(m, CP_ATTR, None)) is not None}
+    if len(cps) != 1:
+        raise InputError(f"shard_inputs needs a model under enable_context_parallel ({type(model).__name__} has "
+                         f"{'no' if not cps else len(cps)} context-parallel state{'s' if len(cps) > 1 else ''})")
+    return next(iter(cps.values())).shard_inputs(input_ids, position_ids, labels, shift_labels=shift_labels)
 
 
 def layer_patterns(model: torch.nn.Module) -> dict[int, Pattern]:
