@@ -45,23 +45,25 @@ def _step(model, ids, **kw):
     return out.logits.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _check_model(name: str, sharding: str, patterns: dict | None, L: int) -> str:
+def _check_model(name: str, sharding: str, patterns: dict | None, L: int, docs: tuple | None = None) -> str:
     """The sharded run's gathered logits, loss and summed gradients equal the single-process run's."""
     base = _build(name).train()
     torch.manual_seed(1)
     ids = torch.randint(1, 97, (2, L))
+    pos = torch.cat([torch.arange(n) for n in docs])[None] if docs else None  # packed documents
     refs = {}
     for impl in (["attncompiler"] if patterns else ["attncompiler", "eager"]):
         m = copy.deepcopy(base)
         m.set_attn_implementation(impl)
         if patterns:
             ac_hf.set_patterns(m, patterns)
-        refs[impl] = _step(m, ids, use_cache=False)
+        refs[impl] = _step(m, ids, use_cache=False, position_ids=pos)
     model = copy.deepcopy(base)
     if patterns:
         ac_hf.set_patterns(model, patterns)
     cp = ac_hf.enable_context_parallel(model, sharding=sharding)
-    batch = cp.shard_inputs(ids, labels=ids)
+    batch = cp.shard_inputs(ids, pos, labels=ids)
+    assert cp.documents == docs
     assert batch["input_ids"].shape[1] == cp.sharding.local_len(cp.rank) < L
     model.zero_grad()
     out = model(**batch)
@@ -124,8 +126,8 @@ def _check_errors(rank: int) -> None:
             model(**nxt, cache=out.cache, use_cache=True)
         with pytest.raises(InputError, match="shard_inputs"):
             model(input_ids=ids)  # the whole sequence on one rank
-    with pytest.raises(UnsupportedError, match="packed"):
-        cp.shard_inputs(ids, position_ids=torch.cat([torch.arange(10), torch.arange(11)])[None])
+    with pytest.raises(UnsupportedError, match="different document lengths"):
+        cp.shard_inputs(ids.expand(2, 21), position_ids=torch.stack([torch.arange(21), torch.arange(21) % 11]))
     layer = _fake_layer(cp, None, True)
     q = torch.randn(1, 4, cp.sharding.local_len(rank), 8)
     with pytest.raises(UnsupportedError, match="softcap"):
@@ -151,6 +153,7 @@ def _worker(rank: int, world: int, port: int) -> None:
         _check_model("mistral", "zigzag", None, 31)  # the model's own sliding window (5)
         _check_model("llama", "auto", {"*": ac.sliding_window(4) | ac.global_tokens([0, 20]),
                                        1: ac.sliding_window(2)}, 33)
+        _check_model("llama", "zigzag", None, 29, docs=(10, 12, 7))  # packed: a document mask on every layer
         _check_errors(rank)
     finally:
         dist.destroy_process_group()

@@ -16,8 +16,10 @@ the hidden states are cut once. Rotary embeddings need each token's global posit
 (``shift_labels``) and the loss is normalized by the global token count (``num_items_in_batch``),
 so the ranks' losses sum to the single-process loss.
 
-Scope: prefill and training forward/backward. Padding masks, packed sequences, KV caches
-(decoding) and score modifications (softcap, sinks) raise :class:`UnsupportedError`.
+Packed sequences (``position_ids`` restarting at each document) add a document mask to every
+layer when every row packs the same lengths. Scope: prefill and training forward/backward.
+Padding masks, rows packed differently, KV caches (decoding) and score modifications (softcap,
+sinks) raise :class:`UnsupportedError`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..dsl.pattern import Pattern
+from ..dsl.primitives import document
 from ..errors import InputError, UnsupportedError
 from ..distributed.plan import AUTO_GAIN, SHARDINGS, plan_attention
 from ..distributed.ring import ring_attention
@@ -52,6 +55,7 @@ class ContextParallel:
     layer_patterns: Callable[[], dict]
     heads: int
     sharding: Sharding | None = None
+    documents: tuple[int, ...] | None = None  # packed document lengths of the current batch
     plans: dict = field(default_factory=dict)
     _kinds: dict = field(default_factory=dict)  # seq_len -> chosen kind
 
@@ -98,7 +102,9 @@ class ContextParallel:
 
         Args:
             input_ids: ``[B, L]`` token ids of the full sequence (the same on every rank).
-            position_ids: ``[B or 1, L]`` positions (default ``0..L-1``); one run per row (no packing).
+            position_ids: ``[B or 1, L]`` positions (default ``0..L-1``). Packed sequences (positions
+                restarting) become a document mask on every layer; every row must pack the same
+                document lengths.
             labels: ``[B, L]`` labels, or None. With ``shift_labels`` (causal LMs) token ``t`` is
                 scored against ``labels[t + 1]`` globally before the cut, so no target is lost at a
                 shard boundary; the result carries ``shift_labels`` for transformers' loss.
@@ -110,7 +116,7 @@ class ContextParallel:
             the full sequence's mean loss).
 
         Raises:
-            UnsupportedError: packed sequences (positions that do not step by one).
+            UnsupportedError: rows packed with different document lengths.
             InputError: shapes that disagree.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -121,12 +127,7 @@ class ContextParallel:
             position_ids = torch.arange(L, device=input_ids.device).unsqueeze(0)
         if position_ids.dim() != 2 or position_ids.shape[1] != L or position_ids.shape[0] not in (1, B):
             raise InputError(f"position_ids {list(position_ids.shape)} must be [{B} or 1, {L}] like input_ids")
-        steps = torch.diff(position_ids, dim=1)
-        if L > 1 and bool((steps != 1).any()):
-            b, t = (int(i) for i in (steps != 1).nonzero()[0])
-            raise UnsupportedError(f"position_ids of row {b} jump from {int(position_ids[b, t])} to "
-                                   f"{int(position_ids[b, t + 1])} at token {t + 1}: packed sequences are not "
-                                   "supported with context parallelism; give one sequence per row")
+        self.documents = packed_documents(position_ids.expand(B, L))
         sh, r = self.choose(L), self.rank
         out = {"input_ids": sh.shard(input_ids, r, dim=1).contiguous(),
                "position_ids": sh.shard(position_ids, r, dim=1).contiguous()}
@@ -187,6 +188,8 @@ class ContextParallel:
             raise UnsupportedError("context parallelism got a padding mask with zeros: padding is not supported; "
                                    "pass no attention_mask (one full-length sequence per row)")
         sh = self.require_sharding()
+        if self.documents is not None:
+            pattern = pattern & document(list(self.documents))
         r = self.rank
         if q.shape[2] != sh.local_len(r):
             raise InputError(f"rank {r} got {q.shape[2]} tokens, but shard_inputs cut seq_len={sh.seq_len} into "
@@ -200,6 +203,27 @@ class ContextParallel:
             self.plans[key] = plan
         out, _ = ring_attention(pattern, q, k, v, seq_len=sh.seq_len, group=self.group, scale=scale, plan=plan)
         return out
+
+
+def packed_documents(position_ids: torch.Tensor) -> tuple[int, ...] | None:
+    """Document lengths of packed rows (a new document wherever positions do not step by one), the same in
+    every row; None for one document per row.
+
+    Raises:
+        UnsupportedError: rows packed with different document lengths.
+    """
+    cuts = torch.diff(position_ids, dim=1) != 1  # [B, L-1]
+    if not bool(cuts.any()):
+        return None
+    rows = set()
+    for row in cuts:
+        at = [0] + [int(i) + 1 for i in row.nonzero().flatten()] + [position_ids.shape[1]]
+        rows.add(tuple(b - a for a, b in zip(at, at[1:])))
+    if len(rows) > 1:
+        raise UnsupportedError(f"packed rows with different document lengths {sorted(rows)[:2]}: context "
+                               "parallelism takes one document mask for the batch; pack the same lengths in every "
+                               "row or run one row per batch")
+    return rows.pop()
 
 
 def check_sharding(sharding) -> str:
