@@ -59,6 +59,10 @@ class MultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
         self.attention = compile_attention(self.pattern, backend, schedule=schedule)
+        # is_causal's module, built here so that a traced forward only looks it up (a plain dict:
+        # not a submodule, so the state dict is unchanged).
+        self._causal = ({"attention": compile_attention(self.pattern.causal(), backend, schedule=schedule)}
+                        if self.pattern.family == "mask" else {})
         self._rows: dict[tuple[int, ...], torch.Tensor] = {}
         self.reset_parameters()
 
@@ -171,7 +175,7 @@ class MultiheadAttention(nn.Module):
         q, k, v = self.project(query, key, value)
         attention = self.attention
         if is_causal:
-            attention = compile_attention(self.pattern.causal(), self.attention.backend)
+            attention = self._causal["attention"]
         out = self.merge(attention(q, k, v))
         return (out if self.batch_first else out.transpose(0, 1)), None
 

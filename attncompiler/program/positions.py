@@ -188,3 +188,44 @@ def group_layout(pattern: Pattern, q_len: int, kv_len: int, block_m: int, block_
     # block would multiply the work by the block height.
     return build_layout(positions.bind(pattern), q_len, kv_len, min(block_m, q_len), block_n, batch=batch,
                         heads=heads, q_start=positions.q_offset)
+
+
+def operator_positions(*, q_offset=0, align: str | None = None, cu_seqlens=None, kv_lens=None):
+    """The call-time positions as custom-operator arguments ``(q_offset tensor or None, q_offset int,
+    align ("" for None), kv_lens tensor or None, cu_seqlens tensor or None)``.
+
+    Only Python types are checked here: nothing reads a tensor's values or branches on them (a
+    traced graph must not guard on data). Values, dtypes and shapes are checked by
+    :func:`batch_groups` inside the operator at run time, raising :class:`InputError` there. Ints
+    and lists of ints given for ``kv_lens`` (or lists for ``q_offset``) become CPU tensors.
+
+    Raises:
+        InputError: a position of a type the operator cannot take (under tracing, torch reports
+            it wrapped in its own error, with this message).
+    """
+    if align is not None and not isinstance(align, str):
+        raise InputError(f"align={align!r} must be one of {ALIGNS} (or None: top_left)")
+    off_t, off_i = None, 0
+    if isinstance(q_offset, (torch.Tensor, list, tuple)):
+        off_t = _int_tensor("q_offset", q_offset)
+    elif isinstance(q_offset, (int, np.integer, torch.SymInt)) and not isinstance(q_offset, bool):
+        off_i = q_offset if isinstance(q_offset, torch.SymInt) else int(q_offset)
+    else:
+        raise InputError(f"q_offset={q_offset!r} must be an int or an integer tensor [batch]")
+    if isinstance(kv_lens, (int, np.integer)) and not isinstance(kv_lens, bool):
+        kv_lens = torch.tensor(int(kv_lens), dtype=torch.int64)
+    kv = None if kv_lens is None else _int_tensor("kv_lens", kv_lens)
+    if cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):
+        raise InputError(f"cu_seqlens must be a torch.Tensor (int32 or int64), got {type(cu_seqlens).__name__}")
+    return off_t, off_i, align or "", kv, cu_seqlens
+
+
+def _int_tensor(name: str, value) -> torch.Tensor:
+    """``value`` (a tensor, or a list/tuple of ints) as a tensor; dtype and shape are checked later."""
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in value):
+            raise InputError(f"{name}={value!r} must be an int or an integer tensor [batch]")
+        value = torch.tensor([int(x) for x in value], dtype=torch.int64)
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"{name}={value!r} must be an int or an integer tensor [batch]")
+    return value

@@ -18,7 +18,8 @@ from ..program.positions import POSITION_KEYWORDS, BatchGroup, batch_groups, is_
 from ..dsl.pattern import Family, Pattern
 from ..families.diffusion.program import recompute_hops
 from ..program.dense import fuse_dense
-from ..program.stages import Program, lower, run_passes
+from ..program.stages import BlockSparseAttention, Program, lower, run_passes
+from .ops import call_mask_attention, register_pattern, run_batch_groups, run_stages, schedule_key
 from ..program.schedule import Schedule
 
 
@@ -74,6 +75,9 @@ class CompiledAttention(torch.nn.Module):
         self.backend = backend
         self.program = compile_program(pattern, schedule, DEFAULT_PASSES.get(pattern.family, ()))
         self.check_finite = check_finite
+        # Registered now, so a traced call names the pattern with a constant string.
+        self.pattern_key = self.operator_key()
+        self.schedule_key = None if self.pattern_key is None else schedule_key(self.program.stages[0].schedule)
 
     def forward(self, q, k, v, scale: float | None = None, *, return_lse: bool = False, **stage_inputs):
         """``out [B, H, Lq, Dv]`` (q's dtype), or ``(out, lse [B, H, Lq])`` with ``return_lse``.
@@ -87,12 +91,23 @@ class CompiledAttention(torch.nn.Module):
         ``-inf`` for rows with no visible key. ``stage_inputs`` are the program's call inputs
         (:meth:`Program.call_inputs`); any other keyword raises
         :class:`~attncompiler.errors.UnexpectedArgumentError`.
+
+        Under ``torch.compile`` / ``torch.export`` a mask pattern runs as the custom operator
+        ``torch.ops.attncompiler.mask_attention`` (:mod:`attncompiler.runtime.ops`): the traced
+        graph checks shapes only, and the layout is built at run time outside it.
         """
         positions = {n: stage_inputs.pop(n) for n in POSITION_KEYWORDS if n in stage_inputs} \
             if self.takes_positions else {}
         self.check_call_keywords("forward", stage_inputs)
-        dims = check_qkv(q, k, v, check_finite=self.check_finite)
+        op = self.pattern_key is not None and torch.compiler.is_compiling()
+        # Under tracing the finiteness check (a host read) runs inside the operator.
+        dims = check_qkv(q, k, v, check_finite=self.check_finite and not op)
         backend = resolve_backend(self.backend, q.device)
+        if op:
+            need_lse = return_lse or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+            out, lse = call_mask_attention(self.pattern_key, self.schedule_key, backend, q, k, v,
+                                           scale, need_lse, self.check_finite, positions)
+            return (out, lse) if return_lse else out
         groups = batch_groups(self.pattern, dims, **positions) if self.takes_positions else None
         if groups is None or is_default(groups, dims):
             out, lse = self.run_program(q, k, v, dims, scale, return_lse, stage_inputs, backend, None)
@@ -106,46 +121,25 @@ class CompiledAttention(torch.nn.Module):
         """Whether forward takes ``q_offset``/``align``/``cu_seqlens``/``kv_lens`` (mask patterns)."""
         return self.pattern.family == Family.MASK
 
+    def operator_key(self) -> str | None:
+        """The operator key of this module's pattern when it runs as a custom operator under
+        tracing (a mask pattern lowered to one block-sparse stage), else None."""
+        stages = self.program.stages
+        if not (self.takes_positions and len(stages) == 1 and isinstance(stages[0], BlockSparseAttention)
+                and stages[0].pattern == self.pattern):
+            return None
+        return register_pattern(self.pattern)
+
     def run_program(self, q, k, v, dims: Dims, scale, return_lse: bool, stage_inputs: dict, backend: str,
                     group: BatchGroup | None):
         """Run the program's stages once: ``(out, lse or None)``."""
-        from ..codegen.context import RunContext
-        from ..codegen.registry import stage_impl
-
-        extra = {"need_lse": return_lse}
-        if group is not None:
-            extra["positions"] = group.positions
-        ctx = RunContext(scale=default_scale(dims.head_dim, scale), batch=q.shape[0], heads=dims.heads,
-                         extra=extra)
-        env = {"q": q, "k": k, "v": v, **stage_inputs}
-        for stage in self.program.stages:
-            env.update(stage_impl(backend, type(stage))(stage, env, ctx))
-        return env["out"], env.get("lse")
+        return run_stages(self.program, q, k, v, dims, scale, return_lse, stage_inputs, backend, group)
 
     def run_groups(self, q, k, v, dims: Dims, scale, return_lse: bool, stage_inputs: dict,
                    groups: list[BatchGroup], backend: str = "torch"):
         """Run each batch group with its own positions (keys sliced to its valid length) and put
         the results back in batch order (differentiable: a concatenation and a gather)."""
-        outs, lses, order = [], [], []
-        for grp in groups:
-            idx = list(range(dims.batch)) if grp.index is None else list(grp.index)
-            sel = None if grp.index is None else torch.tensor(idx, device=q.device)
-            qg, kg, vg = (t if sel is None else t.index_select(0, sel) for t in (q, k, v))
-            if grp.kv_len == 0:  # no valid key: zeros and lse -inf
-                o = qg.new_zeros(qg.shape[:3] + (v.shape[-1],))
-                lse = torch.full(qg.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-            else:
-                o, lse = self.run_program(qg, kg[:, :, :grp.kv_len], vg[:, :, :grp.kv_len], dims, scale, True,
-                                          stage_inputs, backend, grp)
-            outs.append(o.to(q.dtype))
-            lses.append(lse.float() if q.dtype != torch.float64 else lse.double())
-            order += idx
-        if len(groups) == 1 and groups[0].index is None:
-            return outs[0], lses[0]
-        inverse = torch.empty(dims.batch, dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(dims.batch)
-        inverse = inverse.to(q.device)
-        return torch.cat(outs).index_select(0, inverse), torch.cat(lses).index_select(0, inverse)
+        return run_batch_groups(self.program, q, k, v, dims, scale, stage_inputs, groups, backend)
 
     def check_call_keywords(self, method: str, given, program: Program | None = None) -> None:
         """Reject keywords that ``program`` (default: this module's) does not read."""

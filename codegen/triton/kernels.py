@@ -336,3 +336,11 @@ def triton_attention(q, k, v, layout: BlockLayout, schedule: Schedule, scale: fl
     """``(out [B,H,Lq,Dv], lse [B,H,Lq] float32)`` of the layout's pattern with generated kernels."""
     plan = make_plan(layout, schedule, q.dtype, q.device)
     return TritonAttentionFn.apply(q, k, v, plan, scale)
+
+
+def triton_attention_backward(q, k, v, out, lse, dout, layout: BlockLayout, schedule: Schedule, scale: float):
+    """``(dq, dk, dv)`` of :func:`triton_attention` from its ``out`` and ``lse`` (the backward of a
+    custom operator, which runs outside autograd)."""
+    plan = make_plan(layout, schedule, q.dtype, q.device)
+    with on_device(q):
+        return _backward(plan, q, k, v, out, lse.float().contiguous(), dout.contiguous(), scale)
