@@ -25,11 +25,12 @@ runs the backend's flash-style backward per batch group (keys sliced to the grou
 so grouped positions are not recomputed. Double backward raises (no formula is registered for
 the backward operator).
 
-Families: only mask patterns run as operators. Under ``torch.compile(fullgraph=True)`` the other
-families fail to trace today (their stages build layouts and plans from tensor values in
-Python): Combiner (span summaries), Diffuser (diffusion hops), ABC (memory slots) and cross-layer
-reuse stacks (``attncompiler.nn`` stacks reusing stored probabilities) run in eager mode only;
-``tests/test_compile_export.py`` records the error each one raises today.
+Families: only mask patterns run as operators, and with them ``attncompiler.nn.MultiheadAttention``
+and ``TransformerStack`` without reuse. Under ``torch.compile(fullgraph=True)`` the other families
+do not trace yet (their stages build layouts and plans in Python code that dynamo cannot follow or
+that reads tensor values): Combiner, Diffuser, ABC and cross-layer reuse stacks run in eager mode
+only (without ``fullgraph`` dynamo falls back to eager around them); ``tests/test_compile_export.py``
+records the torch error each one raises today.
 """
 
 from __future__ import annotations
