@@ -48,7 +48,7 @@ from ..patterns.text import parse_pattern
 from ..program.inputs import Dims, check_qkv, default_scale
 from ..program.positions import BatchGroup, Positions, batch_groups, group_layout, is_default, operator_positions
 from ..program.schedule import Schedule
-from ..program.dense import fuse_dense
+from ..program.dense import DenseAttention, fuse_dense
 from ..program.stages import Program, lower, run_passes
 
 LOCAL_PREFIX = "<process-local "
@@ -271,6 +271,10 @@ def group_backward(stage, q, k, v, out, lse, dout, scale: float, backend: str, g
 
         layout = triton_layout(stage.pattern, Lq, Lk, s, batch=B, heads=H, positions=positions)
         return triton_attention_backward(q, k, v, out, lse, dout, layout, s, scale)
+    from ..codegen.pytorch.dense import dense_attention_backward, fused_applies
+
+    if isinstance(stage, DenseAttention) and fused_applies(stage.causal, q, k, v, positions):
+        return dense_attention_backward(q, k, v, out, lse, dout, stage.causal, scale)  # as the forward ran
     from ..codegen.pytorch.attention import block_sparse_attention_backward
 
     layout = group_layout(stage.pattern, Lq, Lk, s.block_m, s.block_n, batch=B, heads=H, positions=positions)

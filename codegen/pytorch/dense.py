@@ -80,15 +80,28 @@ class DenseAttentionFn(torch.autograd.Function):
     @staticmethod
     @single_backward("DenseAttention (torch backend, fused CPU kernel)")
     def backward(ctx, dout, _dlse):
-        qq, kk, vv, out, lse = ctx.saved_tensors
-        q_shape, k_shape = ctx.shapes
-        dq, dk, dv = _flash_backward(dout.reshape(out.shape).contiguous(), qq, kk, vv, out, lse, 0.0,
-                                     ctx.causal, scale=ctx.scale)
-        if dk.shape != k_shape:  # causal GQA: K/V were repeated per query head
-            B, Hkv, Lk, D = k_shape
-            dk = dk.view(B, Hkv, -1, Lk, D).sum(2)
-            dv = dv.view(B, Hkv, -1, Lk, dv.shape[-1]).sum(2)
-        return dq.reshape(q_shape), dk, dv, None, None
+        dq, dk, dv = _backward(*ctx.saved_tensors, dout, ctx.causal, ctx.scale, *ctx.shapes)
+        return dq, dk, dv, None, None
+
+
+def _backward(qq, kk, vv, out, lse, dout, causal: bool, scale: float, q_shape, k_shape):
+    """``(dq, dk, dv)`` in the caller's shapes from the kernel's own saved tensors."""
+    dq, dk, dv = _flash_backward(dout.reshape(out.shape).contiguous(), qq, kk, vv, out, lse, 0.0,
+                                 causal, scale=scale)
+    if dk.shape != k_shape:  # causal GQA: K/V were repeated per query head
+        B, Hkv, Lk, D = k_shape
+        dk = dk.view(B, Hkv, -1, Lk, D).sum(2)
+        dv = dv.view(B, Hkv, -1, Lk, dv.shape[-1]).sum(2)
+    return dq.reshape(q_shape), dk, dv
+
+
+def dense_attention_backward(q, k, v, out, lse, dout, causal: bool, scale: float):
+    """``(dq, dk, dv)`` of :func:`dense_attention` given its ``out`` and ``lse`` (for callers
+    that run the forward and backward apart, such as the custom operators)."""
+    qq, kk, vv = _prepare(q, k, v, causal)
+    shaped_out = out.reshape(qq.shape[:-1] + (v.shape[-1],))
+    shaped_lse = lse.to(torch.float32).reshape(qq.shape[:-1])
+    return _backward(qq, kk, vv, shaped_out, shaped_lse, dout, causal, scale, q.shape, k.shape)
 
 
 def dense_attention(q, k, v, causal: bool, scale: float):
