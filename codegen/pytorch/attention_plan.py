@@ -53,7 +53,27 @@ class Chunk:
     first: np.ndarray | None
     count: np.ndarray | None
     explicit: tuple[np.ndarray, np.ndarray] | None
-    steps: tuple[Step, ...]
+    step_list: tuple[Step, ...] | None  # rows with gaps: their steps; bands derive theirs
+    band: tuple | None = None  # (partial rows, partial columns sorted, stride, blocks per step, nkb, ragged)
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """The chunk's steps. A band's are derived on each call from its partial blocks (a causal
+        row at 1M tokens has 256 steps: stored for every row they would grow with (L/B)^2)."""
+        if self.step_list is not None:
+            return self.step_list
+        p_row, p_pos, stride, per, nkb, ragged = self.band
+        lo, first, end = self.lo, self.first, self.first + self.count
+        out = []
+        for c0 in range(0, self.width, per):
+            c1 = min(self.width, c0 + per)
+            i0, i1 = np.searchsorted(p_pos, [c0, c1])
+            padded = bool(((lo + c0) < first).any() or ((lo + c1) > end).any())
+            edge = ragged and bool(((lo + c0 <= nkb - 1) & (nkb - 1 < lo + c1)).any())
+            affine = None if stride is None else (int(lo[0]) + c0, stride)
+            out.append(Step(c0, c1, affine, padded or edge or i1 > i0,
+                            torch.from_numpy(p_row[i0:i1]), torch.from_numpy(p_pos[i0:i1] - c0)))
+        return tuple(out)
 
     def step_cols(self, step: Step) -> np.ndarray:
         """``[R, C]`` key-block ids of the step (built on demand, bounded by the chunk)."""
@@ -215,17 +235,8 @@ def _band_chunk(blocks: Blocks2D, r: np.ndarray, w: int, first: np.ndarray, coun
     p_pos = blocks.part_cols[pidx] - lo[p_row]  # column of each partial block in the chunk
     order = np.argsort(p_pos, kind="stable")
     p_row, p_pos = p_row[order], p_pos[order]
-    stride = _progression(lo)
-    end = first + count
-    steps = []
-    for c0, c1 in _step_range(w, schedule):
-        i0, i1 = np.searchsorted(p_pos, [c0, c1])
-        padded = bool(((lo + c0) < first).any() or ((lo + c1) > end).any())
-        ragged = g.kv_len % g.block_n != 0 and bool(((lo + c0 <= g.nkb - 1) & (g.nkb - 1 < lo + c1)).any())
-        affine = None if stride is None else (int(lo[0]) + c0, stride)
-        steps.append(Step(c0, c1, affine, padded or ragged or i1 > i0,
-                          torch.from_numpy(p_row[i0:i1].copy()), torch.from_numpy(p_pos[i0:i1] - c0)))
-    return Chunk(r, q_slice, torch.from_numpy(r.copy()), w, lo, first.copy(), count.copy(), None, tuple(steps))
+    band = (p_row, p_pos, _progression(lo), schedule.key_blocks_per_step, g.nkb, g.kv_len % g.block_n != 0)
+    return Chunk(r, q_slice, torch.from_numpy(r.copy()), w, lo, first.copy(), count.copy(), None, None, band)
 
 
 def _explicit_chunk(blocks: Blocks2D, r: np.ndarray, w: int, q_slice, schedule: Schedule) -> Chunk:
@@ -304,20 +315,34 @@ class StepMask:
         return out
 
 
-# Step masks are cached per step while their total size stays under this budget.
+# Step masks are cached per step while the total stays under a fixed budget (it never grows
+# with L^2): opaque mask_mods, whose predicate runs as Python-level torch code, up to 256 MiB;
+# traced predicates up to 64 MiB, past which they are evaluated per chunk when the step is
+# processed (only its partial blocks). Rebuilding every mask on each call measured 1.5-3x
+# slower for sliding_window(256) at L=4096, hence the small cache.
 _MASK_CACHE_BYTES = 256 << 20
-_mask_cache: dict[int, StepMask] = {}
+_TRACED_CACHE_BYTES = 64 << 20
+_mask_cache: dict[tuple[int, int], StepMask] = {}
 _mask_cache_used = [0]
+_mask_chunks: dict[int, list[tuple[int, int]]] = {}  # chunk id -> its cached keys
+
+
+@functools.lru_cache(maxsize=256)
+def _is_traced(blocks: Blocks2D) -> bool:
+    g = blocks.geom
+    return blocks.pattern.predicate(g.q_end, g.kv_len) is not None
 
 
 def step_bias(blocks: Blocks2D, chunk: Chunk, step: Step, dtype, device) -> StepMask:
-    """The step's :class:`StepMask` (cached)."""
-    cached = _mask_cache.get(id(step))
+    """The step's :class:`StepMask`: evaluated on the step's partial blocks when the pattern is
+    traced, cached (bounded) for opaque mask_mods."""
+    key = (id(chunk), step.c0)
+    cached = _mask_cache.get(key)
     if cached is not None and cached.biases[0].dtype == dtype and cached.biases[0].device == device:
         return cached
     g = blocks.geom
     # Built on the host and copied once: deciding runs and empty rows reads values, which on a
-    # device tensor would be a host sync in the forward of every new layout.
+    # device tensor would be a host sync in the forward.
     m = _step_mask(blocks, chunk, step, "cpu")  # [R, bm, C*bn]
     R, C = len(chunk.rows), step.c1 - step.c0
     need = ~m.view(R, g.block_m, C, g.block_n).all(dim=3).all(dim=1).all(dim=0)  # [C] columns to mask
@@ -329,10 +354,14 @@ def step_bias(blocks: Blocks2D, chunk: Chunk, step: Step, dtype, device) -> Step
                    .masked_fill_(~m[:, :, j0 * bn:j1 * bn], NEG_INF).to(device) for j0, j1 in runs)
     empty = ~m.any(dim=-1)
     sm = StepMask(tuple(runs), biases, empty.to(device) if bool(empty.any()) else None)
-    if _mask_cache_used[0] + sm.nbytes() <= _MASK_CACHE_BYTES:
-        _mask_cache[id(step)] = sm
+    budget = _TRACED_CACHE_BYTES if _is_traced(blocks) else _MASK_CACHE_BYTES
+    if _mask_cache_used[0] + sm.nbytes() <= budget:
+        if key[0] not in _mask_chunks:  # first entry of this chunk: forget its entries with it
+            _mask_chunks[key[0]] = []
+            weakref.finalize(chunk, _forget_chunk, key[0])
+        _mask_chunks[key[0]].append(key)
+        _mask_cache[key] = sm
         _mask_cache_used[0] += sm.nbytes()
-        weakref.finalize(step, _forget_mask, id(step), sm.nbytes())
     return sm
 
 
@@ -350,9 +379,9 @@ def _runs(flags) -> list[tuple[int, int]]:
     return out
 
 
-def _forget_mask(key: int, size: int) -> None:
-    if _mask_cache.pop(key, None) is not None:
-        _mask_cache_used[0] -= size
+def _forget_chunk(chunk_id: int) -> None:
+    for key in _mask_chunks.pop(chunk_id, ()):
+        _mask_cache_used[0] -= _mask_cache.pop(key).nbytes()
 
 
 def _step_mask(blocks: Blocks2D, chunk: Chunk, step: Step, device) -> torch.Tensor:
