@@ -61,3 +61,23 @@ def test_diffusion_memory_child_answers_json():
 def test_cpu_grid_cli_prints_its_options():
     out = _run("benchmarks/cpu_grid.py", "--help")
     assert out.startswith("usage:") and "--threads" in out and "--load" in out and "--quick" in out
+
+
+def test_gpu_suite_fails_loudly_without_a_gpu(tmp_path):
+    """The GPU suite parses, needs its output argument, and stops with a named failure (non-zero)
+    when no CUDA device is present (pip is stubbed: the checkout is already installed here)."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the suite would run for real")
+    script = ROOT / "benchmarks" / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert subprocess.run(["bash", str(script)], capture_output=True, cwd=ROOT).returncode != 0
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\nif [ "$1" = "-m" ] && [ "$2" = "pip" ]; then exit 0; fi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    res = subprocess.run(["bash", str(script), str(tmp_path / "out.md")], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "PYTHON": str(fake)}, timeout=120)
+    assert res.returncode == 1 and "FAILED: no usable CUDA device" in res.stderr, res.stderr

@@ -264,7 +264,8 @@ def run_cell(name: str, pattern: Pattern, seq_len: int, *, backward: bool, threa
 def run_grid(*, lengths=None, quick: bool = False, modes=(False, True), threads=(1, 2), load=(False,),
              contenders=GRID_CONTENDERS, patterns: tuple[str, ...] | None = None, repeats: int = 5,
              batch: int = 1, heads: int = 4, head_dim: int = 64, progress: Progress = quiet) -> GridResult:
-    """Run the grid (see the module docstring); ``patterns`` filters by name prefix."""
+    """Run the grid (see the module docstring); ``patterns`` selects by name, with or without the
+    parenthesised parameters (``"sliding_window"`` selects ``"sliding_window(256)"``)."""
     bad = [c for c in contenders if c not in GRID_CONTENDERS]
     if bad or not contenders or "attnc" not in contenders:
         raise InputError(f"contenders={tuple(contenders)!r}: include 'attnc', choose from {GRID_CONTENDERS}")
@@ -277,7 +278,7 @@ def run_grid(*, lengths=None, quick: bool = False, modes=(False, True), threads=
                     peak = matmul_peak_gflops(1024 if quick else 2048)
                 for L in lengths:
                     for name, pattern in grid_patterns(L, quick).items():
-                        if patterns and not any(name.startswith(p) for p in patterns):
+                        if patterns and not any(p in (name, name.split("(")[0]) for p in patterns):
                             continue
                         for backward in modes:
                             out.append(run_cell(name, pattern, L, backward=backward, threads=n, loaded=loaded,
@@ -308,7 +309,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (default 1,2)")
     ap.add_argument("--load", action="store_true", help="also run every cell with one competing busy process")
     ap.add_argument("--mode", choices=("fwd", "fwd+bwd", "both"), default="both")
-    ap.add_argument("--patterns", default=None, help="comma-separated name prefixes (default: all)")
+    ap.add_argument("--patterns", default=None, help="comma-separated pattern names, parameters optional (default: all)")
     ap.add_argument("--contenders", default=",".join(GRID_CONTENDERS), help=f"subset of {GRID_CONTENDERS}")
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (torch.compile takes minutes on CPU)")
     ap.add_argument("--repeats", type=int, default=5, help="alternating timed rounds (default 5)")
