@@ -15,6 +15,7 @@ per step and never a new pattern, program or kernel.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -70,7 +71,22 @@ def batch_groups(pattern: Pattern, dims: Dims, *, q_offset=0, align: str | None 
             reverse, or ``align="bottom_right"`` with more queries than keys.
         UnsupportedError: per-batch positions for a pattern whose mask depends on the batch entry.
     """
-    B, Lq, Lk = dims.batch, dims.q_len, dims.kv_len
+    if kv_lens is None and cu_seqlens is None and type(q_offset) is int and (align is None or type(align) is str):
+        # The common call (a decode step: one int offset or align, no padding, no documents) depends
+        # on these values only: validated once per (pattern, shapes, positions), then cached.
+        return list(scalar_groups(pattern, dims.batch, dims.q_len, dims.kv_len, q_offset, align))
+    return _groups(pattern, dims.batch, dims.q_len, dims.kv_len, q_offset, align, cu_seqlens, kv_lens)
+
+
+@functools.lru_cache(maxsize=1024)
+def scalar_groups(pattern: Pattern, batch: int, q_len: int, kv_len: int, q_offset: int,
+                  align: str | None) -> tuple[BatchGroup, ...]:
+    """:func:`batch_groups` of an int ``q_offset`` (exactly ``int``, never a bool) or ``align``, without
+    ``kv_lens`` or ``cu_seqlens`` (bounded LRU cache; a call that raises is not cached)."""
+    return tuple(_groups(pattern, batch, q_len, kv_len, q_offset, align, None, None))
+
+
+def _groups(pattern: Pattern, B: int, Lq: int, Lk: int, q_offset, align, cu_seqlens, kv_lens) -> list[BatchGroup]:
     if align is not None and align not in ALIGNS:
         raise InputError(f"align={align!r} must be one of {ALIGNS} (or None: top_left)")
     kv = small_ints("kv_lens", kv_lens, B, 0, Lk) if kv_lens is not None else np.full(B, Lk, np.int64)

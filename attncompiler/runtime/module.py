@@ -97,8 +97,9 @@ class CompiledAttention(torch.nn.Module):
         graph checks shapes only, and the layout is built at run time outside it.
         """
         positions = {n: stage_inputs.pop(n) for n in POSITION_KEYWORDS if n in stage_inputs} \
-            if self.takes_positions else {}
-        self.check_call_keywords("forward", stage_inputs)
+            if stage_inputs and self.takes_positions else {}
+        if stage_inputs:
+            self.check_call_keywords("forward", stage_inputs)
         op = self.pattern_key is not None and torch.compiler.is_compiling()
         # Under tracing the finiteness check (a host read) runs inside the operator.
         dims = check_qkv(q, k, v, check_finite=self.check_finite and not op)
@@ -111,6 +112,10 @@ class CompiledAttention(torch.nn.Module):
         groups = batch_groups(self.pattern, dims, **positions) if self.takes_positions else None
         if groups is None or is_default(groups, dims):
             out, lse = self.run_program(q, k, v, dims, scale, return_lse, stage_inputs, backend, None)
+        elif len(groups) == 1 and groups[0].index is None and groups[0].kv_len == dims.kv_len:
+            # One position for every batch entry, every key valid (a decode step): no slicing or
+            # regrouping, and the log-sum-exp only when asked for.
+            out, lse = self.run_program(q, k, v, dims, scale, return_lse, stage_inputs, backend, groups[0])
         else:
             out, lse = self.run_groups(q, k, v, dims, scale, return_lse, stage_inputs, groups, backend)
         out = out.to(q.dtype)

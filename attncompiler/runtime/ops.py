@@ -271,10 +271,11 @@ def group_backward(stage, q, k, v, out, lse, dout, scale: float, backend: str, g
 
         layout = triton_layout(stage.pattern, Lq, Lk, s, batch=B, heads=H, positions=positions)
         return triton_attention_backward(q, k, v, out, lse, dout, layout, s, scale)
-    from ..codegen.pytorch.dense import dense_attention_backward, fused_applies
+    from ..codegen.pytorch.dense import dense_attention_backward, fused_applies, fused_causal
 
     if isinstance(stage, DenseAttention) and fused_applies(stage.causal, q, k, v, positions):
-        return dense_attention_backward(q, k, v, out, lse, dout, stage.causal, scale)  # as the forward ran
+        causal = fused_causal(stage.causal, Lk, positions)  # as the forward ran
+        return dense_attention_backward(q, k, v, out, lse, dout, causal, scale)
     from ..codegen.pytorch.attention import block_sparse_attention_backward
 
     layout = group_layout(stage.pattern, Lq, Lk, s.block_m, s.block_n, batch=B, heads=H, positions=positions)

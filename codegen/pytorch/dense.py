@@ -12,7 +12,8 @@ repeated per query head and their gradients summed back.
 Falls back to the block-sparse path (exactly the ``BlockSparseAttention`` stage) for float64,
 non-CPU tensors, a value width different from the key width, empty lengths (the fused kernel
 divides by zero there) and call-time positions it cannot express: a causal call at a query
-offset, or runtime documents. ``full()`` ignores offsets (every key stays visible), and key
+offset where some row does not see every key, or runtime documents (a causal call whose first
+row sees every key, such as a decode step, runs as full attention). ``full()`` ignores offsets (every key stays visible), and key
 padding (``kv_lens``) arrives as already-sliced keys.
 """
 
@@ -41,9 +42,15 @@ def fused_applies(causal: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if positions is not None:
         if getattr(positions, "doc_lengths", None) is not None:
             return False
-        if causal and getattr(positions, "q_offset", 0) != 0:
+        if causal and getattr(positions, "q_offset", 0) != 0 and fused_causal(causal, k.shape[2], positions):
             return False
     return True
+
+
+def fused_causal(causal: bool, kv_len: int, positions=None) -> bool:
+    """The kernel's ``is_causal`` for a call: False when the first row already sees every key
+    (``q_offset >= Lk - 1``, a decode step), where causal attention is full attention."""
+    return causal and getattr(positions, "q_offset", 0) < kv_len - 1
 
 
 def _prepare(q, k, v, causal: bool):
@@ -117,7 +124,7 @@ def run_dense(stage: DenseAttention, env: dict, ctx: RunContext) -> dict:
     q, k, v = (env[n] for n in stage.inputs)
     positions = ctx.extra.get("positions")
     if fused_applies(stage.causal, q, k, v, positions):
-        out, lse = dense_attention(q, k, v, stage.causal, ctx.scale)
+        out, lse = dense_attention(q, k, v, fused_causal(stage.causal, k.shape[2], positions), ctx.scale)
         return dict(zip(stage.outputs, (out, lse)))
     s = stage.schedule
     layout = group_layout(stage.pattern, q.shape[2], k.shape[2], s.block_m, s.block_n, batch=ctx.batch,
