@@ -1,0 +1,96 @@
+"""Thread scaling of the torch backend's block-sparse stage, and the head-split policy of
+:mod:`attncompiler.codegen.pytorch.threads` measured against it (forward, float32).
+
+Per pattern, in one process on the same inputs, alternating: the plain stage at 1 thread and
+at N threads, and the stage with the policy hooked in (by monkeypatching ``run_block_sparse``'s
+``block_sparse_attention``) at N threads; quiet and, with ``--load``, with one competing busy
+process. Each variant's output is compared with the plain 1-thread output before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+
+import torch
+
+from ..codegen.pytorch import stages as torch_stages
+from ..codegen.pytorch.threads import split_heads
+from .grid import busy_process, grid_patterns, num_threads
+
+
+@contextlib.contextmanager
+def policy_hooked():
+    """The block-sparse stage of the torch backend with :func:`split_heads` in front."""
+    orig = torch_stages.block_sparse_attention
+    torch_stages.block_sparse_attention = lambda *a: split_heads(orig, *a)
+    try:
+        yield
+    finally:
+        torch_stages.block_sparse_attention = orig
+
+
+def measure(pattern, seq_len: int, threads: int, *, loaded: bool = False, repeats: int = 5, heads: int = 4,
+            head_dim: int = 64, batch: int = 1) -> dict[str, float]:
+    """Median ms of ``plain@1``, ``plain@N`` and ``split@N`` (N = ``threads``), forward only."""
+    from ..runtime.module import CompiledAttention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seq_len, head_dim, generator=gen) for _ in range(3))
+    attn = CompiledAttention(pattern, "torch")
+    variants = {"plain@1": (1, False), f"plain@{threads}": (threads, False), f"split@{threads}": (threads, True)}
+
+    def call(n, hooked):
+        with num_threads(n), policy_hooked() if hooked else contextlib.nullcontext(), torch.no_grad():
+            return attn(q, k, v)
+
+    want = call(1, False)
+    for name, (n, hooked) in variants.items():
+        diff = float((call(n, hooked) - want).abs().max())
+        if diff > 1e-5:
+            raise AssertionError(f"{name} differs from the 1-thread output by {diff:.2e}")
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    names = list(variants)
+    with busy_process(loaded):
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                n, hooked = variants[name]
+                t0 = time.perf_counter()
+                call(n, hooked)
+                times[name].append(time.perf_counter() - t0)
+    return {n: 1e3 * statistics.median(ts) for n, ts in times.items()}
+
+
+def main(argv=None) -> int:
+    """Print one Markdown row per pattern and load: medians and the 2-thread speedups."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=2, help="thread count compared with 1 (default 2)")
+    ap.add_argument("--pattern", action="append", default=None,
+                    help="a grid pattern name, parameters optional; repeat for several (default: the sparse ones)")
+    ap.add_argument("--load", action="store_true", help="also measure with one competing busy process")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    n = args.threads
+    wanted = args.pattern or ["sliding_window", "causal window", "document, causal", "bigbird", "dilated"]
+    print(f"L={args.seq_len} B=1 H=4 D=64 float32 forward, medians of {args.repeats}, alternating; "
+          f"x = plain@1 / variant (> 1: faster than one thread)")
+    print(f"| pattern | load | plain@1 ms | plain@{n} ms | split@{n} ms | x plain@{n} | x split@{n} |")
+    print("|---|---|---|---|---|---|---|")
+    for name, pattern in grid_patterns(args.seq_len).items():
+        if not any(w in (name, name.split("(")[0]) for w in wanted):
+            continue
+        for loaded in ((False, True) if args.load else (False,)):
+            m = measure(pattern, args.seq_len, n, loaded=loaded, repeats=args.repeats)
+            base = m["plain@1"]
+            print(f"| {name} | {'busy' if loaded else 'quiet'} | {base:.1f} | {m[f'plain@{n}']:.1f} | "
+                  f"{m[f'split@{n}']:.1f} | {base / m[f'plain@{n}']:.2f} | {base / m[f'split@{n}']:.2f} |",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
