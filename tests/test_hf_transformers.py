@@ -106,9 +106,14 @@ def test_greedy_generation_matches_and_compiles_once_per_layer_kind(name):
     got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     assert torch.equal(got, ref)
     # a long decode compiles nothing new: one module per layer kind, whatever the step
-    before = ac_hf.compiled_modules()
-    model.generate(ids, attention_mask=mask, max_new_tokens=50, do_sample=False, pad_token_id=0)
+    from attncompiler.runtime.module import compile_program
+
+    before, programs = ac_hf.compiled_modules(), compile_program.cache_info().currsize
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=200, min_new_tokens=200, do_sample=False,
+                         pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + 200
     assert ac_hf.compiled_modules() == before
+    assert compile_program.cache_info().currsize == programs
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2"])
