@@ -109,3 +109,28 @@ def test_block_graph_work_is_bounded(monkeypatch):
     adj, _, _ = block_adjacency(p, 16384, 64)
     assert adj.nnz == 256 * 257 // 2 and adj.sum() == sum(q // 64 + 1 for q in range(16384))
     assert sum(evaluated) <= 2 * 256 + 256  # offsets of whole blocks, plus the diagonal's union masks
+
+
+def test_combiner_block_graph_is_the_token_graph_aggregated():
+    """The Combiner block graph (direct part from the block quotient) counts exactly the token
+    graph's edges per (block, block) and (summary, block) pair, with the same kinds."""
+    import scipy.sparse as sp
+
+    from attncompiler import patterns
+    from attncompiler.analysis.combiner import combiner_graph
+
+    for name in ("combiner_mixture", "combiner_fixed", "combiner_logsparse", "combiner_axial"):
+        p = patterns.CATALOGUE[name]()
+        for L, unit in ((777, 32), (1000, 64)):
+            tok = combiner_graph(p, L, level="token")
+            blk = combiner_graph(p, L, level="block", block=unit)
+            T = -(-L // unit)
+            n = tok.adj.shape[0]
+            node = np.concatenate([np.arange(L) // unit, T + np.arange(n - L)])
+            agg = sp.csr_matrix((np.ones(n), (node, np.arange(n))), shape=(blk.adj.shape[0], n))
+            want = (agg @ tok.adj @ agg.T).toarray()
+            assert np.array_equal(blk.adj.toarray(), want), (name, L)
+            kinds = (agg @ sp.csr_matrix((tok.edge_kind.data.astype(np.float64) + 1, tok.edge_kind.indices,
+                                          tok.edge_kind.indptr), shape=tok.adj.shape) @ agg.T).toarray()
+            got = blk.edge_kind.toarray() + (blk.adj.toarray() > 0)  # kind + 1 where an edge exists
+            assert np.array_equal(got * (want > 0), np.where(want > 0, kinds / np.maximum(want, 1), 0)), (name, L)

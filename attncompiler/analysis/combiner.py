@@ -14,6 +14,8 @@ otherwise returns a witness (query, key, what went wrong). Plans can be written 
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,35 +180,43 @@ def combiner_graph(pattern: Combiner, seq_len: int, *, level: str = "token", blo
     L = int(seq_len)
     unit = 1 if level == "token" else int(block)
     T = -(-L // unit)
-    rows, cols, kinds = [], [], []
+    rows, cols = [], []
     base = T
     weights = []
+    if unit > 1:  # the direct parts' block quotient counts their distinct token edges per block pair
+        # (a mixture's factorizations may share direct edges: their union, not their sum)
+        direct = functools.reduce(operator.or_, [f.direct() for f in pattern.factorizations()])
+        w = block_adjacency(direct, L, unit)[0].tocoo()
+        rows.append(w.row.astype(np.int64)); cols.append(w.col.astype(np.int64)); weights.append(w.data.astype(np.float64))
     for f in pattern.factorizations():
         if unit == 1:
             plan = plan_for(f, L)
             span_ptr, span_idx, read_q, read_s = plan.span_ptr, plan.span_idx, plan.read_q, plan.read_s
             direct_q, direct_k, direct_w = plan.direct_q, plan.direct_k, np.ones(len(plan.direct_q))
-        else:  # the direct part's block quotient counts its token edges per block pair exactly,
-            # evaluating only partial blocks (the token adjacency would list every edge)
+        else:  # direct edges were counted above, from the block quotient (only partial blocks evaluated)
             table = span_table(f, L)
             span_ptr, span_idx = table.members_csr
             read_q, read_s = table.pair_q, table.pair_s
-            w = block_adjacency(f.direct(), L, unit)[0].tocoo()
-            direct_q, direct_k, direct_w = w.row.astype(np.int64) * unit, w.col.astype(np.int64) * unit, w.data
+            direct_q = direct_k = np.zeros(0, dtype=np.int64)
+            direct_w = np.zeros(0)
         nS = len(span_ptr) - 1
         sizes = np.diff(span_ptr)
         rows += [direct_q // unit, base + np.repeat(np.arange(nS), sizes), read_q // unit]
         cols += [direct_k // unit, span_idx // unit, base + read_s]
-        kinds += [np.full(len(direct_q), ATTEND), np.full(len(span_idx), WRITE), np.full(len(read_q), READ)]
         weights += [np.asarray(direct_w, dtype=np.float64), np.ones(len(span_idx)), np.ones(len(read_q))]
         base += nS
-    r, c, kd = np.concatenate(rows), np.concatenate(cols), np.concatenate(kinds)
-    code, first, inverse = np.unique(r * base + c, return_index=True, return_inverse=True)  # merge duplicates
-    r, c, kd = code // base, code % base, kd[first]
-    weight = np.bincount(inverse.reshape(-1), weights=np.concatenate(weights), minlength=len(code)) \
-        if unit > 1 else np.ones(len(code))
-    adj = sp.csr_matrix((weight.astype(np.float64), (r, c)), shape=(base, base))
-    ek = sp.csr_matrix((kd.astype(np.int8), (r, c)), shape=(base, base))
+    # Duplicates are merged by the CSR constructor (weights summed: token edges per block pair).
+    # An edge's kind follows from its end points (token -> token: ATTEND, token -> summary:
+    # WRITE, summary -> token: READ), so no per-edge sort is needed.
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    adj = sp.csr_matrix((np.concatenate(weights), (r, c)), shape=(base, base))
+    adj.sum_duplicates()
+    adj.sort_indices()
+    if unit == 1:
+        adj.data[:] = 1.0
+    er = np.repeat(np.arange(base), np.diff(adj.indptr))
+    kd = np.where(er >= T, WRITE, np.where(adj.indices >= T, READ, ATTEND)).astype(np.int8)
+    ek = sp.csr_matrix((kd, adj.indices.copy(), adj.indptr.copy()), shape=(base, base))
     node_kind = np.concatenate([np.full(T, TOKEN, np.int8), np.full(base - T, SUMMARY, np.int8)])
     causal = all(f.autoregressive for f in pattern.factorizations())
     notes = ("token -> summary -> query paths are one layer (a summary is computed and read in the same layer)",)
