@@ -83,7 +83,9 @@ def run_attention(mod_of, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v:
         raise InputError(f"q_offset={layout.q_offset} < kv_offset={layout.kv_offset}: queries before the cached keys")
     groups = row_groups(layout, B, Lk)
     if len(groups) == 1 and groups[0][0] == (0, Lk, None):
-        return mod_of(pattern)(q, k, v, scale, q_offset=qo)
+        # The common call (no padding, no packing: every decode step): ``forward`` directly, as the
+        # cached modules carry no hooks, saving nn.Module's per-call dispatch.
+        return mod_of(pattern).forward(q, k, v, scale, q_offset=qo)
     outs, order = [], []
     for (start, end, docs), rows in groups:
         sel = torch.tensor(rows, device=q.device)

@@ -118,7 +118,8 @@ class CompiledAttention(torch.nn.Module):
             out, lse = self.run_program(q, k, v, dims, scale, return_lse, stage_inputs, backend, groups[0])
         else:
             out, lse = self.run_groups(q, k, v, dims, scale, return_lse, stage_inputs, groups, backend)
-        out = out.to(q.dtype)
+        if out.dtype != q.dtype:
+            out = out.to(q.dtype)
         return (out, lse_dtype(lse, q.dtype)) if return_lse else out
 
     @property

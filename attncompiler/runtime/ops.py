@@ -42,6 +42,8 @@ from typing import Optional
 
 import torch
 
+from ..codegen.context import RunContext
+from ..codegen.registry import stage_impl
 from ..dsl.pattern import Pattern
 from ..errors import AttnCompilerError, UnsupportedError
 from ..patterns.text import parse_pattern
@@ -129,9 +131,6 @@ def mask_program(pattern_key: str, sched_key: str) -> Program:
 def run_stages(program: Program, q, k, v, dims: Dims, scale, need_lse: bool, stage_inputs: dict, backend: str,
                group: BatchGroup | None):
     """Run the program's stages once: ``(out, lse or None)``."""
-    from ..codegen.context import RunContext
-    from ..codegen.registry import stage_impl
-
     extra = {"need_lse": need_lse}
     if group is not None:
         extra["positions"] = group.positions
