@@ -65,15 +65,16 @@ def forward_group(blocks: Blocks2D, plan, ops: Operands, out, lse) -> None:
     G = ops.G
     for chunk in plan:
         R = len(chunk.rows)
-        Ks = [ops.keys(ops.k, chunk, st) for st in chunk.steps]
-        Vs = [ops.keys(ops.v, chunk, st) for st in chunk.steps]
+        steps = chunk.steps  # derived on access for bands: once per chunk
+        Ks = [ops.keys(ops.k, chunk, st) for st in steps]
+        Vs = [ops.keys(ops.v, chunk, st) for st in steps]
         biases = [step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
-                  for st in chunk.steps]
+                  for st in steps]
         q_rows = ops.rows(ops.q, chunk)  # [B, Hkv, G, R, bm, D]
         for b in range(ops.B):
             for h in range(ops.Hkv):
                 qt = fold(q_rows[b, h])  # [R, G*bm, D]
-                if lse is None and len(chunk.steps) == 1:
+                if lse is None and len(steps) == 1:
                     p = torch.softmax(_scores(qt, Ks[0][b, h], biases[0], G, ops.bn), dim=-1)
                     direct = G == 1 and chunk.q_slice is not None
                     dst = out[b, h, 0, chunk.q_slice[0]:chunk.q_slice[1]] if direct else None
@@ -86,7 +87,7 @@ def forward_group(blocks: Blocks2D, plan, ops: Operands, out, lse) -> None:
                         write_rows(out[b, h], o, chunk)
                     continue
                 m_run = l_run = acc = None
-                for i in range(len(chunk.steps)):
+                for i in range(len(steps)):
                     s = _scores(qt, Ks[i][b, h], biases[i], G, ops.bn)  # [R, G*bm, C*bn]
                     m = s.amax(dim=-1, keepdim=True)  # -inf where the step shows the row no key
                     p = s.sub_(finite_or_zero(m)).exp_()
@@ -137,19 +138,20 @@ def backward_group(blocks: Blocks2D, plan, ops: Operands, dout, lse, delta, dq, 
         R = len(chunk.rows)
         q_rows, do_rows = ops.rows(ops.q, chunk), ops.rows(dout, chunk)
         lse_rows, delta_rows = ops.rows(lse, chunk), ops.rows(delta, chunk)
-        Ks = [ops.keys(ops.k, chunk, st) for st in chunk.steps]
-        Vs = [ops.keys(ops.v, chunk, st) for st in chunk.steps]
+        steps = chunk.steps  # derived on access for bands: once per chunk
+        Ks = [ops.keys(ops.k, chunk, st) for st in steps]
+        Vs = [ops.keys(ops.v, chunk, st) for st in steps]
         biases = [step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
-                  for st in chunk.steps]
+                  for st in steps]
         # key-block ids of the dk/dv scatter: built per chunk from the plan's compact form
-        index = [chunk.step_index(st).to(ops.q.device) for st in chunk.steps]
+        index = [chunk.step_index(st).to(ops.q.device) for st in steps]
         for b in range(ops.B):
             for h in range(ops.Hkv):
                 qt, do = fold(q_rows[b, h]), fold(do_rows[b, h])
                 row_lse, row_delta = fold(lse_rows[b, h]), fold(delta_rows[b, h])
                 row_lse = row_lse.masked_fill(row_lse == NEG_INF, 0.0)
                 dq_acc = None
-                for i, st in enumerate(chunk.steps):
+                for i, st in enumerate(steps):
                     K, V = Ks[i][b, h], Vs[i][b, h]
                     p = _scores(qt, K, biases[i], G, ops.bn).sub_(row_lse).exp_()  # [R, G*bm, C*bn]
                     ds = torch.bmm(do, V.transpose(1, 2)).sub_(row_delta).mul_(p)
