@@ -12,6 +12,7 @@ would be a wrong answer without an error.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,12 +53,19 @@ class HFLayout:
     @property
     def pattern(self) -> Pattern:
         """The model's own mask as an attncompiler pattern (positions relative to the keys)."""
-        return model_pattern(self.base == CAUSAL, self.window, bidirectional_inclusive=True)
+        return layout_pattern(self.base, self.window)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """The 4D shape of the dense mask this layout stands for (``[B, 1, Lq, Lk]``)."""
         return (self.batch, 1, self.q_length, self.kv_length)
+
+
+@functools.lru_cache(maxsize=64)
+def layout_pattern(base: str, window: int | None) -> Pattern:
+    """:attr:`HFLayout.pattern`, built once per mask kind (every layer call asks; ``window`` is an int
+    read by :func:`build_layout`)."""
+    return model_pattern(base == CAUSAL, window, bidirectional_inclusive=True)
 
 
 def model_pattern(is_causal: bool, window: int | None, *, bidirectional_inclusive: bool) -> Pattern:

@@ -16,6 +16,7 @@ sequence (:mod:`.hf_context_parallel`). transformers is imported only when these
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -92,9 +93,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = layout.base == "causal" if layout is not None else getattr(module, "is_causal", True)
-    chosen = getattr(module, PATTERN_ATTR, None)
+    state = getattr(module, "__dict__", {})  # set_patterns / enable_context_parallel store here; a miss
+    chosen = state.get(PATTERN_ATTR)  # through nn.Module.__getattr__ costs an exception per call
     if chosen is not None:
-        pattern = chosen & causal() if is_causal else chosen
+        pattern = with_causality(chosen) if is_causal else chosen
         if layout is not None and layout.kv_offset and not is_causal_window_only(chosen):
             raise UnsupportedError(f"layer {getattr(module, 'layer_idx', '?')}: pattern {chosen!r} with a sliding "
                                    f"KV cache (keys start at position {layout.kv_offset}); use a full cache "
@@ -104,7 +106,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     else:
         pattern = model_pattern(bool(is_causal), kwargs.get("sliding_window"), bidirectional_inclusive=False)
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
-    cp = getattr(module, CP_ATTR, None)
+    cp = state.get(CP_ATTR)
     if cp is not None:
         if softcap is not None or sinks is not None:
             raise UnsupportedError(f"layer {getattr(module, 'layer_idx', '?')}: "
@@ -116,6 +118,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     out = run_attention(lambda p: module_for(p, backend, softcap, sinks), pattern, query, key, value, scaling,
                         layout)
     return out.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=256)
+def with_causality(pattern: Pattern) -> Pattern:
+    """``pattern & causal()``, built once per pattern (every layer call of a causal model asks)."""
+    return pattern & causal()
 
 
 def is_causal_window_only(pattern: Pattern) -> bool:

@@ -27,7 +27,7 @@ def resolve_backend(backend: str, device: torch.device | None = None) -> str:
     """The backend to run: ``"auto"`` means triton when CUDA is available and ``device`` (if given) is
     CUDA, else torch; any other name is returned unchanged."""
     if backend == "auto":
-        return "triton" if torch.cuda.is_available() and (device is None or device.type == "cuda") else "torch"
+        return "triton" if (device is None or device.type == "cuda") and torch.cuda.is_available() else "torch"
     return backend
 
 
