@@ -143,6 +143,19 @@ def test_rows_without_keys_give_zeros():
     assert torch.isfinite(out).all() and torch.isfinite(lse[0]).all()
 
 
+@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("pattern", [ac.full(), ac.causal()], ids=repr)
+def test_unchecked_nan_propagates(pattern, which, monkeypatch):
+    """ATen's kernel turns a query row holding NaN into zeros; the stage must give NaN there."""
+    _forbid_block_path(monkeypatch)
+    qkv = [t.detach().clone() for t in _inputs(1, 2, 2, 9, 9, 8)]
+    qkv[which][0, 1, 3, 2] = float("nan")
+    out, lse = ac.compile(pattern, backend="torch")(*qkv, return_lse=True)
+    assert torch.isnan(out[0, 1, 3]).any()  # NaN in v reaches its own column only
+    assert torch.isnan(lse[0, 1, 3]) == (which < 2)  # lse does not read v
+    assert torch.isfinite(out[0, 0]).all()  # the other head is untouched
+
+
 def test_half_precision_uses_fused_kernel(monkeypatch):
     _forbid_block_path(monkeypatch)
     for dtype in (torch.bfloat16, torch.float16):

@@ -70,7 +70,13 @@ def _forward(q, k, v, causal: bool, scale: float):
     qq, kk, vv = _prepare(q, k, v, causal)
     out, lse = _flash(qq, kk, vv, 0.0, causal, scale=scale)
     B, H, Lq, _ = q.shape
-    return (out.reshape(B, H, Lq, v.shape[-1]), lse.reshape(B, H, Lq)), (qq, kk, vv, out, lse)
+    o, l = out.reshape(B, H, Lq, v.shape[-1]), lse.reshape(B, H, Lq)
+    # The kernel returns a zero row (lse 0) for a query row holding NaN; unchecked NaN inputs must
+    # come back as NaN, never as a plausible row (NaN in k or v already propagates). One pass over q.
+    nan_rows = q.isnan().any(-1)
+    if nan_rows.any():
+        o, l = o.masked_fill(nan_rows[..., None], float("nan")), l.masked_fill(nan_rows, float("nan"))
+    return (o, l), (qq, kk, vv, out, lse)
 
 
 class DenseAttentionFn(torch.autograd.Function):
