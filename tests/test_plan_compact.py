@@ -101,3 +101,18 @@ def test_traced_mask_cache_is_bounded(monkeypatch):
     with torch.no_grad():
         again = attn(q, q, q)  # partly cached, partly rebuilt: the same numbers
     assert torch.equal(out, again)
+
+
+def test_mask_cache_per_dtype_stays_consistent():
+    """float64 then float32 calls on one plan cache one mask per dtype; the accounting matches."""
+    attn = ac.compile(ac.sliding_window(7) | ac.global_tokens([2]), backend="torch",
+                      schedule=Schedule(block_m=8, block_n=8, tile_elems=256))
+    q = torch.randn(1, 1, 83, 8, dtype=torch.float64) * 5
+    outs = []
+    for dt in (torch.float64, torch.float32, torch.float64):
+        with torch.no_grad():
+            outs.append(attn(q.to(dt), q.to(dt), q.to(dt)).double())
+    assert torch.equal(outs[0], outs[2]) and torch.allclose(outs[0], outs[1], atol=1e-3)
+    assert AP._mask_cache_used[0] == sum(sm.nbytes() for sm in AP._mask_cache.values())
+    keys = [k for ks in AP._mask_chunks.values() for k in ks]
+    assert len(keys) == len(set(keys)) == len(AP._mask_cache)

@@ -322,9 +322,9 @@ class StepMask:
 # slower for sliding_window(256) at L=4096, hence the small cache.
 _MASK_CACHE_BYTES = 256 << 20
 _TRACED_CACHE_BYTES = 64 << 20
-_mask_cache: dict[tuple[int, int], StepMask] = {}
+_mask_cache: dict[tuple, StepMask] = {}
 _mask_cache_used = [0]
-_mask_chunks: dict[int, list[tuple[int, int]]] = {}  # chunk id -> its cached keys
+_mask_chunks: dict[int, list[tuple]] = {}  # chunk id -> its cached keys
 
 
 @functools.lru_cache(maxsize=256)
@@ -336,9 +336,9 @@ def _is_traced(blocks: Blocks2D) -> bool:
 def step_bias(blocks: Blocks2D, chunk: Chunk, step: Step, dtype, device) -> StepMask:
     """The step's :class:`StepMask`: evaluated on the step's partial blocks when the pattern is
     traced, cached (bounded) for opaque mask_mods."""
-    key = (id(chunk), step.c0)
+    key = (id(chunk), step.c0, dtype, str(device))
     cached = _mask_cache.get(key)
-    if cached is not None and cached.biases[0].dtype == dtype and cached.biases[0].device == device:
+    if cached is not None:
         return cached
     g = blocks.geom
     # Built on the host and copied once: deciding runs and empty rows reads values, which on a
@@ -381,7 +381,9 @@ def _runs(flags) -> list[tuple[int, int]]:
 
 def _forget_chunk(chunk_id: int) -> None:
     for key in _mask_chunks.pop(chunk_id, ()):
-        _mask_cache_used[0] -= _mask_cache.pop(key).nbytes()
+        sm = _mask_cache.pop(key, None)
+        if sm is not None:
+            _mask_cache_used[0] -= sm.nbytes()
 
 
 def _step_mask(blocks: Blocks2D, chunk: Chunk, step: Step, device) -> torch.Tensor:
