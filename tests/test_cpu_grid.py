@@ -62,3 +62,19 @@ def test_cli_grid_and_threads(capsys, tmp_path):
     code = main(["bench", "causal", "--seq-len", "64", "--threads", "1", "--no-flex", "--no-memory",
                  "--repeats", "1", "--quiet"])
     assert code == 0 and torch.get_num_threads() == 1
+
+
+def test_flex_mask_mod_of_full_is_a_tensor_mask():
+    """FlexAttention vmaps the mask_mod: full()'s constant predicate must come back as a tensor."""
+    import attncompiler as ac
+    from attncompiler.bench.peers import flex_mask_mod
+
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k = torch.arange(7)[:, None], torch.arange(5)[None, :]
+    for pattern, want in ((ac.full(), True), (~ac.full(), False)):
+        mod, _ = flex_mask_mod(pattern, 256, 256)
+        got = mod(torch.tensor(0), torch.tensor(0), q, k)
+        assert isinstance(got, torch.Tensor) and got.shape == (7, 5) and bool((got == want).all())
+    mod, _ = flex_mask_mod(ac.full(), 256, 256)
+    bm = flex.create_block_mask(mod, None, None, 256, 256, device="cpu", BLOCK_SIZE=128)  # vmaps: no error
+    assert bm.sparsity() == 0.0

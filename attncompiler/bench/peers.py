@@ -36,7 +36,12 @@ def flex_mask_mod(pattern: Pattern, q_len: int, kv_len: int, device="cpu") -> tu
     """
     from ..ir.transform import to_mask_mod
 
+    from ..ir.expr import Const
+
     e = pattern.predicate(q_len, kv_len)
+    if isinstance(e, Const):  # full() / ~full(): a tensor, since FlexAttention vmaps the mask_mod
+        keep = bool(e.value)
+        return (lambda b, h, q_idx, kv_idx: ((q_idx >= 0) & (kv_idx >= 0)) == keep), f"constant {keep}"
     if e is not None:
         return to_mask_mod(e, device), "traced predicate (expr.to_mask_mod)"
     if isinstance(pattern, PerHead) and all(p.predicate(q_len, kv_len) is not None for p in pattern.patterns):
