@@ -19,6 +19,7 @@ from ..dsl.pattern import Family, Pattern
 from ..families.diffusion.program import recompute_hops
 from ..program.stages import Program, lower, run_passes
 from ..program.schedule import Schedule
+from .edge_weights import check_edge_weights, edge_weights
 
 
 def resolve_backend(backend: str, device: torch.device | None = None) -> str:
@@ -60,7 +61,7 @@ class CompiledAttention(torch.nn.Module):
     """
 
     def __init__(self, pattern: Pattern, backend: str = "auto", schedule: Schedule | None = None,
-                 check_finite: bool = False):
+                 check_finite: bool = False, score_mod=None, sinks=None):
         super().__init__()
         from ..codegen.registry import BACKENDS
 
@@ -70,6 +71,7 @@ class CompiledAttention(torch.nn.Module):
         self.backend = backend
         self.program = compile_program(pattern, schedule)
         self.check_finite = check_finite
+        self.score_mod, self.sinks = check_edge_weights(self.program, score_mod, sinks)
 
     def forward(self, q, k, v, scale: float | None = None, *, return_lse: bool = False, **stage_inputs):
         """``out [B, H, Lq, Dv]`` (q's dtype), or ``(out, lse [B, H, Lq])`` with ``return_lse``.
@@ -111,6 +113,8 @@ class CompiledAttention(torch.nn.Module):
         extra = {"need_lse": return_lse}
         if group is not None:
             extra["positions"] = group.positions
+        if self.score_mod is not None or self.sinks is not None:
+            extra.update(edge_weights(self.score_mod, self.sinks, backend, group))
         ctx = RunContext(scale=default_scale(dims.head_dim, scale), batch=q.shape[0], heads=dims.heads,
                          extra=extra)
         env = {"q": q, "k": k, "v": v, **stage_inputs}
@@ -155,7 +159,12 @@ class CompiledAttention(torch.nn.Module):
         override this to pass them to :func:`attncompiler.program.reference`)."""
         from ..program.reference import reference
 
+        if self.score_mod is not None:
+            kwargs.setdefault("score_mod", self.score_mod)
+        if self.sinks is not None:
+            kwargs.setdefault("sinks", self.sinks)
         return reference(self.pattern, q, k, v, scale, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"pattern={self.pattern!r}, backend={self.backend!r}"
+        mod = "" if self.score_mod is None else f", score_mod={self.score_mod!r}"
+        return f"pattern={self.pattern!r}, backend={self.backend!r}{mod}"

@@ -8,6 +8,7 @@ from attncompiler.program.stages import BlockSparseAttention
 from . import combiner, diffusion, memory
 from ..context import RunContext
 from .attention import block_sparse_attention
+from .score_mod import score_mod_attention
 
 
 def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) -> dict:
@@ -16,6 +17,10 @@ def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) ->
     s = stage.schedule
     layout = group_layout(stage.pattern, q.shape[2], k.shape[2], s.block_m, s.block_n, batch=ctx.batch,
                           heads=ctx.heads, positions=ctx.extra.get("positions"))
+    if ctx.extra.get("score_mod") is not None or ctx.extra.get("sinks") is not None:
+        out, lse = score_mod_attention(q, k, v, layout, s, ctx.scale, ctx.extra.get("score_mod"),
+                                       ctx.extra.get("sinks"), ctx.extra.get("batch_index"))
+        return dict(zip(stage.outputs, (out, lse)))
     out, lse = block_sparse_attention(q, k, v, layout, s, ctx.scale, ctx.extra.get("need_lse", True))
     return dict(zip(stage.outputs, (out, lse)))
 

@@ -1,0 +1,285 @@
+"""Block-sparse attention with a ``score_mod`` (edge weights) and attention sinks, torch backend.
+
+Same plan, key views and step masks as :mod:`.attention`; each step's scaled scores go through
+the score_mod (called on the whole tile with broadcast index tensors, see
+:mod:`attncompiler.dsl.score_mod`) before the step's additive mask, then online softmax.
+
+The backward recomputes each step's scores and runs the score_mod under autograd:
+``torch.autograd.grad(modified, [score, *captured], grad_outputs=ds)`` gives both
+``ds * d score_mod / d score`` (for dq and dk) and the captured tensors' gradients, accumulated
+over steps (a ``[H, num_buckets]`` table receives its scatter-add from autograd's indexing).
+
+``lse`` is differentiable here (its gradient enters as ``delta - dlse``), so attention sinks are
+plain autograd on top: ``lse' = logaddexp(lse, sink[h])``, ``out' = out * exp(lse - lse')``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attncompiler.dsl.score_mod import (captured_tensors, check_device, check_result, check_score_mod,
+                                        ScoreMod)
+from attncompiler.errors import InputError
+from attncompiler.layout.block_layout import BlockLayout
+from attncompiler.program.autograd_guard import single_backward
+
+from .attention import finite_or_zero, merge_partials
+from .attention_plan import NEG_INF, make_plan, step_bias
+from .common import Operands, compute_dtype_for, fold, pad_len, write_rows
+
+
+def identity_mod(score, b, h, q_idx, kv_idx):
+    """The score_mod that changes nothing (sinks without a score_mod)."""
+    return score
+
+
+class Indices:
+    """The (b, h, q_idx, kv_idx) tensors of one block group, per chunk and step, as broadcastable
+    tensors for a score tile ``[R, G*bm, C*bn]``: ``b`` 0-d, ``h [1, G*bm, 1]``,
+    ``q_idx [R, G*bm, 1]`` (positions), ``kv_idx [R, 1, C*bn]``; padded rows and keys are clamped
+    to the last real one (they are masked anyway)."""
+
+    def __init__(self, g, G: int, b_ids, h_base: int, device):
+        self.g, self.G, self.b_ids, self.h_base, self.device = g, G, b_ids, h_base, device
+
+    def batch(self, b: int) -> torch.Tensor:
+        return torch.tensor(self.b_ids[b], device=self.device)
+
+    def head(self, kh: int) -> torch.Tensor:
+        g = self.g
+        h = self.h_base + kh * self.G + torch.arange(self.G * g.block_m, device=self.device) // g.block_m
+        return h.view(1, -1, 1)
+
+    def query(self, chunk) -> torch.Tensor:
+        g = self.g
+        q = torch.from_numpy(g.q_lo(chunk.rows))[:, None] + torch.arange(g.block_m)  # [R, bm]
+        q = q.clamp_max(g.q_end - 1).repeat(1, self.G)  # folded rows: head-major, as fold() orders them
+        return q.to(self.device)[:, :, None]
+
+    def key(self, chunk, step) -> torch.Tensor:
+        g = self.g
+        k = torch.from_numpy(chunk.cols[:, step.c0:step.c1] * g.block_n)[:, :, None] + torch.arange(g.block_n)
+        return k.reshape(len(chunk.rows), 1, -1).clamp_max(g.kv_len - 1).to(self.device)
+
+
+def add_mask(s: torch.Tensor, mask, G: int, bn: int) -> torch.Tensor:
+    """``s [R, G*bm, C*bn]`` plus the step's additive mask on its masked columns (in place)."""
+    if mask is None:
+        return s
+    R, GM, N = s.shape
+    s4 = s.view(R, G, GM // G, N)
+    for (j0, j1), bias in zip(mask.runs, mask.biases):
+        s4[..., j0 * bn:j1 * bn].add_(bias[:, None])
+    return s
+
+
+def modded(fn, s, idx) -> torch.Tensor:
+    """``fn(s, *idx)``, checked (shape and dtype) and materialized to ``s``'s shape."""
+    out = check_result(fn, fn(s, *idx), s)
+    return out if out.is_contiguous() else out.contiguous()
+
+
+def forward_group(blocks, plan, ops: Operands, fn, ix: Indices, out, lse) -> None:
+    """Fill ``out [B,Hkv,G,nqb,bm,Dv]`` and ``lse [B,Hkv,G,nqb,bm,1]`` of one block group."""
+    G, bn = ops.G, ops.bn
+    for chunk in plan:
+        R = len(chunk.rows)
+        Ks = [ops.keys(ops.k, st, R) for st in chunk.steps]
+        Vs = [ops.keys(ops.v, st, R) for st in chunk.steps]
+        masks = [step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
+                 for st in chunk.steps]
+        qi, kis = ix.query(chunk), [ix.key(chunk, st) for st in chunk.steps]
+        q_rows = ops.rows(ops.q, chunk)
+        for b in range(ops.B):
+            bt = ix.batch(b)
+            for h in range(ops.Hkv):
+                qt, ht = fold(q_rows[b, h]), ix.head(h)
+                m_run = l_run = acc = None
+                for i in range(len(chunk.steps)):
+                    s = modded(fn, torch.bmm(qt, Ks[i][b, h].transpose(1, 2)), (bt, ht, qi, kis[i]))
+                    s = add_mask(s, masks[i], G, bn)
+                    m = s.amax(dim=-1, keepdim=True)
+                    p = s.sub_(finite_or_zero(m)).exp_()
+                    l = p.sum(dim=-1, keepdim=True)
+                    o = torch.bmm(p, Vs[i][b, h])
+                    if acc is None:
+                        m_run, l_run, acc = m, l, o
+                    else:
+                        m_run, l_run, acc = merge_partials(m_run, l_run, acc, m, l, o)
+                empty = l_run == 0
+                acc.div_(l_run.masked_fill(empty, 1.0))
+                write_rows(out[b, h], acc, chunk)
+                write_rows(lse[b, h], (m_run + torch.log(l_run)).masked_fill_(empty, NEG_INF), chunk)
+
+
+def backward_group(blocks, plan, ops: Operands, fn, ix: Indices, captured, dout, lse, delta, dq, dk, dv,
+                   grads) -> None:
+    """Accumulate dq, dk, dv of one block group and the captured tensors' gradients (``grads``)."""
+    G, bn = ops.G, ops.bn
+    want = [t for t in captured if t.requires_grad]
+    for chunk in plan:
+        R = len(chunk.rows)
+        q_rows, do_rows = ops.rows(ops.q, chunk), ops.rows(dout, chunk)
+        lse_rows, delta_rows = ops.rows(lse, chunk), ops.rows(delta, chunk)
+        Ks = [ops.keys(ops.k, st, R) for st in chunk.steps]
+        Vs = [ops.keys(ops.v, st, R) for st in chunk.steps]
+        masks = [step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
+                 for st in chunk.steps]
+        qi, kis = ix.query(chunk), [ix.key(chunk, st) for st in chunk.steps]
+        for b in range(ops.B):
+            bt = ix.batch(b)
+            for h in range(ops.Hkv):
+                qt, do, ht = fold(q_rows[b, h]), fold(do_rows[b, h]), ix.head(h)
+                row_lse, row_delta = fold(lse_rows[b, h]), fold(delta_rows[b, h])
+                row_lse = row_lse.masked_fill(row_lse == NEG_INF, 0.0)
+                dq_acc = None
+                for i, st in enumerate(chunk.steps):
+                    K, V = Ks[i][b, h], Vs[i][b, h]
+                    with torch.enable_grad():
+                        s = torch.bmm(qt, K.transpose(1, 2)).requires_grad_()
+                        sm = check_result(fn, fn(s, bt, ht, qi, kis[i]), s)
+                    p = add_mask(sm.detach().clone(), masks[i], G, bn).sub_(row_lse).exp_()
+                    ds = torch.bmm(do, V.transpose(1, 2)).sub_(row_delta).mul_(p)
+                    got = torch.autograd.grad(sm, [s, *want], grad_outputs=ds, allow_unused=True)
+                    for t, gt in zip(want, got[1:]):
+                        if gt is not None:
+                            grads[id(t)] = gt if grads.get(id(t)) is None else grads[id(t)] + gt
+                    ds = got[0] if got[0] is not None else torch.zeros_like(ds)
+                    part = torch.bmm(ds, K)
+                    dq_acc = part if dq_acc is None else dq_acc.add_(part)
+                    C = st.c1 - st.c0
+                    dk[b, h].index_add_(0, st.index, torch.bmm(ds.transpose(1, 2), qt).view(R * C, ops.bn, ops.D))
+                    dv[b, h].index_add_(0, st.index, torch.bmm(p.transpose(1, 2), do).view(R * C, ops.bn, ops.Dv))
+                write_rows(dq[b, h], dq_acc, chunk)
+
+
+def group_calls(layout: BlockLayout, q, k, v):
+    """``(blocks, b0, h0, q, k, v)`` per block group: the whole batch for a one-group layout,
+    else one call per (batch entry, query head) with that head's key/value head."""
+    B, H = q.shape[:2]
+    G = H // k.shape[1]
+    if len(layout.groups) == 1:
+        yield layout.groups[0], 0, 0, q, k, v
+        return
+    for b in range(B):
+        for h in range(H):
+            kh = h // G
+            yield (layout.group_for(b, h), b, h, q[b:b + 1, h:h + 1], k[b:b + 1, kh:kh + 1],
+                   v[b:b + 1, kh:kh + 1])
+
+
+def run_forward(q, k, v, layout, schedule, scale, fn, b_ids):
+    """``(out [B,H,Lq,Dv], lse [B,H,Lq])`` in the compute dtype."""
+    cdt = compute_dtype_for(q.dtype)
+    B, H, Lq, _ = q.shape
+    out = torch.zeros(B, H, Lq, v.shape[-1], dtype=cdt, device=q.device)
+    lse = torch.full((B, H, Lq), NEG_INF, dtype=cdt, device=q.device)
+    for blocks, b0, h0, qq, kk, vv in group_calls(layout, q, k, v):
+        g = blocks.geom
+        ops = Operands(qq, kk, vv, g, scale, cdt)
+        o = torch.zeros(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.Dv, dtype=cdt, device=q.device)
+        l = torch.full((ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, 1), NEG_INF, dtype=cdt, device=q.device)
+        ix = Indices(g, ops.G, b_ids[b0:b0 + qq.shape[0]], h0, q.device)
+        forward_group(blocks, make_plan(blocks, schedule, ops.G), ops, fn, ix, o, l)
+        Bq, Hq = qq.shape[:2]
+        out[b0:b0 + Bq, h0:h0 + Hq] = o.view(Bq, Hq, -1, ops.Dv)[:, :, :Lq]
+        lse[b0:b0 + Bq, h0:h0 + Hq] = l.view(Bq, Hq, -1)[:, :, :Lq]
+    return out, lse
+
+
+def run_backward(q, k, v, out, lse, dout, dlse, layout, schedule, scale, fn, b_ids, captured):
+    """``(dq, dk, dv, grads of captured)`` (a captured tensor's gradient is None when unused)."""
+    cdt = compute_dtype_for(q.dtype)
+    delta_all = (dout.to(cdt) * out.to(cdt)).sum(-1)
+    if dlse is not None:
+        delta_all = delta_all - dlse.to(cdt)  # d lse / d s = p: it joins ds as -dlse in delta
+    dq_all = torch.zeros(q.shape, dtype=cdt, device=q.device)
+    dk_all = torch.zeros(k.shape, dtype=cdt, device=q.device)
+    dv_all = torch.zeros(v.shape, dtype=cdt, device=q.device)
+    grads: dict[int, torch.Tensor] = {}
+    B, H, Lq, _ = q.shape
+    G = H // k.shape[1]
+    for blocks, b0, h0, qq, kk, vv in group_calls(layout, q, k, v):
+        g = blocks.geom
+        ops = Operands(qq, kk, vv, g, scale, cdt)
+        Bq, Hq = qq.shape[:2]
+        bsl, hsl = slice(b0, b0 + Bq), slice(h0, h0 + Hq)
+
+        def rows_view(t, X):
+            t = pad_len(t.to(cdt).reshape(Bq, Hq, Lq, X), g.nqb * g.block_m)
+            return t.view(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, X)
+
+        dq = torch.zeros(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.D, dtype=cdt, device=q.device)
+        dk = torch.zeros(ops.B, ops.Hkv, g.nkb, g.block_n, ops.D, dtype=cdt, device=q.device)
+        dv = torch.zeros(ops.B, ops.Hkv, g.nkb, g.block_n, ops.Dv, dtype=cdt, device=q.device)
+        ix = Indices(g, ops.G, b_ids[b0:b0 + Bq], h0, q.device)
+        backward_group(blocks, make_plan(blocks, schedule, ops.G), ops, fn, ix, captured,
+                       rows_view(dout[bsl, hsl], ops.Dv), rows_view(lse[bsl, hsl][..., None], 1),
+                       rows_view(delta_all[bsl, hsl][..., None], 1), dq, dk, dv, grads)
+        Lk = kk.shape[2]
+        dq_all[bsl, hsl] = dq.view(Bq, Hq, -1, ops.D)[:, :, :Lq] * scale
+        khsl = slice(h0 // G, h0 // G + ops.Hkv) if Hq != H else slice(None)
+        dk_all[bsl, khsl] += dk.view(ops.B, ops.Hkv, -1, ops.D)[:, :, :Lk]
+        dv_all[bsl, khsl] += dv.view(ops.B, ops.Hkv, -1, ops.Dv)[:, :, :Lk]
+    cg = [None if grads.get(id(t)) is None else grads[id(t)].to(t.dtype) for t in captured]
+    return dq_all.to(q.dtype), dk_all.to(k.dtype), dv_all.to(v.dtype), cg
+
+
+class ScoreModAttentionFn(torch.autograd.Function):
+    """Differentiable block-sparse attention with a score_mod: in q, k, v, the captured tensors
+    (passed as extra inputs so autograd routes their gradients) and ``lse``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, schedule, scale, fn, b_ids, *captured):
+        out, lse = run_forward(q, k, v, layout, schedule, scale, fn, b_ids)
+        ctx.save_for_backward(q, k, v, out, lse, *captured)
+        ctx.layout, ctx.schedule, ctx.scale, ctx.fn, ctx.b_ids = layout, schedule, scale, fn, b_ids
+        return out.to(q.dtype), lse
+
+    @staticmethod
+    @single_backward("BlockSparseAttention with score_mod (torch backend)")
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *captured = ctx.saved_tensors
+        dq, dk, dv, cg = run_backward(q, k, v, out, lse, dout, dlse, ctx.layout, ctx.schedule, ctx.scale,
+                                      ctx.fn, ctx.b_ids, captured)
+        return (dq, dk, dv, None, None, None, None, None, *cg)
+
+
+def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
+    """Attention sinks: a per-head logit ``sinks [H]`` joins every row's softmax denominator and
+    contributes no value. Differentiable in out, lse and sinks. A row with no visible key keeps
+    output 0; its lse becomes the sink (the denominator holds only the sink)."""
+    s = sinks.to(lse.dtype)[None, :, None]
+    new_lse = torch.logaddexp(lse, s)
+    return out * torch.exp(lse - new_lse)[..., None].to(out.dtype), new_lse
+
+
+def check_sinks(sinks, heads: int, device) -> torch.Tensor:
+    """``sinks`` when it is a floating tensor ``[H]`` on q's device, else an :class:`InputError`."""
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (heads,):
+        got = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise InputError(f"sinks must be a floating tensor of shape [{heads}] (one logit per query head), got {got}; "
+                         f"hint: torch.nn.Parameter(torch.zeros({heads}))")
+    if sinks.device != device:
+        raise InputError(f"sinks are on {sinks.device} but q is on {device}; hint: move them with .to()")
+    return sinks
+
+
+def score_mod_attention(q, k, v, layout: BlockLayout, schedule, scale: float, score_mod=None, sinks=None,
+                        batch_index=None):
+    """``(out, lse)`` of block-sparse attention with ``score_mod`` applied to the scaled scores before
+    the mask and ``sinks`` in the denominator; differentiable in q, k, v, the score_mod's captured
+    tensors and the sinks. ``batch_index`` maps this call's batch entries to the ``b`` the score_mod
+    sees (a call that runs a subset of the batch)."""
+    B, H = q.shape[:2]
+    fn = identity_mod if score_mod is None else check_score_mod(score_mod)
+    captured = captured_tensors(fn) if score_mod is not None else ()
+    check_device(captured, q.device, fn)
+    if isinstance(fn, ScoreMod):
+        g = layout.groups[0].geom
+        fn.check(max(B, max(batch_index) + 1 if batch_index else 0), H, g.q_end, g.kv_len)
+    b_ids = tuple(range(B)) if batch_index is None else tuple(batch_index)
+    out, lse = ScoreModAttentionFn.apply(q, k, v, layout, schedule, scale, fn, b_ids, *captured)
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, check_sinks(sinks, H, q.device))
+    return out, lse

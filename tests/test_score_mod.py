@@ -1,0 +1,229 @@
+"""score_mod (edge weights) and attention sinks on the torch backend, against the float64 reference
+and an independent dense oracle: built-ins, composed and user functions, captured-tensor gradients,
+GQA, odd lengths, large logits, random schedules, positions, and the errors."""
+
+import math
+
+import pytest
+import torch
+
+import attncompiler as ac
+from attncompiler.dsl.score_mod import captured_tensors, t5_bucket
+from attncompiler.errors import InputError, PatternError, UnexpectedArgumentError, UnsupportedError
+
+H, HKV, D = 4, 2, 8
+
+
+def qkv(B=2, Lq=37, Lk=37, mag=10.0, seed=0, dtype=torch.float32):
+    """Random q, k, v (requires_grad) whose logits reach ~mag**2 * D**0.5 (hundreds)."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, H, Lq, D, generator=g) * mag).to(dtype).requires_grad_()
+    k = (torch.randn(B, HKV, Lk, D, generator=g) * mag).to(dtype).requires_grad_()
+    v = torch.randn(B, HKV, Lk, D, generator=g).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def schedule(seed):
+    g = torch.Generator().manual_seed(seed)
+    bm, bn = (int(x) for x in torch.tensor([4, 8, 16])[torch.randint(0, 3, (2,), generator=g)])
+    kbs = int(torch.randint(1, 4, (1,), generator=g))
+    return ac.Schedule(block_m=bm, block_n=bn, key_blocks_per_step=kbs)
+
+
+def compare(out, ref, inputs, rtol=2e-5, atol=2e-5, grad_tol=2e-4):
+    """Outputs and gradients w.r.t. ``inputs`` agree (a random upstream gradient; relative to the
+    largest reference gradient so that large-logit cases are judged by scale)."""
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    up = torch.randn_like(ref)
+    got = torch.autograd.grad(out, inputs, up.to(out.dtype), allow_unused=True)
+    want = torch.autograd.grad(ref, inputs, up, allow_unused=True)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert (a is None) == (b is None), f"input {i}: gradient presence differs"
+        if a is not None:
+            err = (a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)
+            assert err < grad_tol, f"input {i}: relative gradient error {float(err):.3g}"
+
+
+def builtins():
+    slopes = ac.alibi_slopes(H).requires_grad_()
+    table = (torch.randn(H, 32) * 3).requires_grad_()
+    bias = (torch.randn(H, 37, 37) * 5).requires_grad_()
+    return {
+        "softcap": (ac.softcap(20.0), []),
+        "alibi": (ac.alibi(slopes), [slopes]),
+        "relative_bias": (ac.relative_bias(table, num_buckets=32, max_distance=16), [table]),
+        "bias": (ac.bias(bias), [bias]),
+        "softcap_alibi": (ac.softcap(30.0) @ ac.alibi(slopes), [slopes]),
+    }
+
+
+PATTERNS = {
+    "causal": ac.causal(),
+    "window_global": ac.sliding_window(5) | ac.global_tokens([0, 9]),
+    "full": ac.full(),
+    "strided_causal": ac.strided(3) & ac.causal(),
+}
+
+
+@pytest.mark.parametrize("name", ["softcap", "alibi", "relative_bias", "bias", "softcap_alibi"])
+@pytest.mark.parametrize("pname", list(PATTERNS))
+def test_builtin_matches_reference(name, pname):
+    mod, tensors = builtins()[name]
+    p = PATTERNS[pname]
+    q, k, v = qkv(seed=hash((name, pname)) % 1000)
+    m = ac.compile(p, backend="torch", score_mod=mod, schedule=schedule(hash(pname) % 97))
+    out, lse = m(q, k, v, return_lse=True)
+    ref, ref_lse = ac.reference(p, q, k, v, score_mod=mod, return_lse=True)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-4)
+    compare(out, ref, [q, k, v, *tensors])
+
+
+def dense_oracle(q, k, v, fn, mask, scale, sinks=None):
+    """Elementwise definition: s[b,h,i,j] = fn(score, b, h, i, j) with Python ints, one entry at a time
+    (FlexAttention's scalar semantics), then masked softmax with the sink column."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, Hq, Lq, _ = q.shape
+    G = Hq // k.shape[1]
+    out = torch.zeros(B, Hq, Lq, v.shape[-1], dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            s = q[b, h] @ k[b, h // G].T * scale
+            rows = []
+            for i in range(Lq):
+                rows.append(torch.stack([fn(s[i, j], torch.tensor(b), torch.tensor(h), torch.tensor(i),
+                                            torch.tensor(j)) for j in range(s.shape[1])]))
+            s = torch.stack(rows).masked_fill(~mask[b, h], -math.inf)
+            if sinks is not None:
+                s = torch.cat([s, sinks[h].double().expand(Lq, 1)], dim=1)
+            p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+            out[b, h] = p[:, :k.shape[2]] @ v[b, h // G]
+    return out
+
+
+def test_user_function_with_closure_global_and_module_tensors():
+    lin = torch.nn.Linear(1, H)
+    scale_t = torch.tensor([0.5, -0.25, 0.125, 1.0], requires_grad=True)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        dist = (q_idx - kv_idx).abs().to(score.dtype)
+        gate = torch.sigmoid(lin.weight[h, 0] * 0.1 + GLOBAL_BIAS[h])
+        return torch.where(dist < 3, score * gate, score - scale_t[h] * torch.log1p(dist)) + b * 0.5
+
+    p = ac.sliding_window(7)
+    q, k, v = qkv(B=2, Lq=13, Lk=13, mag=3.0, seed=3)
+    found = {id(t) for t in captured_tensors(mod)}
+    assert {id(lin.weight), id(lin.bias), id(scale_t), id(GLOBAL_BIAS)} <= found
+    m = ac.compile(p, backend="torch", score_mod=mod, schedule=ac.Schedule(block_m=4, block_n=4))
+    out = m(q, k, v)
+    ref = ac.reference(p, q, k, v, score_mod=mod)
+    oracle = dense_oracle(q, k, v, mod, torch.stack([torch.stack([p.to_dense(13, 13)] * H)] * 2), D ** -0.5)
+    torch.testing.assert_close(ref, oracle, rtol=1e-10, atol=1e-10)
+    compare(out, ref, [q, k, v, scale_t, lin.weight, GLOBAL_BIAS])
+
+
+GLOBAL_BIAS = torch.tensor([0.1, 0.2, -0.3, 0.4], requires_grad=True)
+
+
+def test_sinks_match_dense_oracle_and_empty_rows_give_zero():
+    sinks = torch.tensor([0.5, -1.0, 2.0, 30.0], requires_grad=True)
+    slopes = ac.alibi_slopes(H).requires_grad_()
+    mod = ac.alibi(slopes)
+    # rows 0..2 see no key (keys start at 3): output 0, lse = the sink
+    p = ac.mask(lambda b, h, q, k: (k >= 3) & (k <= q))
+    q, k, v = qkv(B=1, Lq=11, Lk=11, mag=4.0, seed=5)
+    m = ac.compile(p, backend="torch", score_mod=mod, sinks=sinks, schedule=ac.Schedule(block_m=4, block_n=4))
+    out, lse = m(q, k, v, return_lse=True)
+    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
+    torch.testing.assert_close(lse[0, :, 0], sinks.detach())
+    mask = p.to_dense(11, 11).expand(1, H, 11, 11)
+    oracle = dense_oracle(q, k, v, mod, mask, D ** -0.5, sinks)
+    ref = ac.reference(p, q, k, v, score_mod=mod, sinks=sinks)
+    torch.testing.assert_close(ref, oracle, rtol=1e-10, atol=1e-10)
+    compare(out, ref, [q, k, v, slopes, sinks])
+
+
+def test_sinks_without_score_mod():
+    sinks = torch.randn(H, requires_grad=True)
+    p = ac.causal()
+    q, k, v = qkv(B=2, Lq=19, Lk=19, seed=6)
+    out = ac.compile(p, backend="torch", sinks=sinks)(q, k, v)
+    compare(out, ac.reference(p, q, k, v, sinks=sinks), [q, k, v, sinks])
+
+
+def test_positions_q_offset_kv_lens_and_batch_index():
+    """Decoding rows (Lq != Lk, q_offset per batch entry) and key padding: the score_mod sees the
+    caller's b and the query positions."""
+    bias = (torch.randn(3, H, 40, 29) * 4).requires_grad_()
+    table = torch.randn(H, 16, requires_grad=True)
+    mod = ac.bias(bias) @ ac.relative_bias(table, num_buckets=16, max_distance=32, bidirectional=False)
+    p = ac.sliding_window(6) & ac.causal()
+    g = torch.Generator().manual_seed(7)
+    q = (torch.randn(3, H, 9, D, generator=g) * 8).requires_grad_()
+    k = (torch.randn(3, HKV, 29, D, generator=g) * 8).requires_grad_()
+    v = torch.randn(3, HKV, 29, D, generator=g).requires_grad_()
+    m = ac.compile(p, backend="torch", score_mod=mod, schedule=ac.Schedule(block_m=4, block_n=8))
+    kw = dict(q_offset=torch.tensor([20, 5, 31]), kv_lens=torch.tensor([29, 17, 29]))
+    out = m(q, k, v, **kw)
+    ref = ac.reference(p, q, k, v, score_mod=mod, **kw)
+    compare(out, ref, [q, k, v, bias, table])
+    out2 = m(q, k, v, align="bottom_right")
+    compare(out2, ac.reference(p, q, k, v, score_mod=mod, align="bottom_right"), [q, k, v, bias, table])
+
+
+def test_per_head_layouts_and_float64_gradcheck():
+    table = torch.randn(H, 8, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(H, dtype=torch.float64, requires_grad=True)
+    mod = ac.softcap(3.0) @ ac.relative_bias(table, num_buckets=8, max_distance=12)
+    p = ac.per_head([ac.sliding_window(2), ac.causal()])
+    m = ac.compile(p, backend="torch", score_mod=mod, sinks=sinks, schedule=ac.Schedule(block_m=4, block_n=4))
+    q, k, v = qkv(B=1, Lq=7, Lk=7, mag=1.0, seed=8, dtype=torch.float64)
+    compare(m(q, k, v), ac.reference(p, q, k, v, score_mod=mod, sinks=sinks), [q, k, v, table, sinks],
+            rtol=1e-10, atol=1e-10, grad_tol=1e-9)
+    torch.autograd.gradcheck(lambda q, k, v, t, s: m(q, k, v), (q, k, v, table, sinks))
+
+
+def test_alibi_slopes_are_the_papers():
+    assert torch.allclose(ac.alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
+    # 6 heads: the 4-head slopes, then every other one of the 8-head slopes
+    want = [2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8, 2.0 ** -1, 2.0 ** -3]
+    assert torch.allclose(ac.alibi_slopes(6), torch.tensor(want))
+    assert ac.alibi_slopes(12).shape == (12,)
+
+
+def test_t5_bucketing_matches_transformers():
+    t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+    r = torch.arange(-300, 300)
+    for bidirectional in (True, False):
+        for nb, md in ((32, 128), (16, 64), (8, 20)):
+            want = t5.T5Attention._relative_position_bucket(r, bidirectional, nb, md)
+            assert torch.equal(t5_bucket(r, bidirectional, nb, md), want)
+
+
+def test_errors():
+    p = ac.causal()
+    q, k, v = qkv(B=1, Lq=9, Lk=9)
+    with pytest.raises(InputError, match="shape"):
+        ac.compile(p, backend="torch", score_mod=lambda s, b, h, qi, ki: s[..., :1, :1].sum(-1))(q, k, v)
+    with pytest.raises(InputError, match="dtype"):
+        ac.compile(p, backend="torch", score_mod=lambda s, b, h, qi, ki: s.double())(q, k, v)
+    meta = torch.zeros(H, device="meta")
+    with pytest.raises(InputError, match="meta"):
+        ac.compile(p, backend="torch", score_mod=lambda s, b, h, qi, ki: s + meta[h])(q, k, v)
+    with pytest.raises(PatternError, match="callable"):
+        ac.compile(p, score_mod=3.0)
+    with pytest.raises(PatternError, match="cap"):
+        ac.softcap(-1.0)
+    with pytest.raises(InputError, match="slopes"):
+        ac.compile(p, backend="torch", score_mod=ac.alibi(torch.ones(3)))(q, k, v)
+    with pytest.raises(InputError, match="bias"):
+        ac.compile(p, backend="torch", score_mod=ac.bias(torch.ones(H, 5, 9)))(q, k, v)
+    with pytest.raises(InputError, match="sinks"):
+        ac.compile(p, backend="torch", sinks=torch.ones(3))(q, k, v)
+    with pytest.raises(UnexpectedArgumentError):
+        ac.compile(p, backend="torch", score_mod=ac.softcap(5.0))(q, k, v, score_mod=None)
+    with pytest.raises(TypeError):
+        ac.compile(p, score_mod=ac.softcap(5.0), scoremod=1)
+    with pytest.raises(UnsupportedError, match="triton"):
+        ac.compile(p, backend="triton", score_mod=lambda s, b, h, qi, ki: torch.sort(s, -1)[0])(q, k, v)
+    with pytest.raises(UnsupportedError, match="not supported"):
+        ac.compile(ac.diffuse(ac.sliding_window(2), hops=2), score_mod=ac.softcap(5.0))
