@@ -36,6 +36,19 @@ class ScoreMod:
         """The tensors this score_mod reads (their gradients are computed)."""
         return ()
 
+    def apply_(self, score, b, h, q_idx, kv_idx, cache: dict):
+        """The same value as ``self(score, ...)``, computed without autograd and allowed to
+        overwrite ``score`` (the forward's fast path); ``cache`` holds what the calls of one step
+        share (e.g. the distances ``kv_idx - q_idx``), since only ``score``, ``b`` and ``h`` change."""
+        return self(score, b, h, q_idx, kv_idx)
+
+    def vjp_(self, ds, b, h, q_idx, kv_idx, cache: dict, grads: dict):
+        """``ds * d modified / d score`` without autograd (may overwrite ``ds``), right after
+        :meth:`apply_` ran on this step with ``cache["keep"]`` set (it keeps what the derivative
+        needs in ``cache``), adding the gradients of :meth:`tensors` that require one into ``grads``
+        (keyed by ``id``). Score_mods that do not override it are differentiated with autograd."""
+        raise NotImplementedError
+
     def check(self, batch: int, heads: int, q_end: int, kv_len: int) -> None:
         """Raise :class:`InputError` when a call with these sizes would index past a tensor."""
 
@@ -59,6 +72,14 @@ class Composed(ScoreMod):
 
     def tensors(self):
         return tuple(t for mod in self.mods for t in captured_tensors(mod))
+
+    def apply_(self, score, b, h, q_idx, kv_idx, cache):
+        for i, mod in enumerate(reversed(self.mods)):
+            if isinstance(mod, ScoreMod):
+                score = mod.apply_(score, b, h, q_idx, kv_idx, cache.setdefault(i, {}))
+            else:
+                score = check_result(mod, mod(score, b, h, q_idx, kv_idx), score).contiguous()
+        return score
 
     def check(self, batch, heads, q_end, kv_len):
         for mod in self.mods:
@@ -95,6 +116,16 @@ class Softcap(ScoreMod):
     def __call__(self, score, b, h, q_idx, kv_idx):
         return torch.tanh(score / self.cap) * self.cap
 
+    def apply_(self, score, b, h, q_idx, kv_idx, cache):
+        if cache.get("keep"):
+            t = cache["tanh"] = score.div_(self.cap).tanh_()
+            return t * self.cap
+        return score.div_(self.cap).tanh_().mul_(self.cap)
+
+    def vjp_(self, ds, b, h, q_idx, kv_idx, cache, grads):
+        t = cache.pop("tanh")
+        return ds.mul_(t.mul_(t).neg_().add_(1.0))  # d/ds cap * tanh(s / cap) = 1 - tanh^2
+
     def __repr__(self) -> str:
         return f"ac.softcap({self.cap!r})"
 
@@ -121,6 +152,20 @@ class Alibi(ScoreMod):
 
     def __call__(self, score, b, h, q_idx, kv_idx):
         return score + self.slopes[h] * (kv_idx - q_idx)
+
+    def apply_(self, score, b, h, q_idx, kv_idx, cache):
+        return score.addcmul_(self.slopes[h].to(score.dtype), distances(score, q_idx, kv_idx, cache))
+
+    def vjp_(self, ds, b, h, q_idx, kv_idx, cache, grads):
+        dist = distances(ds, q_idx, kv_idx, cache)
+        if self.slopes.requires_grad:
+            hh = h.expand(-1, ds.shape[1], -1).reshape(-1) if h.dim() else h.reshape(1)
+            per_row = (ds * dist).sum(dim=(0, 2)) if h.dim() else (ds * dist).sum().reshape(1)
+            g = grads.get(id(self.slopes))
+            if g is None:
+                g = grads[id(self.slopes)] = torch.zeros(self.slopes.shape, dtype=ds.dtype, device=ds.device)
+            g.index_add_(0, hh, per_row)
+        return ds
 
     def tensors(self):
         return (self.slopes,)
@@ -178,6 +223,18 @@ def t5_bucket(relative_position: torch.Tensor, bidirectional: bool = True, num_b
     return buckets + torch.where(is_small, relative_position, large)
 
 
+def distances(score, q_idx, kv_idx, cache: dict) -> torch.Tensor:
+    """``kv_idx - q_idx`` in the score's dtype, computed once per step (``cache``): in one float pass
+    when positions are exact in that dtype, else in integers first."""
+    if "dist" not in cache:
+        exact = 2 ** (53 if score.dtype == torch.float64 else 24)
+        if max(int(q_idx.max()), int(kv_idx.max())) < exact:
+            cache["dist"] = kv_idx.to(score.dtype) - q_idx.to(score.dtype)
+        else:
+            cache["dist"] = (kv_idx - q_idx).to(score.dtype)
+    return cache["dist"]
+
+
 class RelativeBias(ScoreMod):
     """``score + table[h, t5_bucket(kv_idx - q_idx)]`` (T5's learned relative position bias)."""
 
@@ -194,6 +251,11 @@ class RelativeBias(ScoreMod):
     def __call__(self, score, b, h, q_idx, kv_idx):
         bucket = t5_bucket(kv_idx - q_idx, self.bidirectional, self.num_buckets, self.max_distance)
         return score + self.table[h, bucket]
+
+    def apply_(self, score, b, h, q_idx, kv_idx, cache):
+        if "bucket" not in cache:
+            cache["bucket"] = t5_bucket(kv_idx - q_idx, self.bidirectional, self.num_buckets, self.max_distance)
+        return score.add_(self.table[h, cache["bucket"]])
 
     def tensors(self):
         return (self.table,)

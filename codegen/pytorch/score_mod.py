@@ -73,14 +73,20 @@ def add_mask(s: torch.Tensor, mask, G: int, bn: int) -> torch.Tensor:
     return s
 
 
-def modded(fn, s, idx) -> torch.Tensor:
-    """``fn(s, *idx)``, checked (shape and dtype) and materialized to ``s``'s shape."""
+def modded(fn, s, idx, cache: dict) -> torch.Tensor:
+    """``fn(s, *idx)`` without autograd, checked (shape and dtype) and materialized to ``s``'s
+    shape; ``s`` may be overwritten (built-ins work in place, sharing ``cache`` within a step)."""
+    if fn is identity_mod:
+        return s
+    if isinstance(fn, ScoreMod):
+        return fn.apply_(s, *idx, cache)
     out = check_result(fn, fn(s, *idx), s)
     return out if out.is_contiguous() else out.contiguous()
 
 
 def forward_group(blocks, plan, ops: Operands, fn, ix: Indices, out, lse) -> None:
-    """Fill ``out [B,Hkv,G,nqb,bm,Dv]`` and ``lse [B,Hkv,G,nqb,bm,1]`` of one block group."""
+    """Fill ``out [B,Hkv,G,nqb,bm,Dv]`` and (if given) ``lse [B,Hkv,G,nqb,bm,1]`` of one block
+    group; without ``lse`` (inference), single-step rows use the fused ``torch.softmax``."""
     G, bn = ops.G, ops.bn
     for chunk in plan:
         R = len(chunk.rows)
@@ -89,14 +95,24 @@ def forward_group(blocks, plan, ops: Operands, fn, ix: Indices, out, lse) -> Non
         masks = [step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
                  for st in chunk.steps]
         qi, kis = ix.query(chunk), [ix.key(chunk, st) for st in chunk.steps]
+        caches: list[dict] = [{} for _ in chunk.steps]
         q_rows = ops.rows(ops.q, chunk)
         for b in range(ops.B):
             bt = ix.batch(b)
             for h in range(ops.Hkv):
                 qt, ht = fold(q_rows[b, h]), ix.head(h)
+                if lse is None and len(chunk.steps) == 1:
+                    s = modded(fn, torch.bmm(qt, Ks[0][b, h].transpose(1, 2)), (bt, ht, qi, kis[0]), caches[0])
+                    p = torch.softmax(add_mask(s, masks[0], G, bn), dim=-1)
+                    o = torch.bmm(p, Vs[0][b, h])
+                    if masks[0] is not None and masks[0].empty_rows is not None:  # zeros, not NaN
+                        R_, GM, Dv = o.shape
+                        o.view(R_, G, GM // G, Dv).masked_fill_(masks[0].empty_rows[:, None, :, None], 0.0)
+                    write_rows(out[b, h], o, chunk)
+                    continue
                 m_run = l_run = acc = None
                 for i in range(len(chunk.steps)):
-                    s = modded(fn, torch.bmm(qt, Ks[i][b, h].transpose(1, 2)), (bt, ht, qi, kis[i]))
+                    s = modded(fn, torch.bmm(qt, Ks[i][b, h].transpose(1, 2)), (bt, ht, qi, kis[i]), caches[i])
                     s = add_mask(s, masks[i], G, bn)
                     m = s.amax(dim=-1, keepdim=True)
                     p = s.sub_(finite_or_zero(m)).exp_()
@@ -109,14 +125,16 @@ def forward_group(blocks, plan, ops: Operands, fn, ix: Indices, out, lse) -> Non
                 empty = l_run == 0
                 acc.div_(l_run.masked_fill(empty, 1.0))
                 write_rows(out[b, h], acc, chunk)
-                write_rows(lse[b, h], (m_run + torch.log(l_run)).masked_fill_(empty, NEG_INF), chunk)
+                if lse is not None:
+                    write_rows(lse[b, h], (m_run + torch.log(l_run)).masked_fill_(empty, NEG_INF), chunk)
 
 
 def backward_group(blocks, plan, ops: Operands, fn, ix: Indices, captured, dout, lse, delta, dq, dk, dv,
                    grads) -> None:
-    """Accumulate dq, dk, dv of one block group and the captured tensors' gradients (``grads``)."""
+    """Accumulate dq, dk, dv of one block group and the captured tensors' gradients into ``grads``
+    (keyed by the ``id`` of the tensor the score_mod holds; ``captured`` is ``[(id, tensor)]``)."""
     G, bn = ops.G, ops.bn
-    want = [t for t in captured if t.requires_grad]
+    want = [(i, t) for i, t in captured if t.requires_grad]
     for chunk in plan:
         R = len(chunk.rows)
         q_rows, do_rows = ops.rows(ops.q, chunk), ops.rows(dout, chunk)
@@ -126,6 +144,7 @@ def backward_group(blocks, plan, ops: Operands, fn, ix: Indices, captured, dout,
         masks = [step_bias(blocks, chunk, st, ops.q.dtype, ops.q.device) if st.needs_mask else None
                  for st in chunk.steps]
         qi, kis = ix.query(chunk), [ix.key(chunk, st) for st in chunk.steps]
+        caches: list[dict] = [{} for _ in chunk.steps]
         for b in range(ops.B):
             bt = ix.batch(b)
             for h in range(ops.Hkv):
@@ -135,22 +154,38 @@ def backward_group(blocks, plan, ops: Operands, fn, ix: Indices, captured, dout,
                 dq_acc = None
                 for i, st in enumerate(chunk.steps):
                     K, V = Ks[i][b, h], Vs[i][b, h]
-                    with torch.enable_grad():
-                        s = torch.bmm(qt, K.transpose(1, 2)).requires_grad_()
-                        sm = check_result(fn, fn(s, bt, ht, qi, kis[i]), s)
-                    p = add_mask(sm.detach().clone(), masks[i], G, bn).sub_(row_lse).exp_()
-                    ds = torch.bmm(do, V.transpose(1, 2)).sub_(row_delta).mul_(p)
-                    got = torch.autograd.grad(sm, [s, *want], grad_outputs=ds, allow_unused=True)
-                    for t, gt in zip(want, got[1:]):
-                        if gt is not None:
-                            grads[id(t)] = gt if grads.get(id(t)) is None else grads[id(t)] + gt
-                    ds = got[0] if got[0] is not None else torch.zeros_like(ds)
+                    idx = (bt, ht, qi, kis[i])
+                    s = torch.bmm(qt, K.transpose(1, 2))
+                    dp = torch.bmm(do, V.transpose(1, 2)).sub_(row_delta)
+                    ds, p = step_grads(fn, s, dp, idx, masks[i], G, bn, row_lse, caches[i], want, grads)
                     part = torch.bmm(ds, K)
                     dq_acc = part if dq_acc is None else dq_acc.add_(part)
                     C = st.c1 - st.c0
                     dk[b, h].index_add_(0, st.index, torch.bmm(ds.transpose(1, 2), qt).view(R * C, ops.bn, ops.D))
                     dv[b, h].index_add_(0, st.index, torch.bmm(p.transpose(1, 2), do).view(R * C, ops.bn, ops.Dv))
                 write_rows(dq[b, h], dq_acc, chunk)
+
+
+def step_grads(fn, s, dp, idx, mask, G: int, bn: int, row_lse, cache: dict, want, grads):
+    """``(d loss / d score, p)`` of one step from the raw scaled scores ``s`` and
+    ``dp = dO V^T - delta``: ``p = exp(mod(s) + mask - lse)``, ``ds_mod = p * dp``, then through the
+    score_mod (its hand-written :meth:`ScoreMod.vjp_`, else autograd), adding captured gradients."""
+    if fn is identity_mod:
+        p = add_mask(s, mask, G, bn).sub_(row_lse).exp_()
+        return dp.mul_(p), p
+    if isinstance(fn, ScoreMod) and type(fn).vjp_ is not ScoreMod.vjp_:
+        cache["keep"] = True  # apply_ keeps what vjp_ needs
+        p = add_mask(fn.apply_(s, *idx, cache), mask, G, bn).sub_(row_lse).exp_()
+        return fn.vjp_(dp.mul_(p), *idx, cache, grads), p
+    with torch.enable_grad():
+        s = s.requires_grad_()
+        sm = check_result(fn, fn(s, *idx), s)
+    p = add_mask(sm.detach().clone(), mask, G, bn).sub_(row_lse).exp_()
+    got = torch.autograd.grad(sm, [s, *(t for _, t in want)], grad_outputs=dp.mul_(p), allow_unused=True)
+    for (key, _), gt in zip(want, got[1:]):
+        if gt is not None:
+            grads[key] = gt if grads.get(key) is None else grads[key] + gt
+    return (got[0] if got[0] is not None else torch.zeros_like(s)), p
 
 
 def group_calls(layout: BlockLayout, q, k, v):
@@ -168,27 +203,32 @@ def group_calls(layout: BlockLayout, q, k, v):
                    v[b:b + 1, kh:kh + 1])
 
 
-def run_forward(q, k, v, layout, schedule, scale, fn, b_ids):
-    """``(out [B,H,Lq,Dv], lse [B,H,Lq])`` in the compute dtype."""
+def run_forward(q, k, v, layout, schedule, scale, fn, b_ids, need_lse=True):
+    """``(out [B,H,Lq,Dv], lse [B,H,Lq] or None)`` in the compute dtype."""
     cdt = compute_dtype_for(q.dtype)
     B, H, Lq, _ = q.shape
     out = torch.zeros(B, H, Lq, v.shape[-1], dtype=cdt, device=q.device)
-    lse = torch.full((B, H, Lq), NEG_INF, dtype=cdt, device=q.device)
+    lse = torch.full((B, H, Lq), NEG_INF, dtype=cdt, device=q.device) if need_lse else None
     for blocks, b0, h0, qq, kk, vv in group_calls(layout, q, k, v):
         g = blocks.geom
         ops = Operands(qq, kk, vv, g, scale, cdt)
         o = torch.zeros(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.Dv, dtype=cdt, device=q.device)
-        l = torch.full((ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, 1), NEG_INF, dtype=cdt, device=q.device)
+        l = torch.full((ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, 1), NEG_INF, dtype=cdt, device=q.device) \
+            if need_lse else None
         ix = Indices(g, ops.G, b_ids[b0:b0 + qq.shape[0]], h0, q.device)
         forward_group(blocks, make_plan(blocks, schedule, ops.G), ops, fn, ix, o, l)
         Bq, Hq = qq.shape[:2]
+        if len(layout.groups) == 1:  # the group's buffers are the result
+            return o.view(Bq, Hq, -1, ops.Dv)[:, :, :Lq], l.view(Bq, Hq, -1)[:, :, :Lq] if need_lse else None
         out[b0:b0 + Bq, h0:h0 + Hq] = o.view(Bq, Hq, -1, ops.Dv)[:, :, :Lq]
-        lse[b0:b0 + Bq, h0:h0 + Hq] = l.view(Bq, Hq, -1)[:, :, :Lq]
+        if need_lse:
+            lse[b0:b0 + Bq, h0:h0 + Hq] = l.view(Bq, Hq, -1)[:, :, :Lq]
     return out, lse
 
 
 def run_backward(q, k, v, out, lse, dout, dlse, layout, schedule, scale, fn, b_ids, captured):
-    """``(dq, dk, dv, grads of captured)`` (a captured tensor's gradient is None when unused)."""
+    """``(dq, dk, dv, grads of captured)`` (a captured tensor's gradient is None when unused);
+    ``captured`` is ``[(id of the tensor the score_mod holds, tensor)]``."""
     cdt = compute_dtype_for(q.dtype)
     delta_all = (dout.to(cdt) * out.to(cdt)).sum(-1)
     if dlse is not None:
@@ -221,7 +261,7 @@ def run_backward(q, k, v, out, lse, dout, dlse, layout, schedule, scale, fn, b_i
         khsl = slice(h0 // G, h0 // G + ops.Hkv) if Hq != H else slice(None)
         dk_all[bsl, khsl] += dk.view(ops.B, ops.Hkv, -1, ops.D)[:, :, :Lk]
         dv_all[bsl, khsl] += dv.view(ops.B, ops.Hkv, -1, ops.Dv)[:, :, :Lk]
-    cg = [None if grads.get(id(t)) is None else grads[id(t)].to(t.dtype) for t in captured]
+    cg = [None if grads.get(key) is None else grads[key].to(t.dtype) for key, t in captured]
     return dq_all.to(q.dtype), dk_all.to(k.dtype), dv_all.to(v.dtype), cg
 
 
@@ -234,6 +274,7 @@ class ScoreModAttentionFn(torch.autograd.Function):
         out, lse = run_forward(q, k, v, layout, schedule, scale, fn, b_ids)
         ctx.save_for_backward(q, k, v, out, lse, *captured)
         ctx.layout, ctx.schedule, ctx.scale, ctx.fn, ctx.b_ids = layout, schedule, scale, fn, b_ids
+        ctx.captured_ids = [id(t) for t in captured]
         return out.to(q.dtype), lse
 
     @staticmethod
@@ -241,7 +282,7 @@ class ScoreModAttentionFn(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *captured = ctx.saved_tensors
         dq, dk, dv, cg = run_backward(q, k, v, out, lse, dout, dlse, ctx.layout, ctx.schedule, ctx.scale,
-                                      ctx.fn, ctx.b_ids, captured)
+                                      ctx.fn, ctx.b_ids, list(zip(ctx.captured_ids, captured)))
         return (dq, dk, dv, None, None, None, None, None, *cg)
 
 
@@ -266,11 +307,12 @@ def check_sinks(sinks, heads: int, device) -> torch.Tensor:
 
 
 def score_mod_attention(q, k, v, layout: BlockLayout, schedule, scale: float, score_mod=None, sinks=None,
-                        batch_index=None):
+                        batch_index=None, need_lse: bool = True):
     """``(out, lse)`` of block-sparse attention with ``score_mod`` applied to the scaled scores before
     the mask and ``sinks`` in the denominator; differentiable in q, k, v, the score_mod's captured
     tensors and the sinks. ``batch_index`` maps this call's batch entries to the ``b`` the score_mod
-    sees (a call that runs a subset of the batch)."""
+    sees (a call that runs a subset of the batch). Without gradients and ``need_lse``, lse is None
+    (a faster inference path)."""
     B, H = q.shape[:2]
     fn = identity_mod if score_mod is None else check_score_mod(score_mod)
     captured = captured_tensors(fn) if score_mod is not None else ()
@@ -279,7 +321,13 @@ def score_mod_attention(q, k, v, layout: BlockLayout, schedule, scale: float, sc
         g = layout.groups[0].geom
         fn.check(max(B, max(batch_index) + 1 if batch_index else 0), H, g.q_end, g.kv_len)
     b_ids = tuple(range(B)) if batch_index is None else tuple(batch_index)
-    out, lse = ScoreModAttentionFn.apply(q, k, v, layout, schedule, scale, fn, b_ids, *captured)
+    differentiable = (q, k, v, *captured) + (() if sinks is None else (sinks,))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
+        out, lse = ScoreModAttentionFn.apply(q, k, v, layout, schedule, scale, fn, b_ids, *captured)
+    else:
+        with torch.no_grad():
+            out, lse = run_forward(q, k, v, layout, schedule, scale, fn, b_ids, need_lse or sinks is not None)
+        out = out.to(q.dtype)
     if sinks is not None:
         out, lse = apply_sinks(out, lse, check_sinks(sinks, H, q.device))
     return out, lse

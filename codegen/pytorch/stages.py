@@ -19,7 +19,8 @@ def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) ->
                           heads=ctx.heads, positions=ctx.extra.get("positions"))
     if ctx.extra.get("score_mod") is not None or ctx.extra.get("sinks") is not None:
         out, lse = score_mod_attention(q, k, v, layout, s, ctx.scale, ctx.extra.get("score_mod"),
-                                       ctx.extra.get("sinks"), ctx.extra.get("batch_index"))
+                                       ctx.extra.get("sinks"), ctx.extra.get("batch_index"),
+                                       ctx.extra.get("need_lse", True))
         return dict(zip(stage.outputs, (out, lse)))
     out, lse = block_sparse_attention(q, k, v, layout, s, ctx.scale, ctx.extra.get("need_lse", True))
     return dict(zip(stage.outputs, (out, lse)))
