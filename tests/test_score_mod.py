@@ -35,7 +35,7 @@ def compare(out, ref, inputs, rtol=2e-5, atol=2e-5, grad_tol=2e-4):
     largest reference gradient so that large-logit cases are judged by scale)."""
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
     up = torch.randn_like(ref)
-    got = torch.autograd.grad(out, inputs, up.to(out.dtype), allow_unused=True)
+    got = torch.autograd.grad(out, inputs, up.to(out.dtype), allow_unused=True, retain_graph=True)
     want = torch.autograd.grad(ref, inputs, up, allow_unused=True)
     for i, (a, b) in enumerate(zip(got, want)):
         assert (a is None) == (b is None), f"input {i}: gradient presence differs"
@@ -227,3 +227,42 @@ def test_errors():
         ac.compile(p, backend="triton", score_mod=lambda s, b, h, qi, ki: torch.sort(s, -1)[0])(q, k, v)
     with pytest.raises(UnsupportedError, match="not supported"):
         ac.compile(ac.diffuse(ac.sliding_window(2), hops=2), score_mod=ac.softcap(5.0))
+
+
+class Holder:
+    """A plain object holding a parameter: not an nn.Module, so its tensor is not discoverable."""
+
+    def __init__(self):
+        self.w = torch.randn(H, requires_grad=True)
+
+    def mod(self, score, b, h, q_idx, kv_idx):
+        return score + self.w[h] * kv_idx
+
+
+def test_undiscoverable_tensor_requiring_grad_raises():
+    q, k, v = qkv(B=1, Lq=9, Lk=9)
+    holder = Holder()
+    m = ac.compile(ac.causal(), backend="torch", score_mod=holder.mod)
+    with pytest.raises(InputError, match="requires grad"):
+        m(q, k, v)
+    with torch.no_grad():  # no gradient wanted: nothing can be lost
+        torch.testing.assert_close(m(q, k, v).double(),
+                                   ac.reference(ac.causal(), q, k, v, score_mod=holder.mod), rtol=1e-5, atol=1e-5)
+    # a tensor computed from a parameter (non-leaf) in a closure is fine: its graph is followed
+    base = torch.randn(H, requires_grad=True)
+    derived = base * 2.0
+    fn = lambda s, b, h, qi, ki: s + derived[h] * (ki - qi)  # noqa: E731  (a row constant would not count)
+    out = ac.compile(ac.causal(), backend="torch", score_mod=fn)(q, k, v)
+    compare(out, ac.reference(ac.causal(), q, k, v, score_mod=fn), [q, k, v, base])
+
+
+def test_double_backward_raises_and_no_grad_inference_matches():
+    p = ac.sliding_window(4)
+    q, k, v = qkv(B=1, Lq=21, Lk=21, seed=11)
+    m = ac.compile(p, backend="torch", score_mod=ac.softcap(10.0), schedule=ac.Schedule(block_m=8, block_n=8))
+    out = m(q, k, v)
+    (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(Exception, match="double|twice|backward"):
+        g.sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(m(q, k, v), out.detach(), rtol=1e-6, atol=1e-6)

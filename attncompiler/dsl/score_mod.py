@@ -380,6 +380,35 @@ def captured_tensors(fn: Callable) -> tuple[torch.Tensor, ...]:
     return tuple(found.values())
 
 
+def check_captured_grads(fn, captured, dtype, device) -> None:
+    """Raise :class:`InputError` when ``fn`` reads a tensor that requires a gradient but was not
+    found by :func:`captured_tensors` (its gradient would silently be missing).
+
+    Probes ``fn`` once on a one-element score at index 0 under autograd and walks the graph of
+    the result: every leaf it reaches must be a captured tensor (a captured tensor that is itself
+    computed from parameters ends the walk there)."""
+    known = {id(t) for t in captured}
+    stops = {t.grad_fn for t in captured if t.grad_fn is not None}
+    z = torch.zeros((1, 1, 1), dtype=torch.long, device=device)
+    with torch.enable_grad():
+        out = fn(torch.zeros((1, 1, 1), dtype=dtype, device=device), z[0, 0, 0], z, z, z)
+    if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+        return
+    todo, seen = [out.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen or node in stops:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) not in known:
+            raise InputError(f"score_mod {fn!r} reads a tensor {tuple(var.shape)} that requires grad but is not "
+                             "reachable from the function (closure cells, globals it names, nn.Module "
+                             "parameters, built-ins); its gradient would be lost. hint: capture it in a "
+                             "closure, or wrap it with ac.bias / pass an nn.Module")
+        todo.extend(n for n, _ in node.next_functions)
+
+
 def code_names(code: types.CodeType) -> set[str]:
     """Global names a code object and the code objects nested in it (lambdas, inner functions) read."""
     names = set(code.co_names)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from attncompiler.dsl.score_mod import (captured_tensors, check_device, check_result, check_score_mod,
-                                        ScoreMod)
+from attncompiler.dsl.score_mod import (ScoreMod, captured_tensors, check_captured_grads, check_device,
+                                        check_result, check_score_mod)
 from attncompiler.errors import InputError
 from attncompiler.layout.block_layout import BlockLayout
 from attncompiler.program.autograd_guard import single_backward
@@ -323,6 +323,8 @@ def score_mod_attention(q, k, v, layout: BlockLayout, schedule, scale: float, sc
     b_ids = tuple(range(B)) if batch_index is None else tuple(batch_index)
     differentiable = (q, k, v, *captured) + (() if sinks is None else (sinks,))
     if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
+        if fn is not identity_mod:
+            check_captured_grads(fn, captured, compute_dtype_for(q.dtype), q.device)
         out, lse = ScoreModAttentionFn.apply(q, k, v, layout, schedule, scale, fn, b_ids, *captured)
     else:
         with torch.no_grad():
