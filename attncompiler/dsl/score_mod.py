@@ -247,14 +247,24 @@ class RelativeBias(ScoreMod):
             raise PatternError(f"relative_bias {num_buckets=} must be >= 4 and {max_distance=} larger than the "
                                "exact buckets; hint: T5 uses num_buckets=32, max_distance=128")
         self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        # Buckets saturate at |distance| >= max_distance, so a table over [-max_distance, max_distance]
+        # indexed by the clamped distance is exact (and traces into the index IR: no float -> int cast).
+        md = max_distance
+        self.lut = t5_bucket(torch.arange(-md, md + 1), bidirectional, num_buckets, md).to(table.device)
+
+    def bucket(self, q_idx, kv_idx):
+        """T5's bucket of ``kv_idx - q_idx`` (see :func:`t5_bucket`), read from the saturating table."""
+        lut = self.lut
+        if isinstance(q_idx, torch.Tensor) and lut.device != q_idx.device:
+            lut = self.lut = lut.to(q_idx.device)
+        return lut[torch.clamp(kv_idx - q_idx, -self.max_distance, self.max_distance) + self.max_distance]
 
     def __call__(self, score, b, h, q_idx, kv_idx):
-        bucket = t5_bucket(kv_idx - q_idx, self.bidirectional, self.num_buckets, self.max_distance)
-        return score + self.table[h, bucket]
+        return score + self.table[h, self.bucket(q_idx, kv_idx)]
 
     def apply_(self, score, b, h, q_idx, kv_idx, cache):
         if "bucket" not in cache:
-            cache["bucket"] = t5_bucket(kv_idx - q_idx, self.bidirectional, self.num_buckets, self.max_distance)
+            cache["bucket"] = self.bucket(q_idx, kv_idx)
         return score.add_(self.table[h, cache["bucket"]])
 
     def tensors(self):
