@@ -7,7 +7,6 @@ import torch
 
 from ..dsl.score_mod import check_score_mod
 from ..errors import InputError, UnsupportedError
-from ..ir.score_trace import trace_score_mod
 from ..program.stages import BlockSparseAttention, Program
 
 
@@ -34,13 +33,7 @@ def check_edge_weights(program: Program, score_mod, sinks):
 def edge_weights(score_mod, sinks, backend: str, group) -> dict:
     """The stage context entries for one call: the score_mod, the sinks and the batch entries the
     call runs (so the score_mod sees the caller's ``b``)."""
-    if backend != "torch":
-        why = ""
-        if score_mod is not None:
-            t = trace_score_mod(score_mod)
-            why = (f"; {score_mod!r} is opaque ({t.failure}), so no backend can render it" if t.expr is None
-                   else f"; {score_mod!r} traces to {t.expr!r}, but kernels with edge weights are not generated yet")
-        raise UnsupportedError(f"score_mod/sinks run on the torch backend only, not the {backend} backend{why}; "
-                               "hint: ac.compile(pattern, backend='torch', ...)")
+    if backend not in ("torch", "triton"):
+        raise UnsupportedError(f"score_mod/sinks run on the torch and triton backends, not {backend!r}")
     return {"score_mod": score_mod, "sinks": sinks,
             "batch_index": None if group is None or group.index is None else tuple(group.index)}
