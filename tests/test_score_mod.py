@@ -191,6 +191,17 @@ def test_alibi_slopes_are_the_papers():
     assert ac.alibi_slopes(12).shape == (12,)
 
 
+def test_alibi_reach():
+    mod = ac.alibi(torch.tensor([0.5, 2.0 ** -8, 0.0, 3.0]))
+    reach = mod.reach(20.0)
+    assert reach == [41, 5121, 0, 7]
+    q_idx = torch.tensor(reach[:2] + [0, reach[3]])
+    bias = mod(torch.zeros(4), 0, torch.arange(4), q_idx, torch.zeros(4, dtype=torch.long))
+    assert bool((bias[[0, 1, 3]] < -20).all())
+    before = mod(torch.zeros(4), 0, torch.arange(4), q_idx - 1, torch.zeros(4, dtype=torch.long))
+    assert bool((before[[0, 1, 3]] >= -20).all())
+
+
 def test_t5_bucketing_matches_transformers():
     t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
     r = torch.arange(-300, 300)

@@ -174,6 +174,12 @@ class Alibi(ScoreMod):
         if self.slopes.shape[0] != heads:
             raise InputError(f"alibi has {self.slopes.shape[0]} slopes for {heads=}; hint: ac.alibi_slopes({heads})")
 
+    def reach(self, threshold: float = 20.0) -> list[int]:
+        """Per head, the smallest distance ``q_idx - kv_idx`` at which the bias is below ``-threshold``
+        (weights under ``exp(-threshold)``, 2e-9 for 20: effectively masked); 0 for a slope <= 0
+        (the bias never decays)."""
+        return [math.floor(threshold / s) + 1 if s > 0 else 0 for s in self.slopes.detach().cpu().tolist()]
+
     def __repr__(self) -> str:
         return f"ac.alibi(<slopes [{self.slopes.shape[0]}]>)"
 

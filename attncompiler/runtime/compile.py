@@ -35,8 +35,9 @@ def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | Non
         score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, applied to the
             scaled score before the mask (``q_idx`` is the query position ``q_offset + row``); the
             tensors it captures get gradients (:mod:`attncompiler.dsl.score_mod`: built-ins
-            ``ac.softcap``, ``ac.alibi``, ``ac.relative_bias``, ``ac.bias``). Mask patterns, torch
-            backend.
+            ``ac.softcap``, ``ac.alibi``, ``ac.relative_bias``, ``ac.bias``). Mask patterns; the torch
+            backend runs any function, the triton backend one that traces (it is rendered into the
+            kernels; an opaque one raises :class:`UnsupportedError` naming it).
         sinks: attention sinks ``[H]``: a per-head logit in every row's softmax denominator that
             contributes no value (gpt-oss); a row with no visible key still gives zeros.
     """

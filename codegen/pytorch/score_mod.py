@@ -41,19 +41,27 @@ class Indices:
 
     def __init__(self, g, G: int, b_ids, h_base: int, device):
         self.g, self.G, self.b_ids, self.h_base, self.device = g, G, b_ids, h_base, device
+        self.heads: dict[int, torch.Tensor] = {}
+        self.batches: dict[int, torch.Tensor] = {}
 
     def batch(self, b: int) -> torch.Tensor:
-        return torch.tensor(self.b_ids[b], device=self.device)
+        if b not in self.batches:
+            self.batches[b] = torch.tensor(self.b_ids[b], device=self.device)
+        return self.batches[b]
 
     def head(self, kh: int) -> torch.Tensor:
-        g = self.g
-        h = self.h_base + kh * self.G + torch.arange(self.G * g.block_m, device=self.device) // g.block_m
-        return h.view(1, -1, 1)
+        if kh not in self.heads:  # the same for every chunk
+            g = self.g
+            h = self.h_base + kh * self.G + torch.arange(self.G * g.block_m, device=self.device) // g.block_m
+            self.heads[kh] = h.view(1, -1, 1)
+        return self.heads[kh]
 
     def query(self, chunk) -> torch.Tensor:
         g = self.g
         q = torch.from_numpy(g.q_lo(chunk.rows))[:, None] + torch.arange(g.block_m)  # [R, bm]
-        q = q.clamp_max(g.q_end - 1).repeat(1, self.G)  # folded rows: head-major, as fold() orders them
+        q = q.clamp_max(g.q_end - 1)
+        if self.G > 1:
+            q = q.repeat(1, self.G)  # folded rows: head-major, as fold() orders them
         return q.to(self.device)[:, :, None]
 
     def key(self, chunk, step) -> torch.Tensor:
