@@ -41,7 +41,7 @@ def user_mod(s, b, h, q_idx, kv_idx):
 MODS = {
     "softcap": lambda: ac.softcap(20.0),
     "alibi": lambda: ac.alibi(ac.alibi_slopes(H)),
-    "softcap_relative_bias": lambda: ac.softcap(30.0) @ ac.relative_bias(torch.randn(H, 32) * 2, max_distance=16),
+    "softcap_relative_bias": lambda: ac.softcap(30.0) @ ac.relative_bias(torch.randn(H, 32, generator=torch.Generator().manual_seed(2)) * 2, max_distance=16),
     "user": lambda: user_mod,
 }
 
@@ -56,7 +56,7 @@ def test_kernels_match_reference(name):
 
 
 def test_decode_offset_and_sinks():
-    sinks = torch.randn(H, requires_grad=True)
+    sinks = torch.randn(H, generator=torch.Generator().manual_seed(4)).requires_grad_()
     mod = ac.softcap(15.0) @ ac.alibi(ac.alibi_slopes(H))
     p = ac.causal()
     q, k, v = qkv(B=2, Lq=5, Lk=41, seed=3)
@@ -66,8 +66,9 @@ def test_decode_offset_and_sinks():
 
 
 def test_captured_gradients_and_bias():
-    table = (torch.randn(H, 32) * 2).requires_grad_()
-    bias = (torch.randn(H, 37, 37) * 3).requires_grad_()
+    g = torch.Generator().manual_seed(3)
+    table = (torch.randn(H, 32, generator=g) * 2).requires_grad_()
+    bias = (torch.randn(H, 37, 37, generator=g) * 3).requires_grad_()
     mod = ac.relative_bias(table) @ ac.bias(bias)
     p = ac.causal()
     q, k, v = qkv(seed=4)

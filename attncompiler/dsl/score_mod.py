@@ -29,6 +29,10 @@ class ScoreMod:
     """Base of the built-in score modifications: a callable with FlexAttention's signature that
     lists the tensors it reads (:meth:`tensors`) and composes with ``@``."""
 
+    # True when finite scores always give finite results (no -inf weights: a row keeps a
+    # visible key, so the forward may use the fused softmax)
+    finite = False
+
     def __call__(self, score, b, h, q_idx, kv_idx):  # pragma: no cover - every subclass overrides
         raise NotImplementedError
 
@@ -64,6 +68,7 @@ class Composed(ScoreMod):
 
     def __init__(self, mods: tuple[Callable, ...]):
         self.mods = mods
+        self.finite = all(getattr(m, "finite", False) for m in mods)
 
     def __call__(self, score, b, h, q_idx, kv_idx):
         for mod in reversed(self.mods):
@@ -108,6 +113,8 @@ def compose(*mods: Callable) -> Composed:
 class Softcap(ScoreMod):
     """``cap * tanh(score / cap)`` (Gemma 2)."""
 
+    finite = True
+
     def __init__(self, cap: float):
         if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
             raise PatternError(f"softcap {cap=} must be a finite number > 0; hint: ac.softcap(30.0)")
@@ -146,6 +153,8 @@ def check_head_table(name: str, t, ndim: int) -> torch.Tensor:
 
 class Alibi(ScoreMod):
     """``score + slopes[h] * (kv_idx - q_idx)`` (ALiBi as FlexAttention's example writes it)."""
+
+    finite = True  # for finite slopes
 
     def __init__(self, slopes: torch.Tensor):
         self.slopes = check_head_table("alibi slopes", slopes, 1)

@@ -94,7 +94,8 @@ def modded(fn, s, idx, cache: dict) -> torch.Tensor:
 
 def forward_group(blocks, plan, ops: Operands, fn, ix: Indices, out, lse) -> None:
     """Fill ``out [B,Hkv,G,nqb,bm,Dv]`` and (if given) ``lse [B,Hkv,G,nqb,bm,1]`` of one block
-    group; without ``lse`` (inference), single-step rows use the fused ``torch.softmax``."""
+    group; without ``lse`` (inference), single-step rows use the fused ``torch.softmax`` when the
+    score_mod cannot produce -inf (a row it empties must give zeros, not softmax's NaN)."""
     G, bn = ops.G, ops.bn
     for chunk in plan:
         R = len(chunk.rows)
@@ -109,7 +110,7 @@ def forward_group(blocks, plan, ops: Operands, fn, ix: Indices, out, lse) -> Non
             bt = ix.batch(b)
             for h in range(ops.Hkv):
                 qt, ht = fold(q_rows[b, h]), ix.head(h)
-                if lse is None and len(chunk.steps) == 1:
+                if lse is None and len(chunk.steps) == 1 and (fn is identity_mod or getattr(fn, "finite", False)):
                     s = modded(fn, torch.bmm(qt, Ks[0][b, h].transpose(1, 2)), (bt, ht, qi, kis[0]), caches[0])
                     p = torch.softmax(add_mask(s, masks[0], G, bn), dim=-1)
                     o = torch.bmm(p, Vs[0][b, h])
