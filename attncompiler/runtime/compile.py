@@ -39,7 +39,8 @@ def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | Non
             backend runs any function, the triton backend one that traces (it is rendered into the
             kernels; an opaque one raises :class:`UnsupportedError` naming it).
         sinks: attention sinks ``[H]``: a per-head logit in every row's softmax denominator that
-            contributes no value (gpt-oss); a row with no visible key still gives zeros.
+            contributes no value (gpt-oss); a row with no visible key still gives zeros. The
+            returned lse includes the sink (for such a row it is the sink itself).
     """
     if not isinstance(pattern, Pattern):
         raise PatternError(f"compile() needs an attention pattern, got {type(pattern).__name__} {pattern!r}")
