@@ -20,6 +20,8 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("block_local", "block_window", "dilated_window", "document", "full", "global_tokens",
                      "prefix_lm", "random_blocks", "sliding_window", "strided"), ".dsl.primitives"),
     "mask": ".dsl.mask_mod",
+    **dict.fromkeys(("ScoreMod", "alibi", "alibi_slopes", "bias", "compose", "relative_bias", "softcap"),
+                    ".dsl.score_mod"),
     **dict.fromkeys(("BlockLayout", "build_layout"), ".layout.block_layout"),
     "Schedule": ".program.schedule",
     **dict.fromkeys(("Program", "lower"), ".program.stages"),

@@ -20,6 +20,7 @@ from ..errors import PatternError
 from .ops import BOOL
 from .expr import INDEX_VARS, Buffer, Expr, ExprProxy, as_expr, binop, unop, where
 from .index import index
+from .fexpr import SLOTS as FLOAT_SLOTS, FSym, as_fexpr, float_load
 
 class TraceError(Exception):
     """Raised inside tracing when a mask_mod does something an Expr cannot represent."""
@@ -42,6 +43,8 @@ class Sym(ExprProxy):
 
     def _bin(op):  # noqa: N805 - helper evaluated at class creation
         def f(self, o):
+            if isinstance(o, FSym):  # a float operand: the score expression's operator builds it
+                return NotImplemented
             return Sym(binop(op, self.expr, _unwrap(o)))
 
         def r(self, o):
@@ -95,7 +98,9 @@ class Sym(ExprProxy):
     def new_ones(self, *size, dtype=None, **_): return Sym(_filled(1, size, dtype, self.expr))
     def new_zeros(self, *size, dtype=None, **_): return Sym(_filled(0, size, dtype, self.expr))
     def new_full(self, size, fill_value, *, dtype=None, **_): return Sym(_filled(fill_value, (size,), dtype, self.expr))
-    def to(self, *args, **kwargs): return Sym(_to(self.expr, *args, **kwargs))
+    def to(self, *args, **kwargs): return _wrap(_to(self.expr, *args, **kwargs))
+    def float(self): return _as_float(self, "float")
+    def double(self): return _as_float(self, "double")
     def long(self): return Sym(_cast(self.expr, torch.int64))
     def bool(self): return Sym(_cast(self.expr, torch.bool))
     def clone(self): return self
@@ -129,11 +134,25 @@ class Sym(ExprProxy):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if any(isinstance(a, FSym) for a in (*args, *kwargs.values())):
+            return NotImplemented  # a score expression: FSym's handlers build it
         handler = _TORCH_HANDLERS.get(func)
         if handler is None:
             raise TraceError(f"torch function {getattr(func, '__name__', func)} is not traceable")
-        out = handler(*args, **kwargs)
-        return out if isinstance(out, TableView) else Sym(out)
+        return _wrap(handler(*args, **kwargs))
+
+
+def _as_float(x: Sym, name: str) -> FSym:
+    """``x.float()``: a float value inside a score_mod trace; a mask_mod's tracer stops there."""
+    if not FLOAT_SLOTS:
+        raise TraceError(f"unsupported attribute {name!r} on a traced index")
+    return FSym(as_fexpr(x.expr))
+
+
+def _wrap(out):
+    """A handler's result as a proxy: index expressions as :class:`Sym`; tensor slices and score
+    expressions (a float tensor read, a float conversion) as they are."""
+    return out if isinstance(out, (TableView, FSym)) else Sym(out)
 
 
 def _unwrap(x: Any) -> Expr:
@@ -158,7 +177,7 @@ class TableView:
 
     def __getitem__(self, idx):
         out = _index_tensor(self.tensor, idx, self.prefix)
-        return out if isinstance(out, TableView) else Sym(out)
+        return _wrap(out)
 
     def __bool__(self):
         raise TraceError("Python control flow on a traced tensor slice")
@@ -172,8 +191,9 @@ class TableView:
 
 def _index_tensor(t, idx, prefix: tuple[Expr, ...] = ()):
     """``t[idx]`` with traced indices: an :class:`Index` once every dimension is indexed."""
-    if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dim() == 0:
-        raise TraceError("only integer or boolean tensors of at least one dimension can be indexed by a traced index")
+    if not isinstance(t, torch.Tensor) or t.is_complex() or t.dim() == 0 or t.is_floating_point() and not FLOAT_SLOTS:
+        raise TraceError("only integer or boolean tensors of at least one dimension (and float tensors, in a "
+                         "score_mod) can be indexed by a traced index")
     items = idx if isinstance(idx, tuple) else (idx,)
     exprs = list(prefix)
     for item in items:
@@ -192,6 +212,8 @@ def _index_tensor(t, idx, prefix: tuple[Expr, ...] = ()):
         )
     if len(exprs) < t.dim():
         return TableView(t, tuple(exprs))
+    if t.is_floating_point():
+        return float_load(t, tuple(exprs))  # read at run time from the captured tensor
     data = t.detach().cpu().to(torch.int64).reshape(-1).numpy()
     shape = tuple(t.shape)
     name = "table" + "x".join(map(str, shape))
@@ -237,6 +259,8 @@ def _cast(e: Expr, dtype) -> Expr:
         return _as_bool(e)
     if dtype is torch.int64:
         return where(e, 1, 0) if e.kind == BOOL else e
+    if dtype.is_floating_point and FLOAT_SLOTS:  # in a score_mod: an index as a float value
+        return FSym(as_fexpr(e))
     raise TraceError(f"a conversion to {dtype} (only torch.bool and torch.int64 are traced)")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..dsl.pattern import Pattern
-from ..errors import PatternError
+from ..errors import PatternError, UnsupportedError
 from ..families.diffusion.pattern import DIFFUSION
 from ..families.memory.pattern import MEMORY
 from ..program.schedule import Schedule
@@ -17,7 +17,7 @@ MODULES: dict[str, type[CompiledAttention]] = {DIFFUSION: DiffusionAttention, ME
 
 
 def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | None = None,
-            check_finite: bool = False) -> CompiledAttention:
+            check_finite: bool = False, score_mod=None, sinks=None) -> CompiledAttention:
     """Compile an attention pattern into a ``torch.nn.Module``.
 
     The module's ``forward(q, k, v)`` takes ``q [B, H, Lq, D]`` and ``k, v [B, Hkv, Lk, *]``;
@@ -32,8 +32,22 @@ def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | Non
         schedule: block sizes and tuning knobs; the default suits CPU and GPU.
         check_finite: reject NaN/inf inputs with an :class:`InputError`. Off by default: it costs
             an extra pass over q/k/v and a host sync per call (``attnc verify`` turns it on).
+        score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, applied to the
+            scaled score before the mask (``q_idx`` is the query position ``q_offset + row``); the
+            tensors it captures get gradients (:mod:`attncompiler.dsl.score_mod`: built-ins
+            ``ac.softcap``, ``ac.alibi``, ``ac.relative_bias``, ``ac.bias``). Mask patterns; the torch
+            backend runs any function, the triton backend one that traces (it is rendered into the
+            kernels; an opaque one raises :class:`UnsupportedError` naming it).
+        sinks: attention sinks ``[H]``: a per-head logit in every row's softmax denominator that
+            contributes no value (gpt-oss); a row with no visible key still gives zeros. The
+            returned lse includes the sink (for such a row it is the sink itself).
     """
     if not isinstance(pattern, Pattern):
         raise PatternError(f"compile() needs an attention pattern, got {type(pattern).__name__} {pattern!r}")
     cls = MODULES.get(pattern.family, CompiledAttention)
+    if score_mod is not None or sinks is not None:
+        if cls is not CompiledAttention:
+            raise UnsupportedError(f"score_mod/sinks are not supported for {pattern.family} patterns yet "
+                                   f"({pattern!r}); hint: use a mask pattern")
+        return cls(pattern, backend, schedule, check_finite, score_mod=score_mod, sinks=sinks)
     return cls(pattern, backend, schedule, check_finite)

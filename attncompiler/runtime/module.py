@@ -21,6 +21,7 @@ from ..program.dense import fuse_dense
 from ..program.stages import BlockSparseAttention, Program, lower, run_passes
 from .ops import call_mask_attention, register_pattern, run_batch_groups, run_stages, schedule_key
 from ..program.schedule import Schedule
+from .edge_weights import check_edge_weights
 
 
 def resolve_backend(backend: str, device: torch.device | None = None) -> str:
@@ -65,7 +66,7 @@ class CompiledAttention(torch.nn.Module):
     """
 
     def __init__(self, pattern: Pattern, backend: str = "auto", schedule: Schedule | None = None,
-                 check_finite: bool = False):
+                 check_finite: bool = False, score_mod=None, sinks=None):
         super().__init__()
         from ..codegen.registry import BACKENDS
 
@@ -75,6 +76,7 @@ class CompiledAttention(torch.nn.Module):
         self.backend = backend
         self.program = compile_program(pattern, schedule, DEFAULT_PASSES.get(pattern.family, ()))
         self.check_finite = check_finite
+        self.score_mod, self.sinks = check_edge_weights(self.program, score_mod, sinks)
         # Registered now, so a traced call names the pattern with a constant string.
         self.pattern_key = self.operator_key()
         self.schedule_key = None if self.pattern_key is None else schedule_key(self.program.stages[0].schedule)
@@ -127,10 +129,18 @@ class CompiledAttention(torch.nn.Module):
         """Whether forward takes ``q_offset``/``align``/``cu_seqlens``/``kv_lens`` (mask patterns)."""
         return self.pattern.family == Family.MASK
 
+    @property
+    def edge_weights(self) -> tuple | None:
+        """``(score_mod, sinks)`` when the module has either, else None."""
+        return None if self.score_mod is None and self.sinks is None else (self.score_mod, self.sinks)
+
     def operator_key(self) -> str | None:
         """The operator key of this module's pattern when it runs as a custom operator under
-        tracing (a mask pattern lowered to one block-sparse stage), else None."""
+        tracing (a mask pattern lowered to one block-sparse stage, without edge weights: the
+        operators do not carry a score_mod's captured tensors yet), else None."""
         stages = self.program.stages
+        if self.edge_weights is not None:
+            return None
         if not (self.takes_positions and len(stages) == 1 and isinstance(stages[0], BlockSparseAttention)
                 and stages[0].pattern == self.pattern):
             return None
@@ -139,13 +149,15 @@ class CompiledAttention(torch.nn.Module):
     def run_program(self, q, k, v, dims: Dims, scale, return_lse: bool, stage_inputs: dict, backend: str,
                     group: BatchGroup | None):
         """Run the program's stages once: ``(out, lse or None)``."""
-        return run_stages(self.program, q, k, v, dims, scale, return_lse, stage_inputs, backend, group)
+        return run_stages(self.program, q, k, v, dims, scale, return_lse, stage_inputs, backend, group,
+                          self.edge_weights)
 
     def run_groups(self, q, k, v, dims: Dims, scale, return_lse: bool, stage_inputs: dict,
                    groups: list[BatchGroup], backend: str = "torch"):
         """Run each batch group with its own positions (keys sliced to its valid length) and put
         the results back in batch order (differentiable: a concatenation and a gather)."""
-        return run_batch_groups(self.program, q, k, v, dims, scale, stage_inputs, groups, backend)
+        return run_batch_groups(self.program, q, k, v, dims, scale, stage_inputs, groups, backend,
+                                self.edge_weights)
 
     def check_call_keywords(self, method: str, given, program: Program | None = None) -> None:
         """Reject keywords that ``program`` (default: this module's) does not read."""
@@ -159,7 +171,12 @@ class CompiledAttention(torch.nn.Module):
         override this to pass them to :func:`attncompiler.program.reference`)."""
         from ..program.reference import reference
 
+        if self.score_mod is not None:
+            kwargs.setdefault("score_mod", self.score_mod)
+        if self.sinks is not None:
+            kwargs.setdefault("sinks", self.sinks)
         return reference(self.pattern, q, k, v, scale, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"pattern={self.pattern!r}, backend={self.backend!r}"
+        mod = "" if self.score_mod is None else f", score_mod={self.score_mod!r}"
+        return f"pattern={self.pattern!r}, backend={self.backend!r}{mod}"

@@ -51,6 +51,7 @@ from ..program.inputs import Dims, check_qkv, default_scale
 from ..program.positions import BatchGroup, Positions, batch_groups, group_layout, is_default, operator_positions
 from ..program.schedule import Schedule
 from ..program.dense import DenseAttention, fuse_dense
+from .edge_weights import edge_weights
 from ..program.stages import Program, lower, run_passes
 
 LOCAL_PREFIX = "<process-local "
@@ -129,11 +130,14 @@ def mask_program(pattern_key: str, sched_key: str) -> Program:
 # --- running a program (shared by the eager path of CompiledAttention and the operators) --------
 
 def run_stages(program: Program, q, k, v, dims: Dims, scale, need_lse: bool, stage_inputs: dict, backend: str,
-               group: BatchGroup | None):
-    """Run the program's stages once: ``(out, lse or None)``."""
+               group: BatchGroup | None, weights: tuple | None = None):
+    """Run the program's stages once: ``(out, lse or None)``. ``weights`` is ``(score_mod, sinks)``
+    of a module with edge weights (None: plain attention)."""
     extra = {"need_lse": need_lse}
     if group is not None:
         extra["positions"] = group.positions
+    if weights is not None:
+        extra.update(edge_weights(*weights, backend, group))
     ctx = RunContext(scale=default_scale(dims.head_dim, scale), batch=q.shape[0], heads=dims.heads, extra=extra)
     env = {"q": q, "k": k, "v": v, **stage_inputs}
     for stage in program.stages:
@@ -148,9 +152,10 @@ def group_rows(grp: BatchGroup, batch: int, device) -> tuple[list[int], torch.Te
 
 
 def run_batch_groups(program: Program, q, k, v, dims: Dims, scale, stage_inputs: dict, groups: list[BatchGroup],
-                     backend: str):
+                     backend: str, weights: tuple | None = None):
     """Run each batch group with its own positions (keys sliced to its valid length) and put the
-    results back in batch order (differentiable: a concatenation and a gather). Returns (out, lse)."""
+    results back in batch order (differentiable: a concatenation and a gather). Returns (out, lse).
+    ``weights``: as in :func:`run_stages`."""
     outs, lses, order = [], [], []
     for grp in groups:
         idx, sel = group_rows(grp, dims.batch, q.device)
@@ -160,7 +165,7 @@ def run_batch_groups(program: Program, q, k, v, dims: Dims, scale, stage_inputs:
             lse = torch.full(qg.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         else:
             o, lse = run_stages(program, qg, kg[:, :, :grp.kv_len], vg[:, :, :grp.kv_len], dims, scale, True,
-                                stage_inputs, backend, grp)
+                                stage_inputs, backend, grp, weights)
         outs.append(o.to(q.dtype))
         lses.append(lse.float() if q.dtype != torch.float64 else lse.double())
         order += idx

@@ -27,7 +27,8 @@ from .kernels import kernel_tiles, kernels_for
 
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _DATA = ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")
-_PTRS = {"mask_tab": "u8", "bufs": "i64", "buf_meta": "i64", "Lse": "fp32", "Delta": "fp32",
+_PTRS = {"mask_tab": "u8", "bufs": "i64", "buf_meta": "i64", "sbuf": "fp32", "smeta": "i64", "mbufs": "i64",
+         "mbuf_meta": "i64", "Lse": "fp32", "Delta": "fp32",
          **{n: "i32" for n in ("kv_num", "kv_idx", "full_nr", "full_rng", "mask_ids", "q_num", "q_idx")}}
 
 
@@ -71,7 +72,7 @@ def compile_for_target(pattern: Pattern, dtype: torch.dtype = torch.bfloat16, he
     mod = kernels_for(pattern, q_len, kv_len, schedule, dtype).module
     tm, tn = kernel_tiles(schedule)
     consts = dict(BM=schedule.block_m, BN=schedule.block_n, TM=tm, TN=tn, D_PAD=pad_dim(head_dim),
-                  DV_PAD=pad_dim(head_dim), OPAQUE=opaque, DOT_PREC=dot_precision(dtype))
+                  DV_PAD=pad_dim(head_dim), OPAQUE=opaque, DOT_PREC=dot_precision(dtype), SCORE_MOD=False)
     ptrs = {**_PTRS, **{n: _TY[dtype] for n in _DATA}}
     out = []
     for name, extra in (("_attn_fwd", {"EVEN_N": True}), ("_attn_fwd", {"EVEN_N": False}),

@@ -29,6 +29,7 @@ from attncompiler.program.schedule import Schedule
 from .. import cache
 from ..context import RunContext
 from .kernels import kernel_tiles, triton_attention
+from .score_mod import triton_score_mod_attention
 from .common import check_device
 
 _AUTOTUNE: bool | None = None  # None: follow ATTNC_AUTOTUNE
@@ -150,6 +151,10 @@ def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) ->
         s = autotune(stage.pattern, q, k, v, ctx.scale, s, batch=ctx.batch, heads=ctx.heads)
     layout = group_layout(stage.pattern, q.shape[2], k.shape[2], s, batch=ctx.batch, heads=ctx.heads,
                           positions=ctx.extra.get("positions"))
+    if ctx.extra.get("score_mod") is not None or ctx.extra.get("sinks") is not None:
+        out, lse = triton_score_mod_attention(q, k, v, layout, s, ctx.scale, ctx.extra.get("score_mod"),
+                                              ctx.extra.get("sinks"), ctx.extra.get("batch_index"))
+        return dict(zip(stage.outputs, (out, lse)))
     out, lse = triton_attention(q, k, v, layout, s, ctx.scale)
     return dict(zip(stage.outputs, (out, lse)))
 

@@ -102,10 +102,12 @@ class Kernels:
     source: KernelSource
 
 
-def kernel_source(pattern: Pattern, predicate: Expr | None, schedule: Schedule, dtype: torch.dtype) -> KernelSource:
-    """Everything a generated file depends on (pattern structure, schedule, dtype)."""
+def kernel_source(pattern: Pattern, predicate: Expr | None, schedule: Schedule, dtype: torch.dtype,
+                  score_mod: str = "") -> KernelSource:
+    """Everything a generated file depends on (pattern structure, schedule, dtype, the rendered
+    score_mod helpers if any)."""
     return KernelSource(repr(pattern), render_predicate(predicate), predicate is None, describe_schedule(schedule),
-                        _DTYPE_NAMES[dtype], dot_precision(dtype))
+                        _DTYPE_NAMES[dtype], dot_precision(dtype), score_mod)
 
 
 def describe_schedule(schedule: Schedule) -> str:
@@ -120,9 +122,11 @@ def cache_key(src: KernelSource) -> str:
     return cache.content_key({"source": src.__dict__, "templates": template_digest(), "versions": tool_versions()})
 
 
-def kernels_for(pattern: Pattern, q_len: int, kv_len: int, schedule: Schedule, dtype: torch.dtype) -> Kernels:
-    """The generated kernel module for this pattern, schedule and dtype (cached in memory and on disk)."""
-    src = kernel_source(pattern, predicate_for(pattern, q_len, kv_len), schedule, dtype)
+def kernels_for(pattern: Pattern, q_len: int, kv_len: int, schedule: Schedule, dtype: torch.dtype,
+                score_mod: str = "") -> Kernels:
+    """The generated kernel module for this pattern, schedule and dtype (cached in memory and on disk);
+    ``score_mod`` is the rendered text of a traced score_mod (:mod:`.score_render`), if any."""
+    src = kernel_source(pattern, predicate_for(pattern, q_len, kv_len), schedule, dtype, score_mod)
     key = cache_key(src)
     module, path = cache.load(key, src.render(key))
     return Kernels(module, key, path, src)
@@ -251,6 +255,7 @@ class Plan:
     schedule: Schedule
     tile_m: int
     tile_n: int
+    score_args: tuple = ()  # (sbuf, smeta, mbufs, mbuf_meta) of a score_mod; () for none
 
     @property
     def q_start(self) -> int:
@@ -260,15 +265,35 @@ class Plan:
     def consts(self, q: torch.Tensor, v: torch.Tensor) -> dict:
         return dict(BM=self.layout.block_m, BN=self.layout.block_n, TM=self.tile_m, TN=self.tile_n,
                     D_PAD=pad_dim(q.shape[-1]), DV_PAD=pad_dim(v.shape[-1]), OPAQUE=self.tensors.opaque,
-                    DOT_PREC=dot_precision(q.dtype), num_warps=self.schedule.num_warps,
+                    DOT_PREC=dot_precision(q.dtype), SCORE_MOD=bool(self.score_args),
+                    num_warps=self.schedule.num_warps,
                     num_stages=self.schedule.num_stages)
 
 
-def make_plan(layout: BlockLayout, schedule: Schedule, dtype: torch.dtype, device: torch.device) -> Plan:
-    """Kernels and layout tensors for one call (everything cached underneath)."""
+def make_plan(layout: BlockLayout, schedule: Schedule, dtype: torch.dtype, device: torch.device,
+              score_mod: str = "", score_args: tuple = ()) -> Plan:
+    """Kernels and layout tensors for one call (everything cached underneath); a score_mod's
+    rendered helpers and runtime tensors when given."""
     tm, tn = kernel_tiles(schedule)
-    kern = kernels_for(layout.pattern, layout.geom.q_end, layout.kv_len, schedule, dtype)
-    return Plan(kern, layout, layout_tensors(layout, device), schedule, tm, tn)
+    kern = kernels_for(layout.pattern, layout.geom.q_end, layout.kv_len, schedule, dtype, score_mod)
+    return Plan(kern, layout, layout_tensors(layout, device), schedule, tm, tn, score_args)
+
+
+@functools.lru_cache(maxsize=8)
+def no_score_args(device: str) -> tuple[torch.Tensor, ...]:
+    """Placeholder score_mod arguments for kernels without one (never read: SCORE_MOD=False)."""
+    return (torch.zeros(1, dtype=torch.float32, device=device), torch.zeros(6, dtype=torch.int64, device=device),
+            torch.zeros(1, dtype=torch.int64, device=device), torch.zeros(2, dtype=torch.int64, device=device))
+
+
+def run_forward(plan: Plan, q, k, v, scale: float):
+    """``(out, lse float32)`` of the forward kernel (the score_mod module's entry point)."""
+    return _forward(plan, q, k, v, scale)
+
+
+def run_backward(plan: Plan, q, k, v, out, lse, dout, scale: float, dlse=None):
+    """``(dq, dk, dv)`` of the backward kernels, with ``dlse`` when lse is differentiable."""
+    return _backward(plan, q, k, v, out, lse, dout, scale, dlse)
 
 
 def _forward(plan: Plan, q, k, v, scale: float):
@@ -280,17 +305,22 @@ def _forward(plan: Plan, q, k, v, scale: float):
     Bm, Hm = t.bm_hm
     grid = (-(-Lq // plan.tile_m), B * H)
     plan.kernels.module._attn_fwd[grid](
-        q, k, v, out, lse, *t.fwd, t.mask_tab, t.bufs, t.buf_meta, scale,
+        q, k, v, out, lse, *t.fwd, t.mask_tab, t.bufs, t.buf_meta,
+        *(plan.score_args or no_score_args(str(q.device))), scale,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, H // Hkv, Bm, Hm, plan.layout.num_q_blocks, *t.widths(t.fwd), Lq, Lk, D, Dv, plan.q_start,
         EVEN_N=Lk % plan.tile_n == 0, **plan.consts(q, v))
     return out, lse
 
 
-def _backward(plan: Plan, q, k, v, out, lse, dout, scale: float):
+def _backward(plan: Plan, q, k, v, out, lse, dout, scale: float, dlse=None):
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, H, Lq]
+    delta = (dout.float() * out.float()).sum(-1)  # [B, H, Lq]
+    if dlse is not None:  # a differentiable lse (attention sinks): d lse / d s = p joins ds as -dlse
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    sargs = plan.score_args or no_score_args(str(q.device))
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((B, Hkv, Lk, Dv), dtype=v.dtype, device=q.device)
@@ -299,11 +329,11 @@ def _backward(plan: Plan, q, k, v, out, lse, dout, scale: float):
     consts = plan.consts(q, v)
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     plan.kernels.module._attn_bwd_dkdv[(-(-Lk // plan.tile_n), B * Hkv)](
-        q, k, v, dout, dk, dv, lse, delta, *t.bwd, t.mask_tab, t.bufs, t.buf_meta, scale, *strides,
+        q, k, v, dout, dk, dv, lse, delta, *t.bwd, t.mask_tab, t.bufs, t.buf_meta, *sargs, scale, *strides,
         H, Hkv, H // Hkv, Bm, Hm, plan.layout.num_kv_blocks, *t.widths(t.bwd), Lq, Lk, D, Dv, plan.q_start,
         **consts)
     plan.kernels.module._attn_bwd_dq[(-(-Lq // plan.tile_m), B * H)](
-        q, k, v, dout, dq, lse, delta, *t.fwd, t.mask_tab, t.bufs, t.buf_meta, scale, *strides,
+        q, k, v, dout, dq, lse, delta, *t.fwd, t.mask_tab, t.bufs, t.buf_meta, *sargs, scale, *strides,
         H, H // Hkv, Bm, Hm, plan.layout.num_q_blocks, *t.widths(t.fwd), Lq, Lk, D, Dv, plan.q_start,
         **consts)
     return dq, dk, dv

@@ -27,6 +27,8 @@ TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATES = ("common.py", "forward.py", "backward.py")
 BODY = "# --- template body ---\n"
 PRED_BEGIN = "# --- predicate ---\n"
+SCORE_BEGIN = "# --- score_mod ---\n"
+SCORE_END = "# --- end score_mod ---\n"
 PRED_END = "# --- end predicate ---\n"
 
 # Python operator precedence of what we emit (higher binds tighter); calls and names are 10.
@@ -252,6 +254,14 @@ class _Emitter:
         return text, is64
 
 
+class ScoreEmitter(_Emitter):
+    """The predicate's integer emitter, for the index parts of a rendered score_mod
+    (:mod:`.score_render`): the same int32/int64 rules and table reads."""
+
+    def __init__(self, buffers):
+        super().__init__(buffers)
+
+
 def _terms(e: Expr, op: str) -> list[Expr]:
     if isinstance(e, BinOp) and e.op == op and e.kind == BOOL:
         return _terms(e.a, op) + _terms(e.b, op)
@@ -311,6 +321,7 @@ class KernelSource:
     schedule: str
     dtype: str
     dot_precision: str
+    score_mod: str = ""  # the rendered _score_mod/_score_mod_grad helpers ("": none, the stubs stay)
 
     def header(self, key: str) -> str:
         mask = ("opaque mask_mod: partial blocks read per-block byte masks built with the layout"
@@ -321,7 +332,9 @@ class KernelSource:
                 f"# schedule:  {self.schedule}\n"
                 f"# dtype:     {self.dtype} (tl.dot input precision {self.dot_precision!r})\n"
                 f"# mask:      {mask}\n"
-                f"# cache key: {key}\n"
+                + ("# score_mod: traced, rendered into _score_mod and _score_mod_grad (SCORE_MOD=True)\n"
+                   if self.score_mod else "")
+                + f"# cache key: {key}\n"
                 "# Kernels: _attn_fwd, _attn_bwd_dkdv (per key tile, over the transposed lists), _attn_bwd_dq.\n"
                 "# Regenerated from the templates when missing or corrupt; edits are overwritten.\n")
 
@@ -331,6 +344,10 @@ class KernelSource:
         before, rest = common.split(PRED_BEGIN, 1)
         _, after = rest.split(PRED_END, 1)
         body = before + self.predicate + after
+        if self.score_mod:
+            head, rest = body.split(SCORE_BEGIN, 1)
+            _, tail = rest.split(SCORE_END, 1)
+            body = head + self.score_mod + tail
         return (self.header(key) + "\nimport triton\nimport triton.language as tl\n\n"
                 + body.rstrip() + "\n" + read_template("forward.py").rstrip() + "\n"
                 + read_template("backward.py").rstrip() + "\n")

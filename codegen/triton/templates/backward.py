@@ -11,7 +11,7 @@ query positions ``q_start + row`` (decoding, chunked prefill).
 import triton
 import triton.language as tl
 
-from common import LOG2E, _allowed  # noqa: F401  (the generated file holds both parts)
+from common import LOG2E, _allowed, _score_mod, _score_mod_grad  # noqa: F401  (the generated file holds both parts)
 
 # --- template body ---
 
@@ -19,9 +19,9 @@ from common import LOG2E, _allowed  # noqa: F401  (the generated file holds both
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m0, offs_n, n_ok,
                d_ok, dv_ok, b, h, q_lo, k_lo, mask_tab, tile_id, bufs, buf_meta, qk_scale, q_len, q_start,
-               stride_qm, stride_dom,
+               stride_qm, stride_dom, sm_scale, sbuf, smeta, mbufs, mbuf_meta,
                BM: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, OPAQUE: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, SCORE_MOD: tl.constexpr):
     offs_m = start_m + offs_m0  # [TM]
     m_ok = offs_m < q_len
     q = tl.load(q_ptrs + offs_m[:, None] * stride_qm, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [TM, D]
@@ -29,7 +29,13 @@ def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_
     lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=0.0)  # [TM]
     delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)  # [TM]
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [TN, TM]
+    if SCORE_MOD:  # transposed tile: q_idx [1, TM], kv_idx [TN, 1]
+        raw_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * sm_scale
+        pos_t = (q_start + offs_m)[None, :]
+        s_t = _score_mod(raw_t, b, h, pos_t, offs_n[:, None], sbuf, smeta, mbufs, mbuf_meta) * LOG2E
+        dmod_t = _score_mod_grad(raw_t, b, h, pos_t, offs_n[:, None], sbuf, smeta, mbufs, mbuf_meta)
+    else:
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [TN, TM]
     ok = m_ok[:, None] & n_ok[None, :]  # [TM, TN]
     if MASKED:
         ok = ok & _allowed(b, h, q_start + offs_m[:, None], offs_n[None, :], q_start + q_lo, k_lo, mask_tab,
@@ -39,6 +45,8 @@ def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [TN, TM]
     ds_t = p_t * (dp_t - delta[None, :])
+    if SCORE_MOD:
+        ds_t = tl.where(ok_t, ds_t * dmod_t, 0.0)  # masked edges: no gradient, even a NaN weight's
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
     return dk, dv
 
@@ -48,6 +56,7 @@ def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, Lse, Delta,
     q_num, q_idx, full_nr, full_rng, mask_ids,  # transposed: partial [Bm, Hm, NKB(, PW)], ranges [.., RW, 2]
     mask_tab, bufs, buf_meta,
+    sbuf, smeta, mbufs, mbuf_meta,
     sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -57,6 +66,7 @@ def _attn_bwd_dkdv(
     q_start,  # absolute position of query row 0: runtime, not constexpr
     BM: tl.constexpr, BN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -99,7 +109,8 @@ def _attn_bwd_dkdv(
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m,
                                     offs_m0, offs_n, n_ok, d_ok, dv_ok, b, h, start_m, k_lo, mask_tab, 0,
                                     bufs, buf_meta, qk_scale, q_len, q_start, stride_qm, stride_dom,
-                                    BM, BN, False, OPAQUE, DOT_PREC)
+                                    sm_scale, sbuf, smeta, mbufs, mbuf_meta,
+                                    BM, BN, False, OPAQUE, DOT_PREC, SCORE_MOD)
         n_part = tl.load(q_num + lay)
         for j in range(0, n_part):
             r = tl.load(q_idx + lay.to(tl.int64) * PW + j)
@@ -108,7 +119,8 @@ def _attn_bwd_dkdv(
                 dk, dv = _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, r * BM + t * TM,
                                     offs_m0, offs_n, n_ok, d_ok, dv_ok, b, h, r * BM, k_lo, mask_tab, tile_id,
                                     bufs, buf_meta, qk_scale, q_len, q_start, stride_qm, stride_dom,
-                                    BM, BN, True, OPAQUE, DOT_PREC)
+                                    sm_scale, sbuf, smeta, mbufs, mbuf_meta,
+                                    BM, BN, True, OPAQUE, DOT_PREC, SCORE_MOD)
 
     dk = dk * sm_scale
     # DK/DV are contiguous copies shaped like K/V.
@@ -123,14 +135,19 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, pos_m, offs_n0, m_ok, d_ok, dv_ok,
              b, h, q_lo, k_lo, mask_tab, tile_id, bufs, buf_meta, qk_scale, kv_len,
-             stride_kn, stride_vn,
+             stride_kn, stride_vn, sm_scale, sbuf, smeta, mbufs, mbuf_meta,
              BM: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, OPAQUE: tl.constexpr,
-             DOT_PREC: tl.constexpr):
+             DOT_PREC: tl.constexpr, SCORE_MOD: tl.constexpr):
     offs_n = start_n + offs_n0  # [TN]
     n_ok = offs_n < kv_len
     k = tl.load(k_ptrs + offs_n[:, None] * stride_kn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [TN, D]
     v = tl.load(v_ptrs + offs_n[:, None] * stride_vn, mask=n_ok[:, None] & dv_ok[None, :], other=0.0)  # [TN, DV]
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [TM, TN]
+    if SCORE_MOD:
+        raw = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
+        s = _score_mod(raw, b, h, pos_m[:, None], offs_n[None, :], sbuf, smeta, mbufs, mbuf_meta) * LOG2E
+        dmod = _score_mod_grad(raw, b, h, pos_m[:, None], offs_n[None, :], sbuf, smeta, mbufs, mbuf_meta)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [TM, TN]
     ok = m_ok[:, None] & n_ok[None, :]
     if MASKED:
         ok = ok & _allowed(b, h, pos_m[:, None], offs_n[None, :], q_lo, k_lo, mask_tab, tile_id,
@@ -138,6 +155,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, pos_m, offs_n0, m_
     p = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)  # [TM, TN]
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [TM, TN]
     ds = p * (dp - delta[:, None])
+    if SCORE_MOD:
+        ds = tl.where(ok, ds * dmod, 0.0)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     return dq
 
@@ -147,6 +166,7 @@ def _attn_bwd_dq(
     Q, K, V, DO, DQ, Lse, Delta,
     kv_num, kv_idx, full_nr, full_rng, mask_ids,  # partial [Bm, Hm, NQB(, PW)], ranges [.., RW, 2] int32
     mask_tab, bufs, buf_meta,
+    sbuf, smeta, mbufs, mbuf_meta,
     sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -156,6 +176,7 @@ def _attn_bwd_dq(
     q_start,  # absolute position of query row 0: runtime, not constexpr
     BM: tl.constexpr, BN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr,
+    SCORE_MOD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -197,7 +218,8 @@ def _attn_bwd_dq(
         for start_n in range(c0 * BN, c1 * BN, TN):
             dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, pos_m, offs_n0, m_ok,
                           d_ok, dv_ok, b, h, q_start + q_lo, start_n, mask_tab, 0, bufs, buf_meta, qk_scale, kv_len,
-                          stride_kn, stride_vn, BM, BN, False, OPAQUE, DOT_PREC)
+                          stride_kn, stride_vn, sm_scale, sbuf, smeta, mbufs, mbuf_meta,
+                          BM, BN, False, OPAQUE, DOT_PREC, SCORE_MOD)
     n_part = tl.load(kv_num + lay)
     for j in range(0, n_part):
         c = tl.load(kv_idx + lay.to(tl.int64) * PW + j)
@@ -205,7 +227,8 @@ def _attn_bwd_dq(
         for t in tl.static_range(BN // TN):
             dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, c * BN + t * TN, pos_m, offs_n0, m_ok,
                           d_ok, dv_ok, b, h, q_start + q_lo, c * BN, mask_tab, tile_id, bufs, buf_meta, qk_scale,
-                          kv_len, stride_kn, stride_vn, BM, BN, True, OPAQUE, DOT_PREC)
+                          kv_len, stride_kn, stride_vn, sm_scale, sbuf, smeta, mbufs, mbuf_meta,
+                          BM, BN, True, OPAQUE, DOT_PREC, SCORE_MOD)
 
     dq = dq * sm_scale
     dq_off = pid_bh.to(tl.int64) * q_len * head_dim

@@ -56,6 +56,38 @@ def _load_buf(bufs, buf_meta, I: tl.constexpr, idx, fill):
     return tl.where(inside, val, fill)
 
 
+@triton.jit
+def _sload(sbuf, smeta, I: tl.constexpr, idx):
+    # captured float tensor I of the score_mod, flattened (smeta holds offset, length, strides);
+    # reads outside it give 0 (padding rows and keys only: the host checks the index bounds).
+    off = tl.load(smeta + 6 * I)
+    n = tl.load(smeta + 6 * I + 1)
+    inside = (idx >= 0) & (idx < n)
+    return tl.load(sbuf + off + tl.where(inside, idx, 0), mask=inside, other=0.0)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp of a non-positive argument: no overflow for large |x| (softcap's logits)
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+# --- score_mod ---
+@triton.jit
+def _score_mod(s, b, h, q_idx, kv_idx, sbuf, smeta, bufs, buf_meta):
+    # Stub replaced by the rendered score_mod (natural-log units, applied before the mask).
+    return s
+
+
+@triton.jit
+def _score_mod_grad(s, b, h, q_idx, kv_idx, sbuf, smeta, bufs, buf_meta):
+    # Stub replaced by d score_mod / d score.
+    return s * 0.0 + 1.0
+# --- end score_mod ---
+
+
 # --- predicate ---
 @triton.jit
 def _predicate(b, h, q_idx, kv_idx, bufs, buf_meta):

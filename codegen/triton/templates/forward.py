@@ -10,7 +10,7 @@ query positions ``q_start + row`` (``q_lo`` too, so byte-mask offsets stay local
 import triton
 import triton.language as tl
 
-from common import LN2, LOG2E, _allowed  # noqa: F401  (the generated file holds both parts)
+from common import LN2, LOG2E, _allowed, _score_mod  # noqa: F401  (the generated file holds both parts)
 
 # --- template body ---
 
@@ -18,13 +18,17 @@ from common import LN2, LOG2E, _allowed  # noqa: F401  (the generated file holds
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, pos_m, offs_n0, d_ok, dv_ok,
               b, h, q_lo, k_lo, mask_tab, tile_id, bufs, buf_meta, qk_scale, kv_len,
-              stride_kn, stride_vn,
+              stride_kn, stride_vn, sm_scale, sbuf, smeta, mbufs, mbuf_meta,
               BM: tl.constexpr, BN: tl.constexpr, MASKED: tl.constexpr, EVEN_N: tl.constexpr,
-              OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr):
+              OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr, SCORE_MOD: tl.constexpr):
     offs_n = start_n + offs_n0  # [TN]
     n_ok = offs_n < kv_len
     k = tl.load(k_ptrs + offs_n[:, None] * stride_kn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [TN, D]
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [TM, TN], log2 units
+    if SCORE_MOD:  # edge weights on the scaled score (natural units), before the mask
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
+        s = _score_mod(s, b, h, pos_m[:, None], offs_n[None, :], sbuf, smeta, mbufs, mbuf_meta) * LOG2E
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [TM, TN], log2 units
     if MASKED:
         ok = _allowed(b, h, pos_m[:, None], offs_n[None, :], q_lo, k_lo, mask_tab, tile_id,
                       bufs, buf_meta, BM, BN, OPAQUE)
@@ -47,6 +51,7 @@ def _attn_fwd(
     Q, K, V, Out, Lse,
     kv_num, kv_idx, full_nr, full_rng, mask_ids,  # partial [Bm, Hm, NQB(, PW)], ranges [.., RW, 2] int32
     mask_tab, bufs, buf_meta,  # opaque byte masks; predicate buffers
+    sbuf, smeta, mbufs, mbuf_meta,  # score_mod: captured float tensors, its integer tables
     sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -56,7 +61,7 @@ def _attn_fwd(
     q_start,  # absolute position of query row 0 (decoding, chunked prefill): runtime, not constexpr
     BM: tl.constexpr, BN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, EVEN_N: tl.constexpr,
-    OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr,
+    OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr, SCORE_MOD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -97,7 +102,8 @@ def _attn_fwd(
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, pos_m, offs_n0,
                                       d_ok, dv_ok, b, h, q_start + q_lo, start_n, mask_tab, 0, bufs, buf_meta,
                                       qk_scale, kv_len, stride_kn, stride_vn,
-                                      BM, BN, False, EVEN_N, OPAQUE, DOT_PREC)
+                                      sm_scale, sbuf, smeta, mbufs, mbuf_meta,
+                                      BM, BN, False, EVEN_N, OPAQUE, DOT_PREC, SCORE_MOD)
     # Partial blocks: the predicate decides element by element.
     n_part = tl.load(kv_num + lay)
     for j in range(0, n_part):
@@ -107,7 +113,8 @@ def _attn_fwd(
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, c * BN + t * TN, pos_m, offs_n0,
                                       d_ok, dv_ok, b, h, q_start + q_lo, c * BN, mask_tab, tile_id, bufs, buf_meta,
                                       qk_scale, kv_len, stride_kn, stride_vn,
-                                      BM, BN, True, EVEN_N, OPAQUE, DOT_PREC)
+                                      sm_scale, sbuf, smeta, mbufs, mbuf_meta,
+                                      BM, BN, True, EVEN_N, OPAQUE, DOT_PREC, SCORE_MOD)
 
     # Rows with no visible key: output zeros and log-sum-exp -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
