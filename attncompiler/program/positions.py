@@ -46,6 +46,9 @@ class Positions:
         return pattern if self.doc_lengths is None else bind_documents(pattern, self.doc_lengths)
 
 
+DEFAULT_POSITIONS = Positions()
+
+
 @dataclass(frozen=True)
 class BatchGroup:
     """Batch entries ``index`` (None: every entry, in order) sharing one key length and positions."""
@@ -58,7 +61,7 @@ class BatchGroup:
 def is_default(groups: list[BatchGroup], dims: Dims) -> bool:
     """Whether the call is the plain one (every row at its own index, every key valid, no documents)."""
     return (len(groups) == 1 and groups[0].index is None and groups[0].kv_len == dims.kv_len
-            and groups[0].positions == Positions())
+            and groups[0].positions == DEFAULT_POSITIONS)
 
 
 def batch_groups(pattern: Pattern, dims: Dims, *, q_offset=0, align: str | None = None, cu_seqlens=None,
