@@ -78,10 +78,11 @@ def test_a_decode_step_is_one_fused_kernel_call():
         mod(q, k, v, align="bottom_right")
     flash = [n for n in ops.names if "flash_attention_for_cpu" in n]
     assert len(flash) == 1, ops.names
-    # Views and reshapes (a copy to unfold the GQA heads) only: no mask, layout or gather tensors.
-    assert all(n.split(".")[1] in ("view", "_unsafe_view", "reshape", "_reshape_alias", "clone",
-                                                   "_scaled_dot_product_flash_attention_for_cpu", "detach")
-               for n in ops.names), ops.names
+    # Views and reshapes (a copy to unfold the GQA heads) and the kernel's NaN-row guard only: no
+    # mask, layout or gather tensors.
+    allowed = ("view", "_unsafe_view", "reshape", "_reshape_alias", "clone", "detach",
+               "_scaled_dot_product_flash_attention_for_cpu", "isnan", "any", "is_nonzero", "_local_scalar_dense")
+    assert all(n.split(".")[1] in allowed for n in ops.names), ops.names
 
 
 def test_cached_positions_still_reject_bad_values():
@@ -124,3 +125,22 @@ def test_sliding_window_decode_matches_the_oracle_with_large_logits():
         q, k, v = _qkv(1, 4, 2, 1, lk, 8, lk, 500.0)
         assert_matches_oracle(mod(q, k, v, align="bottom_right"), _oracle(p, q, k, v, lk - 1)[0], (q, k, v),
                               rtol=1e-4, atol=1e-4, grad_rtol=1e-3, grad_atol=1e-3)
+
+
+def test_cached_int_positions_agree_with_the_general_validation():
+    import itertools
+
+    from attncompiler.dsl.pattern import INT_LIMIT
+    from attncompiler.program.positions import _groups
+
+    def outcome(fn):
+        try:
+            return "ok", tuple(fn())
+        except Exception as e:  # noqa: BLE001 - the two paths must raise the same error
+            return type(e).__name__, str(e)
+
+    pats = [ac.causal(), ac.sliding_window(3).causal(), ac.document(), ac.full()]
+    for p, B, Lq, Lk, off, align in itertools.product(pats, (1, 3), (1, 5), (1, 5, 9), (0, 3, INT_LIMIT - 5, -1),
+                                                      (None, "top_left", "bottom_right", "x")):
+        fast = outcome(lambda: scalar_groups.__wrapped__(p, B, Lq, Lk, off, align))
+        assert fast == outcome(lambda: _groups(p, B, Lq, Lk, off, align, None, None)), (p, B, Lq, Lk, off, align)

@@ -81,7 +81,8 @@ def run_attention(mod_of, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v:
     qo = layout.q_offset - layout.kv_offset  # key j sits at kv_offset + j
     if qo < 0:
         raise InputError(f"q_offset={layout.q_offset} < kv_offset={layout.kv_offset}: queries before the cached keys")
-    groups = row_groups(layout, B, Lk)
+    no_padding = layout.starts is None and layout.ends is None and layout.documents is None
+    groups = [((0, Lk, None), list(range(B)))] if no_padding else row_groups(layout, B, Lk)
     if len(groups) == 1 and groups[0][0] == (0, Lk, None):
         # The common call (no padding, no packing: every decode step): ``forward`` directly, as the
         # cached modules carry no hooks, saving nn.Module's per-call dispatch.

@@ -37,6 +37,15 @@ def check_qkv(q, k, v, *, check_finite: bool = True) -> Dims:
         InputError: wrong type, rank, dtype, device, mismatched sizes, a query head count not a
             multiple of the key/value head count, or (``check_finite``) NaN/inf values.
     """
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)
+            and q.dim() == k.dim() == v.dim() == 4 and q.dtype in FLOAT_DTYPES and q.dtype == k.dtype == v.dtype
+            and 0 not in q.shape and 0 not in k.shape and 0 not in v.shape):
+        _explain(q, k, v)
+    return _check_shapes(q, k, v, check_finite)
+
+
+def _explain(q, k, v) -> None:
+    """Raise the :class:`InputError` naming the first bad type, rank, dtype or empty dimension."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -48,6 +57,12 @@ def check_qkv(q, k, v, *, check_finite: bool = True) -> Dims:
             raise InputError(f"{name} has an empty dimension: shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise InputError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    raise InputError(f"q, k, v are not valid attention inputs: {type(q).__name__}, {type(k).__name__}, "
+                     f"{type(v).__name__}")  # unreachable: check_qkv's fast test is the conjunction of the above
+
+
+def _check_shapes(q, k, v, check_finite: bool) -> Dims:
+    """Devices, matching sizes and (``check_finite``) finiteness of well-typed 4D q/k/v."""
     if not (q.device == k.device == v.device):
         raise InputError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.device.type == "meta":

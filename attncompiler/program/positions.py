@@ -46,6 +46,9 @@ class Positions:
         return pattern if self.doc_lengths is None else bind_documents(pattern, self.doc_lengths)
 
 
+DEFAULT_POSITIONS = Positions()
+
+
 @dataclass(frozen=True)
 class BatchGroup:
     """Batch entries ``index`` (None: every entry, in order) sharing one key length and positions."""
@@ -58,7 +61,7 @@ class BatchGroup:
 def is_default(groups: list[BatchGroup], dims: Dims) -> bool:
     """Whether the call is the plain one (every row at its own index, every key valid, no documents)."""
     return (len(groups) == 1 and groups[0].index is None and groups[0].kv_len == dims.kv_len
-            and groups[0].positions == Positions())
+            and groups[0].positions == DEFAULT_POSITIONS)
 
 
 def batch_groups(pattern: Pattern, dims: Dims, *, q_offset=0, align: str | None = None, cu_seqlens=None,
@@ -83,7 +86,13 @@ def scalar_groups(pattern: Pattern, batch: int, q_len: int, kv_len: int, q_offse
                   align: str | None) -> tuple[BatchGroup, ...]:
     """:func:`batch_groups` of an int ``q_offset`` (exactly ``int``, never a bool) or ``align``, without
     ``kv_lens`` or ``cu_seqlens`` (bounded LRU cache; a call that raises is not cached)."""
-    return tuple(_groups(pattern, batch, q_len, kv_len, q_offset, align, None, None))
+    if align == "bottom_right" and q_offset == 0 and q_len <= kv_len:
+        off = kv_len - q_len
+    elif align in (None, "top_left") and 0 <= q_offset <= INT_LIMIT - q_len:
+        off = q_offset
+    else:  # out of range: the general path raises, naming the values
+        return tuple(_groups(pattern, batch, q_len, kv_len, q_offset, align, None, None))
+    return (BatchGroup(None, kv_len, Positions(off, _documents(pattern, None, kv_len))),)
 
 
 def _groups(pattern: Pattern, B: int, Lq: int, Lk: int, q_offset, align, cu_seqlens, kv_lens) -> list[BatchGroup]:

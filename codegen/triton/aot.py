@@ -175,9 +175,15 @@ def main(argv=None) -> int:
     bad = [x for x in args.dtype.split(",") if x not in by_name]
     if bad:
         raise UnsupportedError(f"--dtype {bad} not supported; choose from {sorted(by_name)}")
-    rows = resource_report(tuple(int(a) for a in args.arch.split(",")), tuple(by_name[x] for x in args.dtype.split(",")),
-                           tuple(int(d) for d in args.head_dim.split(",")), (False,) if args.traced_only else (False, True))
-    print(format_report(rows))
+    rows, header = [], True
+    for arch in (int(a) for a in args.arch.split(",")):  # row by row: each combination takes a while
+        for dt in (by_name[x] for x in args.dtype.split(",")):
+            part = resource_report((arch,), (dt,), tuple(int(d) for d in args.head_dim.split(",")),
+                                   (False,) if args.traced_only else (False, True))
+            lines = format_report(part).splitlines()
+            print("\n".join(lines if header else lines[2:]), flush=True)
+            rows += part
+            header = False
     return 1 if any(k.spill_stores or k.spill_loads for *_, k in rows) else 0
 
 
