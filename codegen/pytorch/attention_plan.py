@@ -7,6 +7,7 @@ steps (a strided band or a gather), and the additive masks of the steps that nee
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -325,6 +326,7 @@ _TRACED_CACHE_BYTES = 64 << 20
 _mask_cache: dict[tuple, StepMask] = {}
 _mask_cache_used = [0]
 _mask_chunks: dict[int, list[tuple]] = {}  # chunk id -> its cached keys
+_MASK_LOCK = threading.RLock()  # a finalizer may run inside a locked block of the same thread
 
 
 @functools.lru_cache(maxsize=256)
@@ -355,13 +357,14 @@ def step_bias(blocks: Blocks2D, chunk: Chunk, step: Step, dtype, device) -> Step
     empty = ~m.any(dim=-1)
     sm = StepMask(tuple(runs), biases, empty.to(device) if bool(empty.any()) else None)
     budget = _TRACED_CACHE_BYTES if _is_traced(blocks) else _MASK_CACHE_BYTES
-    if _mask_cache_used[0] + sm.nbytes() <= budget:
-        if key[0] not in _mask_chunks:  # first entry of this chunk: forget its entries with it
-            _mask_chunks[key[0]] = []
-            weakref.finalize(chunk, _forget_chunk, key[0])
-        _mask_chunks[key[0]].append(key)
-        _mask_cache[key] = sm
-        _mask_cache_used[0] += sm.nbytes()
+    with _MASK_LOCK:  # head slices may build the same step in parallel threads (codegen.pytorch.threads)
+        if key not in _mask_cache and _mask_cache_used[0] + sm.nbytes() <= budget:
+            if key[0] not in _mask_chunks:  # first entry of this chunk: forget its entries with it
+                _mask_chunks[key[0]] = []
+                weakref.finalize(chunk, _forget_chunk, key[0])
+            _mask_chunks[key[0]].append(key)
+            _mask_cache[key] = sm
+            _mask_cache_used[0] += sm.nbytes()
     return sm
 
 
@@ -380,10 +383,11 @@ def _runs(flags) -> list[tuple[int, int]]:
 
 
 def _forget_chunk(chunk_id: int) -> None:
-    for key in _mask_chunks.pop(chunk_id, ()):
-        sm = _mask_cache.pop(key, None)
-        if sm is not None:
-            _mask_cache_used[0] -= sm.nbytes()
+    with _MASK_LOCK:
+        for key in _mask_chunks.pop(chunk_id, ()):
+            sm = _mask_cache.pop(key, None)
+            if sm is not None:
+                _mask_cache_used[0] -= sm.nbytes()
 
 
 def _step_mask(blocks: Blocks2D, chunk: Chunk, step: Step, device) -> torch.Tensor:

@@ -11,6 +11,7 @@ from ..context import RunContext
 from .attention import block_sparse_attention
 from .dense import run_dense
 from .score_mod import score_mod_attention
+from .threads import split_heads
 
 
 def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) -> dict:
@@ -24,7 +25,8 @@ def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) ->
                                        ctx.extra.get("sinks"), ctx.extra.get("batch_index"),
                                        ctx.extra.get("need_lse", True))
         return dict(zip(stage.outputs, (out, lse)))
-    out, lse = block_sparse_attention(q, k, v, layout, s, ctx.scale, ctx.extra.get("need_lse", True))
+    # inference: (batch, kv-head) slices in parallel, one intra-op thread each (see threads.py)
+    out, lse = split_heads(block_sparse_attention, q, k, v, layout, s, ctx.scale, ctx.extra.get("need_lse", True))
     return dict(zip(stage.outputs, (out, lse)))
 
 

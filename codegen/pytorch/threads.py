@@ -13,21 +13,26 @@ in a worker thread with intra-op parallelism set to 1 (ATen releases the GIL ins
 parts run concurrently; no op forks). Layouts that differ per (batch, head) and calls that need
 a gradient keep the plain path (the backward would run the parts one after another anyway).
 
-:func:`split_heads` is the hook: ``run_block_sparse`` (``codegen/pytorch/stages.py``) would call
-``split_heads(block_sparse_attention, q, k, v, layout, schedule, scale, need_lse)`` instead of
-``block_sparse_attention(...)``; :mod:`attncompiler.bench.threads` measures it by monkeypatching.
+:func:`split_heads` is called by ``run_block_sparse`` (``codegen/pytorch/stages.py``);
+:mod:`attncompiler.bench.threads` measures it against the plain call. ``ATTNC_THREAD_SPLIT=0``
+turns it off. The intra-op thread count is process-wide, so split calls are serialized (a
+second Python thread calling attention at the same time waits), and the caller's count is
+restored afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 _LOCK = threading.Lock()
+_SPLIT_LOCK = threading.Lock()  # one split call at a time: each sets the process-wide thread count
 _POOL: dict[int, ThreadPoolExecutor] = {}
+ENABLED = os.environ.get("ATTNC_THREAD_SPLIT", "1") != "0"
 
 
 def parts_for(batch: int, kv_heads: int, threads: int) -> int:
@@ -65,7 +70,7 @@ def split_heads(fn, q, k, v, layout, schedule, scale, need_lse=True):
     G = H // Hkv
     parts = parts_for(B, Hkv, torch.get_num_threads())
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if parts == 1 or grad or len(layout.groups) != 1 or q.device.type != "cpu":
+    if not ENABLED or parts == 1 or grad or len(layout.groups) != 1 or q.device.type != "cpu":
         return fn(q, k, v, layout, schedule, scale, need_lse)
     # slices of the flattened (batch, kv-head) axis, as even as possible
     qf, kf, vf = (t.reshape(B * Hkv, -1, *t.shape[2:]) for t in (q, k, v))  # q: [B*Hkv, G, Lq, D]
@@ -76,7 +81,7 @@ def split_heads(fn, q, k, v, layout, schedule, scale, need_lse=True):
         return fn(qf[a:b].reshape(b - a, G, *q.shape[2:]), kf[a:b].reshape(b - a, 1, *k.shape[2:]),
                   vf[a:b].reshape(b - a, 1, *v.shape[2:]), layout, schedule, scale, need_lse)
 
-    with intra_op_threads(1):
+    with _SPLIT_LOCK, intra_op_threads(1):
         results = list(_pool(parts).map(one, range(parts)))
     out = torch.cat([o.reshape(-1, G, *o.shape[2:]) for o, _ in results]).reshape(B, H, *results[0][0].shape[2:])
     lse = None
