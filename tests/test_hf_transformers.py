@@ -15,7 +15,6 @@ import attncompiler as ac  # noqa: E402
 from attncompiler.errors import UnexpectedArgumentError, UnsupportedError  # noqa: E402
 from attncompiler.integrations import transformers as ac_hf  # noqa: E402
 from attncompiler.integrations.hf_masks import build_layout  # noqa: E402
-from attncompiler.integrations.hf_run import score_mod_supported  # noqa: E402
 from transformers import masking_utils as mu  # noqa: E402
 
 ac_hf.register()
@@ -141,29 +140,164 @@ def test_dropout_in_training_is_refused_naming_the_config_field():
         model(input_ids=torch.randint(0, 97, (1, 5)))
 
 
-def test_softcap_until_score_mods_land():
-    """Flips to an equality check once ac.softcap exists."""
-    model = build("gemma2", attn_logit_softcapping=5.0)
-    ids = torch.randint(1, 97, (1, 11))
-    if score_mod_supported()[0]:
-        torch.testing.assert_close(logits(model, "attncompiler", input_ids=ids), logits(model, "eager", input_ids=ids),
-                                   atol=TOL, rtol=TOL)
-    else:
-        with pytest.raises(UnsupportedError, match="softcap"):
-            logits(model, "attncompiler", input_ids=ids)
+HAS_GPT_OSS = hasattr(transformers, "GptOssForCausalLM")
+EDGE_WEIGHTED = ["gemma2_softcap"] + (["gpt_oss"] if HAS_GPT_OSS else [])
 
 
-def test_gpt_oss_sinks_until_score_mods_land():
-    if not hasattr(transformers, "GptOssForCausalLM"):
-        pytest.skip("this transformers has no gpt-oss")
-    model = build("gpt_oss")
-    ids = torch.randint(1, 97, (1, 11))
-    if score_mod_supported()[1]:
-        torch.testing.assert_close(logits(model, "attncompiler", input_ids=ids), logits(model, "eager", input_ids=ids),
-                                   atol=TOL, rtol=TOL)
+def sharpen(model, factor: float = 12.0):
+    """Scale the query/key projections so scaled scores reach ~10-100 (random init gives ~0.01,
+    where a softcap of 5 would change nothing and the test could not fail)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(factor)
+    return model
+
+
+def build_edge_weighted(name: str, **over):
+    """Gemma 2 with ``attn_logit_softcapping=5`` or gpt-oss (sinks), with large attention logits."""
+    if name == "gemma2_softcap":
+        return sharpen(build("gemma2", attn_logit_softcapping=5.0, **over))
+    model = sharpen(build("gpt_oss", **over))
+    with torch.no_grad():  # sinks of O(1) weigh like a visible key (init gives ~0.02)
+        for layer in model.model.layers:
+            layer.self_attn.sinks.copy_(torch.linspace(-2.0, 3.0, layer.self_attn.sinks.numel()))
+    return model
+
+
+@pytest.mark.parametrize("name", EDGE_WEIGHTED)
+def test_softcap_and_sinks_logits_match_eager_on_left_padded_batch(name):
+    model = build_edge_weighted(name)
+    ids, mask, pads = left_padded()
+    ref = logits(model, "eager", input_ids=ids, attention_mask=mask)
+    got = logits(model, "attncompiler", input_ids=ids, attention_mask=mask)
+    for b, p in enumerate(pads):
+        torch.testing.assert_close(got[b, p:], ref[b, p:], atol=TOL, rtol=TOL)
+    # the edge weights changed the answer, so dropping them would fail the comparison above
+    if name == "gemma2_softcap":
+        model.config.attn_logit_softcapping = None
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
     else:
-        with pytest.raises(UnsupportedError, match="sinks"):
-            logits(model, "attncompiler", input_ids=ids)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.fill_(-1e4)
+    plain = logits(model, "eager", input_ids=ids, attention_mask=mask)
+    assert (plain[0] - ref[0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", EDGE_WEIGHTED)
+def test_softcap_and_sinks_greedy_generation_matches_eager(name):
+    model = build_edge_weighted(name)
+    ids, mask, _ = left_padded(batch=2, length=9, pads=(0, 3))
+    model.set_attn_implementation("eager")
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    model.set_attn_implementation("attncompiler")
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, ref)
+    before = ac_hf.compiled_modules()  # a second decode compiles nothing
+    model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert ac_hf.compiled_modules() == before
+
+
+@pytest.mark.parametrize("name", EDGE_WEIGHTED)
+def test_softcap_and_sinks_training_step_gives_the_same_gradients(name):
+    grads = {}
+    ids, mask, pads = left_padded()
+    labels = ids.clone()
+    for b, p in enumerate(pads):
+        labels[b, :p + 1] = -100
+    for impl in ("eager", "attncompiler"):
+        model = build_edge_weighted(name).train()
+        model.set_attn_implementation(impl)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["eager"].keys() == grads["attncompiler"].keys()
+    if name == "gpt_oss":
+        sinks = [n for n in grads["eager"] if n.endswith("sinks")]
+        assert len(sinks) == 2 and all(grads["eager"][n].abs().max() > 1e-4 for n in sinks)
+    for n, g in grads["eager"].items():
+        torch.testing.assert_close(grads["attncompiler"][n], g, atol=TOL, rtol=1e-3, msg=n)
+
+
+@pytest.mark.skipif(not HAS_GPT_OSS, reason="this transformers has no gpt-oss")
+def test_sinks_parameter_is_read_by_reference_and_the_cache_stays_bounded():
+    model = build_edge_weighted("gpt_oss")
+    ids = torch.randint(1, 97, (1, 11))
+    logits(model, "attncompiler", input_ids=ids)
+    held = ac_hf.compiled_modules()
+    for step in range(3):  # an optimizer-like in-place update is seen, nothing is recompiled
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.add_(0.7)
+        torch.testing.assert_close(logits(model, "attncompiler", input_ids=ids),
+                                   logits(model, "eager", input_ids=ids), atol=TOL, rtol=TOL)
+        assert ac_hf.compiled_modules() == held
+    # a new parameter object (load_state_dict(assign=True), a re-init) replaces the layer's module
+    for layer in model.model.layers:
+        layer.self_attn.sinks = torch.nn.Parameter(torch.full_like(layer.self_attn.sinks, -0.5))
+    torch.testing.assert_close(logits(model, "attncompiler", input_ids=ids), logits(model, "eager", input_ids=ids),
+                               atol=TOL, rtol=TOL)
+    import gc
+
+    gc.collect()
+    assert ac_hf.compiled_modules() == held
+    del model
+    gc.collect()
+    assert ac_hf.compiled_modules() < held  # the per-layer modules die with the model
+
+
+def eager_edge_weighted(allowed, q, k, v, scale, softcap, sinks):
+    """transformers' eager attention in float64 (gemma2 softcap before the mask; gpt-oss sinks
+    concatenated as a last column and dropped after the softmax); rows with no key give zeros."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(rep, 1) for t in (k, v))
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        col = sinks.double().reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        p = torch.softmax(torch.cat([s, col], -1), -1)[..., :-1]
+    else:
+        p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_layer_call_with_softcap_and_sinks_equals_float64(seed):
+    """attention_forward with ``softcap``/``s_aux`` against transformers' eager formulas in float64:
+    logits ~100-1000, odd lengths, padding, a cache offset, GQA; gradients of q, k, v and the sinks."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, Hkv, D = 3, 4, 2, 8
+    Lq, past = [(13, 0), (1, 20), (5, 16)][seed]
+    Lk = past + Lq
+    window = [None, 6, 4][seed]
+    softcap, use_sinks = [(30.0, True), (None, True), (50.0, False)][seed]
+    fn = mu.causal_mask_function if window is None else mu.sliding_window_causal_mask_function(window)
+    pad = torch.ones(B, Lk, dtype=torch.bool)
+    pad[1, :3] = False
+    pad[2, Lk - 2:] = False if Lq > 2 else True
+    q = (torch.randn(B, H, Lq, D, generator=g) * 8).requires_grad_()
+    k = (torch.randn(B, Hkv, Lk, D, generator=g) * 8).requires_grad_()
+    v = torch.randn(B, Hkv, Lk, D, generator=g).requires_grad_()
+    sinks = torch.nn.Parameter(torch.randn(H, generator=g) * 3) if use_sinks else None
+    scale = 1.3
+    layout = ac_hf.mask_hook(B, Lq, Lk, q_offset=past, kv_offset=0, mask_function=fn, attention_mask=pad)
+    dense = mu.sdpa_mask(B, Lq, Lk, q_offset=past, kv_offset=0, mask_function=fn, attention_mask=pad,
+                         allow_is_causal_skip=False)
+    module = torch.nn.Module()
+    module.is_causal = True
+    out, _ = ac_hf.attention_forward(module, q, k, v, layout, scaling=scale, softcap=softcap, s_aux=sinks)
+    ref = eager_edge_weighted(dense, q, k, v, scale, softcap, sinks).transpose(1, 2)
+    rows = dense.any(-1)[:, 0]
+    assert (out[rows].double() - ref[rows]).abs().max() < 1e-4
+    dout = torch.randn(ref.shape, generator=g, dtype=torch.float64) * rows[:, :, None, None]
+    leaves = (q, k, v) + ((sinks,) if use_sinks else ())
+    g_got = torch.autograd.grad(out, leaves, dout.float())
+    g_ref = torch.autograd.grad(ref, leaves, dout)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-3, rtol=2e-3)
 
 
 def dense_reference(allowed, q, k, v, scale):

@@ -9,56 +9,58 @@ translation-invariant mask (causal, sliding windows) exactly as transformers bui
 
 from __future__ import annotations
 
-import inspect
-import sys
+import weakref
 
 import numpy as np
 import torch
 
 from ..dsl.pattern import Pattern
 from ..dsl.primitives import document
-from ..errors import InputError, UnsupportedError
+from ..dsl.score_mod import softcap as make_softcap
+from ..errors import InputError
 from ..runtime.compile import compile as compile_pattern
 from ..runtime.module import CompiledAttention
 from .hf_masks import HFLayout
 
-# (pattern, backend, softcap) -> module; sinks are per layer, so their modules are keyed by the parameter.
+# (pattern, backend, softcap) -> module, for layers without sinks: a handful per model.
 MODULES: dict[tuple, CompiledAttention] = {}
+# Modules of layers with sinks live on the layer (SINK_ATTR): the sinks are that layer's parameter,
+# so the module dies with the layer instead of pinning every model ever built in a global cache.
+SINK_ATTR = "_attncompiler_sink_modules"
+SINK_MODULES: "weakref.WeakSet[CompiledAttention]" = weakref.WeakSet()
 
 
 def compiled_modules() -> int:
-    """How many attention modules the transformers integration has compiled in this process."""
-    return len(MODULES)
+    """How many attention modules the transformers integration holds in this process (the shared
+    ones plus the live per-layer ones of layers with attention sinks)."""
+    return len(MODULES) + len(SINK_MODULES)
 
 
-def score_mod_supported() -> tuple[bool, bool]:
-    """``(softcap, sinks)``: whether ``ac.compile`` takes ``score_mod=`` (with ``ac.softcap``) and ``sinks=``."""
-    params = inspect.signature(compile_pattern).parameters
-    root = sys.modules.get("attncompiler")  # already imported: this module lives inside it
-    return ("score_mod" in params and hasattr(root, "softcap")), "sinks" in params
+def module_for(pattern: Pattern, backend: str, softcap: float | None, sinks: torch.Tensor | None,
+               layer: torch.nn.Module | None = None) -> CompiledAttention:
+    """The (cached) compiled module of one layer kind.
 
-
-def module_for(pattern: Pattern, backend: str, softcap: float | None, sinks: torch.Tensor | None) -> CompiledAttention:
-    """The (cached) compiled module of one layer kind."""
-    key = (pattern, backend, softcap, None if sinks is None else id(sinks))
+    ``softcap`` (Gemma 2's ``attn_logit_softcapping``) becomes ``ac.softcap(cap)``, applied to the
+    scaled score before the mask as transformers' eager attention does. ``sinks`` (gpt-oss
+    ``s_aux``, a parameter ``[H]``) is held by reference, never copied or keyed by value, so an
+    optimizer step on it is seen by the next call; its modules are cached on ``layer`` (one per
+    pattern), rebuilt only when the layer hands over a different tensor object.
+    """
+    key = (pattern, backend, softcap)
+    if sinks is not None:
+        cache = None if layer is None else layer.__dict__.setdefault(SINK_ATTR, {})
+        held = None if cache is None else cache.get(key)
+        if held is not None and held[0] is sinks:
+            return held[1]
+        mod = compile_pattern(pattern, backend, score_mod=None if softcap is None else make_softcap(softcap),
+                              sinks=sinks)
+        SINK_MODULES.add(mod)
+        if cache is not None:
+            cache[key] = (sinks, mod)  # replaces a module built for an earlier sinks tensor
+        return mod
     mod = MODULES.get(key)
     if mod is None:
-        has_softcap, has_sinks = score_mod_supported()
-        options = {}
-        if softcap is not None:
-            if not has_softcap:
-                raise UnsupportedError(
-                    f"softcap={softcap} (Gemma 2 attn_logit_softcapping) needs score modifications, which this "
-                    "attncompiler does not have yet; set config.attn_logit_softcapping=None or use "
-                    "attn_implementation='eager'")
-            options["score_mod"] = sys.modules["attncompiler"].softcap(softcap)
-        if sinks is not None:
-            if not has_sinks:
-                raise UnsupportedError(
-                    "attention sinks (s_aux, gpt-oss) need ac.compile(..., sinks=), which this attncompiler does not "
-                    "have yet; use attn_implementation='eager' for this model")
-            options["sinks"] = sinks
-        mod = compile_pattern(pattern, backend, **options)
+        mod = compile_pattern(pattern, backend, score_mod=None if softcap is None else make_softcap(softcap))
         MODULES[key] = mod
     return mod
 

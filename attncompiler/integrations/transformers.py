@@ -6,12 +6,13 @@
 >>> ac_hf.set_patterns(model, {"*": ac.sliding_window(512) | ac.global_tokens(range(8))})
 
 By default a model computes its own attention exactly (causal or bidirectional layers, per-layer
-sliding windows, GQA, left/right padding, packed sequences through ``position_ids``, KV-cache
-prefill and decoding). The mask hook reads each forward's mask into one :class:`HFLayout` that
-every layer uses; :func:`set_patterns` then gives any layer any mask pattern, with the model's
-causality and padding applied on top. Under torch.distributed, :func:`enable_context_parallel`
-runs every layer's pattern as sequence-parallel ring attention, each rank holding a shard of the
-sequence (:mod:`.hf_context_parallel`). transformers is imported only when these functions run.
+sliding windows, GQA, Gemma 2's logit softcap, gpt-oss attention sinks, left/right padding,
+packed sequences through ``position_ids``, KV-cache prefill and decoding). The mask hook reads
+each forward's mask into one :class:`HFLayout` that every layer uses; :func:`set_patterns` then
+gives any layer any mask pattern, with the model's causality and padding applied on top. Under
+torch.distributed, :func:`enable_context_parallel` runs every layer's pattern as sequence-parallel
+ring attention, each rank holding a shard of the sequence (:mod:`.hf_context_parallel`).
+transformers is imported only when these functions run.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
     Raises:
         UnsupportedError: attention dropout in training, a prepared 4D tensor mask, softcap or sinks
-            before attncompiler has score modifications, FlashAttention packing keywords.
+            under context parallelism.
         UnexpectedArgumentError: a keyword this function does not know (it would be ignored).
     """
     unknown = [n for n, v in kwargs.items() if n not in PLUMBING and not n.startswith("output_") and v is not None]
@@ -115,7 +116,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                    "disable_context_parallel(model) for this model")
         return cp.attention(pattern, query, key, value, scaling, layout).transpose(1, 2).contiguous(), None
     backend = "auto"
-    out = run_attention(lambda p: module_for(p, backend, softcap, sinks), pattern, query, key, value, scaling,
+    out = run_attention(lambda p: module_for(p, backend, softcap, sinks, module), pattern, query, key, value, scaling,
                         layout)
     return out.transpose(1, 2).contiguous(), None
 
