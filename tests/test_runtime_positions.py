@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import attncompiler as ac
 from attncompiler import patterns
-from attncompiler.errors import InputError, UnexpectedArgumentError, UnsupportedError
+from attncompiler.errors import InputError, UnexpectedArgumentError
 from attncompiler.layout.block_layout import build_layout
 from attncompiler.program.schedule import Schedule
 from attncompiler.runtime.module import compile_program
@@ -196,14 +196,12 @@ def test_cu_seqlens_needs_a_runtime_document():
         ac.document().to_dense(12)
 
 
-def test_other_families_reject_positions_and_triton_cu_seqlens():
+def test_other_families_reject_positions():
     q, k, v = _qkv(1, 2, 2, 16, 16)
     with pytest.raises(UnexpectedArgumentError, match="q_offset"):
         ac.compile(patterns.combiner_fixed(span=4), backend="torch")(q, k, v, q_offset=3)
     with pytest.raises(UnexpectedArgumentError, match="kv_lens"):
         ac.reference(patterns.combiner_fixed(span=4), q, k, v, kv_lens=torch.tensor([3]))
-    with pytest.raises(UnsupportedError, match="cu_seqlens"):  # no runtime segment table in the kernels yet
-        ac.compile(ac.document() & ac.causal(), backend="triton")(q, k, v, cu_seqlens=torch.tensor([0, 5, 16]))
 
 
 def test_check_finite_is_off_by_default_and_kept_as_an_option():

@@ -167,9 +167,12 @@ def group_layout(pattern, q_len: int, kv_len: int, s: Schedule, *, batch: int, h
     Unlike the torch backend, query blocks keep the schedule's height: the kernel tiles divide it,
     and one kernel serves every decode step.
 
+    Runtime documents (``cu_seqlens``) are bound into the layout's pattern here: the kernels read
+    the document ids from their runtime table (the predicate's ``doc_id`` buffer) and the kernel
+    source names the documents without their lengths, so one kernel serves every ``cu_seqlens``.
+
     Raises:
-        UnsupportedError: runtime documents (``cu_seqlens``): their lengths would be baked into the
-            kernel source (a new kernel per call); use backend='torch'.
+        UnsupportedError: query positions past the kernels' proven int32 index domain.
     """
     if positions is None or positions == Positions():
         return pattern.layout(q_len, kv_len, s.block_m, s.block_n, batch=batch, heads=heads)
@@ -178,9 +181,5 @@ def group_layout(pattern, q_len: int, kv_len: int, s: Schedule, *, batch: int, h
         raise UnsupportedError(f"q_offset={positions.q_offset} with Lq={q_len} puts query positions past "
                                f"{POSITION_LIMIT - 1}, beyond what the triton kernels' index arithmetic is "
                                "proven for; use backend='torch'")
-    if positions.doc_lengths is not None:
-        raise UnsupportedError(f"cu_seqlens (runtime documents of {pattern!r}) is not supported by the triton "
-                               "backend yet (the kernels have no runtime segment table); use backend='torch'")
-    return build_layout(pattern, q_len, kv_len, s.block_m, s.block_n, batch=batch, heads=heads,
+    return build_layout(positions.bind(pattern), q_len, kv_len, s.block_m, s.block_n, batch=batch, heads=heads,
                         q_start=positions.q_offset)
-

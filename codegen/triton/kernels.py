@@ -24,6 +24,7 @@ from attncompiler.ir import expr as E
 from attncompiler.ir.expr import Expr
 from attncompiler.layout.block_layout import EVAL_CHUNK, BlockLayout, block_masks
 from attncompiler.dsl.pattern import Complement, Intersection, Pattern, PerHead, Union
+from attncompiler.dsl.primitives import Document
 from attncompiler.program.schedule import Schedule
 
 from .. import cache
@@ -106,8 +107,24 @@ def kernel_source(pattern: Pattern, predicate: Expr | None, schedule: Schedule, 
                   score_mod: str = "") -> KernelSource:
     """Everything a generated file depends on (pattern structure, schedule, dtype, the rendered
     score_mod helpers if any)."""
-    return KernelSource(repr(pattern), render_predicate(predicate), predicate is None, describe_schedule(schedule),
+    return KernelSource(source_repr(pattern), render_predicate(predicate), predicate is None, describe_schedule(schedule),
                         _DTYPE_NAMES[dtype], dot_precision(dtype), score_mod)
+
+
+def source_repr(pattern: Pattern) -> str:
+    """``repr(pattern)`` with every document written ``ac.document()``: the kernels read document
+    ids from a runtime table, so one generated file serves every set of lengths (``cu_seqlens``)."""
+    text = repr(pattern)
+    for node in _walk(pattern):
+        if isinstance(node, Document) and node.lengths is not None:
+            text = text.replace(repr(node), "ac.document()")
+    return text
+
+
+def _walk(pattern: Pattern):
+    yield pattern
+    for child in pattern.children():
+        yield from _walk(child)
 
 
 def describe_schedule(schedule: Schedule) -> str:

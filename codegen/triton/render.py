@@ -281,6 +281,8 @@ def render_predicate(expr: Expr | None) -> str:
         return head + f"    return (q_idx {cmp} q_idx) & (kv_idx == kv_idx)\n"
     em = _Emitter(expr.buffers(), expr)
     text = repr(expr)
+    for buf in expr.buffers():  # a table's length is runtime data: it must not change the kernel text
+        text = text.replace(repr(buf), buf.name)
     comment = [f"    # {text}"] if len(text) <= 160 else []  # the expression as the user wrote it
     for op, sym in (("or", "|"), ("and", "&")):
         terms = _terms(expr, op)
