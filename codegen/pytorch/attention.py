@@ -29,6 +29,7 @@ from attncompiler.program.schedule import Schedule
 
 from .attention_plan import NEG_INF, StepMask, make_plan, single_key_range, step_bias
 from .common import Operands, compute_dtype_for, fold, pad_len, write_rows
+from .threads import split_kv
 
 
 
@@ -209,6 +210,15 @@ def _split_by_group(layout, q, k, v, fn):
 
 
 def _run_forward(q, k, v, layout, schedule, scale, need_lse=True):
+    """``(out, lse)``; a one-group layout runs as concurrent (batch, kv-head) parts where the
+    thread policy applies (see threads.py), with or without a gradient."""
+    if len(layout.groups) != 1:
+        return _forward_plain(q, k, v, layout, schedule, scale, need_lse)
+    return split_kv(lambda q_, k_, v_: _forward_plain(q_, k_, v_, layout, schedule, scale, need_lse),
+                    q.shape[0], k.shape[1], (q, k, v))
+
+
+def _forward_plain(q, k, v, layout, schedule, scale, need_lse=True):
     cdt = compute_dtype_for(q.dtype)
     B, H, Lq, _ = q.shape
 
@@ -268,6 +278,15 @@ def key_range_forward(blocks: Blocks2D, q, k, v, scale: float, cdt: torch.dtype)
 
 
 def _run_backward(q, k, v, out, lse, dout, layout, schedule, scale):
+    """``(dq, dk, dv)``; a one-group layout runs as concurrent (batch, kv-head) parts where the
+    thread policy applies: a slice's dq, dk and dv depend on that slice only."""
+    if len(layout.groups) != 1:
+        return _backward_plain(q, k, v, out, lse, dout, layout, schedule, scale)
+    return split_kv(lambda *t: _backward_plain(*t, layout, schedule, scale),
+                    q.shape[0], k.shape[1], (q, k, v, out, lse, dout))
+
+
+def _backward_plain(q, k, v, out, lse, dout, layout, schedule, scale):
     cdt = compute_dtype_for(q.dtype)
     delta_all = (dout.to(cdt) * out.to(cdt)).sum(-1)  # [B, H, Lq]
     dq_all = torch.zeros(q.shape, dtype=cdt, device=q.device)
