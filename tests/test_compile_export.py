@@ -389,3 +389,31 @@ def test_double_backward_raises():
     (gq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="autograd"):
         gq.sum().backward()
+
+
+def test_edge_weights_run_eagerly_under_compile():
+    """A module with a score_mod and sinks has no operator yet: compiled without fullgraph it
+    breaks the graph cleanly and matches eager and the oracle, forward and backward; with
+    fullgraph torch refuses it."""
+    pattern = ac.sliding_window(5).causal()
+    sinks = torch.nn.Parameter(torch.randn(2))
+    attn = ac.compile(pattern, backend="torch", schedule=SMALL, score_mod=ac.softcap(20.0), sinks=sinks)
+    q, k, v = _big_qkv(1, 2, 1, L, L, seed=5)
+    want = attn(q, k, v)
+    got = torch.compile(attn, backend="eager")(q, k, v)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    ref = ac.reference(pattern, q.detach().double(), k.detach().double(), v.detach().double(),
+                       score_mod=ac.softcap(20.0), sinks=sinks.detach().double())
+    torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=5e-5)
+    g_want = torch.autograd.grad(want.sum(), (q, sinks))
+    g_got = torch.autograd.grad(got.sum(), (q, sinks))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+    def model(q, k, v):  # work on both sides of the attention: the break cannot be skipped
+        return attn(q * 2.0, k, v) + 1.0
+
+    torch.testing.assert_close(torch.compile(model, backend="eager")(q, k, v), model(q, k, v), rtol=0, atol=0)
+    torch._dynamo.reset()  # the frame above is cached with its graph break
+    with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)):
+        torch.compile(model, fullgraph=True, backend="eager")(q, k, v)

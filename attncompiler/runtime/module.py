@@ -53,6 +53,12 @@ def lse_dtype(lse: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
     return lse if lse is None or lse.dtype == want else lse.to(want)
 
 
+@torch.compiler.disable
+def untraced_forward(module: "CompiledAttention", q, k, v, scale, **kwargs):
+    """``CompiledAttention.forward`` outside any compiled graph (the graph breaks here)."""
+    return CompiledAttention.forward(module, q, k, v, scale, **kwargs)
+
+
 class CompiledAttention(torch.nn.Module):
     """Attention of a compiled pattern: ``forward(q, k, v, scale=None) -> out``.
 
@@ -96,8 +102,14 @@ class CompiledAttention(torch.nn.Module):
 
         Under ``torch.compile`` / ``torch.export`` a mask pattern runs as the custom operator
         ``torch.ops.attncompiler.mask_attention`` (:mod:`attncompiler.runtime.ops`): the traced
-        graph checks shapes only, and the layout is built at run time outside it.
+        graph checks shapes only, and the layout is built at run time outside it. A module with
+        a score_mod or sinks, or of another family, runs eagerly there (a graph break; with
+        ``fullgraph=True`` torch raises).
         """
+        if self.pattern_key is None and torch.compiler.is_compiling():
+            # No operator for this module (edge weights, the structured families): run it eagerly,
+            # a clean graph break, rather than letting dynamo trace the layout machinery.
+            return untraced_forward(self, q, k, v, scale, return_lse=return_lse, **stage_inputs)
         positions = {n: stage_inputs.pop(n) for n in POSITION_KEYWORDS if n in stage_inputs} \
             if stage_inputs and self.takes_positions else {}
         if stage_inputs:
