@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import LayoutError, UnsupportedError
 from ..dsl.pattern import Pattern
+from .edge_reach import ScoreModReach, score_mod_reach
 from .cost import BlockCost, SymbolicCost, block_cost, symbolic_cost
 from .expansion import expansion
 from .graph import AttentionGraph, attention_graph, layer_operator
@@ -62,7 +63,10 @@ class AnalysisReport:
 
     ``hops_to_full`` is None when some legal pair is never reached (``never_witness`` names
     one as ``(key, query)``); ``exact`` is False when figures come from a block quotient with
-    partial blocks (hops are then lower bounds, reach fractions upper bounds).
+    partial blocks (hops are then lower bounds, reach fractions upper bounds). ``score_mod`` is
+    the effect of ``analyze(..., score_mod=)`` on reach (None when no score_mod was given): for
+    ALiBi the distance past which each head's bias masks effectively and ``hops_to_full`` of
+    that effectively-masked graph; other score_mods carry the reason they are not analyzed.
     """
 
     pattern: str
@@ -92,6 +96,7 @@ class AnalysisReport:
     graph: str
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    score_mod: ScoreModReach | None = None
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (sympy expressions as strings, infinities as None)."""
@@ -130,6 +135,8 @@ class AnalysisReport:
                      ("wasted pairs in partial blocks", f"{b.wasted_pairs:,.0f}"),
                      ("blocks per row max/mean", f"{b.max_blocks_per_row} / {b.mean_blocks_per_row:.2f} "
                       f"(balance {b.load_balance:.2f})")]
+        if self.score_mod is not None:
+            rows.append((f"score_mod {self.score_mod.score_mod}", self.score_mod.summary()))
         rows += [("note", n) for n in self.notes]
         rows.append(("time", f"{self.seconds:.2f} s"))
         width = max(len(k) for k, _ in rows)
@@ -216,7 +223,7 @@ def _build(pattern: Pattern, L: int, level: str, block: int, heads: int | None) 
 
 def analyze(pattern: Pattern, seq_len: int, *, layers: int | None = None, block: int | None = None,
             level: str = "auto", causal: bool | None = None, heads: int | None = None, head_dim: int = 64,
-            progress: bool = False) -> AnalysisReport:
+            progress: bool = False, score_mod=None) -> AnalysisReport:
     """Analyze what ``pattern`` can and cannot do at ``seq_len``.
 
     Args:
@@ -232,6 +239,11 @@ def analyze(pattern: Pattern, seq_len: int, *, layers: int | None = None, block:
         heads: heads to analyze for opaque per-head masks (the layer is their union).
         head_dim: D for FLOPs and bytes.
         progress: print a progress line on stderr.
+        score_mod: a score_mod the pattern runs with. For ``ac.alibi(slopes)`` the report's
+            ``score_mod`` field gives per head the distance past which the bias is below -20
+            (weights under 2e-9 next to a key at distance 0: effectively masked) and
+            ``hops_to_full`` of ``pattern`` with those edges removed; any other score_mod is
+            reported as not analyzed, with the reason. The other figures are the mask's.
 
     Returns:
         A frozen :class:`AnalysisReport`; ``str(report)`` is a table, ``report.to_json()`` JSON.
@@ -272,6 +284,14 @@ def analyze(pattern: Pattern, seq_len: int, *, layers: int | None = None, block:
         notes.append(f"{q.label} (exact)")
     if sym is None and pattern.family == "mask":
         notes.append("no closed-form cost: the pattern is not a catalogue entry")
+    smr = None
+    if score_mod is not None:
+        prog.update("score_mod reach")
+        smr = score_mod_reach(pattern, L, score_mod, level=lvl, block=blk, heads=heads, causal_graph=is_causal,
+                              pattern_causal=graph.causal)
+        if smr.analyzed:
+            notes.append("score_mod reach assumes comparable raw scores: a key is dropped when its bias alone is "
+                         f"below -{smr.threshold:g}")
     prog.done()
     return AnalysisReport(
         pattern=repr(pattern), family=pattern.family, seq_len=L, level=lvl, block=graph.block, causal=is_causal,
@@ -282,7 +302,7 @@ def analyze(pattern: Pattern, seq_len: int, *, layers: int | None = None, block:
         ramanujan_ratio=e.ramanujan_ratio, conductance_bounds=e.conductance_bounds,
         edge_expansion_bounds=e.edge_expansion_bounds, vertex_expansion=e.vertex_expansion,
         components=e.components, cost=cost, exact=q.exact, graph=q.label, notes=tuple(notes),
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, score_mod=smr)
 
 
 def _graph_and_quotient(pattern: Pattern, L: int, level: str, block: int, heads: int | None,
