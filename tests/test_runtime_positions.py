@@ -131,6 +131,24 @@ def test_cu_seqlens_with_empty_and_single_documents(extra):
     torch.testing.assert_close(ac.reference(p, q, k, v, cu_seqlens=cu.long()), ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("extra", [ac.causal(), ac.sliding_window(3).causal()])
+def test_per_batch_cu_seqlens_forward_backward(extra):
+    p = ac.document() & extra
+    B, H, Hkv, L = 3, 2, 1, 29
+    q, k, v = _qkv(B, H, Hkv, L, L, seed=9, grad=True)
+    q_big = (q * 40).detach().requires_grad_()  # logits of a few hundred
+    rows = [[0, 0, 1, 13, 29], [0, 10, 20, 29, 29], [0, 0, 1, 13, 29]]  # entries 0 and 2 share documents
+    cu = torch.tensor(rows, dtype=torch.int32)
+    out = ac.compile(p, backend="torch", schedule=SMALL)(q_big, k, v, cu_seqlens=cu)
+    mask = torch.stack([(ac.document([int(n) for n in np.diff(r) if n]) & extra).to_dense(L).expand(H, L, L)
+                        for r in rows])
+    ref = _oracle(q_big, k, v, mask)
+    assert_matches_oracle(out, ref, (q_big, k, v))
+    torch.testing.assert_close(ac.reference(p, q_big, k, v, cu_seqlens=cu), ref, rtol=1e-12, atol=1e-12)
+    same = ac.compile(p, backend="torch", schedule=SMALL)(q_big, k, v, cu_seqlens=cu[0])  # one row for all
+    torch.testing.assert_close(same[0], out[0], rtol=1e-6, atol=1e-6)
+
+
 def test_kv_lens_padding_with_documents_and_decode():
     p = ac.document() & ac.sliding_window(10).causal()
     attn = ac.compile(p, backend="torch", schedule=SMALL)
@@ -158,7 +176,9 @@ def test_kv_lens_zero_gives_zero_rows():
     (torch.tensor([0, 5, 3, 12]), "non-decreasing"),
     (torch.tensor([0, 5, 11]), "end at"),
     (torch.tensor([0.0, 5.0, 12.0]), "dtype"),
-    (torch.tensor([[0, 5, 12]]), "1-D"),
+    (torch.tensor([[[0, 5, 12]]]), r"\[batch, num_docs \+ 1\]"),
+    (torch.tensor([[0, 5, 12], [0, 6, 12]]), r"shape \[batch, num_docs \+ 1\] = \[1, n \+ 1\]"),
+    (torch.tensor([[0, 5, 11]]), r"cu_seqlens\[0\]: .*end at"),
     (torch.tensor([1, 5, 12]), "start at 0"),
     (torch.tensor([0, -1, 12]), "non-decreasing|negative"),
     ([0, 5, 12], "torch.Tensor"),

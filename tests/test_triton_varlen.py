@@ -131,3 +131,16 @@ def test_generated_source_names_documents_without_lengths():
     assert a.key == b.key and a.path == b.path
     text = a.path.read_text()
     assert "ac.document() & ac.causal()" in text and "[5, 27]" not in text
+
+
+def test_per_batch_cu_seqlens_one_kernel(monkeypatch):
+    p = ac.document() & ac.sliding_window(4).causal()
+    attn = ac.compile(p, backend="triton", schedule=Schedule(block_m=16, block_n=16))
+    keys = _kernel_keys(monkeypatch)
+    rows = [[0, 0, 1, 13, 27], [0, 9, 18, 27, 27], [0, 27, 27, 27, 27]]
+    q, k, v = _qkv(3, 27, 27, seed=40)
+    out = attn(q, k, v, cu_seqlens=torch.tensor(rows, dtype=torch.int32))
+    ref = torch.cat([_oracle(ac.sliding_window(4).causal(), *(t[b:b + 1] for t in (q, k, v)), rows[b])
+                     for b in range(3)])
+    _check(out, ref, (q, k, v))
+    assert keys and len(set(keys)) == 1

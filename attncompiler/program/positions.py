@@ -5,7 +5,8 @@ pattern is evaluated there (as if its query length were ``q_offset[b] + Lq``).
 ``align="bottom_right"`` means ``q_offset[b] = kv_len[b] - Lq`` (decoding against a KV cache).
 ``kv_lens[b]`` keys are valid in batch entry b (the rest is padding, never visible): the entry
 is computed as if its key length were ``kv_lens[b]``. ``cu_seqlens`` (``[0, end_0, ..., Lk]``,
-FlashAttention's convention) gives the documents of an ``ac.document()`` without lengths.
+FlashAttention's convention) gives the documents of an ``ac.document()`` without lengths; a
+``[B, n + 1]`` tensor gives each batch entry its own documents.
 
 Batch entries with equal positions form one :class:`BatchGroup`, run with one layout. The small
 tensors are read on the host (a CPU tensor avoids a device sync); validated values are cached
@@ -108,17 +109,17 @@ def _groups(pattern: Pattern, B: int, Lq: int, Lk: int, q_offset, align, cu_seql
                              f"key lengths {kv.tolist()}: use top_left positions (align=None) or a q_offset")
     else:
         off = small_ints("q_offset", q_offset, B, 0, INT_LIMIT - Lq)  # positions stay within int64 arithmetic
-    docs = _documents(pattern, cu_seqlens, Lk)
-    keys = list(zip(off.tolist(), kv.tolist()))
+    docs = batch_documents(pattern, cu_seqlens, Lk, B)
+    keys = list(zip(off.tolist(), kv.tolist(), docs))
     if len(set(keys)) == 1:
-        return [BatchGroup(None, keys[0][1], Positions(keys[0][0], docs))]
+        return [BatchGroup(None, keys[0][1], Positions(keys[0][0], keys[0][2]))]
     if pattern.batch_dependent:
-        raise UnsupportedError(f"per-batch q_offset / kv_lens with a batch-dependent pattern ({pattern!r}); "
-                               "call once per batch entry instead")
-    groups: dict[tuple[int, int], list[int]] = {}
+        raise UnsupportedError(f"per-batch q_offset / kv_lens / cu_seqlens with a batch-dependent pattern "
+                               f"({pattern!r}); call once per batch entry instead")
+    groups: dict[tuple, list[int]] = {}
     for b, key in enumerate(keys):
         groups.setdefault(key, []).append(b)
-    return [BatchGroup(tuple(idx), kvl, Positions(o, docs)) for (o, kvl), idx in groups.items()]
+    return [BatchGroup(tuple(idx), kvl, Positions(o, d)) for (o, kvl, d), idx in groups.items()]
 
 
 def _is_zero(x) -> bool:
@@ -159,8 +160,29 @@ _DOC_CACHE: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()
 _DOC_CACHE_SIZE = 256
 
 
+def batch_documents(pattern: Pattern, cu_seqlens, kv_len: int, batch: int) -> list[tuple[int, ...] | None]:
+    """Per batch entry, the document lengths of ``cu_seqlens`` (zero-length documents dropped), or
+    None without runtime documents. ``cu_seqlens`` is ``[num_docs + 1]`` (shared by every entry) or
+    ``[batch, num_docs + 1]`` (one row per entry, the same number of entries in each row, as a
+    padded tensor: empty documents pad a row with fewer documents)."""
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 2:
+        if not has_runtime_documents(pattern):
+            _documents(pattern, cu_seqlens, kv_len)  # raises, naming the pattern
+        if cu_seqlens.shape[0] != batch:
+            raise InputError(f"per-batch cu_seqlens must have shape [batch, num_docs + 1] = [{batch}, n + 1], got "
+                             f"{list(cu_seqlens.shape)}")
+        rows, host = [], cu_seqlens.detach().cpu()  # one host copy for every row
+        for b in range(batch):
+            try:
+                rows.append(_documents(pattern, host[b], kv_len))
+            except InputError as err:
+                raise InputError(f"cu_seqlens[{b}]: {err}") from None
+        return rows
+    return [_documents(pattern, cu_seqlens, kv_len)] * batch
+
+
 def _documents(pattern: Pattern, cu_seqlens, kv_len: int) -> tuple[int, ...] | None:
-    """The document lengths of ``cu_seqlens`` (zero-length documents dropped), or None."""
+    """The document lengths of a 1-D ``cu_seqlens`` (zero-length documents dropped), or None."""
     runtime = has_runtime_documents(pattern)
     if cu_seqlens is None:
         if runtime:
@@ -174,8 +196,8 @@ def _documents(pattern: Pattern, cu_seqlens, kv_len: int) -> tuple[int, ...] | N
     if cu_seqlens.dtype not in INT_DTYPES:
         raise InputError(f"cu_seqlens has dtype {cu_seqlens.dtype}; use int32 or int64 (FlashAttention's convention)")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise InputError(f"cu_seqlens must be 1-D [num_docs + 1] with at least 2 entries, got shape "
-                         f"{list(cu_seqlens.shape)}")
+        raise InputError(f"cu_seqlens must be [num_docs + 1] (or [batch, num_docs + 1] per batch entry) with at "
+                         f"least 2 entries per row, got shape {list(cu_seqlens.shape)}")
     arr = cu_seqlens.detach().cpu().numpy()
     key = (arr.dtype.str, arr.tobytes(), kv_len)
     hit = _DOC_CACHE.get(key)
