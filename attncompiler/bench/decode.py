@@ -7,8 +7,10 @@ Compares, in one process and alternating call by call (medians of ``--repeats`` 
 * ``sdpa_sliced``: SDPA on exactly the visible keys, sliced by hand (the floor to beat);
 * ``sdpa_masked``: SDPA over the whole cache with a dense boolean mask.
 
-The pattern is ``ac.sliding_window(window).causal()``: the last query sees keys
-``[Lk - window, Lk)`` (read from the pattern itself).
+The pattern is ``ac.sliding_window(window).causal()`` (``--pattern window``): the last query sees
+keys ``[Lk - window, Lk)`` (read from the pattern itself). ``--pattern window_global`` adds
+``ac.global_tokens(range(64))`` (visible keys in two ranges, outside the fused single-range path);
+``sdpa_sliced`` then runs on the visible keys gathered once, outside the timing.
 Run: ``python -m attncompiler.bench.decode`` (``--help`` lists the options).
 """
 
@@ -21,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from ..dsl.primitives import sliding_window
+from ..dsl.primitives import global_tokens, sliding_window
 from ..runtime.module import CompiledAttention
 
 
@@ -29,6 +31,16 @@ def _time(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+PATTERNS = {"window": lambda w: sliding_window(w).causal(),
+            "window_global": lambda w: (sliding_window(w) | global_tokens(range(64))).causal()}
+
+
+def visible_keys(pattern, lk: int) -> torch.Tensor:
+    """Indices of the keys the last query row (at position ``lk - 1``) sees."""
+    m = pattern.evaluate(0, 0, torch.tensor([[lk - 1]]), torch.arange(lk)[None, :], lk, lk).reshape(-1)
+    return torch.nonzero(m).reshape(-1)
 
 
 def visible_range(pattern, lq: int, lk: int) -> tuple[int, int]:
@@ -44,24 +56,28 @@ def visible_range(pattern, lq: int, lk: int) -> tuple[int, int]:
 
 
 def run(lk: int, heads: int, kv_heads: int, dim: int, window: int, repeats: int, threads: list[int],
-        masked: bool) -> list[dict]:
+        masked: bool, pattern_name: str = "window") -> list[dict]:
     """Median seconds per call of each peer at each thread count."""
     torch.manual_seed(0)
-    pattern = sliding_window(window).causal()
+    pattern = PATTERNS[pattern_name](window)
     q = torch.randn(1, heads, 1, dim)
     k = torch.randn(1, kv_heads, lk, dim)
     v = torch.randn(1, kv_heads, lk, dim)
     mod = CompiledAttention(pattern, backend="torch")
-    k0, k1 = visible_range(pattern, 1, lk)
+    idx = visible_keys(pattern, lk)
     G = heads // kv_heads
     sdpa = torch.nn.functional.scaled_dot_product_attention
+    if int(idx[-1]) - int(idx[0]) + 1 == len(idx):  # one range: a view, as a hand-written decode would
+        ks, vs = k[:, :, int(idx[0]):int(idx[-1]) + 1], v[:, :, int(idx[0]):int(idx[-1]) + 1]
+    else:
+        ks, vs = k[:, :, idx].contiguous(), v[:, :, idx].contiguous()
     calls = {
         "ac": lambda: mod(q, k, v, align="bottom_right"),
-        "sdpa_sliced": lambda: sdpa(q, k[:, :, k0:k1], v[:, :, k0:k1], enable_gqa=G > 1),
+        "sdpa_sliced": lambda: sdpa(q, ks, vs, enable_gqa=G > 1),
     }
     if masked:
         mask = torch.zeros(1, lk, dtype=torch.bool)
-        mask[0, k0:k1] = True
+        mask[0, idx] = True
         calls["sdpa_masked"] = lambda: sdpa(q, k, v, attn_mask=mask, enable_gqa=G > 1)
     err = (calls["ac"]() - calls["sdpa_sliced"]()).abs().max().item()
     rows = []
@@ -95,11 +111,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--window", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=9, help="calls per peer (median); at least 7")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--pattern", choices=sorted(PATTERNS), default="window")
     p.add_argument("--no-masked", action="store_true", help="skip SDPA over the whole cache with a mask")
     a = p.parse_args(argv)
     if a.repeats < 7:
         p.error(f"--repeats must be >= 7, got {a.repeats}")
-    rows = run(a.lk, a.heads, a.kv_heads, a.dim, a.window, a.repeats, a.threads, not a.no_masked)
+    rows = run(a.lk, a.heads, a.kv_heads, a.dim, a.window, a.repeats, a.threads, not a.no_masked, a.pattern)
     for r in rows:
         masked = f"  sdpa_masked {r['sdpa_masked_ms']:8.2f} ms ({r['masked_over_ac']:.1f}x ac)" \
             if r["masked_over_ac"] is not None else ""

@@ -28,6 +28,7 @@ from attncompiler.layout.block_layout import BlockLayout, Blocks2D
 from attncompiler.program.schedule import Schedule
 
 from .attention_plan import NEG_INF, StepMask, make_plan, single_key_range, step_bias
+from .decode import split_k_forward
 from .common import Operands, compute_dtype_for, fold, pad_len, write_rows
 from .threads import split_kv
 
@@ -223,7 +224,7 @@ def _forward_plain(q, k, v, layout, schedule, scale, need_lse=True):
     B, H, Lq, _ = q.shape
 
     def one(blocks, qq, kk, vv):
-        fused = key_range_forward(blocks, qq, kk, vv, scale, cdt)
+        fused = key_range_forward(blocks, qq, kk, vv, scale, cdt) or split_k_forward(blocks, qq, kk, vv, scale, cdt)
         if fused is not None:
             return fused[0], fused[1] if need_lse else None
         g = blocks.geom
