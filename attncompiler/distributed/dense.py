@@ -17,6 +17,7 @@ import time
 import torch
 
 from ..program.schedule import Schedule
+from .edges import partial_backward, partial_forward, shift_mod
 from .local import merge_partials, shifted_pattern
 
 _TAG = 8  # ring tags are 0-7
@@ -59,7 +60,7 @@ class DenseRows:
         return ring._waiter(ring.post(spec, key), None)
 
     def subproblems(self, o: int):
-        """``(q_lo, q_hi, k_lo, k_hi, layout, schedule)``: rank ``o``'s dense rows (packed) on local keys."""
+        """``(q_lo, q_hi, k_lo, k_hi, layout, schedule, mod)``: rank ``o``'s dense rows (packed) on local keys."""
         if o in self._subs:
             return self._subs[o]
         ring, plan = self.ring, self.ring.plan
@@ -72,7 +73,7 @@ class DenseRows:
                 layout = shifted_pattern(ring.pattern, g0, gk0, plan.seq_len).layout(
                     nq, nk, sched.block_m, sched.block_n, batch=B, heads=H)
                 if layout.num_blocks:
-                    subs.append((at, at + nq, lk0, lk0 + nk, layout, sched))
+                    subs.append((at, at + nq, lk0, lk0 + nk, layout, sched, shift_mod(ring.score_mod, g0, gk0)))
             at += g1 - g0
         self._subs[o] = subs
         return subs
@@ -88,14 +89,12 @@ class DenseRows:
 
     def _partial(self, o: int, qo: torch.Tensor):
         """``(out, lse)`` of rank ``o``'s dense rows ``qo`` (packed) on this rank's keys."""
-        from ..codegen.pytorch.attention import block_sparse_attention
-
         out = qo.new_zeros(qo.shape[:3] + (self.v.shape[3],))  # [B, H, n, Dv]
         lse = torch.full(qo.shape[:3], float("-inf"), dtype=self.lse_dtype, device=qo.device)
         t0 = time.perf_counter()
-        for qa, qb, ka, kb, layout, sched in self.subproblems(o):
-            po, pl = block_sparse_attention(qo[:, :, qa:qb], self.k[:, :, ka:kb], self.v[:, :, ka:kb], layout, sched,
-                                            self.ring.scale)
+        for qa, qb, ka, kb, layout, sched, mod in self.subproblems(o):
+            po, pl = partial_forward(qo[:, :, qa:qb], self.k[:, :, ka:kb], self.v[:, :, ka:kb], layout, sched,
+                                     self.ring.scale, mod)
             mo, ml = merge_partials([out[:, :, qa:qb], po], [lse[:, :, qa:qb], pl])
             out[:, :, qa:qb], lse[:, :, qa:qb] = mo.to(out.dtype), ml.to(lse.dtype)
         self.ring._tally("compute_s", time.perf_counter() - t0)
@@ -140,31 +139,32 @@ class DenseRows:
         recvs = [(t, o, _TAG + 3 + i) for o in self.owners for i, t in enumerate(self.grads_from[o])]
         return self._post(sends, recvs, "backward_bytes_sent")
 
-    def _grad(self, o, qo, grads, dk, dv):
-        """Partial dq of rank ``o``'s dense rows; dk, dv of the local keys accumulated in place."""
-        from ..codegen.pytorch.attention import block_sparse_attention_backward
-
+    def _grad(self, o, qo, grads, dk, dv, captured_grads):
+        """Partial dq of rank ``o``'s dense rows; dk, dv of the local keys and the captured tensors'
+        gradients (of these edges) accumulated in place."""
         out, dout, lse = grads
         dq = torch.zeros_like(qo)
         t0 = time.perf_counter()
-        for qa, qb, ka, kb, layout, sched in self.subproblems(o):
-            dqi, dki, dvi = block_sparse_attention_backward(
+        for qa, qb, ka, kb, layout, sched, mod in self.subproblems(o):
+            dqi, dki, dvi = partial_backward(
                 qo[:, :, qa:qb], self.k[:, :, ka:kb], self.v[:, :, ka:kb], out[:, :, qa:qb], lse[:, :, qa:qb],
-                dout[:, :, qa:qb], layout, sched, self.ring.scale)
+                dout[:, :, qa:qb], layout, sched, self.ring.scale, mod, self.ring.captured, captured_grads)
             dq[:, :, qa:qb] += dqi
             dk[:, :, ka:kb] += dki
             dv[:, :, ka:kb] += dvi
         self.ring._tally("compute_s", time.perf_counter() - t0)
         return dq
 
-    def backward(self, wait_g, dq, dk, dv) -> None:
-        """Add the dense rows' gradients: dk, dv of local keys; dq of my rows (summed from every rank)."""
+    def backward(self, wait_g, dq, dk, dv, captured_grads: dict) -> None:
+        """Add the dense rows' gradients: dk, dv of local keys (and the captured tensors' gradients of
+        these edges, on the rank that computed them); dq of my rows (summed from every rank)."""
         wait_g()
-        sends = [(self._grad(o, self.q_from[o], self.grads_from[o], dk, dv), o, _TAG + 6) for o in self.owners]
+        sends = [(self._grad(o, self.q_from[o], self.grads_from[o], dk, dv, captured_grads), o, _TAG + 6)
+                 for o in self.owners]
         back = [self._new(self.ring.rank, self.q.shape[3], self.q.dtype) for _ in self.peers]
         wait = self._post(sends, [(t, j, _TAG + 6) for t, j in zip(back, self.peers)], "backward_bytes_sent")
         if self.local:
-            back.append(self._grad(self.ring.rank, self._mine(self.q), self.grads_mine, dk, dv))
+            back.append(self._grad(self.ring.rank, self._mine(self.q), self.grads_mine, dk, dv, captured_grads))
         wait()
         at = 0
         for g0, g1, l0 in self.rows[self.ring.rank]:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ..errors import InputError
 from ..program.schedule import Schedule
+from .edges import check_sinks, prepare_mod
 from .local import merge_partials, shifted_pattern
 from .plan import dense_plan, plan_attention, require_mask_family
 from .ring_fn import Ring, RingAttentionFn
@@ -24,7 +25,8 @@ __all__ = ["merge_partials", "ring_attention", "shifted_pattern"]
 
 def ring_attention(pattern, q, k, v, *, seq_len: int, group=None, scale: float | None = None,
                    schedule: Schedule | None = None, stats: dict | None = None, plan=None,
-                   sharding: str = "contiguous", dense_ring: bool = False, overlap: bool = True):
+                   sharding: str = "contiguous", dense_ring: bool = False, overlap: bool = True, score_mod=None,
+                   sinks=None):
     """Sparsity-aware sequence-parallel ring attention on torch.distributed.
 
     Args:
@@ -46,9 +48,20 @@ def ring_attention(pattern, q, k, v, *, seq_len: int, group=None, scale: float |
             ring's bytes) and every rank computes its queries on every shard (empty blocks skipped).
         overlap: post each step's communication before computing on the previous one (default);
             False waits for it first (for measuring what the overlap buys).
+        score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx)`` (``ac.softcap``, ``ac.alibi``,
+            a function capturing tensors...), applied to every computed edge with its *global*
+            positions; the partials merge by log-sum-exp unchanged.
+        sinks: per-head sink logits ``[H]`` joining every row's denominator, added once after the merge.
+
+    Gradients of the score_mod's captured tensors and of ``sinks`` are this rank's contribution
+    (the edges it computed, its query rows for the sinks): every rank holds the full tensor and
+    the gradients are summed over the ranks like every other parameter's gradient under sequence
+    parallelism (all-reduce them over ``group``, as for the projections that made q, k, v);
+    ring_attention does not reduce them itself.
 
     Returns:
-        ``(out [B, H, Lr, Dv], lse [B, H, Lr])`` for this rank's queries, in its local order.
+        ``(out [B, H, Lr, Dv], lse [B, H, Lr])`` for this rank's queries, in its local order (with
+        sinks, ``lse`` includes them).
         Every rank must backpropagate through ``out`` (the backward is a ring exchange too).
     """
     require_mask_family(pattern, "ring_attention")
@@ -67,7 +80,9 @@ def ring_attention(pattern, q, k, v, *, seq_len: int, group=None, scale: float |
         raise InputError(f"rank {r} holds {q.shape[2]} queries / {k.shape[2]} keys, but its {plan.sharding.kind} "
                          f"shard of L={seq_len} over {P} ranks has {n} tokens; cut it with plan.sharding.shard()")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    fn, captured = prepare_mod(score_mod, q, seq_len)
+    sinks = check_sinks(sinks, q.shape[1], q.device)
     if dense_ring:
         plan = dense_plan(plan)
-    ring = Ring(pattern, plan, plan, r, group, scale, schedule, overlap, stats)
-    return RingAttentionFn.apply(q, k, v, ring)
+    ring = Ring(pattern, plan, plan, r, group, scale, schedule, overlap, stats, score_mod=fn, captured=captured)
+    return RingAttentionFn.apply(q, k, v, ring, sinks, *(t for _, t in captured))

@@ -27,6 +27,7 @@ from ..program.autograd_guard import single_backward
 from ..program.schedule import Schedule
 from .comm import global_rank, post
 from .dense import DenseRows
+from .edges import partial_backward, partial_forward, shift_mod, sink_forward, sink_grad
 from .local import merge_partials, shifted_pattern
 from .pieces import add_packed, length, merge, offset, pack, subtract
 from .plan import DistributedPlan
@@ -46,6 +47,8 @@ class Ring:
     schedule: Schedule | None
     overlap: bool
     stats: dict | None
+    score_mod: object = None    # applied at global positions (shift_mod per sub-problem)
+    captured: list = field(default_factory=list)  # [(id, tensor)] the score_mod reads
     _subs: dict = field(default_factory=dict)
     _k: torch.Tensor | None = None  # templates for receive buffers (device and dtype follow the inputs)
     _v: torch.Tensor | None = None
@@ -66,10 +69,11 @@ class Ring:
         return global_rank(self.group, rank)
 
     def subproblems(self, o: int, batch: int, heads: int):
-        """``(q_lo, q_hi, k_lo, k_hi, layout, schedule)`` of ring queries against rank ``o``'s needed rows.
+        """``(q_lo, q_hi, k_lo, k_hi, layout, schedule, mod)`` of ring queries against rank ``o``'s needed rows.
 
         Key rows index the packed ``key_pieces[rank][o]``; each query interval meets each piece
-        of each key chunk with the pattern shifted to their global offsets, empty pairs dropped.
+        of each key chunk with the pattern (and the score_mod, ``mod``) shifted to their global
+        offsets, empty pairs dropped.
         """
         if o in self._subs:
             return self._subs[o]
@@ -87,7 +91,8 @@ class Ring:
                     sub = shifted_pattern(self.pattern, gq0, gk0 + a - lk0, L)
                     layout = sub.layout(nq, nk, sched.block_m, sched.block_n, batch=batch, heads=heads)
                     if layout.num_blocks:
-                        subs.append((lq0, lq0 + nq, at, at + nk, layout, sched))
+                        mod = shift_mod(self.score_mod, gq0, gk0 + a - lk0)
+                        subs.append((lq0, lq0 + nq, at, at + nk, layout, sched, mod))
         self._subs[o] = subs
         return subs
 
@@ -143,9 +148,7 @@ class RingAttentionFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, ring: Ring):
-        from ..codegen.pytorch.attention import block_sparse_attention
-
+    def forward(ctx, q, k, v, ring: Ring, sinks, *captured):
         r, plan = ring.rank, ring.plan
         ring._k, ring._v = k, v
         B, H, n = q.shape[0], q.shape[1], k.shape[2]
@@ -160,9 +163,9 @@ class RingAttentionFn(torch.autograd.Function):
             ks, vs = pack(kb, have, want), pack(vb, have, want)  # [B, Hkv, n', D]: the rows used, packed
             used[o] = (ks, vs)
             t0 = time.perf_counter()
-            for qa, qb, ka, kb_, layout, sched in ring.subproblems(o, B, H):
-                out, lse = block_sparse_attention(q[:, :, qa:qb], ks[:, :, ka:kb_], vs[:, :, ka:kb_], layout, sched,
-                                                  ring.scale)
+            for qa, qb, ka, kb_, layout, sched, mod in ring.subproblems(o, B, H):
+                out, lse = partial_forward(q[:, :, qa:qb], ks[:, :, ka:kb_], vs[:, :, ka:kb_], layout, sched,
+                                           ring.scale, mod)
                 acc[qa, qb] = _merge(acc.get((qa, qb)), out, lse)
             ring._tally("compute_s", time.perf_counter() - t0)
 
@@ -180,21 +183,22 @@ class RingAttentionFn(torch.autograd.Function):
                 compute(o, kb, vb, ps)
         acc.update(dense.merge(wait_p))
         out, lse = _assemble(q, v, acc)
+        if sinks is not None:  # once, after the merge; the backward runs with out' and lse'
+            out, lse = sink_forward(out, lse, sinks)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring, ctx.used, ctx.dense = ring, used, dense
+        ctx.ring, ctx.used, ctx.dense, ctx.sinks = ring, used, dense, sinks
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     @single_backward("sequence-parallel ring attention")
     def backward(ctx, dout, _dlse):
-        from ..codegen.pytorch.attention import block_sparse_attention_backward
-
         q, k, v, out, lse = ctx.saved_tensors
         ring, used, dense = ctx.ring, ctx.used, ctx.dense
         r, plan, comm, P = ring.rank, ring.plan, ring.comm, ring.plan.world_size
         dout = dout.contiguous()
         dq = torch.zeros_like(q)
+        grads: dict = {}  # captured tensors' gradients from the edges this rank computes
         B, H, n = q.shape[0], q.shape[1], k.shape[2]
         whole = ((0, n),)
 
@@ -205,10 +209,10 @@ class RingAttentionFn(torch.autograd.Function):
             ks, vs = used[o]
             dks, dvs = torch.zeros_like(ks), torch.zeros_like(vs)
             t0 = time.perf_counter()
-            for qa, qb, ka, kb, layout, sched in ring.subproblems(o, B, H):
-                dqi, dki, dvi = block_sparse_attention_backward(
+            for qa, qb, ka, kb, layout, sched, mod in ring.subproblems(o, B, H):
+                dqi, dki, dvi = partial_backward(
                     q[:, :, qa:qb], ks[:, :, ka:kb], vs[:, :, ka:kb], out[:, :, qa:qb], lse[:, :, qa:qb],
-                    dout[:, :, qa:qb], layout, sched, ring.scale)
+                    dout[:, :, qa:qb], layout, sched, ring.scale, mod, ring.captured, grads)
                 dq[:, :, qa:qb] += dqi
                 dks[:, :, ka:kb] += dki
                 dvs[:, :, ka:kb] += dvi
@@ -260,8 +264,10 @@ class RingAttentionFn(torch.autograd.Function):
                 if d in inbox:
                     add(g, ps, *inbox[d])
                 outbox[d] = g
-        dense.backward(wait_g, dq, dk, dv)
-        return dq, dk, dv, None
+        dense.backward(wait_g, dq, dk, dv, grads)
+        dsinks = None if ctx.sinks is None or not ctx.needs_input_grad[4] else sink_grad(out, lse, dout, ctx.sinks)
+        cg = [None if grads.get(key) is None else grads[key].to(t.dtype) for key, t in ring.captured]
+        return dq, dk, dv, None, dsinks, *cg
 
 
 def _assemble(q, v, acc):
