@@ -409,6 +409,109 @@ def test_refusals_name_the_problem():
         ac_hf.set_patterns(build("llama"), {7: ac.causal()})
 
 
+# -- structured families (Combiner, Diffuser, ABC memory) as a layer's attention --------------------
+
+FAMILIES = {0: ac.memory(4), 1: ac.combiner_fixed(3)}  # bidirectional forms: causal layers build the causal ones
+
+
+def family_reference(module, q, k, v, dropout=0.0, scaling=None):
+    """float64 oracle of the layer's family pattern on its q/k/v (ABC with the layer's own parameter)."""
+    fam = module.attncompiler_family
+    qd, kd, vd = (t.double() for t in (q, k, v))
+    if isinstance(fam, ac.MemoryAttention):
+        return fam.reference(qd, kd, vd, scaling)
+    return ac.reference(fam.pattern, qd, kd, vd, scaling)
+
+
+def reference_attention(module, q, k, v, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    return family_reference(module, q, k, v, scaling=scaling).to(q.dtype).transpose(1, 2).contiguous(), None
+
+
+transformers.AttentionInterface.register("family_reference", reference_attention)
+
+
+def test_family_layers_give_the_float64_oracle_answer():
+    model = sharpen(build("llama"), 4.0)
+    ac_hf.set_patterns(model, FAMILIES)
+    attn = [layer.self_attn for layer in model.model.layers]
+    assert attn[0].attncompiler_family.pattern == ac.memory(4, causal=True)  # the causal variants
+    assert attn[1].attncompiler_family.pattern == ac.combiner_fixed(3, causal=True)
+    ids = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(3))
+    got = logits(model, "attncompiler", input_ids=ids)
+    ref = logits(model, "family_reference", input_ids=ids)
+    torch.testing.assert_close(got, ref, atol=TOL, rtol=TOL)
+    own = logits(build("llama"), "attncompiler", input_ids=ids)
+    assert (got - own).abs().max() > 1e-3  # the families changed the answer
+    pats = ac_hf.layer_patterns(model)
+    assert pats == {0: ac.memory(4, causal=True), 1: ac.combiner_fixed(3, causal=True)}
+    rep = ac_hf.analyze(model, seq_len=24)
+    assert rep.causal and rep.layers == 2 and 0 < rep.reach_after_model <= 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_family_layer_call_equals_float64_forward_and_backward(seed):
+    """One layer call against the family's float64 oracle: logits ~100-1000, odd lengths, GQA."""
+    pattern = [ac.memory(3, causal=True), ac.combiner_logsparse(causal=True),
+               ac.diffuse(ac.sliding_window(2), hops=2)][seed]
+    model = build("llama")
+    ac_hf.set_patterns(model, {"*": pattern})
+    module = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(seed)
+    B, H, Hkv, D, L = 2, 4, 2, 16, [11, 17, 9][seed]
+    q = (torch.randn(B, H, L, D, generator=g) * 12).requires_grad_()
+    k = (torch.randn(B, Hkv, L, D, generator=g) * 12).requires_grad_()
+    v = torch.randn(B, Hkv, L, D, generator=g).requires_grad_()
+    out, _ = ac_hf.attention_forward(module, q, k, v, None, scaling=0.9)
+    kr, vr = (t.repeat_interleave(H // Hkv, 1) for t in (k, v))  # transformers' repeat_kv: head h reads h // 2
+    ref = family_reference(module, q, kr, vr, scaling=0.9).transpose(1, 2)
+    assert (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)).abs().max() * 0.9 > 100
+    assert (out.double() - ref).abs().max() < 1e-4
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    g_got = torch.autograd.grad(out, (q, k, v), dout.float())
+    g_ref = torch.autograd.grad(ref, (q, k, v), dout)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-3, rtol=2e-3)
+
+
+def test_abc_parameters_train_save_and_move_with_the_model():
+    model = build("llama")
+    ac_hf.set_patterns(model, FAMILIES)
+    key = "model.layers.0.self_attn.attncompiler_family.control_param"
+    assert key in model.state_dict()
+    param = dict(model.named_parameters())[key]
+    before = param.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    ids = torch.randint(1, 97, (2, 11))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert param.grad is not None and param.grad.abs().max() > 0
+    opt.step()
+    assert (param.detach() - before).abs().max() > 0
+    ac_hf.set_patterns(model, FAMILIES)  # the same pattern again keeps the trained module
+    assert dict(model.named_parameters())[key] is param
+    assert model.to(torch.float64).state_dict()[key].dtype == torch.float64
+    ac_hf.set_patterns(model, {0: None})
+    assert key not in model.state_dict()
+
+
+def test_family_refusals_name_the_layer_and_the_problem():
+    model = build("llama")
+    ac_hf.set_patterns(model, FAMILIES)
+    ids, mask, _ = left_padded()
+    with pytest.raises(UnsupportedError, match="layer 0: a padding mask"):
+        model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(UnsupportedError, match="KV-cache decoding"):
+        model.generate(ids[:1], max_new_tokens=2, do_sample=False)
+    bert = build("modernbert")
+    with pytest.raises(UnsupportedError, match=r"layer 1 is bidirectional .*combiner_fixed\(3, causal=True\)"):
+        ac_hf.set_patterns(bert, {1: ac.combiner_fixed(3, causal=True)})
+    with pytest.raises(ValueError, match="must be a mask pattern"):
+        ac_hf.set_patterns(model, {0: "memory"})
+    ac_hf.set_patterns(bert, {"*": ac.combiner_fixed(3)})  # bidirectional Combiner on bidirectional layers
+    out = bert(input_ids=ids).logits
+    assert torch.isfinite(out).all()
+
+
 def test_import_attncompiler_does_not_import_transformers():
     code = ("import sys, attncompiler, attncompiler.integrations.transformers as t; "
             "print('transformers' in sys.modules)")

@@ -5,6 +5,8 @@ layer kind and a decode loop never compiles anything after its first step
 (:func:`compiled_modules` counts them). Left padding is read as a shift: a row whose first ``s``
 keys are padding runs on its keys ``s:`` with its positions moved by ``s``, which leaves every
 translation-invariant mask (causal, sliding windows) exactly as transformers builds it.
+Structured families (Combiner, Diffuser, ABC memory) run as each layer's own submodule
+(:func:`attach_family`, :func:`run_family`) on whole, unpadded sequences.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import torch
 from ..dsl.pattern import Pattern
 from ..dsl.primitives import document
 from ..dsl.score_mod import softcap as make_softcap
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
+from ..families.combiner.pattern import FAMILY as COMBINER
+from ..families.diffusion.pattern import DIFFUSION
+from ..families.memory.pattern import MEMORY, memory
 from ..runtime.compile import compile as compile_pattern
+from ..runtime.memory import MemoryAttention
 from ..runtime.module import CompiledAttention
 from .hf_masks import HFLayout
 
@@ -127,3 +133,94 @@ def row_groups(layout: HFLayout, batch: int, kv_len: int) -> list[tuple[tuple, l
             docs = None  # one document: no document mask
         groups.setdefault((start, end, docs), []).append(b)
     return list(groups.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured families (Combiner, Diffuser, ABC memory) as one layer's attention
+# ---------------------------------------------------------------------------------------------
+
+FAMILY_ATTR = "attncompiler_family"  # a layer's own compiled family module, registered as its submodule
+# What a causal layer runs for each family: the family's causal variant.
+CAUSAL_VARIANTS = {
+    COMBINER: lambda p: p.causal(),
+    DIFFUSION: lambda p: p.causal(),
+    MEMORY: lambda p: memory(p.slots, p.control, causal=True),
+}
+
+
+def family_is_causal(pattern: Pattern) -> bool | None:
+    """Whether a family pattern is built causal (None: decided by a mask inside it, as Diffuser's base)."""
+    if pattern.family == COMBINER:
+        return all(f.autoregressive for f in pattern.factorizations())
+    if pattern.family == MEMORY:
+        return bool(pattern.is_causal)
+    return None
+
+
+def layer_family_pattern(pattern: Pattern, layer_idx: int, is_causal: bool) -> Pattern:
+    """The family pattern a layer with causality ``is_causal`` runs: the causal variant for a causal
+    layer; a causal family on a bidirectional layer is refused (it would hide keys the model sees).
+
+    Raises:
+        UnsupportedError: a family without a causal variant on a causal layer, or a causal family
+            (``causal=True``) on a bidirectional layer.
+    """
+    if is_causal:
+        variant = CAUSAL_VARIANTS.get(pattern.family)
+        if variant is None:
+            raise UnsupportedError(f"layer {layer_idx} is causal but {pattern.family} pattern {pattern!r} has no "
+                                   "causal variant; give this layer a mask pattern or a Combiner, Diffuser or "
+                                   "ABC memory pattern")
+        return variant(pattern)
+    if family_is_causal(pattern):
+        raise UnsupportedError(f"layer {layer_idx} is bidirectional (is_causal=False) but {pattern.family} pattern "
+                               f"{pattern!r} is causal; use its bidirectional form (without causal=True)")
+    return pattern
+
+
+def attach_family(layer: torch.nn.Module, pattern: Pattern, head_dim: int) -> None:
+    """Give ``layer`` its compiled family module as the submodule ``attncompiler_family``, so learned
+    parameters (ABC's control) train with the model, are saved in its state_dict and move with
+    ``.to()``. A module already holding ``pattern`` is kept (its trained parameters with it)."""
+    held = layer._modules.get(FAMILY_ATTR)
+    if held is not None and held.pattern == pattern:
+        return
+    mod = compile_pattern(pattern, "auto")
+    ref = next(layer.parameters(), None)
+    if isinstance(mod, MemoryAttention):
+        mod.materialize(head_dim, None if ref is None else ref.device)  # parameters exist before an optimizer
+    if ref is not None and ref.is_floating_point():
+        mod.to(ref.dtype)
+    setattr(layer, FAMILY_ATTR, mod)
+
+
+def detach_family(layer: torch.nn.Module) -> None:
+    """Remove a layer's family module (it gets a mask pattern or its own attention back)."""
+    if FAMILY_ATTR in layer._modules:
+        delattr(layer, FAMILY_ATTR)
+
+
+def run_family(layer: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+               layout: HFLayout | None) -> torch.Tensor:
+    """``out [B, H, L, D]`` of the layer's family module on its q/k/v (GQA kv heads as they are).
+
+    Raises:
+        UnsupportedError: padding, packed sequences or KV-cache decoding (queries not the same
+            positions as the keys): the family modules run whole, unpadded sequences only.
+    """
+    mod = layer._modules[FAMILY_ATTR]
+    idx = getattr(layer, "layer_idx", "?")
+    if layout is not None and (layout.starts is not None or layout.ends is not None):
+        raise UnsupportedError(f"layer {idx}: a padding mask with the {mod.pattern.family} pattern {mod.pattern!r} "
+                               "is not supported (padding would enter its summaries/memory); run unpadded batches "
+                               "of equal length (attention_mask=None or all ones)")
+    if layout is not None and layout.documents is not None and any(len(d) > 1 for d in layout.documents):
+        raise UnsupportedError(f"layer {idx}: packed sequences (position_ids restarting) with the "
+                               f"{mod.pattern.family} pattern {mod.pattern!r} are not supported; run one sequence "
+                               "per row")
+    q_offset = k.shape[2] - q.shape[2] if layout is None else layout.q_offset - layout.kv_offset
+    if q_offset or q.shape[2] != k.shape[2]:
+        raise UnsupportedError(f"layer {idx}: KV-cache decoding ({q.shape[2]} queries after {k.shape[2]} keys) "
+                               f"with the {mod.pattern.family} pattern {mod.pattern!r} is not supported; run whole "
+                               "sequences (model(ids, use_cache=False); generate with the layer's own attention)")
+    return mod(q, k, v, scale)

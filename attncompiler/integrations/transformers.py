@@ -9,7 +9,8 @@ By default a model computes its own attention exactly (causal or bidirectional l
 sliding windows, GQA, Gemma 2's logit softcap, gpt-oss attention sinks, left/right padding,
 packed sequences through ``position_ids``, KV-cache prefill and decoding). The mask hook reads
 each forward's mask into one :class:`HFLayout` that every layer uses; :func:`set_patterns` then
-gives any layer any mask pattern, with the model's causality and padding applied on top. Under
+gives any layer any mask pattern, with the model's causality and padding applied on top, or a
+structured family (Combiner, Diffuser, ABC memory) run on the layer's q/k/v. Under
 torch.distributed, :func:`enable_context_parallel` runs every layer's pattern as sequence-parallel
 ring attention, each rank holding a shard of the sequence (:mod:`.hf_context_parallel`).
 transformers is imported only when these functions run.
@@ -29,7 +30,8 @@ from ..dsl.pattern import Family, Pattern, causal
 from ..errors import InputError, UnexpectedArgumentError, UnsupportedError
 from .hf_context_parallel import CP_ATTR, ContextParallel, check_sharding
 from .hf_masks import HFLayout, build_layout, model_pattern
-from .hf_run import compiled_modules, module_for, run_attention
+from .hf_run import (CAUSAL_VARIANTS, attach_family, compiled_modules, detach_family,
+                     layer_family_pattern, module_for, run_attention, run_family)
 
 NAME = "attncompiler"
 PATTERN_ATTR = "attncompiler_pattern"  # set on attention modules by set_patterns
@@ -96,6 +98,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         is_causal = layout.base == "causal" if layout is not None else getattr(module, "is_causal", True)
     state = getattr(module, "__dict__", {})  # set_patterns / enable_context_parallel store here; a miss
     chosen = state.get(PATTERN_ATTR)  # through nn.Module.__getattr__ costs an exception per call
+    if chosen is not None and chosen.family != Family.MASK:
+        return attention_family(module, query, key, value, scaling, layout, kwargs, state.get(CP_ATTR))
     if chosen is not None:
         pattern = with_causality(chosen) if is_causal else chosen
         if layout is not None and layout.kv_offset and not is_causal_window_only(chosen):
@@ -119,6 +123,20 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     out = run_attention(lambda p: module_for(p, backend, softcap, sinks, module), pattern, query, key, value, scaling,
                         layout)
     return out.transpose(1, 2).contiguous(), None
+
+
+def attention_family(module, query, key, value, scaling, layout, kwargs, cp) -> tuple[torch.Tensor, None]:
+    """A layer given a structured family by :func:`set_patterns`: its own module on its q/k/v."""
+    idx = getattr(module, "layer_idx", "?")
+    family = module.__dict__[PATTERN_ATTR].family
+    if cp is not None:
+        raise UnsupportedError(f"layer {idx}: the {family} pattern under context parallelism is not supported (the "
+                               "ring runs mask patterns); disable_context_parallel(model) or give the layer a mask")
+    for name, what in (("softcap", "logit softcap"), ("s_aux", "attention sinks (s_aux)")):
+        if kwargs.get(name) is not None:
+            raise UnsupportedError(f"layer {idx}: the model's {what} cannot be applied to the {family} pattern; "
+                                   "give this layer a mask pattern")
+    return run_family(module, query, key, value, scaling, layout).transpose(1, 2).contiguous(), None
 
 
 @functools.lru_cache(maxsize=256)
@@ -151,12 +169,26 @@ def attention_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
 
 
 def set_patterns(model: torch.nn.Module, patterns: dict) -> torch.nn.Module:
-    """Give layers their own mask patterns: ``{"*": pattern, 3: other, ...}`` (layer index or ``"*"``).
+    """Give layers their own patterns: ``{"*": pattern, 3: other, ...}`` (layer index or ``"*"``).
 
-    The model's causality (``is_causal``) and padding are applied on top; a pattern given to a layer
-    replaces the layer's own mask (its sliding window too). ``None`` restores a layer's own mask.
-    The model is switched to ``attn_implementation="attncompiler"`` (registering it if needed).
-    Pattern positions are token indices counted from each row's first non-padding token.
+    Mask patterns: the model's causality (``is_causal``) and padding are applied on top; a pattern
+    given to a layer replaces the layer's own mask (its sliding window too). Pattern positions are
+    token indices counted from each row's first non-padding token.
+
+    Structured families (``ac.combiner_*``, ``ac.diffuse``, ``ac.memory``) replace the layer's
+    attention on its q/k/v: a causal layer runs the family's causal variant; the compiled module
+    becomes the layer's submodule ``attncompiler_family`` (ABC's learned control parameter trains
+    with the model, is saved in its state_dict and moves with ``.to()``). They run whole, unpadded
+    sequences: padding, packed sequences, KV-cache decoding, softcap and sinks raise
+    :class:`UnsupportedError` at the call.
+
+    ``None`` restores a layer's own mask. The model is switched to
+    ``attn_implementation="attncompiler"`` (registering it if needed).
+
+    Raises:
+        InputError: a key that is not ``"*"`` or a layer index, or a value that is not a pattern.
+        UnsupportedError: a causal family pattern on a bidirectional layer, or a family without a
+            causal variant on a causal layer (the message names the layer).
     """
     mods = attention_modules(model)
     default = patterns.get("*", ...)
@@ -164,17 +196,30 @@ def set_patterns(model: torch.nn.Module, patterns: dict) -> torch.nn.Module:
         if key != "*" and (isinstance(key, bool) or not isinstance(key, int) or key not in mods):
             raise InputError(f"set_patterns key {key!r} is not '*' or a layer index of this model "
                              f"(0..{max(mods)})")
-        if p is not None and (not isinstance(p, Pattern) or p.family != Family.MASK):
+        if p is not None and (not isinstance(p, Pattern) or
+                              (p.family != Family.MASK and p.family not in CAUSAL_VARIANTS)):
             raise InputError(f"set_patterns[{key!r}] = {p!r} must be a mask pattern (ac.sliding_window(...), "
-                             "ac.mask(...), ...) or None")
-    for idx, m in mods.items():
-        p = patterns.get(idx, default)
-        if p is not ...:
-            setattr(m, PATTERN_ATTR, p)
+                             "ac.mask(...), ...), a Combiner, Diffuser or ABC memory pattern, or None")
+    chosen = {i: p for i, m in mods.items() if (p := patterns.get(i, default)) is not ...}
+    effective = {i: p if p is None or p.family == Family.MASK else layer_family_pattern(p, i, bool(mods[i].is_causal))
+                 for i, p in chosen.items()}  # every refusal before any layer changes
+    for idx, p in effective.items():
+        m = mods[idx]
+        if p is not None and p.family != Family.MASK:
+            attach_family(m, p, layer_head_dim(model, m))
+        else:
+            detach_family(m)
+        setattr(m, PATTERN_ATTR, p)
     register()
     if getattr(model.config, "_attn_implementation", None) != NAME:
         model.set_attn_implementation(NAME)
     return model
+
+
+def layer_head_dim(model: torch.nn.Module, layer: torch.nn.Module) -> int:
+    """A layer's query/key head dimension (``layer.head_dim``, else from the config)."""
+    hd = getattr(layer, "head_dim", None) or getattr(model.config, "head_dim", None)
+    return int(hd or model.config.hidden_size // model.config.num_attention_heads)
 
 
 def enable_context_parallel(model: torch.nn.Module, group=None, sharding: str = "auto") -> ContextParallel:
@@ -241,8 +286,8 @@ def layer_patterns(model: torch.nn.Module) -> dict[int, Pattern]:
     for idx, m in attention_modules(model).items():
         chosen = getattr(m, PATTERN_ATTR, None)
         is_causal = bool(m.is_causal)
-        if chosen is not None:
-            out[idx] = chosen & causal() if is_causal else chosen
+        if chosen is not None:  # a family pattern is stored as the variant the layer runs
+            out[idx] = chosen & causal() if is_causal and chosen.family == Family.MASK else chosen
             continue
         window = getattr(m, "sliding_window", None)
         if window is None and (types is None or types[idx] == "sliding_attention"):
@@ -288,7 +333,9 @@ def analyze(model: torch.nn.Module, seq_len: int, *, max_layers: int | None = No
     """Stacked reach across the model's layers and patterns (see :class:`StackReport`).
 
     Token level (exact) up to ``seq_len <= token_max``, block level beyond. ``max_layers`` bounds
-    the search for ``hops_to_full`` (default: four times the model's depth, at least 16).
+    the search for ``hops_to_full`` (default: four times the model's depth, at least 16). Layers
+    given a structured family count through its attention graph (a Combiner summary or an ABC
+    memory slot is one layer step; a Diffuser layer reaches what its hops reach).
     """
     import time
 
