@@ -167,6 +167,19 @@ def hops_to_full(pattern_or_plan: Combiner | PartitionPlan, L: int | None = None
 # Attention graph
 # ---------------------------------------------------------------------------------------------
 
+def count_pairs(a: np.ndarray, b: np.ndarray, na: int, nb: int, off_a: int, off_b: int,
+                limit: int = 1 << 26) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct pairs ``(off_a + a, off_b + b)`` (a < na, b < nb) with their multiplicities as
+    float64 weights, row-major; one ``bincount`` instead of a sort. Past ``limit`` cells of
+    ``na x nb`` the pairs come back unmerged with weight 1 (the CSR constructor sums them)."""
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    if na * nb > limit or len(a) <= na * nb:
+        return off_a + a, off_b + b, np.ones(len(a))
+    counts = np.bincount(a * nb + b, minlength=na * nb)
+    cell = np.flatnonzero(counts)
+    return off_a + cell // nb, off_b + cell % nb, counts[cell].astype(np.float64)
+
+
 @register_graph_builder(FAMILY)
 def combiner_graph(pattern: Combiner, seq_len: int, *, level: str = "token", block: int = 64,
                    **_options) -> AttentionGraph:
@@ -201,9 +214,14 @@ def combiner_graph(pattern: Combiner, seq_len: int, *, level: str = "token", blo
             direct_w = np.zeros(0)
         nS = len(span_ptr) - 1
         sizes = np.diff(span_ptr)
-        rows += [direct_q // unit, base + np.repeat(np.arange(nS), sizes), read_q // unit]
-        cols += [direct_k // unit, span_idx // unit, base + read_s]
-        weights += [np.asarray(direct_w, dtype=np.float64), np.ones(len(span_idx)), np.ones(len(read_q))]
+        write = (base + np.repeat(np.arange(nS), sizes), span_idx // unit, np.ones(len(span_idx)))
+        read = (read_q // unit, base + read_s, np.ones(len(read_q)))
+        if unit > 1:  # merge the block level's many duplicate pairs now, not in the CSR constructor
+            write = count_pairs(write[0] - base, write[1], nS, T, base, 0)
+            read = count_pairs(read[0], read_s, T, nS, 0, base)
+        rows += [direct_q // unit, write[0], read[0]]
+        cols += [direct_k // unit, write[1], read[1]]
+        weights += [np.asarray(direct_w, dtype=np.float64), write[2], read[2]]
         base += nS
     # Duplicates are merged by the CSR constructor (weights summed: token edges per block pair).
     # An edge's kind follows from its end points (token -> token: ATTEND, token -> summary:

@@ -110,9 +110,16 @@ def _span_partition_table(L: int, w: int, causal: bool) -> SpanTable:
     b.add(np.arange(nfull * w).reshape(nfull, w), False)
     if used > nfull:
         b.add(np.arange(nfull * w, L)[None, :], False)
-    own = np.arange(L)[:, None] // w
-    m = np.arange(used)[None, :]
-    q, s = np.nonzero((m < own) if causal else (m != own))
+    # the pairs of np.nonzero(m < own or m != own), built directly (no L x spans mask), in order
+    own = np.arange(L, dtype=np.int64) // w
+    if causal:
+        counts = own  # spans 0 .. own-1 (own <= used)
+        q = np.repeat(np.arange(L, dtype=np.int64), counts)
+        s = np.arange(len(q), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    else:
+        q = np.repeat(np.arange(L, dtype=np.int64), used - 1)
+        s = np.tile(np.arange(used - 1, dtype=np.int64), L)
+        s += s >= np.repeat(own, used - 1)
     return b.table(q, s)
 
 

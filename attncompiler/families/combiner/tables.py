@@ -91,6 +91,18 @@ class Builder:
         return first
 
     def table(self, q: np.ndarray, s: np.ndarray) -> SpanTable:
-        order = np.lexsort((s, q))
+        """The finished table; ``(q, s)`` pairs are sorted by query, then summary."""
+        q, s = np.asarray(q), np.asarray(s)
+        if not is_sorted_pairs(q, s):  # np.nonzero already yields them sorted: skip the O(n log n) sort
+            order = np.lexsort((s, q))
+            q, s = q[order], s[order]
         meta = {k: np.concatenate(v) for k, v in self.meta.items()}
-        return SpanTable(self.L, tuple(self.groups), meta, np.asarray(q)[order], np.asarray(s)[order])
+        return SpanTable(self.L, tuple(self.groups), meta, q, s)
+
+
+def is_sorted_pairs(q: np.ndarray, s: np.ndarray) -> bool:
+    """Whether ``(q, s)`` pairs are in lexicographic order (query first); one O(n) pass."""
+    if len(q) < 2:
+        return True
+    dq = np.diff(q)
+    return bool((dq >= 0).all() and ((dq > 0) | (np.diff(s) >= 0)).all())
