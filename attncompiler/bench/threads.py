@@ -1,10 +1,11 @@
-"""Thread scaling of the torch backend's block-sparse stage, and the head-split policy of
-:mod:`attncompiler.codegen.pytorch.threads` measured against it (forward, float32).
+"""Thread scaling of the torch backend's block-sparse stage with and without the (batch, kv-head)
+split policy of :mod:`attncompiler.codegen.pytorch.threads` (float32; forward, and forward plus
+backward with ``--mode fwdbwd``).
 
-Per pattern, in one process on the same inputs, alternating: the plain stage at 1 thread and
-at N threads, and the stage with the policy hooked in (by monkeypatching ``run_block_sparse``'s
-``block_sparse_attention``) at N threads; quiet and, with ``--load``, with one competing busy
-process. Each variant's output is compared with the plain 1-thread output before timing.
+Per pattern, in one process on the same inputs, alternating: the plain stage (policy off) at 1
+thread and at N threads, and the stage with the policy on at N threads; quiet and, with
+``--load``, with one competing busy process. Each variant's output (and gradients) is compared
+with the plain 1-thread result before timing.
 """
 
 from __future__ import annotations
@@ -17,41 +18,49 @@ import time
 
 import torch
 
-from ..codegen.pytorch import stages as torch_stages
-from ..codegen.pytorch.threads import split_heads
+from ..codegen.pytorch import threads as thread_policy
 from .grid import busy_process, grid_patterns, num_threads
+
+MODES = ("fwd", "fwdbwd")
 
 
 @contextlib.contextmanager
-def policy_hooked():
-    """The block-sparse stage of the torch backend with :func:`split_heads` in front."""
-    orig = torch_stages.block_sparse_attention
-    torch_stages.block_sparse_attention = lambda *a: split_heads(orig, *a)
+def policy(on: bool):
+    """The split policy of the torch stages switched on or off for the block."""
+    old = thread_policy.ENABLED
+    thread_policy.ENABLED = on
     try:
         yield
     finally:
-        torch_stages.block_sparse_attention = orig
+        thread_policy.ENABLED = old
 
 
 def measure(pattern, seq_len: int, threads: int, *, loaded: bool = False, repeats: int = 5, heads: int = 4,
-            head_dim: int = 64, batch: int = 1) -> dict[str, float]:
-    """Median ms of ``plain@1``, ``plain@N`` and ``split@N`` (N = ``threads``), forward only."""
+            head_dim: int = 64, batch: int = 1, mode: str = "fwd") -> dict[str, float]:
+    """Median ms of ``plain@1``, ``plain@N`` and ``split@N`` (N = ``threads``) of the forward
+    (``mode="fwd"``, no gradient) or forward plus backward (``"fwdbwd"``)."""
     from ..runtime.module import CompiledAttention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, seq_len, head_dim, generator=gen) for _ in range(3))
+    dout = torch.randn(batch, heads, seq_len, head_dim, generator=gen)
     attn = CompiledAttention(pattern, "torch")
     variants = {"plain@1": (1, False), f"plain@{threads}": (threads, False), f"split@{threads}": (threads, True)}
 
-    def call(n, hooked):
-        with num_threads(n), policy_hooked() if hooked else contextlib.nullcontext(), torch.no_grad():
-            return attn(q, k, v)
+    def call(n, split):
+        with num_threads(n), policy(split):
+            if mode == "fwd":
+                with torch.no_grad():
+                    return (attn(q, k, v),)
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            out = attn(qq, kk, vv)
+            return (out.detach(), *torch.autograd.grad(out, (qq, kk, vv), dout))
 
     want = call(1, False)
-    for name, (n, hooked) in variants.items():
-        diff = float((call(n, hooked) - want).abs().max())
-        if diff > 1e-5:
-            raise AssertionError(f"{name} differs from the 1-thread output by {diff:.2e}")
+    for name, (n, split) in variants.items():
+        diff = max(float((a - b).abs().max()) for a, b in zip(call(n, split), want))
+        if diff > 1e-4:
+            raise AssertionError(f"{name} differs from the 1-thread result by {diff:.2e}")
     times: dict[str, list[float]] = {n: [] for n in variants}
     names = list(variants)
     with busy_process(loaded):
@@ -73,22 +82,29 @@ def main(argv=None) -> int:
                     help="a grid pattern name, parameters optional; repeat for several (default: the sparse ones)")
     ap.add_argument("--load", action="store_true", help="also measure with one competing busy process")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--mode", default="fwd", help="comma-separated: fwd (no gradient), fwdbwd (forward + "
+                    "backward); default fwd")
     args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"--mode {m!r} is not one of {', '.join(MODES)}; hint: --mode fwd,fwdbwd")
     n = args.threads
     wanted = args.pattern or ["sliding_window", "causal window", "document, causal", "bigbird", "dilated"]
-    print(f"L={args.seq_len} B=1 H=4 D=64 float32 forward, medians of {args.repeats}, alternating; "
+    print(f"L={args.seq_len} B=1 H=4 D=64 float32, medians of {args.repeats}, alternating; "
           f"x = plain@1 / variant (> 1: faster than one thread)")
-    print(f"| pattern | load | plain@1 ms | plain@{n} ms | split@{n} ms | x plain@{n} | x split@{n} |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| pattern | mode | load | plain@1 ms | plain@{n} ms | split@{n} ms | x plain@{n} | x split@{n} |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, pattern in grid_patterns(args.seq_len).items():
         if not any(w in (name, name.split("(")[0]) for w in wanted):
             continue
-        for loaded in ((False, True) if args.load else (False,)):
-            m = measure(pattern, args.seq_len, n, loaded=loaded, repeats=args.repeats)
-            base = m["plain@1"]
-            print(f"| {name} | {'busy' if loaded else 'quiet'} | {base:.1f} | {m[f'plain@{n}']:.1f} | "
-                  f"{m[f'split@{n}']:.1f} | {base / m[f'plain@{n}']:.2f} | {base / m[f'split@{n}']:.2f} |",
-                  flush=True)
+        for mode in modes:
+            for loaded in ((False, True) if args.load else (False,)):
+                m = measure(pattern, args.seq_len, n, loaded=loaded, repeats=args.repeats, mode=mode)
+                base = m["plain@1"]
+                print(f"| {name} | {mode} | {'busy' if loaded else 'quiet'} | {base:.1f} | {m[f'plain@{n}']:.1f} | "
+                      f"{m[f'split@{n}']:.1f} | {base / m[f'plain@{n}']:.2f} | {base / m[f'split@{n}']:.2f} |",
+                      flush=True)
     return 0
 
 
