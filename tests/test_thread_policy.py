@@ -1,5 +1,6 @@
 """The head-split thread policy (codegen/pytorch/threads.py): the same numbers as the plain
-block-sparse call, with lse, GQA and batch > 1; the plain call where the policy does not apply."""
+block-sparse call, with lse, GQA and batch > 1, in inference and on the training path (forward
+with a gradient, backward); the plain call where the policy does not apply."""
 
 import pytest
 import torch
