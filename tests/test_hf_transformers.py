@@ -473,6 +473,34 @@ def test_family_layer_call_equals_float64_forward_and_backward(seed):
         torch.testing.assert_close(a.double(), b.double(), atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("pattern", [ac.memory(3, causal=True), ac.memory(5, ac.ClusterControl(), causal=True)])
+def test_abc_decode_rows_equal_the_float64_oracle_of_the_whole_sequence(pattern):
+    """A decode call (the last queries against the cache) gives the oracle's last rows: an ABC row
+    reads only its own query (and the memory written from keys and values)."""
+    model = build("llama")
+    ac_hf.set_patterns(model, {"*": pattern})
+    module = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 15, 16, generator=g) * 12
+    k = torch.randn(2, 2, 15, 16, generator=g) * 12
+    v = torch.randn(2, 2, 15, 16, generator=g)
+    kr, vr = (t.repeat_interleave(2, 1) for t in (k, v))
+    ref = family_reference(module, q, kr, vr, scaling=0.7).transpose(1, 2)
+    for new in (1, 3):
+        out, _ = ac_hf.attention_forward(module, q[:, :, -new:], k, v, None, scaling=0.7)
+        assert (out.double() - ref[:, -new:]).abs().max() < 1e-4
+
+
+def test_abc_greedy_generation_with_a_cache_equals_recomputing():
+    model = sharpen(build("llama"), 4.0)
+    ac_hf.set_patterns(model, {"*": ac.memory(4)})
+    ids = torch.randint(1, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    before = ac_hf.compiled_modules()
+    cached = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert ac_hf.compiled_modules() == before  # family modules live on the layers; nothing compiled per step
+    assert torch.equal(cached, model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False))
+
+
 def test_abc_parameters_train_save_and_move_with_the_model():
     model = build("llama")
     ac_hf.set_patterns(model, FAMILIES)
@@ -500,7 +528,10 @@ def test_family_refusals_name_the_layer_and_the_problem():
     ids, mask, _ = left_padded()
     with pytest.raises(UnsupportedError, match="layer 0: a padding mask"):
         model(input_ids=ids, attention_mask=mask)
-    with pytest.raises(UnsupportedError, match="KV-cache decoding"):
+    with pytest.raises(UnsupportedError, match="layer 1: KV-cache decoding .* Combiner pools queries"):
+        model.generate(ids[:1], max_new_tokens=2, do_sample=False)  # layer 0 (ABC) decodes, layer 1 cannot
+    ac_hf.set_patterns(model, {1: ac.diffuse(ac.sliding_window(2), hops=2)})
+    with pytest.raises(UnsupportedError, match="layer 1: KV-cache decoding .* Diffuser"):
         model.generate(ids[:1], max_new_tokens=2, do_sample=False)
     bert = build("modernbert")
     with pytest.raises(UnsupportedError, match=r"layer 1 is bidirectional .*combiner_fixed\(3, causal=True\)"):

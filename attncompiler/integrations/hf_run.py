@@ -6,7 +6,7 @@ layer kind and a decode loop never compiles anything after its first step
 keys are padding runs on its keys ``s:`` with its positions moved by ``s``, which leaves every
 translation-invariant mask (causal, sliding windows) exactly as transformers builds it.
 Structured families (Combiner, Diffuser, ABC memory) run as each layer's own submodule
-(:func:`attach_family`, :func:`run_family`) on whole, unpadded sequences.
+(:func:`attach_family`, :func:`run_family`) on unpadded sequences.
 """
 
 from __future__ import annotations
@@ -140,6 +140,9 @@ def row_groups(layout: HFLayout, batch: int, kv_len: int) -> list[tuple[tuple, l
 # ---------------------------------------------------------------------------------------------
 
 FAMILY_ATTR = "attncompiler_family"  # a layer's own compiled family module, registered as its submodule
+# Families whose output row i depends on query i alone (plus keys and values): they decode from a
+# cache. ABC only: Combiner pools queries into its span summaries, a Diffuser's hops mix every row.
+QUERY_LOCAL = frozenset({MEMORY})
 # What a causal layer runs for each family: the family's causal variant.
 CAUSAL_VARIANTS = {
     COMBINER: lambda p: p.causal(),
@@ -204,9 +207,11 @@ def run_family(layer: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torc
                layout: HFLayout | None) -> torch.Tensor:
     """``out [B, H, L, D]`` of the layer's family module on its q/k/v (GQA kv heads as they are).
 
+    ABC memory also decodes from a full KV cache (the new queries are the last rows).
+
     Raises:
-        UnsupportedError: padding, packed sequences or KV-cache decoding (queries not the same
-            positions as the keys): the family modules run whole, unpadded sequences only.
+        UnsupportedError: padding, packed sequences, KV-cache decoding of a Combiner or Diffuser
+            (their rows depend on every query) or with a sliding cache.
     """
     mod = layer._modules[FAMILY_ATTR]
     idx = getattr(layer, "layer_idx", "?")
@@ -218,9 +223,19 @@ def run_family(layer: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torc
         raise UnsupportedError(f"layer {idx}: packed sequences (position_ids restarting) with the "
                                f"{mod.pattern.family} pattern {mod.pattern!r} are not supported; run one sequence "
                                "per row")
-    q_offset = k.shape[2] - q.shape[2] if layout is None else layout.q_offset - layout.kv_offset
-    if q_offset or q.shape[2] != k.shape[2]:
-        raise UnsupportedError(f"layer {idx}: KV-cache decoding ({q.shape[2]} queries after {k.shape[2]} keys) "
-                               f"with the {mod.pattern.family} pattern {mod.pattern!r} is not supported; run whole "
-                               "sequences (model(ids, use_cache=False); generate with the layer's own attention)")
-    return mod(q, k, v, scale)
+    Lq, Lk = q.shape[2], k.shape[2]
+    q_offset = Lk - Lq if layout is None else layout.q_offset - layout.kv_offset
+    if q_offset == 0 and Lq == Lk:
+        return mod(q, k, v, scale)
+    kv_offset = 0 if layout is None else layout.kv_offset
+    if mod.pattern.family in QUERY_LOCAL and kv_offset == 0 and q_offset + Lq == Lk:
+        # Decoding: row i reads only q_i and keys/values (through the memory slots), so the new
+        # queries run as the last rows of the whole sequence, the earlier rows' queries zero.
+        # O(Lk) per step, no state to carry and no recompilation.
+        past = q.new_zeros(q.shape[0], q.shape[1], q_offset, q.shape[3])
+        return mod(torch.cat([past, q], dim=2), k, v, scale)[:, :, q_offset:]
+    raise UnsupportedError(f"layer {idx}: KV-cache decoding ({Lq} queries at position {q_offset + kv_offset} "
+                           f"after keys from position {kv_offset}) with the {mod.pattern.family} pattern "
+                           f"{mod.pattern!r} is not supported (its rows depend on every query: Combiner pools "
+                           "queries into span summaries, a Diffuser's hops mix rows; ABC memory decodes); run "
+                           "whole sequences with use_cache=False")

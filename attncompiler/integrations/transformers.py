@@ -178,9 +178,10 @@ def set_patterns(model: torch.nn.Module, patterns: dict) -> torch.nn.Module:
     Structured families (``ac.combiner_*``, ``ac.diffuse``, ``ac.memory``) replace the layer's
     attention on its q/k/v: a causal layer runs the family's causal variant; the compiled module
     becomes the layer's submodule ``attncompiler_family`` (ABC's learned control parameter trains
-    with the model, is saved in its state_dict and moves with ``.to()``). They run whole, unpadded
-    sequences: padding, packed sequences, KV-cache decoding, softcap and sinks raise
-    :class:`UnsupportedError` at the call.
+    with the model, is saved in its state_dict and moves with ``.to()``). They run unpadded
+    sequences: padding, packed sequences, softcap and sinks raise :class:`UnsupportedError` at the
+    call; ABC memory decodes from a full KV cache (O(L) per token), Combiner and Diffuser
+    layers refuse KV-cache decoding (their rows depend on every query).
 
     ``None`` restores a layer's own mask. The model is switched to
     ``attn_implementation="attncompiler"`` (registering it if needed).
