@@ -33,18 +33,6 @@ from .common import Operands, compute_dtype_for, fold, pad_len, write_rows
 from .threads import split_kv
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _scores(q: torch.Tensor, K: torch.Tensor, mask: StepMask | None, G: int, bn: int) -> torch.Tensor:
     """``q [R, G*bm, D] @ K[R, C*bn, D]^T`` plus the step's additive mask on its masked columns."""
     if mask is None:
@@ -88,23 +76,32 @@ def forward_group(blocks: Blocks2D, plan, ops: Operands, out, lse) -> None:
                     if not direct:
                         write_rows(out[b, h], o, chunk)
                     continue
-                m_run = l_run = acc = None
+                state = None
                 for i in range(len(steps)):
                     s = _scores(qt, Ks[i][b, h], biases[i], G, ops.bn)  # [R, G*bm, C*bn]
-                    m = s.amax(dim=-1, keepdim=True)  # -inf where the step shows the row no key
-                    p = s.sub_(finite_or_zero(m)).exp_()
-                    l = p.sum(dim=-1, keepdim=True)
-                    o = torch.bmm(p, Vs[i][b, h])  # [R, G*bm, Dv]
-                    if acc is None:
-                        m_run, l_run, acc = m, l, o
-                    else:
-                        m_run, l_run, acc = merge_partials(m_run, l_run, acc, m, l, o)
-                empty = l_run == 0
-                acc.div_(l_run.masked_fill(empty, 1.0))
-                write_rows(out[b, h], acc, chunk)
-                if lse is not None:
-                    row_lse = (m_run + torch.log(l_run)).masked_fill_(empty, NEG_INF)
-                    write_rows(lse[b, h], row_lse, chunk)
+                    state = softmax_step(state, s, Vs[i][b, h])
+                finish_rows(state, out[b, h], None if lse is None else lse[b, h], chunk)
+
+
+def softmax_step(state, s: torch.Tensor, V: torch.Tensor):
+    """One online-softmax step: fold the masked scores ``s [R, G*bm, N]`` (overwritten) and their
+    values ``V [R, N, Dv]`` into ``state`` (``(max, sum, unnormalized out)`` or None at the start)."""
+    m = s.amax(dim=-1, keepdim=True)  # -inf where the step shows the row no key
+    p = s.sub_(finite_or_zero(m)).exp_()
+    l = p.sum(dim=-1, keepdim=True)
+    o = torch.bmm(p, V)  # [R, G*bm, Dv]
+    return (m, l, o) if state is None else merge_partials(*state, m, l, o)
+
+
+def finish_rows(state, out_rows: torch.Tensor, lse_rows: torch.Tensor | None, chunk) -> None:
+    """Normalize an online-softmax ``state`` and write the chunk's rows of out (and lse): rows that
+    saw no key get zeros and lse -inf."""
+    m_run, l_run, acc = state
+    empty = l_run == 0
+    acc.div_(l_run.masked_fill(empty, 1.0))
+    write_rows(out_rows, acc, chunk)
+    if lse_rows is not None:
+        write_rows(lse_rows, (m_run + torch.log(l_run)).masked_fill_(empty, NEG_INF), chunk)
 
 
 def finite_or_zero(m: torch.Tensor) -> torch.Tensor:
@@ -129,8 +126,6 @@ def merge_partials(m1, l1, o1, m2, l2, o2):
     a = a.masked_fill_(m1 == NEG_INF, 0.0)
     c = c.masked_fill_(m2 == NEG_INF, 0.0)
     return m, l1 * a + l2 * c, o1.mul_(a).add_(o2.mul_(c))
-
-
 
 
 def backward_group(blocks: Blocks2D, plan, ops: Operands, dout, lse, delta, dq, dk, dv) -> None:
@@ -192,8 +187,6 @@ class BlockSparseAttentionFn(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _run_backward(q, k, v, out, lse, dout, ctx.layout, ctx.schedule, ctx.scale)
         return dq, dk, dv, None, None, None
-
-
 
 
 def _split_by_group(layout, q, k, v, fn):

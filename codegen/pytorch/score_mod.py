@@ -23,7 +23,7 @@ from attncompiler.errors import InputError
 from attncompiler.layout.block_layout import BlockLayout
 from attncompiler.program.autograd_guard import single_backward
 
-from .attention import finite_or_zero, merge_partials
+from .attention import finish_rows, softmax_step
 from .attention_plan import NEG_INF, make_plan, step_bias
 from .common import Operands, compute_dtype_for, fold, pad_len, write_rows
 
@@ -119,23 +119,11 @@ def forward_group(blocks, plan, ops: Operands, fn, ix: Indices, out, lse) -> Non
                         o.view(R_, G, GM // G, Dv).masked_fill_(masks[0].empty_rows[:, None, :, None], 0.0)
                     write_rows(out[b, h], o, chunk)
                     continue
-                m_run = l_run = acc = None
+                state = None
                 for i in range(len(steps)):
                     s = modded(fn, torch.bmm(qt, Ks[i][b, h].transpose(1, 2)), (bt, ht, qi, kis[i]), caches[i])
-                    s = add_mask(s, masks[i], G, bn)
-                    m = s.amax(dim=-1, keepdim=True)
-                    p = s.sub_(finite_or_zero(m)).exp_()
-                    l = p.sum(dim=-1, keepdim=True)
-                    o = torch.bmm(p, Vs[i][b, h])
-                    if acc is None:
-                        m_run, l_run, acc = m, l, o
-                    else:
-                        m_run, l_run, acc = merge_partials(m_run, l_run, acc, m, l, o)
-                empty = l_run == 0
-                acc.div_(l_run.masked_fill(empty, 1.0))
-                write_rows(out[b, h], acc, chunk)
-                if lse is not None:
-                    write_rows(lse[b, h], (m_run + torch.log(l_run)).masked_fill_(empty, NEG_INF), chunk)
+                    state = softmax_step(state, add_mask(s, masks[i], G, bn), Vs[i][b, h])
+                finish_rows(state, out[b, h], None if lse is None else lse[b, h], chunk)
 
 
 def backward_group(blocks, plan, ops: Operands, fn, ix: Indices, captured, dout, lse, delta, dq, dk, dv,
