@@ -6,7 +6,7 @@ layer with :func:`attncompiler.integrations.transformers.set_patterns`, and trai
 public-domain text in ``examples/data`` (bytes as tokens). It prints the loss, the throughput and
 the stacked reach of the model's layers. Nothing is written: it runs in a temporary directory.
 
-    python examples/hf_long_context.py --steps 200
+    python examples/hf_long_context.py --steps 300
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def batches(data: torch.Tensor, seq_len: int, batch: int, gen: torch.Generator):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--window", type=int, default=16)
