@@ -501,6 +501,16 @@ def test_abc_greedy_generation_with_a_cache_equals_recomputing():
     assert torch.equal(cached, model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False))
 
 
+def test_analyze_counts_family_layers_by_their_attention_graph():
+    model = build("llama")
+    ac_hf.set_patterns(model, {"*": ac.memory(4)})  # every earlier token through the memory: one layer
+    rep = ac_hf.analyze(model, seq_len=24)
+    assert rep.causal and rep.hops_to_full == 1 and rep.reach_after_model == 1.0
+    ac_hf.set_patterns(model, {"*": ac.diffuse(ac.sliding_window(2), hops=3)})  # 3 hops of 2 tokens per layer
+    rep = ac_hf.analyze(model, seq_len=24)
+    assert rep.hops_to_full == math.ceil(23 / 6) and rep.reach_after_model < 1
+
+
 def test_abc_parameters_train_save_and_move_with_the_model():
     model = build("llama")
     ac_hf.set_patterns(model, FAMILIES)
