@@ -30,11 +30,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+HAS_GPT_OSS = hasattr(transformers, "GptOssForCausalLM")
+
+
+def _sharpen(model, factor: float = 12.0):
+    """Scale the q/k projections so scaled scores reach ~10-100, where a softcap of 5 and O(1) sinks
+    change the answer (random init gives ~0.01: dropping them could not fail the comparison)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(factor)
+            elif n.endswith("self_attn.sinks"):  # sinks of O(1) weigh like a visible key (init gives ~0.02)
+                p.copy_(torch.linspace(-2.0, 3.0, p.numel()))
+    return model
+
+
 def _build(name: str):
     torch.manual_seed(0)  # the same weights on every rank
     if name == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL))
+    if name == "gemma2":  # logit softcap 5 (and alternating sliding-window layers)
+        cfg = transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                                        attn_logit_softcapping=5.0, final_logit_softcapping=None)
+        return _sharpen(transformers.Gemma2ForCausalLM(cfg))
+    if name == "gpt_oss":  # attention sinks (s_aux)
+        cfg = transformers.GptOssConfig(**SMALL, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                                        sliding_window=4)
+        return _sharpen(transformers.GptOssForCausalLM(cfg))
     return transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, sliding_window=5))
+
+
+def _without_edge_weights(model):
+    """A copy of a Gemma 2 / gpt-oss model with its softcap / sinks switched off."""
+    plain = copy.deepcopy(model)
+    for layer in plain.model.layers:
+        if hasattr(layer.self_attn, "sinks"):
+            with torch.no_grad():
+                layer.self_attn.sinks.fill_(-1e4)
+        else:
+            layer.self_attn.attn_logit_softcapping = None
+    return plain
 
 
 def _step(model, ids, **kw):
@@ -76,7 +111,16 @@ def _check_model(name: str, sharding: str, patterns: dict | None, L: int, docs: 
         torch.testing.assert_close(logits, ref_logits, atol=TOL, rtol=TOL, msg=f"{name} {sharding} vs {impl}")
         torch.testing.assert_close(loss, ref_loss, atol=TOL, rtol=TOL)
         for n, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, ref_grads[n], atol=TOL, rtol=TOL, msg=f"grad {n} vs {impl}")
+            atol = TOL * 1e-3 if n.endswith("sinks") else TOL  # sinks' gradients are ~1e-5..1e-3 here
+            torch.testing.assert_close(p.grad, ref_grads[n], atol=atol, rtol=TOL, msg=f"grad {n} vs {impl}")
+    if name in ("gemma2", "gpt_oss"):  # the softcap / sinks changed the answer, so dropping them would fail
+        sinks = [n for n, p in model.named_parameters() if n.endswith("sinks")]
+        assert len(sinks) == (2 if name == "gpt_oss" else 0)
+        assert all(model.get_parameter(n).grad.abs().max() > 1e-5 for n in sinks)
+        plain = _without_edge_weights(base).eval()
+        plain.set_attn_implementation("eager")
+        with torch.no_grad():
+            assert (plain(input_ids=ids, use_cache=False).logits - refs["eager"][0]).abs().max() > 1e-2
     return cp.sharding.kind
 
 
@@ -85,8 +129,10 @@ def _fake_layer(cp, pattern, is_causal: bool):
                                  attncompiler_context_parallel=cp)
 
 
-def _check_oracle(rank: int, pattern, is_causal: bool, sharding: str, L: int = 29) -> None:
-    """The attention function alone, float64, logits ~100-1000, GQA, odd length: forward and backward."""
+def _check_oracle(rank: int, pattern, is_causal: bool, sharding: str, L: int = 29, softcap: float | None = None,
+                  sinks: bool = False) -> None:
+    """The attention function alone, float64, logits ~100-1000, GQA, odd length: forward and backward
+    (with ``softcap`` and ``sinks``: their effect, and the sinks' gradient summed over the ranks)."""
     g = torch.Generator().manual_seed(7)
     B, H, Hkv, D = 2, 4, 2, 8
     q = torch.randn(B, H, L, D, generator=g, dtype=torch.float64) * 12   # [B, H, L, D]
@@ -95,18 +141,30 @@ def _check_oracle(rank: int, pattern, is_causal: bool, sharding: str, L: int = 2
     do = torch.randn(B, L, H, D, generator=g, dtype=torch.float64)
     full = pattern & ac.causal() if is_causal else pattern
     assert (q @ k.repeat_interleave(2, 1).transpose(-1, -2) * D ** -0.5).abs().max() > 100
+    s_ref = torch.linspace(-2.0, 3.0, H, dtype=torch.float64).requires_grad_() if sinks else None
+    mods = {} if softcap is None else {"score_mod": ac.softcap(softcap)}
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = ac.reference(full, ref_in[0], ref_in[1].repeat_interleave(2, 1), ref_in[2].repeat_interleave(2, 1))
+    ref = ac.reference(full, ref_in[0], ref_in[1].repeat_interleave(2, 1), ref_in[2].repeat_interleave(2, 1),
+                       sinks=s_ref, **mods)
     (ref.transpose(1, 2) * do).sum().backward()
+    if softcap is not None or sinks:  # the edge weights matter here
+        plain = ac.reference(full, q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+        assert (plain - ref).abs().max() > 1e-2
     cp = ContextParallel(None, sharding, lambda: {0: full}, H)
     sh = cp.choose(L)
     mine = [sh.shard(t, rank).clone().requires_grad_() for t in (q, k, v)]
-    out, weights = ac_hf.attention_forward(_fake_layer(cp, pattern, is_causal), *mine, None, scaling=None)
+    s_mine = s_ref.detach().clone().requires_grad_() if sinks else None
+    out, weights = ac_hf.attention_forward(_fake_layer(cp, pattern, is_causal), *mine, None, scaling=None,
+                                           softcap=softcap, s_aux=s_mine)
     assert weights is None and out.shape == (B, sh.local_len(rank), H, D)
     (out * sh.shard(do, rank, dim=1)).sum().backward()
     torch.testing.assert_close(out, sh.shard(ref.transpose(1, 2), rank, dim=1).detach(), atol=1e-9, rtol=1e-9)
     for got, want in zip(mine, ref_in):
         torch.testing.assert_close(got.grad, sh.shard(want.grad, rank), atol=1e-9, rtol=1e-9)
+    if sinks:  # each rank's part of the sinks' gradient; summed over the ranks, the whole
+        dist.all_reduce(s_mine.grad)
+        assert s_ref.grad.abs().max() > 1e-3
+        torch.testing.assert_close(s_mine.grad, s_ref.grad, atol=1e-9, rtol=1e-9)
 
 
 def _check_errors(rank: int) -> None:
@@ -130,8 +188,8 @@ def _check_errors(rank: int) -> None:
         cp.shard_inputs(ids.expand(2, 21), position_ids=torch.stack([torch.arange(21), torch.arange(21) % 11]))
     layer = _fake_layer(cp, None, True)
     q = torch.randn(1, 4, cp.sharding.local_len(rank), 8)
-    with pytest.raises(UnsupportedError, match="softcap"):
-        ac_hf.attention_forward(layer, q, q, q, None, softcap=30.0)
+    with pytest.raises(InputError, match=r"sinks must be a floating tensor of shape \[4\]"):
+        ac_hf.attention_forward(layer, q, q, q, None, s_aux=torch.zeros(3))
     ac_hf.disable_context_parallel(model)
     assert model.config.use_cache is True
     with torch.no_grad():
@@ -154,6 +212,10 @@ def _worker(rank: int, world: int, port: int) -> None:
         _check_model("llama", "auto", {"*": ac.sliding_window(4) | ac.global_tokens([0, 20]),
                                        1: ac.sliding_window(2)}, 33)
         _check_model("llama", "zigzag", None, 29, docs=(10, 12, 7))  # packed: a document mask on every layer
+        _check_oracle(rank, window_global, True, "zigzag", softcap=50.0, sinks=True)
+        _check_model("gemma2", "zigzag", None, 31)  # softcap on the ring
+        if HAS_GPT_OSS:
+            _check_model("gpt_oss", "contiguous", None, 27)  # sinks on the ring, gradient summed
         _check_errors(rank)
     finally:
         dist.destroy_process_group()

@@ -18,8 +18,9 @@ so the ranks' losses sum to the single-process loss.
 
 Packed sequences (``position_ids`` restarting at each document) add a document mask to every
 layer when every row packs the same lengths. Scope: prefill and training forward/backward.
-Padding masks, rows packed differently, KV caches (decoding) and score modifications (softcap,
-sinks) raise :class:`UnsupportedError`.
+Gemma 2's logit softcap and gpt-oss attention sinks run on the ring; the sinks' gradient (like
+every parameter's) is this rank's part until :meth:`ContextParallel.all_reduce_gradients`.
+Padding masks, rows packed differently and KV caches (decoding) raise :class:`UnsupportedError`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.distributed as dist
 
 from ..dsl.pattern import Pattern
 from ..dsl.primitives import document
+from ..dsl.score_mod import softcap as make_softcap
 from ..errors import InputError, UnsupportedError
 from ..distributed.plan import AUTO_GAIN, SHARDINGS, plan_attention
 from ..distributed.ring import ring_attention
@@ -174,8 +176,14 @@ class ContextParallel:
         return self.sharding
 
     def attention(self, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                  layout: HFLayout | None) -> torch.Tensor:
-        """``out [B, H, Lr, Dv]`` of one layer on this rank's shard by :func:`ring_attention`."""
+                  layout: HFLayout | None, *, softcap: float | None = None,
+                  sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """``out [B, H, Lr, Dv]`` of one layer on this rank's shard by :func:`ring_attention`.
+
+        ``softcap`` (Gemma 2) becomes ``ac.softcap(cap)`` on the scaled scores at their global positions;
+        ``sinks [H]`` (gpt-oss ``s_aux``) join every row's denominator. The gradient ``sinks`` receives
+        is this rank's rows' part: :meth:`all_reduce_gradients` sums it with the other parameters'.
+        """
         if layout is not None and (layout.q_offset or layout.kv_offset or layout.q_length != layout.kv_length):
             raise UnsupportedError(f"context parallelism got a KV cache (queries at {layout.q_offset}, keys at "
                                    f"{layout.kv_offset}, {layout.q_length} queries on {layout.kv_length} keys): "
@@ -201,7 +209,8 @@ class ContextParallel:
                                   kv_heads=k.shape[1], head_dim=q.shape[3], value_dim=v.shape[3],
                                   elem_bytes=k.element_size(), sharding=sh.kind)
             self.plans[key] = plan
-        out, _ = ring_attention(pattern, q, k, v, seq_len=sh.seq_len, group=self.group, scale=scale, plan=plan)
+        out, _ = ring_attention(pattern, q, k, v, seq_len=sh.seq_len, group=self.group, scale=scale, plan=plan,
+                                score_mod=None if softcap is None else make_softcap(softcap), sinks=sinks)
         return out
 
 

@@ -75,8 +75,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     mask from ``attention_mask`` (an :class:`HFLayout` built by :func:`mask_hook`).
 
     Raises:
-        UnsupportedError: attention dropout in training, a prepared 4D tensor mask, softcap or sinks
-            under context parallelism.
+        UnsupportedError: attention dropout in training, a prepared 4D tensor mask.
         UnexpectedArgumentError: a keyword this function does not know (it would be ignored).
     """
     unknown = [n for n, v in kwargs.items() if n not in PLUMBING and not n.startswith("output_") and v is not None]
@@ -113,12 +112,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     cp = state.get(CP_ATTR)
     if cp is not None:
-        if softcap is not None or sinks is not None:
-            raise UnsupportedError(f"layer {getattr(module, 'layer_idx', '?')}: "
-                                   f"{'softcap' if softcap is not None else 'attention sinks (s_aux)'} with context "
-                                   "parallelism is not supported (the ring has no score modifications); "
-                                   "disable_context_parallel(model) for this model")
-        return cp.attention(pattern, query, key, value, scaling, layout).transpose(1, 2).contiguous(), None
+        out = cp.attention(pattern, query, key, value, scaling, layout, softcap=softcap, sinks=sinks)
+        return out.transpose(1, 2).contiguous(), None
     backend = "auto"
     out = run_attention(lambda p: module_for(p, backend, softcap, sinks, module), pattern, query, key, value, scaling,
                         layout)
