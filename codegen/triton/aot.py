@@ -28,7 +28,7 @@ from .kernels import kernel_tiles, kernels_for
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _DATA = ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")
 _PTRS = {"mask_tab": "u8", "bufs": "i64", "buf_meta": "i64", "sbuf": "fp32", "smeta": "i64", "mbufs": "i64",
-         "mbuf_meta": "i64", "Lse": "fp32", "Delta": "fp32",
+         "mbuf_meta": "i64", "Lse": "fp32", "Delta": "fp32", "OutP": "fp32", "LseP": "fp32",
          **{n: "i32" for n in ("kv_num", "kv_idx", "full_nr", "full_rng", "mask_ids", "q_num", "q_idx")}}
 
 
@@ -52,7 +52,8 @@ def compile_for_target(pattern: Pattern, dtype: torch.dtype = torch.bfloat16, he
                        resources: bool = False) -> list[CompiledKernel]:
     """Compile forward (both EVEN_N variants), dk/dv and dq kernels of ``pattern`` for ``sm_{arch}``.
 
-    ``only`` restricts the list to kernels named there (e.g. ``("_attn_fwd",)``); ``resources``
+    ``only`` restricts the list to kernels named there (e.g. ``("_attn_fwd",)``; the split-K
+    forward ``_attn_fwd_split`` is compiled only when named there); ``resources``
     also reads registers and spills from ``ptxas -v`` (see :func:`ptxas_usage`).
 
     Raises:
@@ -75,9 +76,11 @@ def compile_for_target(pattern: Pattern, dtype: torch.dtype = torch.bfloat16, he
                   DV_PAD=pad_dim(head_dim), OPAQUE=opaque, DOT_PREC=dot_precision(dtype), SCORE_MOD=False)
     ptrs = {**_PTRS, **{n: _TY[dtype] for n in _DATA}}
     out = []
+    # The split-K forward (decoding) is compiled only when ``only`` names it: the default report
+    # lists the kernels every call runs.
     for name, extra in (("_attn_fwd", {"EVEN_N": True}), ("_attn_fwd", {"EVEN_N": False}),
-                        ("_attn_bwd_dkdv", {}), ("_attn_bwd_dq", {})):
-        if only is not None and name not in only:
+                        ("_attn_bwd_dkdv", {}), ("_attn_bwd_dq", {}), ("_attn_fwd_split", {"EVEN_N": False})):
+        if (only is None and name == "_attn_fwd_split") or (only is not None and name not in only):
             continue
         fn = getattr(mod, name)
         c = {**consts, **extra}

@@ -28,6 +28,7 @@ from attncompiler.dsl.primitives import Document
 from attncompiler.program.schedule import Schedule
 
 from .. import cache
+from .split import chunk_size, merge_partials, num_splits
 from .render import KernelSource, render_predicate, template_digest
 from .common import VALID_TILES, dot_precision, on_device, pad_dim, tool_versions
 
@@ -321,6 +322,9 @@ def _forward(plan: Plan, q, k, v, scale: float):
     t = plan.tensors
     Bm, Hm = t.bm_hm
     grid = (-(-Lq // plan.tile_m), B * H)
+    splits = num_splits(plan.layout, Lq, grid[0], B * H)
+    if splits > 1:
+        return _forward_split(plan, q, k, v, scale, splits)
     plan.kernels.module._attn_fwd[grid](
         q, k, v, out, lse, *t.fwd, t.mask_tab, t.bufs, t.buf_meta,
         *(plan.score_args or no_score_args(str(q.device))), scale,
@@ -328,6 +332,25 @@ def _forward(plan: Plan, q, k, v, scale: float):
         H, H // Hkv, Bm, Hm, plan.layout.num_q_blocks, *t.widths(t.fwd), Lq, Lk, D, Dv, plan.q_start,
         EVEN_N=Lk % plan.tile_n == 0, **plan.consts(q, v))
     return out, lse
+
+
+def _forward_split(plan: Plan, q, k, v, scale: float, splits: int):
+    """The forward with each row's key blocks cut into chunks (``split.py``), merged through their lse."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    ch, n = chunk_size(plan.layout, splits)
+    out_p = torch.empty((n, B, H, Lq, Dv), dtype=torch.float32, device=q.device)
+    lse_p = torch.empty((n, B, H, Lq), dtype=torch.float32, device=q.device)
+    t = plan.tensors
+    Bm, Hm = t.bm_hm
+    grid = (-(-Lq // plan.tile_m), B * H, n)
+    plan.kernels.module._attn_fwd_split[grid](
+        q, k, v, out_p, lse_p, *t.fwd, t.mask_tab, t.bufs, t.buf_meta,
+        *(plan.score_args or no_score_args(str(q.device))), scale,
+        *q.stride(), *k.stride(), *v.stride(),
+        H, H // Hkv, Bm, Hm, plan.layout.num_q_blocks, *t.widths(t.fwd), Lq, Lk, D, Dv, plan.q_start, ch,
+        EVEN_N=Lk % plan.tile_n == 0, **plan.consts(q, v))
+    return merge_partials(out_p, lse_p, q.dtype)
 
 
 def _backward(plan: Plan, q, k, v, out, lse, dout, scale: float, dlse=None):

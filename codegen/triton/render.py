@@ -337,7 +337,8 @@ class KernelSource:
                 + ("# score_mod: traced, rendered into _score_mod and _score_mod_grad (SCORE_MOD=True)\n"
                    if self.score_mod else "")
                 + f"# cache key: {key}\n"
-                "# Kernels: _attn_fwd, _attn_bwd_dkdv (per key tile, over the transposed lists), _attn_bwd_dq.\n"
+                "# Kernels: _attn_fwd, _attn_fwd_split (split-K decoding), _attn_bwd_dkdv (per key tile, over the\n"
+                "# transposed lists), _attn_bwd_dq.\n"
                 "# Regenerated from the templates when missing or corrupt; edits are overwritten.\n")
 
     def render(self, key: str) -> str:

@@ -124,3 +124,94 @@ def _attn_fwd(
     tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
     tl.store(Lse + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_fwd_split(
+    Q, K, V, OutP, LseP,  # partials: OutP [NS, B*H, q_len, v_dim] float32, LseP [NS, B*H, q_len] float32
+    kv_num, kv_idx, full_nr, full_rng, mask_ids,
+    mask_tab, bufs, buf_meta,
+    sbuf, smeta, mbufs, mbuf_meta,
+    sm_scale,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    H, G, Bm, Hm, NQB, PW, RW, q_len, kv_len, head_dim, v_dim,
+    q_start,
+    CH,  # key blocks per chunk: program (m, bh, s) walks blocks [s * CH, (s + 1) * CH) of its row
+    BM: tl.constexpr, BN: tl.constexpr, TM: tl.constexpr, TN: tl.constexpr,
+    D_PAD: tl.constexpr, DV_PAD: tl.constexpr, EVEN_N: tl.constexpr,
+    OPAQUE: tl.constexpr, DOT_PREC: tl.constexpr, SCORE_MOD: tl.constexpr,
+):
+    # Split-K (flash-decoding): the row's key blocks, full ranges first then partial blocks, are
+    # numbered 0.. and cut into chunks of CH; each program writes its chunk's normalized output
+    # and log-sum-exp (-inf for a chunk that sees no key), merged on the host through the lse.
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    kh = h // G
+    row = pid_m * TM // BM
+    q_lo = row * BM
+    lay = ((b % Bm) * Hm + h % Hm) * NQB + row
+    lo = pid_s * CH
+    hi = lo + CH
+
+    offs_m = pid_m * TM + tl.arange(0, TM)
+    offs_n0 = tl.arange(0, TN)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    d_ok = offs_d < head_dim
+    dv_ok = offs_dv < v_dim
+    m_ok = offs_m < q_len
+    pos_m = q_start + offs_m
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_ptrs = K + b.to(tl.int64) * stride_kb + kh.to(tl.int64) * stride_kh + offs_d[None, :] * stride_kd
+    v_ptrs = V + b.to(tl.int64) * stride_vb + kh.to(tl.int64) * stride_vh + offs_dv[None, :] * stride_vd
+    qk_scale = sm_scale * LOG2E
+
+    acc = tl.zeros([TM, DV_PAD], dtype=tl.float32)
+    m_i = tl.full([TM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([TM], dtype=tl.float32)
+
+    # Full ranges: range j holds blocks [base, base + c1 - c0) of the numbering; walk its overlap with the chunk.
+    n_rng = tl.load(full_nr + lay)
+    base = lo * 0
+    for j in range(0, n_rng):
+        r_at = full_rng + (lay.to(tl.int64) * RW + j) * 2
+        c0 = tl.load(r_at)
+        c1 = tl.load(r_at + 1)
+        a0 = tl.maximum(c0, c0 + lo - base)
+        a1 = tl.minimum(c1, c0 + hi - base)
+        for start_n in range(a0 * BN, a1 * BN, TN):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, pos_m, offs_n0,
+                                      d_ok, dv_ok, b, h, q_start + q_lo, start_n, mask_tab, 0, bufs, buf_meta,
+                                      qk_scale, kv_len, stride_kn, stride_vn,
+                                      sm_scale, sbuf, smeta, mbufs, mbuf_meta,
+                                      BM, BN, False, EVEN_N, OPAQUE, DOT_PREC, SCORE_MOD)
+        base += c1 - c0
+    # Partial blocks: entries [base, base + n_part) of the numbering.
+    n_part = tl.load(kv_num + lay)
+    p0 = tl.maximum(lo - base, 0)
+    p1 = tl.minimum(hi - base, n_part)
+    for j in range(p0, p1):
+        c = tl.load(kv_idx + lay.to(tl.int64) * PW + j)
+        tile_id = tl.load(mask_ids + lay.to(tl.int64) * PW + j)
+        for t in tl.static_range(BN // TN):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, c * BN + t * TN, pos_m, offs_n0,
+                                      d_ok, dv_ok, b, h, q_start + q_lo, c * BN, mask_tab, tile_id, bufs, buf_meta,
+                                      qk_scale, kv_len, stride_kn, stride_vn,
+                                      sm_scale, sbuf, smeta, mbufs, mbuf_meta,
+                                      BM, BN, True, EVEN_N, OPAQUE, DOT_PREC, SCORE_MOD)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    part = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bh
+    o_base = OutP + part * q_len * v_dim
+    tl.store(o_base + offs_m[:, None] * v_dim + offs_dv[None, :], out, mask=m_ok[:, None] & dv_ok[None, :])
+    tl.store(LseP + part * q_len + offs_m, lse, mask=m_ok)
