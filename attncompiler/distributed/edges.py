@@ -21,7 +21,6 @@ import torch
 
 from ..dsl.score_mod import (ScoreMod, captured_tensors, check_captured_grads, check_device, check_result,
                              check_score_mod)
-from ..errors import InputError
 
 
 class ShiftedMod(ScoreMod):
@@ -85,19 +84,6 @@ def prepare_mod(score_mod, q, seq_len: int):
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         check_captured_grads(fn, captured, cdt, q.device)
     return fn, [(id(t), t) for t in captured]
-
-
-def check_sinks(sinks, heads: int, device):
-    """``sinks`` when None or a floating tensor ``[H]`` on q's device, else an :class:`InputError`."""
-    if sinks is None:
-        return None
-    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (heads,):
-        got = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
-        raise InputError(f"sinks must be a floating tensor of shape [{heads}] (one logit per query head), got {got}; "
-                         f"hint: torch.nn.Parameter(torch.zeros({heads}))")
-    if sinks.device != device:
-        raise InputError(f"sinks are on {sinks.device} but q is on {device}; hint: move them with .to()")
-    return sinks
 
 
 def partial_forward(q, k, v, layout, sched, scale: float, mod):

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from ..errors import InputError
 from ..program.schedule import Schedule
-from .edges import check_sinks, prepare_mod
+from ..dsl.score_mod import check_sinks
+from .edges import prepare_mod
 from .local import merge_partials, shifted_pattern
 from .plan import dense_plan, plan_attention, require_mask_family
 from .ring_fn import Ring, RingAttentionFn

@@ -468,3 +468,17 @@ def check_result(fn, out, score: torch.Tensor) -> torch.Tensor:
                              f"{tuple(score.shape)}; hint: it must be elementwise in score, b, h, q_idx, kv_idx")
         out = out.expand(score.shape)
     return out
+
+
+def check_sinks(sinks, heads: int, device) -> torch.Tensor | None:
+    """``sinks`` when it is None or a floating tensor ``[H]`` on q's device, else an
+    :class:`InputError` (attention sinks: one logit per query head)."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (heads,):
+        got = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+        raise InputError(f"sinks must be a floating tensor of shape [{heads}] (one logit per query head), got {got}; "
+                         f"hint: torch.nn.Parameter(torch.zeros({heads}))")
+    if sinks.device != device:
+        raise InputError(f"sinks are on {sinks.device} but q is on {device}; hint: move them with .to()")
+    return sinks

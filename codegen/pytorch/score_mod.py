@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from attncompiler.dsl.score_mod import (ScoreMod, captured_tensors, check_captured_grads, check_device,
+from attncompiler.dsl.score_mod import (ScoreMod, captured_tensors, check_captured_grads, check_device, check_sinks,
                                         check_result, check_score_mod)
-from attncompiler.errors import InputError
 from attncompiler.layout.block_layout import BlockLayout
 from attncompiler.program.autograd_guard import single_backward
 
@@ -292,17 +291,6 @@ def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
     s = sinks.to(lse.dtype)[None, :, None]
     new_lse = torch.logaddexp(lse, s)
     return out * torch.exp(lse - new_lse)[..., None].to(out.dtype), new_lse
-
-
-def check_sinks(sinks, heads: int, device) -> torch.Tensor:
-    """``sinks`` when it is a floating tensor ``[H]`` on q's device, else an :class:`InputError`."""
-    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (heads,):
-        got = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
-        raise InputError(f"sinks must be a floating tensor of shape [{heads}] (one logit per query head), got {got}; "
-                         f"hint: torch.nn.Parameter(torch.zeros({heads}))")
-    if sinks.device != device:
-        raise InputError(f"sinks are on {sinks.device} but q is on {device}; hint: move them with .to()")
-    return sinks
 
 
 def score_mod_attention(q, k, v, layout: BlockLayout, schedule, scale: float, score_mod=None, sinks=None,

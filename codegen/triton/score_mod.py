@@ -15,14 +15,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attncompiler.dsl.score_mod import captured_tensors, check_captured_grads, check_device
+from attncompiler.dsl.score_mod import captured_tensors, check_captured_grads, check_device, check_sinks
 from attncompiler.errors import InputError, UnsupportedError
 from attncompiler.ir.fexpr import FLoad
 from attncompiler.ir.score_trace import ScoreTrace, trace_score_mod
 from attncompiler.layout.block_layout import BlockLayout
 from attncompiler.program.autograd_guard import single_backward
 
-from ..pytorch.score_mod import apply_sinks, check_sinks, run_backward as torch_backward
+from ..pytorch.score_mod import apply_sinks, run_backward as torch_backward
 from .common import on_device
 from .kernels import make_plan, run_backward, run_forward
 from .score_render import int_parts, render_score_mod
