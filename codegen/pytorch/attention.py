@@ -27,8 +27,8 @@ from attncompiler.program.autograd_guard import single_backward
 from attncompiler.layout.block_layout import BlockLayout, Blocks2D
 from attncompiler.program.schedule import Schedule
 
-from .attention_plan import NEG_INF, StepMask, make_plan, single_key_range, step_bias
-from .decode import split_k_forward
+from .attention_plan import NEG_INF, StepMask, make_plan, step_bias
+from .decode import key_range_forward, split_k_forward
 from .common import Operands, compute_dtype_for, fold, pad_len, write_rows
 from .threads import split_kv
 
@@ -242,33 +242,6 @@ def _forward_plain(q, k, v, layout, schedule, scale, need_lse=True):
         if need_lse:
             lse[b, h] = l[0, 0]
     return out, lse
-
-
-def key_range_forward(blocks: Blocks2D, q, k, v, scale: float, cdt: torch.dtype):
-    """``(out, lse)`` of a layout whose keys are one contiguous range (decoding), or None.
-
-    One fused flash-attention call (PyTorch's CPU kernel, which also returns the log-sum-exp)
-    on the K/V slice: no block loop, no gather, parallel over heads and query rows. GQA heads
-    are folded into the query rows (``[B, Hkv, G*Lq, D]``, a view), so K/V are read once per
-    key/value head; partial edge blocks take an additive mask over the slice. The backward is
-    the block path's (it needs only out and lse)."""
-    if q.device.type != "cpu" or q.shape[-1] != v.shape[-1] or q.shape[2] == 0:
-        return None
-    kr = single_key_range(blocks)
-    if kr is None:
-        return None
-    B, H, Lq, D = q.shape
-    Hkv = k.shape[1]
-    G = H // Hkv
-    qf = q.to(cdt).reshape(B, Hkv, G * Lq, D)
-    ks, vs = k[:, :, kr.k0:kr.k1].to(cdt), v[:, :, kr.k0:kr.k1].to(cdt)
-    bias = None
-    if kr.visible is not None:
-        bias = torch.zeros(kr.visible.shape, dtype=cdt).masked_fill_(~kr.visible, NEG_INF)
-        bias = bias.repeat(G, 1).to(q.device)  # [G*Lq, n]: every folded head, same rows
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qf, ks, vs, 0.0, False, attn_mask=bias, scale=scale)
-    return out.reshape(B, H, Lq, D), lse.to(cdt).reshape(B, H, Lq)
 
 
 def _run_backward(q, k, v, out, lse, dout, layout, schedule, scale):

@@ -1,8 +1,8 @@
-"""Split-K decoding on the torch backend: a few query rows whose keys form several contiguous runs.
+"""Fused decoding on the torch backend: a few query rows whose keys form one or several contiguous runs.
 
 A decode step of a pattern such as ``(sliding_window(w) | global_tokens(g)).causal()`` sees the
 global keys and the window: two runs of key blocks, which the fused single-range path
-(:func:`.attention.key_range_forward`) does not take. Here every run is one fused flash-attention
+(:func:`key_range_forward`) does not take. Here every run is one fused flash-attention
 call (PyTorch's CPU kernel, which returns the log-sum-exp) on its K/V slice, and the partial
 results merge exactly through their log-sum-exp. The backward is the block path's (it needs
 only out and lse). Measured with ``python -m attncompiler.bench.decode --pattern window_global``.
@@ -17,7 +17,7 @@ import torch
 
 from attncompiler.layout.block_layout import Blocks2D
 
-from .attention_plan import NEG_INF, KeyRange
+from .attention_plan import NEG_INF, KeyRange, single_key_range
 
 MAX_RUNS = 8  # more runs than this: the block path's steps cost less than one call per run
 
@@ -57,17 +57,39 @@ def key_runs(blocks: Blocks2D) -> tuple[KeyRange, ...] | None:
     return tuple(runs)
 
 
-def split_k_forward(blocks: Blocks2D, q, k, v, scale: float, cdt: torch.dtype):
-    """``(out, lse)`` of a decode step whose keys form a few contiguous runs, or None.
+def key_range_forward(blocks: Blocks2D, q, k, v, scale: float, cdt: torch.dtype):
+    """``(out, lse)`` of a layout whose keys are one contiguous range (decoding), or None.
 
-    GQA heads are folded into the query rows (``[B, Hkv, G*Lq, D]``, a view), as in the
-    single-range path; each run's partial result comes with its log-sum-exp, and the merge
-    ``out = sum_i exp(lse_i - lse) out_i`` with ``lse = logsumexp_i lse_i`` is exact."""
-    if q.device.type != "cpu" or q.shape[-1] != v.shape[-1] or q.shape[2] == 0:
+    One fused flash-attention call (PyTorch's CPU kernel, which also returns the log-sum-exp)
+    on the K/V slice: no block loop, no gather, parallel over heads and query rows; partial edge
+    blocks take an additive mask over the slice. The backward is the block path's (it needs only
+    out and lse)."""
+    if not fused_applies(q, v):
+        return None
+    kr = single_key_range(blocks)
+    return None if kr is None else fused_runs((kr,), q, k, v, scale, cdt)
+
+
+def split_k_forward(blocks: Blocks2D, q, k, v, scale: float, cdt: torch.dtype):
+    """``(out, lse)`` of a decode step whose keys form a few contiguous runs, or None: one fused
+    call per run, merged through the log-sum-exp (:func:`fused_runs`)."""
+    if not fused_applies(q, v):
         return None
     runs = key_runs(blocks)
-    if runs is None:
-        return None
+    return None if runs is None else fused_runs(runs, q, k, v, scale, cdt)
+
+
+def fused_applies(q, v) -> bool:
+    """The fused CPU kernel takes the call: CPU tensors, value width = key width, some query row."""
+    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1] and q.shape[2] > 0
+
+
+def fused_runs(runs, q, k, v, scale: float, cdt: torch.dtype):
+    """``(out [B,H,Lq,D], lse [B,H,Lq])`` over the key ``runs`` (every row sees a key of every run).
+
+    GQA heads are folded into the query rows (``[B, Hkv, G*Lq, D]``, a view), so K/V are read
+    once per key/value head; each run's partial result comes with its log-sum-exp, and the merge
+    ``out = sum_i exp(lse_i - lse) out_i`` with ``lse = logsumexp_i lse_i`` is exact."""
     B, H, Lq, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -77,12 +99,14 @@ def split_k_forward(blocks: Blocks2D, q, k, v, scale: float, cdt: torch.dtype):
         bias = None
         if kr.visible is not None:
             bias = torch.zeros(kr.visible.shape, dtype=cdt).masked_fill_(~kr.visible, NEG_INF)
-            bias = bias.repeat(G, 1).to(q.device)
+            bias = bias.repeat(G, 1).to(q.device)  # [G*Lq, n]: every folded head, same rows
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qf, k[:, :, kr.k0:kr.k1].to(cdt), v[:, :, kr.k0:kr.k1].to(cdt), 0.0, False, attn_mask=bias,
             scale=scale)[:2]
         outs.append(o)
         lses.append(l.to(cdt))
+    if len(runs) == 1:
+        return outs[0].reshape(B, H, Lq, D), lses[0].reshape(B, H, Lq)
     lse = torch.logsumexp(torch.stack(lses), dim=0)  # every row sees a key of every run: finite
     out = sum(torch.exp(l - lse)[..., None] * o for l, o in zip(lses, outs))
     return out.reshape(B, H, Lq, D), lse.reshape(B, H, Lq)
