@@ -81,3 +81,11 @@ def test_gpu_suite_fails_loudly_without_a_gpu(tmp_path):
     res = subprocess.run(["bash", str(script), str(tmp_path / "out.md")], capture_output=True, text=True,
                          cwd=ROOT, env={**os.environ, "PYTHON": str(fake)}, timeout=120)
     assert res.returncode == 1 and "FAILED: no usable CUDA device" in res.stderr, res.stderr
+
+
+def test_varlen_layout_benchmark_runs_and_hits_its_cache(capsys):
+    from attncompiler.bench.varlen import main
+
+    assert main(["--seq-len", "4096", "--docs", "8", "--window", "128", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "new cu_seqlens" in out and "cached" in out
