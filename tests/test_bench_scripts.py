@@ -89,3 +89,19 @@ def test_varlen_layout_benchmark_runs_and_hits_its_cache(capsys):
     assert main(["--seq-len", "4096", "--docs", "8", "--window", "128", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     assert "new cu_seqlens" in out and "cached" in out
+
+
+def test_edge_weight_benchmark_checks_and_times_every_variant(capsys):
+    from attncompiler.bench.edge_weights import main
+
+    assert main(["--seq-len", "128", "--repeats", "1", "--patterns", "sliding_window"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("softcap") == 2 and out.count("alibi") == 2  # fwd and fwd+bwd lines
+
+
+def test_compile_benchmark_cli_prints_its_options(capsys):
+    from attncompiler.bench.compile import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--seq-len" in capsys.readouterr().out
