@@ -337,3 +337,29 @@ def test_score_mod_returning_minus_inf_empties_rows_without_nan():
     torch.testing.assert_close(inf_out.double(), ref, rtol=2e-5, atol=2e-5)
     assert torch.equal(inf_out[:, :, ::5], torch.zeros_like(inf_out[:, :, ::5]))
     compare(m(q, k, v), ref, [q, k, v])
+
+
+def test_diagonal_bias_equals_its_dense_form():
+    """``ac.bias(t, diagonal=True)`` adds ``t[h, kv - q + M - 1]``: the same as the dense bias
+    gathered from it, with the table's gradient; odd lengths, q_offset, GQA, large logits."""
+    g = torch.Generator().manual_seed(8)
+    t = (torch.randn(H, 2 * 60 - 1, generator=g) * 3).requires_grad_()
+    shared = (torch.randn(2 * 60 - 1, generator=g) * 3).requires_grad_()
+    p = ac.sliding_window(9) | ac.global_tokens([0])
+    q, k, v = qkv(B=2, Lq=23, Lk=51, seed=12)
+    pos_q, pos_k = torch.arange(20, 43)[:, None], torch.arange(51)[None, :]
+    for table, dense in ((t, t[:, pos_k - pos_q + 59]), (shared, shared[pos_k - pos_q + 59])):
+        m = ac.compile(p, backend="torch", score_mod=ac.bias(table, diagonal=True), schedule=schedule(3))
+        out = m(q, k, v, q_offset=20)
+        ref = ac.reference(p, q, k, v, score_mod=ac.bias(table, diagonal=True), q_offset=20)
+        full = torch.zeros(dense.shape[:-2] + (43, 51), dtype=dense.dtype)
+        full = torch.cat([full[..., :20, :], dense], dim=-2)  # rows are indexed by position
+        dense_ref = ac.reference(p, q, k, v, score_mod=ac.bias(full), q_offset=20)
+        torch.testing.assert_close(ref, dense_ref, rtol=1e-10, atol=1e-10)
+        compare(out, ref, [q, k, v, table], atol=5e-5)
+    with pytest.raises(PatternError, match="odd length"):
+        ac.bias(torch.zeros(H, 10), diagonal=True)
+    with pytest.raises(InputError, match="covers distances up to 4"):
+        ac.compile(p, backend="torch", score_mod=ac.bias(torch.zeros(H, 9), diagonal=True))(q, k, v)
+    with pytest.raises(InputError, match="rows for heads=4"):
+        ac.compile(p, backend="torch", score_mod=ac.bias(torch.zeros(3, 119), diagonal=True))(q, k, v)

@@ -85,3 +85,13 @@ def test_refusals():
     with pytest.raises(InputError, match="shape"):
         ac.compile(ac.causal(), backend="triton", score_mod=lambda s, b, h, qi, ki: s + small[h, qi, ki],
                    schedule=SCHED)(q, k, v)
+
+
+def test_diagonal_bias_is_rendered_with_its_gradient():
+    g = torch.Generator().manual_seed(6)
+    t = (torch.randn(H, 2 * 41 - 1, generator=g) * 3).requires_grad_()
+    p = ac.sliding_window(7)
+    q, k, v = qkv(seed=7)
+    mod = ac.softcap(30.0) @ ac.bias(t, diagonal=True)
+    out = ac.compile(p, backend="triton", score_mod=mod, schedule=SCHED)(q, k, v)
+    compare(out, ac.reference(p, q, k, v, score_mod=mod), [q, k, v, t])

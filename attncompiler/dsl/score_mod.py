@@ -331,11 +331,60 @@ class Bias(ScoreMod):
         return f"ac.bias(<tensor {list(self.tensor.shape)}>)"
 
 
-def bias(tensor: torch.Tensor) -> Bias:
+class DiagonalBias(ScoreMod):
+    """``score + tensor[h, kv_idx - q_idx + M - 1]``: one learned value per head and diagonal,
+    ``tensor [H, 2M - 1]`` (or ``[2M - 1]`` for every head) covering distances ``-(M-1) .. M-1``."""
+
+    def __init__(self, tensor: torch.Tensor):
+        if (not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() not in (1, 2)
+                or tensor.shape[-1] % 2 == 0):
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise PatternError(f"a diagonal bias must be a floating tensor [H, 2M - 1] or [2M - 1] (odd length: "
+                               f"distances -(M-1)..M-1), got {shape}; hint: torch.zeros(H, 2 * max_len - 1)")
+        self.tensor = tensor
+        self.center = (tensor.shape[-1] - 1) // 2
+
+    def _index(self, q_idx, kv_idx):
+        return kv_idx - q_idx + self.center
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        t = self.tensor
+        i = self._index(q_idx, kv_idx)
+        return score + (t[i] if t.dim() == 1 else t[h, i])
+
+    def apply_(self, score, b, h, q_idx, kv_idx, cache):
+        if "diag" not in cache:
+            cache["diag"] = self._index(q_idx, kv_idx)
+        t = self.tensor
+        return score.add_(t[cache["diag"]] if t.dim() == 1 else t[h, cache["diag"]])
+
+    def tensors(self):
+        return (self.tensor,)
+
+    def check(self, batch, heads, q_end, kv_len):
+        if self.tensor.dim() == 2 and self.tensor.shape[0] != heads:
+            raise InputError(f"diagonal bias has {self.tensor.shape[0]} rows for {heads=}; hint: [H, 2M - 1]")
+        need = max(q_end, kv_len)
+        if self.center + 1 < need:
+            raise InputError(f"diagonal bias of length {self.tensor.shape[-1]} covers distances up to {self.center}, "
+                             f"but the call has {q_end} query positions and {kv_len} keys; hint: length "
+                             f"2 * {need} - 1")
+
+    def __repr__(self) -> str:
+        return f"ac.bias(<tensor {list(self.tensor.shape)}>, diagonal=True)"
+
+
+def bias(tensor: torch.Tensor, *, diagonal: bool = False) -> Bias | DiagonalBias:
     """A dense additive bias broadcastable to ``[B, H, Lq, Lk]`` (``[H, Lq, Lk]``, ``[Lq, Lk]``,
     ``[B, 1, Lq, Lk]``...): adds ``tensor[b, h, q_idx, kv_idx]``; the tensor gets gradients.
-    The query axis is indexed by position, so with ``q_offset`` it covers ``q_offset + Lq`` rows."""
-    return Bias(tensor)
+    The query axis is indexed by position, so with ``q_offset`` it covers ``q_offset + Lq`` rows.
+
+    ``diagonal=True``: one value per head and diagonal ``kv_idx - q_idx`` (a relative position
+    bias without buckets): ``tensor [H, 2M - 1]`` or ``[2M - 1]`` adds
+    ``tensor[h, kv_idx - q_idx + M - 1]``; calls need ``M >= max(query positions, keys)``."""
+    if not isinstance(diagonal, bool):
+        raise PatternError(f"bias {diagonal=} must be True or False")
+    return DiagonalBias(tensor) if diagonal else Bias(tensor)
 
 
 def check_score_mod(fn) -> Callable:
