@@ -1,4 +1,5 @@
-"""Build and load the C kernels of the torch backend's CPU stages (the ``*.c`` files beside it).
+"""Build and load the C kernels of the torch backend's CPU stages (the ``*.c`` files beside it,
+which may include the ``*.h`` headers beside it).
 
 A kernel source is compiled once per machine with the system C compiler (``$CC``, else ``cc``;
 Triton needs one too) into the kernel cache directory (:func:`.cache.cache_dir`), named by a
@@ -62,7 +63,9 @@ def _build(name: str) -> ctypes.CDLL | None:
         STATUS[name] = "no C compiler ($CC or cc) on PATH"
         return None
     source = (TEMPLATES / f"{name}.c").read_text()
-    key = content_key({"source": source, "flags": FLAGS, "cc": cc, "machine": platform.machine()})
+    headers = {h.name: h.read_text() for h in sorted(TEMPLATES.glob("*.h"))}  # included sources change the build
+    key = content_key({"source": source, "headers": headers, "flags": FLAGS, "cc": cc,
+                       "machine": platform.machine()})
     lib_path = cache_dir() / f"{name}_{key}.so"
     if (lib_path.exists() or lib_path.is_symlink()) and not trusted_file(lib_path):
         warnings.warn(f"compiled kernel {lib_path} is not a private file of this user (foreign owner, writable "
@@ -72,7 +75,8 @@ def _build(name: str) -> ctypes.CDLL | None:
             src = Path(tmp) / f"{name}.c"
             src.write_text(source)
             out = Path(tmp) / "lib.so"
-            res = subprocess.run([cc, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
+            res = subprocess.run([cc, *FLAGS, "-I", str(TEMPLATES), "-o", str(out), str(src), "-lm"],
+                                 capture_output=True, text=True)
             if res.returncode != 0:
                 STATUS[name] = f"build failed: {res.stderr.strip()[-400:]}"
                 return None

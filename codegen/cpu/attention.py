@@ -1,0 +1,268 @@
+"""Fused block-sparse attention on the CPU through C kernels (``cpu_attention.c`` beside it).
+
+Low level: float32 tensors in, tensors out, one layout given as block tables
+(:class:`KernelTables`) for every (batch, head). Each stage (forward, dq, dk/dv) is one parallel
+region: every thread calls the same C entry once with a shared counter and takes work items
+(a query block of one head, or a key block of one key/value head) until none is left, so a
+thread slowed down by another process does fewer items and nobody waits on a barrier.
+Building the tables from a layout, autograd and dispatch live with the caller.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from attncompiler.errors import CodegenError, InputError
+
+from . import build as cpu_build
+
+_P, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+_OPS = {"softcap": 0, "alibi": 1}
+
+
+@dataclass(frozen=True, eq=False)
+class KernelTables:
+    """One layout group's block structure for the kernels (all int64 unless noted, CPU, contiguous)."""
+
+    bm: int  # query block size (1..256)
+    bn: int  # key block size (1..256)
+    nqb: int  # query blocks
+    nkb: int  # key blocks
+    # per query block r: full key-block ranges [range_start[i], range_end[i]) for i in range_ptr[r]..range_ptr[r+1]-1
+    range_ptr: torch.Tensor
+    range_start: torch.Tensor
+    range_end: torch.Tensor
+    # per query block r: partial key blocks part_cols[i] with element mask masks[part_mask[i]] (int32)
+    part_ptr: torch.Tensor
+    part_cols: torch.Tensor
+    part_mask: torch.Tensor
+    # per key block c: full query-block ranges [row_start[i], row_end[i]) for i in col_range_ptr[c]..[c+1]-1
+    col_range_ptr: torch.Tensor
+    row_start: torch.Tensor
+    row_end: torch.Tensor
+    # per key block c: partial query blocks col_part_rows[i] with mask col_part_mask[i] (int32)
+    col_part_ptr: torch.Tensor
+    col_part_rows: torch.Tensor
+    col_part_mask: torch.Tensor
+    masks: torch.Tensor  # uint8 [nmask, bm, bn], 1 = the key is visible to the query
+
+
+@dataclass(frozen=True)
+class ScoreMods:
+    """Edge weights applied, in order, to the scaled score before masking."""
+
+    ops: tuple[tuple[str, float], ...] = ()  # ("softcap", cap) or ("alibi", 0.0)
+    slopes: torch.Tensor | None = None  # float32 [H] (query heads), needed when "alibi" is used
+    q_pos0: int = 0  # position of query row 0 (kpos = key index, qpos = q_pos0 + row index)
+
+
+class _Args(ctypes.Structure):
+    """The C ``Args`` struct of cpu_attention.c, field for field."""
+
+    _fields_ = ([(n, _P) for n in ("q", "k", "v", "dout", "lse_in", "delta", "out", "lse", "dq", "dk", "dv")]
+                + [(n, _I64) for n in ("B", "H", "Hkv", "Lq", "Lk", "D", "Dv", "bm", "bn", "nqb", "nkb")]
+                + [(n, _P) for n in ("range_ptr", "range_start", "range_end", "part_ptr", "part_cols", "part_mask",
+                                     "col_range_ptr", "row_start", "row_end", "col_part_ptr", "col_part_rows",
+                                     "col_part_mask", "masks", "masks_t")]
+                + [("scale", _F64), ("nops", _I64), ("op_kind", _P), ("op_param", _P), ("slopes", _P),
+                   ("q_pos0", _I64)])
+
+
+@functools.lru_cache(maxsize=1)
+def _library():
+    lib = cpu_build.load("cpu_attention")
+    if lib is not None:
+        for fn in (lib.attn_fwd, lib.attn_dq, lib.attn_dkdv):
+            fn.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64)]
+            fn.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels can run: x86-64 with AVX2, a C compiler, ``ATTNC_CPU_KERNELS`` not 0,
+    and the library built and loaded."""
+    return _library() is not None
+
+
+def status() -> str:
+    """``"loaded"``, or why the kernels are not available."""
+    _library()
+    return cpu_build.STATUS.get("cpu_attention", "not built")
+
+
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_INDEX_FIELDS = ("range_ptr", "range_start", "range_end", "part_ptr", "part_cols", "part_mask", "col_range_ptr",
+                 "row_start", "row_end", "col_part_ptr", "col_part_rows", "col_part_mask")
+
+
+def _prepared(t: KernelTables) -> dict:
+    """The tables as the kernels read them (int64, contiguous, masks also transposed), checked
+    once per tables object: a wrong index would make the kernels read out of bounds."""
+    got = _TABLES.get(t)
+    if got is not None:
+        return got
+    if not (1 <= t.bm <= 256 and 1 <= t.bn <= 256):
+        raise InputError(f"block sizes bm={t.bm}, bn={t.bn} are out of range; hint: use 1..256")
+    p = {f: getattr(t, f).to(torch.int64).contiguous().reshape(-1) for f in _INDEX_FIELDS}
+    masks = t.masks.to(torch.uint8).contiguous()
+    if masks.dim() != 3 or masks.shape[1:] != (t.bm, t.bn):
+        raise InputError(f"masks has shape {tuple(masks.shape)}; hint: it must be [nmask, {t.bm}, {t.bn}]")
+    nmask = masks.shape[0]
+    for ptr, lists, lo, hi, n, other in (("range_ptr", ("range_start", "range_end"), "part_ptr", "part_cols",
+                                          t.nqb, t.nkb),
+                                         ("col_range_ptr", ("row_start", "row_end"), "col_part_ptr", "col_part_rows",
+                                          t.nkb, t.nqb)):
+        rp, pp = p[ptr], p[lo]
+        for name, x in ((ptr, rp), (lo, pp)):
+            if x.numel() != n + 1 or x[0] != 0 or bool((x[1:] < x[:-1]).any()):
+                raise InputError(f"{name} is not a pointer array of {n + 1} non-decreasing entries from 0; hint: "
+                                 "build the tables with one entry per block row/column")
+        s, e, cols = p[lists[0]][: int(rp[-1])], p[lists[1]][: int(rp[-1])], p[hi][: int(pp[-1])]
+        if bool((s < 0).any() or (e > other).any() or (s > e).any() or (cols < 0).any() or (cols >= other).any()):
+            raise InputError(f"{lists[0]}/{lists[1]}/{hi} index blocks outside 0..{other - 1}; hint: check the "
+                             "layout's block counts")
+        per = torch.zeros(n, dtype=torch.int64)
+        per.index_add_(0, torch.repeat_interleave(torch.arange(n), rp.diff()), e - s)
+        per += pp.diff()
+        if bool((per > other).any()):
+            raise InputError(f"a block row/column of {ptr} lists more than {other} blocks; hint: each block once")
+    for name, ptr in (("part_mask", "part_ptr"), ("col_part_mask", "col_part_ptr")):
+        ids = p[name][: int(p[ptr][-1])]
+        if bool((ids < 0).any() or (ids >= nmask).any()):
+            raise InputError(f"{name} refers to masks outside 0..{nmask - 1}; hint: one mask id per partial block")
+    p["masks"], p["masks_t"] = masks, masks.transpose(1, 2).contiguous()
+    _TABLES[t] = p
+    return p
+
+
+def _check(q, k, v, tables: KernelTables, extra=()) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v), *extra):
+        if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4:
+            raise InputError(f"{name} is {x.dtype} on {x.device} with {x.dim()} dims; hint: the CPU kernels take "
+                             "float32 CPU tensors [B, H, L, D]")
+    B, H, Lq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D or v.shape[:3] != k.shape[:3] or H % k.shape[1] != 0:
+        raise InputError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit; hint: q [B,H,Lq,D],"
+                         " k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv] with H a multiple of Hkv")
+    Lk = k.shape[2]
+    if -(-Lq // tables.bm) != tables.nqb or -(-Lk // tables.bn) != tables.nkb:
+        raise InputError(f"tables have {tables.nqb} x {tables.nkb} blocks of {tables.bm} x {tables.bn} but Lq={Lq}, "
+                         f"Lk={Lk}; hint: build the tables for these lengths")
+
+
+def _mods(mods: ScoreMods, H: int) -> tuple:
+    kinds, params = [], []
+    for op in mods.ops:
+        if not (isinstance(op, tuple) and len(op) == 2 and op[0] in _OPS):
+            raise InputError(f"score mod {op!r} is not supported; hint: ('softcap', cap) or ('alibi', 0.0)")
+        if op[0] == "softcap" and not float(op[1]) > 0:
+            raise InputError(f"softcap cap {op[1]!r} must be > 0")
+        kinds.append(_OPS[op[0]])
+        params.append(float(op[1]))
+    slopes = None
+    if "alibi" in (o[0] for o in mods.ops):
+        if mods.slopes is None or mods.slopes.numel() != H:
+            raise InputError(f"alibi needs slopes of {H} query heads, got {mods.slopes!r}; hint: ScoreMods(slopes=...)")
+        slopes = mods.slopes.detach().to(torch.float32).contiguous().reshape(-1)
+    return (torch.tensor(kinds or [0], dtype=torch.int64), torch.tensor(params or [0.0], dtype=torch.float64),
+            slopes, len(kinds))
+
+
+def _pad8(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous, last dim zero-padded to a multiple of 8 (the kernels' vector width)."""
+    r = -x.shape[-1] % 8
+    return (F.pad(x, (0, r)) if r else x).contiguous()
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _launch(fn, args: _Args, threads: int | None) -> None:
+    """``fn(args, counter)`` on ``threads`` threads sharing one work counter."""
+    n = max(1, int(threads if threads is not None else torch.get_num_threads()))
+    counter = _I64(0)
+    ref, cref = ctypes.byref(args), ctypes.byref(counter)
+    if n == 1:
+        codes = [fn(ref, cref)]
+    else:
+        pool = _POOLS.get(n - 1)
+        if pool is None:
+            pool = _POOLS[n - 1] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="attnc-cpu")
+        futures = [pool.submit(fn, ref, cref) for _ in range(n - 1)]
+        codes = [fn(ref, cref)] + [f.result() for f in futures]  # the caller works too
+    if any(codes):
+        raise MemoryError("CPU attention kernel could not allocate its scratch buffers")
+
+
+def _args(q, k, v, tables: KernelTables, scale: float, mods: ScoreMods, keep: list) -> _Args:
+    lib = _library()
+    if lib is None:
+        raise CodegenError(f"CPU attention kernels are not available: {status()}; hint: check available() first")
+    p = _prepared(tables)
+    kinds, params, slopes, nops = _mods(mods, q.shape[1])
+    keep += [p, kinds, params, slopes]
+    a = _Args(q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), B=q.shape[0], H=q.shape[1], Hkv=k.shape[1],
+              Lq=q.shape[2], Lk=k.shape[2], D=q.shape[3], Dv=v.shape[3], bm=tables.bm, bn=tables.bn,
+              nqb=tables.nqb, nkb=tables.nkb, scale=float(scale), nops=nops, op_kind=kinds.data_ptr(),
+              op_param=params.data_ptr(), slopes=slopes.data_ptr() if slopes is not None else None,
+              q_pos0=int(mods.q_pos0))
+    for name in (*_INDEX_FIELDS, "masks", "masks_t"):
+        setattr(a, name, p[name].data_ptr())
+    return a
+
+
+def forward(q, k, v, tables: KernelTables, scale: float, mods: ScoreMods = ScoreMods(), need_lse: bool = True,
+            threads: int | None = None):
+    """``(out [B,H,Lq,Dv], lse [B,H,Lq] or None)`` of block-sparse attention, float32.
+
+    q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv] float32 CPU (made contiguous here); query head
+    h reads key/value head h // (H // Hkv). lse is the natural-log log-sum-exp of the modified
+    scaled scores. Rows that see no key give out 0 and lse -inf. threads: default
+    ``torch.get_num_threads()``.
+    """
+    _check(q, k, v, tables)
+    Dv = v.shape[3]
+    q, k, v = _pad8(q), _pad8(k), _pad8(v)
+    B, H, Lq = q.shape[:3]
+    out = torch.empty(B, H, Lq, v.shape[3], dtype=torch.float32)
+    lse = torch.empty(B, H, Lq, dtype=torch.float32) if need_lse else None
+    keep: list = []
+    a = _args(q, k, v, tables, scale, mods, keep)
+    a.out, a.lse = out.data_ptr(), lse.data_ptr() if lse is not None else None
+    _launch(_library().attn_fwd, a, threads)
+    return (out[..., :Dv] if out.shape[3] != Dv else out), lse
+
+
+def backward(q, k, v, out, lse, dout, tables: KernelTables, scale: float, mods: ScoreMods = ScoreMods(),
+             threads: int | None = None):
+    """``(dq, dk, dv)`` float32 in the shapes of q, k, v for :func:`forward`'s ``out`` and ``lse``
+    and the upstream gradient ``dout``, with delta = rowsum(dout * out) and P recomputed from lse."""
+    _check(q, k, v, tables, (("out", out), ("dout", dout)))
+    if out.shape != dout.shape or out.shape[:3] != q.shape[:3] or out.shape[3] != v.shape[3]:
+        raise InputError(f"out {tuple(out.shape)} and dout {tuple(dout.shape)} must both be [B,H,Lq,Dv] = "
+                         f"{(*q.shape[:3], v.shape[3])}")
+    if lse is None or lse.shape != q.shape[:3] or lse.dtype != torch.float32:
+        raise InputError(f"lse must be float32 {tuple(q.shape[:3])}, got {None if lse is None else lse.shape}; "
+                         "hint: call forward with need_lse=True")
+    D, Lk = q.shape[3], k.shape[2]
+    delta = (dout * out).sum(-1).contiguous()
+    q, k, v, dout = _pad8(q), _pad8(k), _pad8(v), _pad8(dout)
+    lse = lse.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    keep: list = [delta, lse]
+    a = _args(q, k, v, tables, scale, mods, keep)
+    a.dout, a.lse_in, a.delta = dout.data_ptr(), lse.data_ptr(), delta.data_ptr()
+    a.dq, a.dk, a.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+    lib = _library()
+    _launch(lib.attn_dq, a, threads)
+    if Lk:
+        _launch(lib.attn_dkdv, a, threads)
+    Dv = out.shape[3]
+    return dq[..., :D], dk[..., :D], dv[..., :Dv]

@@ -1,0 +1,349 @@
+/* Fused block-sparse attention on the CPU (x86-64, AVX2 + FMA, float32): forward, dq, dk/dv.
+ *
+ * One layout (block tables, see codegen/cpu/attention.py) for every (batch, head). Each entry
+ * point is called once per thread with the same arguments and a shared counter; a thread takes
+ * the next work item with an atomic add until none is left, so a thread slowed down by another
+ * process simply does fewer items and nothing waits on a barrier.
+ *
+ *   attn_fwd:  items (b * H + h, query block r): online softmax over the row's key blocks.
+ *   attn_dq:   items (b * H + h, query block r): P recomputed from lse, dq = scale * dS K.
+ *   attn_dkdv: items (b * Hkv + hkv, key block c) over the group's query heads and the column's
+ *              query blocks: dv = P^T dO, dk = scale * dS^T Q (every item owns its rows).
+ *
+ * Forward and dq work on S^T (keys x queries: the lanes of a vector are 8 query rows), so the
+ * keys and values are read in place and only the query block is packed (transposed) per item;
+ * dk/dv works on S (queries x keys), reading queries and dO in place and packing K^T, V^T once
+ * per item. Every product is gemm(): C[M x N] (+)= A B with A read through (row, k) strides (so
+ * transposed uses need no copy) and B row-major; N and the head dims are multiples of 8 (the
+ * wrapper pads odd head dims with zeros). Ragged last blocks are bounds-checked here.
+ *
+ * Score mods (in order, on the scaled score, before masking): softcap s = cap * tanh(s / cap)
+ * and alibi s += slope[h] * (kpos - qpos). A NaN score gives a NaN row max, so the whole row
+ * turns NaN instead of being dropped; masked entries are exactly 0 in P and dS.
+ */
+#include "cpu_common.h"
+
+typedef struct {
+    const float *q, *k, *v, *dout, *lse_in, *delta;
+    float *out, *lse, *dq, *dk, *dv;
+    int64_t B, H, Hkv, Lq, Lk, D, Dv, bm, bn, nqb, nkb;
+    const int64_t *range_ptr, *range_start, *range_end, *part_ptr, *part_cols, *part_mask;
+    const int64_t *col_range_ptr, *row_start, *row_end, *col_part_ptr, *col_part_rows, *col_part_mask;
+    const uint8_t *masks, *masks_t;  /* [nmask, bm, bn] and its transpose [nmask, bn, bm] */
+    double scale;
+    int64_t nops;
+    const int64_t* op_kind;  /* 0: softcap, 1: alibi */
+    const double* op_param;
+    const float* slopes;
+    int64_t q_pos0;
+} Args;
+
+#define AI static inline __attribute__((always_inline))
+#define RUP8(x) (((x) + 7) / 8 * 8)
+
+/* C[MR x 8 NV] (+)= A[MR x K] B[K x 8 NV]: broadcast A scalars, FMA rows of B. */
+AI void tile(const int MR, const int NV, int64_t K, const float* A, int64_t ar, int64_t ak, const float* B,
+             int64_t ldb, float* C, int64_t ldc, int acc) {
+    __m256 c[6][2];
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < NV; v++) c[i][v] = acc ? _mm256_loadu_ps(C + i * ldc + 8 * v) : _mm256_setzero_ps();
+    for (int64_t kk = 0; kk < K; kk++) {
+        const float* b = B + kk * ldb;
+        __m256 b0 = _mm256_loadu_ps(b), b1 = NV > 1 ? _mm256_loadu_ps(b + 8) : b0;
+        for (int i = 0; i < MR; i++) {
+            __m256 a = _mm256_broadcast_ss(A + i * ar + kk * ak);
+            c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
+            if (NV > 1) c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < NV; v++) _mm256_storeu_ps(C + i * ldc + 8 * v, c[i][v]);
+}
+
+AI void gemm_cols(const int NV, int64_t M, int64_t K, const float* A, int64_t ar, int64_t ak, const float* B,
+                  int64_t ldb, float* C, int64_t ldc, int acc) {
+    int64_t i = 0;
+    for (; i + 6 <= M; i += 6) tile(6, NV, K, A + i * ar, ar, ak, B, ldb, C + i * ldc, ldc, acc);
+    const float* a = A + i * ar;
+    float* c = C + i * ldc;
+    switch (M - i) {
+        case 5: tile(5, NV, K, a, ar, ak, B, ldb, c, ldc, acc); break;
+        case 4: tile(4, NV, K, a, ar, ak, B, ldb, c, ldc, acc); break;
+        case 3: tile(3, NV, K, a, ar, ak, B, ldb, c, ldc, acc); break;
+        case 2: tile(2, NV, K, a, ar, ak, B, ldb, c, ldc, acc); break;
+        case 1: tile(1, NV, K, a, ar, ak, B, ldb, c, ldc, acc); break;
+        default: break;
+    }
+}
+
+/* C[M x N] (+)= sum_k A[i * ar + k * ak] B[k * ldb + j], N % 8 == 0; column panels of 16 keep
+ * B's panel in L1 while every row tile passes over it. */
+static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ar, int64_t ak, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, int acc) {
+    int64_t j = 0;
+    for (; j + 16 <= N; j += 16) gemm_cols(2, M, K, A, ar, ak, B + j, ldb, C + j, ldc, acc);
+    if (j < N) gemm_cols(1, M, K, A, ar, ak, B + j, ldb, C + j, ldc, acc);
+}
+
+/* tanh of 8 floats as 1 - 2 / (e^{2x} + 1) (absolute error about 1e-7; NaN stays NaN). */
+AI __m256 tanh8(__m256 x) {
+    __m256 e = exp8(_mm256_add_ps(x, x)), one = _mm256_set1_ps(1.0f);
+    return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+}
+
+/* Lanes t < lim whose byte bytes[t] is not 0 (bytes NULL: every lane < lim); never reads
+ * bytes[lim..]. */
+AI __m256 visible8(int64_t lim, const uint8_t* bytes) {
+    __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(lim < 8 ? (lim < 0 ? 0 : lim) : 8)), iota);
+    if (bytes) {
+        uint64_t w = 0;
+        memcpy(&w, bytes, lim >= 8 ? 8 : (size_t)(lim < 0 ? 0 : lim));
+        __m256i b = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)w));
+        in = _mm256_andnot_si256(_mm256_cmpeq_epi32(b, _mm256_setzero_si256()), in);
+    }
+    return _mm256_castsi256_ps(in);
+}
+
+/* One row of scores s[0..len) (len % 8 == 0): the mods in order, then -inf where not visible
+ * (lane t visible iff t < lim and bytes[t] != 0). For alibi, kpos - qpos = pos0 + step * t.
+ * deriv (or NULL) receives the product of the mods' derivatives. */
+static void mod_mask(float* s, float* deriv, int64_t len, int64_t lim, const uint8_t* bytes, const Args* a,
+                     float slope, float pos0, float step) {
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t t = 0; t < len; t += 8) {
+        __m256 x = _mm256_loadu_ps(s + t), d = _mm256_set1_ps(1.0f);
+        for (int64_t o = 0; o < a->nops; o++) {
+            if (a->op_kind[o] == 0) {
+                float cap = (float)a->op_param[o];
+                __m256 th = tanh8(_mm256_mul_ps(x, _mm256_set1_ps(1.0f / cap)));
+                d = _mm256_mul_ps(d, _mm256_fnmadd_ps(th, th, _mm256_set1_ps(1.0f)));
+                x = _mm256_mul_ps(th, _mm256_set1_ps(cap));
+            } else {
+                __m256 rel = _mm256_fmadd_ps(iota, _mm256_set1_ps(step), _mm256_set1_ps(pos0 + step * (float)t));
+                x = _mm256_fmadd_ps(_mm256_set1_ps(slope), rel, x);
+            }
+        }
+        __m256 vis = visible8(lim - t, bytes ? bytes + t : NULL);
+        _mm256_storeu_ps(s + t, _mm256_blendv_ps(ninf, x, vis));
+        if (deriv) _mm256_storeu_ps(deriv + t, d);
+    }
+}
+
+/* A^T of rows x cols (row stride lda) into dst (row stride ldd), times mul; dst columns
+ * rows..ldd are zeroed. */
+static void pack_t(const float* A, int64_t rows, int64_t cols, int64_t lda, float* dst, int64_t ldd, float mul) {
+    for (int64_t c = 0; c < cols; c++) {
+        float* d = dst + c * ldd;
+        for (int64_t r = 0; r < rows; r++) d[r] = A[r * lda + c] * mul;
+        for (int64_t r = rows; r < ldd; r++) d[r] = 0.0f;
+    }
+}
+
+/* The key blocks of query block r: full ranges first, then partial blocks with their masks. */
+typedef struct { int64_t c; const uint8_t* mask; } Block;
+
+static int64_t row_blocks(const Args* a, int64_t r, Block* out, int transposed) {
+    int64_t n = 0, msz = a->bm * a->bn;
+    for (int64_t i = a->range_ptr[r]; i < a->range_ptr[r + 1]; i++)
+        for (int64_t c = a->range_start[i]; c < a->range_end[i]; c++) out[n++] = (Block){c, NULL};
+    for (int64_t i = a->part_ptr[r]; i < a->part_ptr[r + 1]; i++)
+        out[n++] = (Block){a->part_cols[i], (transposed ? a->masks_t : a->masks) + a->part_mask[i] * msz};
+    return n;
+}
+
+static int64_t col_blocks(const Args* a, int64_t c, Block* out) {
+    int64_t n = 0, msz = a->bm * a->bn;
+    for (int64_t i = a->col_range_ptr[c]; i < a->col_range_ptr[c + 1]; i++)
+        for (int64_t r = a->row_start[i]; r < a->row_end[i]; r++) out[n++] = (Block){r, NULL};
+    for (int64_t i = a->col_part_ptr[c]; i < a->col_part_ptr[c + 1]; i++)
+        out[n++] = (Block){a->col_part_rows[i], a->masks + a->col_part_mask[i] * msz};
+    return n;
+}
+
+static int has_softcap(const Args* a) {
+    for (int64_t o = 0; o < a->nops; o++)
+        if (a->op_kind[o] == 0) return 1;
+    return 0;
+}
+
+static float slope_of(const Args* a, int64_t h) { return a->slopes ? a->slopes[h] : 0.0f; }
+
+/* S^T[j][t] for the key block at j0 (n keys) against the packed query block QT (queries
+ * i0..i0+m as lanes), mods and mask applied. */
+static void scores_t(const Args* a, const float* kh, const float* QT, int64_t j0, int64_t n, int64_t i0,
+                     int64_t m, const uint8_t* mask_t, float slope, float* S, float* deriv) {
+    int64_t bmp = RUP8(a->bm);
+    gemm(n, bmp, a->D, kh + j0 * a->D, a->D, 1, QT, bmp, S, bmp, 0);
+    for (int64_t j = 0; j < n; j++)
+        mod_mask(S + j * bmp, deriv ? deriv + j * bmp : NULL, bmp, m, mask_t ? mask_t + j * a->bm : NULL, a, slope,
+                 (float)(j0 + j - a->q_pos0 - i0), -1.0f);
+}
+
+int attn_fwd(const Args* a, int64_t* counter) {
+    const int64_t D = a->D, Dv = a->Dv, bm = a->bm, bn = a->bn, bmp = RUP8(bm), G = a->H / a->Hkv;
+    float* QT = aligned_alloc(32, sizeof(float) * D * bmp);
+    float* S = aligned_alloc(32, sizeof(float) * RUP8(bn) * bmp);
+    float* acc = aligned_alloc(32, sizeof(float) * bm * Dv);
+    float* st = aligned_alloc(32, sizeof(float) * 3 * bmp);  /* row max, row sum, rescale */
+    Block* blocks = malloc(sizeof(Block) * (a->nkb + 1));
+    int fail = !QT || !S || !acc || !st || !blocks;
+    const int64_t total = a->B * a->H * a->nqb;
+    for (int64_t item; !fail && (item = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED)) < total;) {
+        int64_t bh = item / a->nqb, r = item % a->nqb, h = bh % a->H, kvh = bh / a->H * a->Hkv + h / G;
+        int64_t i0 = r * bm, m = a->Lq - i0 < bm ? a->Lq - i0 : bm;
+        const float *kh = a->k + kvh * a->Lk * D, *vh = a->v + kvh * a->Lk * Dv;
+        float slope = slope_of(a, h), *mx = st, *l = st + bmp, *alpha = st + 2 * bmp;
+        pack_t(a->q + (bh * a->Lq + i0) * D, m, D, D, QT, bmp, (float)a->scale);
+        memset(acc, 0, sizeof(float) * m * Dv);
+        for (int64_t t = 0; t < bmp; t++) mx[t] = -INFINITY, l[t] = 0.0f;
+        int64_t nb = row_blocks(a, r, blocks, 1);
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t j0 = blocks[b].c * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
+            scores_t(a, kh, QT, j0, n, i0, m, blocks[b].mask, slope, S, NULL);
+            for (int64_t t = 0; t < bmp; t += 8) {
+                __m256 bmx = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+                for (int64_t j = 0; j < n; j++) {
+                    __m256 x = _mm256_loadu_ps(S + j * bmp + t);
+                    bmx = _mm256_max_ps(x, bmx);  /* skips NaN; the NaN lanes are tracked apart */
+                    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+                }
+                __m256 mo = _mm256_loadu_ps(mx + t);
+                __m256 mn = _mm256_max_ps(bmx, mo);  /* a NaN running max stays NaN */
+                mn = _mm256_blendv_ps(mn, _mm256_set1_ps(NAN), nan);
+                __m256 none = _mm256_cmp_ps(mn, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+                __m256 ms = _mm256_blendv_ps(mn, _mm256_setzero_ps(), none);  /* no key yet: P = exp(-inf) = 0 */
+                __m256 al = exp8(_mm256_sub_ps(mo, ms)), sum = _mm256_setzero_ps();
+                for (int64_t j = 0; j < n; j++) {
+                    __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(S + j * bmp + t), ms));
+                    _mm256_storeu_ps(S + j * bmp + t, p);
+                    sum = _mm256_add_ps(sum, p);
+                }
+                _mm256_storeu_ps(l + t, _mm256_fmadd_ps(_mm256_loadu_ps(l + t), al, sum));
+                _mm256_storeu_ps(mx + t, mn);
+                _mm256_storeu_ps(alpha + t, al);
+            }
+            for (int64_t i = 0; i < m; i++) {
+                if (alpha[i] == 1.0f) continue;
+                __m256 al = _mm256_set1_ps(alpha[i]);
+                for (int64_t d = 0; d < Dv; d += 8)
+                    _mm256_storeu_ps(acc + i * Dv + d, _mm256_mul_ps(al, _mm256_loadu_ps(acc + i * Dv + d)));
+            }
+            gemm(m, Dv, n, S, 1, bmp, vh + j0 * Dv, Dv, acc, Dv, 1);
+        }
+        float* o = a->out + (bh * a->Lq + i0) * Dv;
+        for (int64_t i = 0; i < m; i++) {
+            int empty = l[i] == 0.0f;  /* no visible key: zeros and lse -inf */
+            float inv = empty ? 0.0f : 1.0f / l[i];
+            for (int64_t d = 0; d < Dv; d++) o[i * Dv + d] = empty ? 0.0f : acc[i * Dv + d] * inv;
+            if (a->lse) a->lse[bh * a->Lq + i0 + i] = empty ? -INFINITY : mx[i] + logf(l[i]);
+        }
+    }
+    free(QT); free(S); free(acc); free(st); free(blocks);
+    return fail;
+}
+
+int attn_dq(const Args* a, int64_t* counter) {
+    const int64_t D = a->D, Dv = a->Dv, bm = a->bm, bn = a->bn, bmp = RUP8(bm), bnp = RUP8(bn), G = a->H / a->Hkv;
+    float* QT = aligned_alloc(32, sizeof(float) * D * bmp);
+    float* OT = aligned_alloc(32, sizeof(float) * Dv * bmp);
+    float* S = aligned_alloc(32, sizeof(float) * bnp * bmp);
+    float* dP = aligned_alloc(32, sizeof(float) * bnp * bmp);
+    float* der = aligned_alloc(32, sizeof(float) * bnp * bmp);
+    float* acc = aligned_alloc(32, sizeof(float) * bm * D);
+    float* st = aligned_alloc(32, sizeof(float) * 2 * bmp);
+    Block* blocks = malloc(sizeof(Block) * (a->nkb + 1));
+    int fail = !QT || !OT || !S || !dP || !der || !acc || !st || !blocks, soft = has_softcap(a);
+    const int64_t total = a->B * a->H * a->nqb;
+    for (int64_t item; !fail && (item = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED)) < total;) {
+        int64_t bh = item / a->nqb, r = item % a->nqb, h = bh % a->H, kvh = bh / a->H * a->Hkv + h / G;
+        int64_t i0 = r * bm, m = a->Lq - i0 < bm ? a->Lq - i0 : bm;
+        const float *kh = a->k + kvh * a->Lk * D, *vh = a->v + kvh * a->Lk * Dv;
+        float slope = slope_of(a, h), *lse = st, *delta = st + bmp;
+        pack_t(a->q + (bh * a->Lq + i0) * D, m, D, D, QT, bmp, (float)a->scale);
+        pack_t(a->dout + (bh * a->Lq + i0) * Dv, m, Dv, Dv, OT, bmp, 1.0f);
+        for (int64_t t = 0; t < bmp; t++) {
+            lse[t] = t < m ? a->lse_in[bh * a->Lq + i0 + t] : 0.0f;
+            delta[t] = t < m ? a->delta[bh * a->Lq + i0 + t] : 0.0f;
+        }
+        memset(acc, 0, sizeof(float) * m * D);
+        int64_t nb = row_blocks(a, r, blocks, 1);
+        for (int64_t b = 0; b < nb; b++) {
+            int64_t j0 = blocks[b].c * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
+            scores_t(a, kh, QT, j0, n, i0, m, blocks[b].mask, slope, S, soft ? der : NULL);
+            gemm(n, bmp, Dv, vh + j0 * Dv, Dv, 1, OT, bmp, dP, bmp, 0);
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t t = 0; t < bmp; t += 8) {
+                    __m256 s = _mm256_loadu_ps(S + j * bmp + t);
+                    __m256 vis = _mm256_cmp_ps(s, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+                    __m256 p = exp8(_mm256_sub_ps(s, _mm256_loadu_ps(lse + t)));
+                    __m256 ds = _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dP + j * bmp + t),
+                                                               _mm256_loadu_ps(delta + t)));
+                    if (soft) ds = _mm256_mul_ps(ds, _mm256_loadu_ps(der + j * bmp + t));
+                    _mm256_storeu_ps(dP + j * bmp + t, _mm256_and_ps(ds, vis));
+                }
+            gemm(m, D, n, dP, 1, bmp, kh + j0 * D, D, acc, D, 1);
+        }
+        float* g = a->dq + (bh * a->Lq + i0) * D;
+        for (int64_t i = 0; i < m * D; i++) g[i] = acc[i] * (float)a->scale;
+    }
+    free(QT); free(OT); free(S); free(dP); free(der); free(acc); free(st); free(blocks);
+    return fail;
+}
+
+int attn_dkdv(const Args* a, int64_t* counter) {
+    const int64_t D = a->D, Dv = a->Dv, bm = a->bm, bn = a->bn, bnp = RUP8(bn), G = a->H / a->Hkv;
+    float* KT = aligned_alloc(32, sizeof(float) * D * bnp);
+    float* VT = aligned_alloc(32, sizeof(float) * Dv * bnp);
+    float* S = aligned_alloc(32, sizeof(float) * bm * bnp);
+    float* dP = aligned_alloc(32, sizeof(float) * bm * bnp);
+    float* der = aligned_alloc(32, sizeof(float) * bm * bnp);
+    float* dk = aligned_alloc(32, sizeof(float) * bn * D);
+    float* dv = aligned_alloc(32, sizeof(float) * bn * Dv);
+    Block* blocks = malloc(sizeof(Block) * (a->nqb + 1));
+    int fail = !KT || !VT || !S || !dP || !der || !dk || !dv || !blocks, soft = has_softcap(a);
+    const int64_t total = a->B * a->Hkv * a->nkb;
+    for (int64_t item; !fail && (item = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED)) < total;) {
+        int64_t bkv = item / a->nkb, c = item % a->nkb, bb = bkv / a->Hkv, hkv = bkv % a->Hkv;
+        int64_t j0 = c * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
+        pack_t(a->k + (bkv * a->Lk + j0) * D, n, D, D, KT, bnp, (float)a->scale);
+        pack_t(a->v + (bkv * a->Lk + j0) * Dv, n, Dv, Dv, VT, bnp, 1.0f);
+        memset(dk, 0, sizeof(float) * n * D);
+        memset(dv, 0, sizeof(float) * n * Dv);
+        int64_t nb = col_blocks(a, c, blocks);
+        for (int64_t g = 0; g < G; g++) {
+            int64_t h = hkv * G + g, bh = bb * a->H + h;
+            float slope = slope_of(a, h);
+            for (int64_t b = 0; b < nb; b++) {
+                int64_t i0 = blocks[b].c * bm, m = a->Lq - i0 < bm ? a->Lq - i0 : bm;
+                const float *qb = a->q + (bh * a->Lq + i0) * D, *ob = a->dout + (bh * a->Lq + i0) * Dv;
+                gemm(m, bnp, D, qb, D, 1, KT, bnp, S, bnp, 0);
+                gemm(m, bnp, Dv, ob, Dv, 1, VT, bnp, dP, bnp, 0);
+                for (int64_t i = 0; i < m; i++) {
+                    float* s = S + i * bnp;
+                    mod_mask(s, soft ? der + i * bnp : NULL, bnp, n, blocks[b].mask ? blocks[b].mask + i * bn : NULL,
+                             a, slope, (float)(j0 - a->q_pos0 - i0 - i), 1.0f);
+                    __m256 lse = _mm256_set1_ps(a->lse_in[bh * a->Lq + i0 + i]);
+                    __m256 delta = _mm256_set1_ps(a->delta[bh * a->Lq + i0 + i]);
+                    for (int64_t t = 0; t < bnp; t += 8) {
+                        __m256 x = _mm256_loadu_ps(s + t);
+                        __m256 vis = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+                        __m256 p = _mm256_and_ps(exp8(_mm256_sub_ps(x, lse)), vis);
+                        __m256 ds = _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dP + i * bnp + t), delta));
+                        if (soft) ds = _mm256_mul_ps(ds, _mm256_loadu_ps(der + i * bnp + t));
+                        _mm256_storeu_ps(s + t, p);
+                        _mm256_storeu_ps(dP + i * bnp + t, _mm256_and_ps(ds, vis));
+                    }
+                }
+                gemm(n, Dv, m, S, 1, bnp, ob, Dv, dv, Dv, 1);
+                gemm(n, D, m, dP, 1, bnp, qb, D, dk, D, 1);
+            }
+        }
+        float *gk = a->dk + (bkv * a->Lk + j0) * D, *gv = a->dv + (bkv * a->Lk + j0) * Dv;
+        for (int64_t i = 0; i < n * D; i++) gk[i] = dk[i] * (float)a->scale;
+        memcpy(gv, dv, sizeof(float) * n * Dv);
+    }
+    free(KT); free(VT); free(S); free(dP); free(der); free(dk); free(dv); free(blocks);
+    return fail;
+}
