@@ -248,8 +248,8 @@ def test_errors():
         ac.compile(p, score_mod=ac.softcap(5.0), scoremod=1)
     with pytest.raises(UnsupportedError, match="triton.*opaque.*sort"):
         ac.compile(p, backend="triton", score_mod=lambda s, b, h, qi, ki: torch.sort(s, -1)[0])(q, k, v)
-    with pytest.raises(UnsupportedError, match="not supported"):
-        ac.compile(ac.diffuse(ac.sliding_window(2), hops=2), score_mod=ac.softcap(5.0))
+    with pytest.raises(UnsupportedError, match="memory slots"):
+        ac.compile(ac.memory(4, ac.MLPControl()), score_mod=ac.softcap(5.0))
 
 
 class Holder:

@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 from ..dsl.pattern import Pattern
-from ..errors import PatternError, UnsupportedError
+from ..errors import PatternError
+from ..families.combiner.pattern import FAMILY as COMBINER
 from ..families.diffusion.pattern import DIFFUSION
 from ..families.memory.pattern import MEMORY
 from ..program.schedule import Schedule
 from .diffusion import DiffusionAttention
+from .edge_weights import run_joint_stages
 from .memory import MemoryAttention
 from .module import CompiledAttention
 
+
+class CombinerAttention(CompiledAttention):
+    """A compiled Combiner pattern: :class:`CompiledAttention`, except that with a score_mod each
+    factorization's joint softmax applies it to its direct (token-to-token) scores only, at the
+    tokens' real positions (:func:`~attncompiler.runtime.edge_weights.run_joint_stages`)."""
+
+    def run_program(self, q, k, v, dims, scale, return_lse, stage_inputs, backend, group):
+        """Run the program's stages once: ``(out, lse or None)``."""
+        if self.edge_weights is None:
+            return super().run_program(q, k, v, dims, scale, return_lse, stage_inputs, backend, group)
+        return run_joint_stages(self.program, q, k, v, dims, scale, return_lse, stage_inputs, backend,
+                                self.edge_weights)
+
+
 # Families whose compiled module is more than the generic one (learned parameters, decoding,
-# head slicing); every other family runs in a plain CompiledAttention.
-MODULES: dict[str, type[CompiledAttention]] = {DIFFUSION: DiffusionAttention, MEMORY: MemoryAttention}
+# head slicing, per-stage edge weights); every other family runs in a plain CompiledAttention.
+MODULES: dict[str, type[CompiledAttention]] = {DIFFUSION: DiffusionAttention, MEMORY: MemoryAttention,
+                                                COMBINER: CombinerAttention}
 
 
 def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | None = None,
@@ -35,19 +52,30 @@ def compile(pattern: Pattern, backend: str = "auto", *, schedule: Schedule | Non
         score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, applied to the
             scaled score before the mask (``q_idx`` is the query position ``q_offset + row``); the
             tensors it captures get gradients (:mod:`attncompiler.dsl.score_mod`: built-ins
-            ``ac.softcap``, ``ac.alibi``, ``ac.relative_bias``, ``ac.bias``). Mask patterns; the torch
-            backend runs any function, the triton backend one that traces (it is rendered into the
-            kernels; an opaque one raises :class:`UnsupportedError` naming it).
+            ``ac.softcap``, ``ac.alibi``, ``ac.relative_bias``, ``ac.bias``). Where it applies, per family:
+
+            * mask patterns: every score. The torch backend runs any function, the triton backend one
+              that traces (it is rendered into the kernels; an opaque one raises
+              :class:`UnsupportedError` naming it).
+            * Diffuser (``ac.diffuse``): the base attention
+              ``P = softmax(score_mod(scale q k^T) + mask)``, which every hop then uses.
+            * Combiner: the direct scores ``scale q_i . k_j`` (``j`` in ``D_i``) of the joint softmax,
+              with ``q_idx = i`` and ``kv_idx = j`` the real positions; the summary scores
+              ``scale q_i . k_S`` and the local expectations ``scale q_S . k_j`` involve a pooled
+              query or key with no position and stay unmodified.
+            * ABC (memory slots): raises :class:`UnsupportedError` (its scores are against
+              learned memory slots, not keys).
+
+            Diffuser and Combiner run it on the torch backend only (triton raises).
         sinks: attention sinks ``[H]``: a per-head logit in every row's softmax denominator that
             contributes no value (gpt-oss); a row with no visible key still gives zeros. The
-            returned lse includes the sink (for such a row it is the sink itself).
+            returned lse includes the sink (for such a row it is the sink itself). Mask patterns
+            and the Combiner's joint softmax (torch backend); the Diffuser raises (its P must stay
+            row-stochastic), as does ABC.
     """
     if not isinstance(pattern, Pattern):
         raise PatternError(f"compile() needs an attention pattern, got {type(pattern).__name__} {pattern!r}")
     cls = MODULES.get(pattern.family, CompiledAttention)
     if score_mod is not None or sinks is not None:
-        if cls is not CompiledAttention:
-            raise UnsupportedError(f"score_mod/sinks are not supported for {pattern.family} patterns yet "
-                                   f"({pattern!r}); hint: use a mask pattern")
         return cls(pattern, backend, schedule, check_finite, score_mod=score_mod, sinks=sinks)
     return cls(pattern, backend, schedule, check_finite)

@@ -11,12 +11,13 @@ import math
 import torch
 
 from ..errors import InputError, PatternError
-from ..families.diffusion.pattern import Diffusion
+from ..families.diffusion.pattern import DIFFUSION, Diffusion
 from ..families.diffusion.program import SparseProbs, choose_block, split_global_tokens
 from ..program.schedule import Schedule
 from ..program.stages import Program
 from ..program.head_slices import choose_head_block, run_by_head_slices
 from ..program.inputs import check_qkv, default_scale
+from .edge_weights import check_backend, edge_weights
 from .module import CompiledAttention, compile_program, resolve_backend
 
 # ---------------------------------------------------------------------------------------------
@@ -33,10 +34,14 @@ class DiffusionAttention(CompiledAttention):
     entry run through the whole program together, ``batch * heads`` or more for all at once
     (:func:`choose_diffusion_head_block`: on CPU, as many as keep their stored P in cache across
     the hops). Diffusion has no log-sum-exp output.
+
+    A ``score_mod`` (torch backend) modifies the base attention's scaled scores before the mask,
+    ``P = softmax(score_mod(scale q k^T, b, h, i, j) + mask)``, under both schedules; the hops
+    then use that P. Such a module runs all heads at once (the score_mod sees global ``b, h``).
     """
 
-    def __init__(self, pattern, backend="auto", schedule=None, check_finite=False):
-        super().__init__(pattern, backend, schedule, check_finite)
+    def __init__(self, pattern, backend="auto", schedule=None, check_finite=False, score_mod=None, sinks=None):
+        super().__init__(pattern, backend, schedule, check_finite, score_mod=score_mod, sinks=sinks)
         self.auto_block = schedule is None
         self.hops_mode = "auto"
         self.head_block: int | str = "auto"
@@ -65,6 +70,7 @@ class DiffusionAttention(CompiledAttention):
         dims = check_qkv(q, k, v, check_finite=self.check_finite)
         self.pattern.validate(dims.q_len, dims.kv_len)
         backend = resolve_backend(self.backend, q.device)
+        check_backend(DIFFUSION, backend, self.score_mod, self.sinks)
         self.program = program = self.program_for(backend, dims.q_len, dims.head_dim)
         self.check_call_keywords("forward", stage_inputs, program)
         from ..codegen.context import RunContext
@@ -74,7 +80,10 @@ class DiffusionAttention(CompiledAttention):
         last_use = {name: i for i, st in enumerate(program.stages) for name in st.inputs}
 
         def run(qq, kk, vv):
-            ctx = RunContext(scale=scale, batch=qq.shape[0], heads=qq.shape[1], extra={"need_lse": False})
+            extra = {"need_lse": False}
+            if self.edge_weights is not None:
+                extra.update(edge_weights(self.score_mod, self.sinks, backend, None))
+            ctx = RunContext(scale=scale, batch=qq.shape[0], heads=qq.shape[1], extra=extra)
             env = {"q": qq, "k": kk, "v": vv, **stage_inputs}
             for i, stage in enumerate(program.stages):
                 env.update(stage_impl(backend, type(stage))(stage, env, ctx))
@@ -83,7 +92,7 @@ class DiffusionAttention(CompiledAttention):
             return env["out"]
 
         base = self.pattern.base
-        if stage_inputs or base.batch_dependent or base.head_period != 1:
+        if stage_inputs or base.batch_dependent or base.head_period != 1 or self.edge_weights is not None:
             return run(q, k, v).to(q.dtype)  # a slice would see the layout of batch 0 / heads 0..
         return run_by_head_slices(run, q, k, v, self._head_block_for(program, backend, q, k, v)).to(q.dtype)
 

@@ -32,8 +32,9 @@ class MemoryAttention(LazyModuleMixin, CompiledAttention):
     """
 
     def __init__(self, pattern: Memory, backend: str = "auto", schedule: Schedule | None = None,
-                 check_finite: bool = False):
-        super().__init__(pattern, backend, schedule, check_finite)
+                 check_finite: bool = False, score_mod=None, sinks=None):
+        # score_mod/sinks raise (ABC's scores are against memory slots; see runtime.edge_weights)
+        super().__init__(pattern, backend, schedule, check_finite, score_mod=score_mod, sinks=sinks)
         if pattern.control.param_shape(pattern.slots, 1) is None:
             self.register_parameter("control_param", None)
         else:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attncompiler.dsl.score_mod import ScoreMod, captured_tensors, check_captured_grads, check_device, check_score_mod
 from attncompiler.program.autograd_guard import single_backward
 from attncompiler.families.diffusion.program import (Axpby, DiffusionHop, ExpandHeads, GlobalSplit, PassThrough,
                                                      SparseProbs, split_global_tokens)
@@ -43,8 +44,8 @@ from attncompiler.program.schedule import Schedule
 from ..cpu import diffusion as cpu_diffusion
 from ..context import RunContext
 from .common import compute_dtype_for
-from .diffusion_plan import (Item, as_blocks, band_view, chunk_rows, chunk_tile, dense_global_probs, global_parts,
-                             items_for, padded_blocks, rest_rows)
+from .diffusion_plan import (Item, TileMod, as_blocks, band_view, chunk_rows, chunk_tile, dense_global_probs,
+                             global_parts, items_for, padded_blocks, rest_rows, tile_mod, tile_positions)
 
 # ---------------------------------------------------------------------------------------------
 # P = rowsoftmax(scale q k^T)
@@ -64,39 +65,48 @@ def _mask_tile(tile: torch.Tensor, c) -> None:
         tile[:, c.patch_rows] = sub
 
 
-def _probs_forward(it: Item, split, q, k, scale, cdt):
-    """``(P flat [bh * size], PG [bh, G, L] or None)`` of one item (the C kernels on CPU float32)."""
+def _fill_scores(tile, plan, c, qr, kp, kr, bh: int, scale: float) -> None:
+    """``tile [BH, R, BM, W] = scale * q . k`` of chunk ``c``'s band and rest columns."""
+    nb = plan.nb
+    for i in range(bh):
+        # A gemm writing a column slice of the tile would fall back to one small gemm per
+        # batch entry: each part gets its own contiguous product, then one cat.
+        keys = ([band_view(kp, i, plan, c)] if nb else []) + ([kr[i]] if c.nr else [])
+        if not keys:  # no key at all: a zero-width tile
+            continue
+        if len(keys) == 1:  # the tile is the product: no copy
+            tile[i].baddbmm_(qr[i], keys[0].transpose(1, 2), beta=0.0, alpha=scale)
+        else:
+            torch.cat([_scores(qr[i], x.transpose(1, 2), scale) for x in keys], dim=-1, out=tile[i])
+
+
+def _probs_forward(it: Item, split, q, k, scale, cdt, mod: TileMod | None = None):
+    """``(P flat [bh * size], PG [bh, G, L] or None)`` of one item (the C kernels on CPU float32,
+    except with a score_mod ``mod``, applied to the scaled scores before the mask)."""
     plan, bh = it.plan, it.bh
-    if cpu_diffusion.usable(plan, cdt, q.device):
+    if mod is None and cpu_diffusion.usable(plan, cdt, q.device):
         return cpu_diffusion.probs_forward(it, split, q.to(cdt), k.to(cdt), scale)
     g = plan.blocks.geom
-    bm, nb = g.block_m, plan.nb
+    bm = g.block_m
     qb = as_blocks(q.to(cdt), g.nqb, bm)  # [BH, nqb, BM, D]
     kp = padded_blocks(k.to(cdt), plan)  # [BH, npad, BN, D]
     P = torch.empty(bh * plan.size, dtype=cdt, device=q.device)
     for c in plan.chunks:
         R, W = len(c.rows), plan.width(c)
         tile, qr = chunk_tile(P, plan, c, bh), chunk_rows(qb, c)  # [BH, R, BM, W], [BH, R, BM, D]
-        kr = rest_rows(kp, c) if c.nr else None
-        for i in range(bh):
-            # A gemm writing a column slice of the tile would fall back to one small gemm per
-            # batch entry: each part gets its own contiguous product, then one cat.
-            keys = ([band_view(kp, i, plan, c)] if nb else []) + ([kr[i]] if c.nr else [])
-            if not keys:  # no key at all: a zero-width tile
-                continue
-            if len(keys) == 1:  # the tile is the product: no copy
-                tile[i].baddbmm_(qr[i], keys[0].transpose(1, 2), beta=0.0, alpha=scale)
-            else:
-                torch.cat([_scores(qr[i], x.transpose(1, 2), scale) for x in keys], dim=-1, out=tile[i])
+        _fill_scores(tile, plan, c, qr, kp, rest_rows(kp, c) if c.nr else None, bh, scale)
+        if mod is not None:
+            mod.apply(tile, *tile_positions(plan, c, q.device))
         _mask_tile(tile, c)
         torch.ops.aten._softmax.out(tile, -1, False, out=tile)
         if c.empty_tokens is not None:  # rows with no visible key: zeros, not softmax's NaN
             tile.view(bh, R * bm, W)[:, c.empty_tokens.to(q.device)] = 0.0
-    return P, dense_global_probs(split, q.to(cdt), k.to(cdt), scale, bh, g.q_len, g.nqb, bm)
+    return P, dense_global_probs(split, q.to(cdt), k.to(cdt), scale, bh, g.q_len, g.nqb, bm, mod)
 
 
-def _probs_backward(it: Item, split, q, k, P, dP, PG, dPG, scale, cdt):
-    """dq, dk of one item from ``dP`` (overwritten with dS)."""
+def _probs_backward(it: Item, split, q, k, P, dP, PG, dPG, scale, cdt, mod: TileMod | None = None):
+    """dq, dk of one item from ``dP`` (overwritten with dS); with a score_mod ``mod``, dS goes
+    through it (scores recomputed) and its captured tensors' gradients accumulate in ``mod``."""
     plan, bh = it.plan, it.bh
     g = plan.blocks.geom
     bm, bn, nb, ng = g.block_m, g.block_n, plan.nb, plan.ng
@@ -104,6 +114,7 @@ def _probs_backward(it: Item, split, q, k, P, dP, PG, dPG, scale, cdt):
     qs = q.to(cdt) * scale
     qb = as_blocks(qs, g.nqb, bm)
     kp = padded_blocks(k.to(cdt), plan)
+    q_raw = as_blocks(q.to(cdt), g.nqb, bm) if mod is not None else None
     dq = torch.zeros(bh, g.nqb, bm, D, dtype=cdt, device=q.device)
     dkp = torch.zeros(bh * plan.npad, bn, D, dtype=cdt, device=q.device)
     dk_tok = dkp.view(-1, D)
@@ -113,6 +124,10 @@ def _probs_backward(it: Item, split, q, k, P, dP, PG, dPG, scale, cdt):
         ds.sub_((p * ds).sum(dim=-1, keepdim=True)).mul_(p)  # softmax backward, in place
         qr = chunk_rows(qb, c)
         kr = rest_rows(kp, c) if c.nr else None
+        if mod is not None:  # d/d score through the score_mod, on the recomputed scores
+            s = torch.empty_like(ds)
+            _fill_scores(s, plan, c, chunk_rows(q_raw, c), kp, kr, bh, scale)
+            ds.copy_(mod.vjp(s, ds, *tile_positions(plan, c, q.device)))
         acc = torch.zeros(bh, R, bm, D, dtype=cdt, device=q.device)
         for i in range(bh):
             d, a = ds[i], acc[i]
@@ -134,6 +149,9 @@ def _probs_backward(it: Item, split, q, k, P, dP, PG, dPG, scale, cdt):
         G = global_parts(split, L, g.nqb, bm, str(q.device))[0]
         kf = k.to(cdt).reshape(bh, L, D)
         dsG = dPG.sub_((PG * dPG).sum(dim=-1, keepdim=True)).mul_(PG)  # [BH, G, L]
+        if mod is not None:
+            sG = torch.bmm(q.to(cdt).reshape(bh, L, D)[:, G], kf.transpose(1, 2)).mul_(scale)
+            dsG = mod.vjp(sG, dsG, G.view(1, -1, 1), torch.arange(L, device=q.device).view(1, 1, -1))
         dq[:, G] += torch.bmm(dsG, kf)
         dk += torch.bmm(dsG.transpose(1, 2), qs.reshape(bh, L, D)[:, G])
     return (dq * scale).view(Bi, Hi, L, D), dk.view(Bi, Hi, L, D)  # q rows were already scaled
@@ -141,21 +159,26 @@ def _probs_backward(it: Item, split, q, k, P, dP, PG, dPG, scale, cdt):
 
 class _ProbsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, items, split, scale, q, k):
+    def forward(ctx, items, split, scale, fn, q, k, *captured):
         cdt = compute_dtype_for(q.dtype)
-        outs = [t for it in items for t in _probs_forward(it, split, q[it.b, it.h], k[it.b, it.h], scale, cdt)]
+        H = q.shape[1]
+        outs = [t for it in items for t in _probs_forward(it, split, q[it.b, it.h], k[it.b, it.h], scale, cdt,
+                                                          tile_mod(fn, it, H, q.device))]
         outs = [t if t is not None else q.new_zeros(0, dtype=cdt) for t in outs]
-        ctx.items, ctx.split, ctx.scale = items, split, scale
-        ctx.save_for_backward(q, k, *outs)
+        ctx.items, ctx.split, ctx.scale, ctx.fn = items, split, scale, fn
+        ctx.n_outs = len(outs)
+        ctx.save_for_backward(q, k, *outs, *captured)
         return tuple(outs)
 
     @staticmethod
     @single_backward("Diffuser SparseProbs (torch backend)")
     def backward(ctx, *grads):
-        q, k, *outs = ctx.saved_tensors
+        q, k, *rest = ctx.saved_tensors
+        outs, captured = rest[:ctx.n_outs], rest[ctx.n_outs:]
         cdt = compute_dtype_for(q.dtype)
         dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
         dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
+        cgrads: dict[int, torch.Tensor] = {}
         for j, it in enumerate(ctx.items):
             P, PG = outs[2 * j], outs[2 * j + 1]
             dP, dPG = grads[2 * j], grads[2 * j + 1]
@@ -163,11 +186,13 @@ class _ProbsFn(torch.autograd.Function):
                 continue
             if it.plan.ng and dPG is None:
                 dPG = torch.zeros_like(PG)
+            mod = tile_mod(ctx.fn, it, q.shape[1], q.device, captured, cgrads)
             a, b = _probs_backward(it, ctx.split, q[it.b, it.h], k[it.b, it.h], P, dP.contiguous(), PG,
-                                   dPG.contiguous() if it.plan.ng else None, ctx.scale, cdt)
+                                   dPG.contiguous() if it.plan.ng else None, ctx.scale, cdt, mod)
             dq[it.b, it.h] = a
             dk[it.b, it.h] = b
-        return None, None, None, dq.to(q.dtype), dk.to(k.dtype)
+        cg = [None if id(t) not in cgrads else cgrads[id(t)].to(t.dtype) for t in captured]
+        return (None, None, None, None, dq.to(q.dtype), dk.to(k.dtype), *cg)
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,17 +205,28 @@ class BlockProbs:
     scale: float
 
 
-def sparse_probs(q, k, layout: BlockLayout, schedule: Schedule, scale: float, split: GlobalSplit | None = None) -> BlockProbs:
+def sparse_probs(q, k, layout: BlockLayout, schedule: Schedule, scale: float, split: GlobalSplit | None = None,
+                 score_mod=None) -> BlockProbs:
     """P of ``q [B,H,L,D]``, ``k [B,Hkv,L,D]`` over ``layout`` (of ``split.light`` when given),
-    stored block-sparse (differentiable)."""
-    B, H = q.shape[:2]
+    stored block-sparse (differentiable, also in the tensors ``score_mod`` captures): the
+    row-softmax of ``score_mod(scale q k^T, b, h, i, j)`` plus the mask."""
+    B, H, L = q.shape[:3]
     items = items_for(layout, schedule, B, H, split)
     k = expand_heads(k, H)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        tensors = _ProbsFn.apply(items, split, scale, q, k)
+    captured = ()
+    if score_mod is not None:
+        captured = captured_tensors(check_score_mod(score_mod))
+        check_device(captured, q.device, score_mod)
+        if isinstance(score_mod, ScoreMod):
+            score_mod.check(B, H, L, k.shape[2])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, *captured)):
+        if score_mod is not None:
+            check_captured_grads(score_mod, captured, compute_dtype_for(q.dtype), q.device)
+        tensors = _ProbsFn.apply(items, split, scale, score_mod, q, k, *captured)
     else:
         cdt = compute_dtype_for(q.dtype)
-        tensors = [t for it in items for t in _probs_forward(it, split, q[it.b, it.h], k[it.b, it.h], scale, cdt)]
+        tensors = [t for it in items for t in _probs_forward(it, split, q[it.b, it.h], k[it.b, it.h], scale, cdt,
+                                                             tile_mod(score_mod, it, H, q.device))]
         tensors = tuple(t if t is not None else q.new_zeros(0, dtype=cdt) for t in tensors)
     return BlockProbs(items, split, tuple(tensors), scale)
 
@@ -334,7 +370,8 @@ def _hops(items, split, tensors, z, v, beta, gamma):
 # ---------------------------------------------------------------------------------------------
 
 def run_sparse_probs(stage: SparseProbs, env: dict, ctx: RunContext) -> dict:
-    """P of the stage's base layout (of its light part when global tokens are split apart)."""
+    """P of the stage's base layout (of its light part when global tokens are split apart), with
+    the call's score_mod (``ctx.extra["score_mod"]``) applied to the scaled scores."""
     q, k = (env[n] for n in stage.inputs)
     s = stage.schedule
     split = split_global_tokens(stage.pattern) if stage.split_globals else None
@@ -342,7 +379,7 @@ def run_sparse_probs(stage: SparseProbs, env: dict, ctx: RunContext) -> dict:
         stage.pattern.validate(q.shape[2], k.shape[2])
     base = split.light if split is not None else stage.pattern
     layout = base.layout(q.shape[2], k.shape[2], s.block_m, s.block_n, batch=ctx.batch, heads=ctx.heads)
-    return {stage.outputs[0]: sparse_probs(q, k, layout, s, ctx.scale, split)}
+    return {stage.outputs[0]: sparse_probs(q, k, layout, s, ctx.scale, split, ctx.extra.get("score_mod"))}
 
 
 def run_diffusion_hop(stage: DiffusionHop, env: dict, ctx: RunContext) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attncompiler.dsl.score_mod import ScoreMod, check_result
 from attncompiler.families.diffusion.program import GlobalSplit
 from attncompiler.layout.block_layout import BlockLayout, Blocks2D, pairs_from_ranges
 from attncompiler.program.schedule import Schedule
@@ -175,14 +176,17 @@ def global_parts(split: GlobalSplit | None, L: int, nqb: int, bm: int, device: s
 
 
 def dense_global_probs(split: GlobalSplit | None, q: torch.Tensor, k: torch.Tensor, scale: float, bh: int, L: int,
-                       nqb: int, bm: int) -> torch.Tensor | None:
-    """``PG [BH, G, Lk]``: the dense rows of the global queries (softmax over every allowed key),
-    None without global tokens. ``q``, ``k`` are ``[Bi, Hi, L, D]`` in the compute dtype."""
+                       nqb: int, bm: int, mod: TileMod | None = None) -> torch.Tensor | None:
+    """``PG [BH, G, Lk]``: the dense rows of the global queries (softmax over every allowed key,
+    of the scores through ``mod`` when given), None without global tokens. ``q``, ``k`` are
+    ``[Bi, Hi, L, D]`` in the compute dtype."""
     if split is None:
         return None
     G, _, row_bias = global_parts(split, L, nqb, bm, str(q.device))
     D = q.shape[-1]
     s = torch.bmm(q.reshape(bh, -1, D)[:, G], k.reshape(bh, -1, D).transpose(1, 2)).mul_(scale)
+    if mod is not None:
+        mod.apply(s, G.view(1, -1, 1), torch.arange(s.shape[-1], device=s.device).view(1, 1, -1))
     if row_bias is not None:
         s += row_bias.to(s.dtype)
     return torch.softmax(s, dim=-1).nan_to_num_(0.0)  # [BH, G, Lk]
@@ -261,6 +265,74 @@ def _slot_masks(blocks: Blocks2D, rows, slots, present, full) -> torch.Tensor:
         m.permute(0, 2, 1, 3)[torch.from_numpy(pr), torch.from_numpy(pc)] = em
     k_pos = torch.from_numpy(slots * bn)[:, :, None] + torch.arange(bn)  # [R, S, BN]
     return m.view(R, bm, S * bn) & (k_pos < g.kv_len).view(R, 1, S * bn)
+
+
+class TileMod:
+    """A score_mod applied to score tiles of one :class:`Item` whose first axis runs over its
+    ``bh`` (batch, head) entries: ``b_ids``, ``h_ids [bh]`` are their global indices. ``vjp``
+    differentiates it with autograd, adding the gradients of ``captured`` into ``grads`` (by id)."""
+
+    def __init__(self, fn, b_ids: torch.Tensor, h_ids: torch.Tensor, captured=(), grads: dict | None = None):
+        self.fn, self.b_ids, self.h_ids = fn, b_ids, h_ids
+        self.want = [t for t in captured if t.requires_grad]
+        self.grads = {} if grads is None else grads
+
+    def indices(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b, h)`` shaped ``[bh, 1, ...]`` to broadcast against ``s``."""
+        shape = (-1,) + (1,) * (s.dim() - 1)
+        return self.b_ids.view(shape), self.h_ids.view(shape)
+
+    def apply(self, s: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> None:
+        """``s = fn(s, b, h, q_pos, kv_pos)`` in place (checked: shape and dtype)."""
+        fn = self.fn
+        b, h = self.indices(s)
+        out = fn.apply_(s, b, h, q_pos, kv_pos, {}) if isinstance(fn, ScoreMod) else fn(s, b, h, q_pos, kv_pos)
+        out = check_result(fn, out, s)
+        if out is not s:
+            s.copy_(out)
+
+    def vjp(self, s: torch.Tensor, ds: torch.Tensor, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:
+        """``ds * d fn / d s`` at the raw scores ``s`` (a fresh tensor), adding the captured
+        tensors' gradients into :attr:`grads`."""
+        b, h = self.indices(s)
+        with torch.enable_grad():
+            s = s.requires_grad_()
+            out = check_result(self.fn, self.fn(s, b, h, q_pos, kv_pos), s)
+        got = torch.autograd.grad(out, [s, *self.want], grad_outputs=ds, allow_unused=True)
+        for t, g in zip(self.want, got[1:]):
+            if g is not None:
+                self.grads[id(t)] = g if id(t) not in self.grads else self.grads[id(t)] + g
+        return got[0] if got[0] is not None else torch.zeros_like(ds)
+
+
+def tile_mod(fn, it: Item, heads: int, device, captured=(), grads: dict | None = None) -> TileMod | None:
+    """The :class:`TileMod` of score_mod ``fn`` on item ``it`` (None without a score_mod)."""
+    if fn is None:
+        return None
+    if it.b == slice(None):
+        ids = torch.arange(it.bh, device=device)
+        b_ids, h_ids = ids // heads, ids % heads
+    else:
+        b_ids = torch.tensor([it.b.start], device=device)
+        h_ids = torch.tensor([it.h.start], device=device)
+    return TileMod(fn, b_ids, h_ids, captured, grads)
+
+
+@functools.lru_cache(maxsize=256)
+def tile_positions(plan: Plan, c: Chunk, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_pos [1, R, BM, 1], kv_pos [1, R, 1, W])``: the query and key position of every entry of
+    chunk ``c``'s tile (band columns, then the rest: other blocks' keys and global keys); slots
+    past the ends or missing (always masked) are clamped into ``[0, L)``."""
+    g = plan.blocks.geom
+    bm, bn = g.block_m, g.block_n
+    rows = torch.from_numpy(c.rows.copy())
+    R = len(rows)
+    q = (rows[:, None] * bm + torch.arange(bm)).clamp_max(g.q_len - 1)
+    band = ((rows[:, None, None] + plan.dlo + torch.arange(plan.nb)[None, :, None]) * bn
+            + torch.arange(bn)).reshape(R, plan.nb * bn)
+    rest = c.rest_index.view(R, c.nr) - plan.pad_lo * bn
+    kv = torch.cat([band, rest], dim=1).clamp(0, g.kv_len - 1)
+    return q.view(1, R, bm, 1).to(device), kv.view(1, R, 1, -1).to(device)
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,7 +16,9 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from ...dsl.score_mod import ScoreMod, captured_tensors, check_result
 from ...ir import expr as E
 from .pattern import Combiner, span_table
 from ...errors import LayoutError
@@ -177,3 +179,45 @@ def slot_plan(joint: JointMask, L: int) -> SlotPlan:
     group = np.full(int(padded.sum()), -1, dtype=np.int64)
     summary[slot], group[slot] = summ, grp
     return SlotPlan(summary, group, slot[pair_inv.reshape(-1)], True)
+
+
+class JointScoreMod(ScoreMod):
+    """A user score_mod on one factorization's joint key axis at ``L`` tokens.
+
+    Token columns (``kv < L``) get ``fn(score, b, h, pos(q), pos(kv))`` with the real positions
+    (``pos`` undoes :meth:`Combiner.token_order`); padding and summary columns keep their score
+    (a summary ``k_S`` pools several keys: it has no position).
+    """
+
+    def __init__(self, fn, joint: JointMask, L: int):
+        self.fn, self.L = fn, L
+        order = joint.factorization.token_order(L)
+        self.order = None if order is None else torch.from_numpy(np.ascontiguousarray(order))
+        self.finite = bool(getattr(fn, "finite", False))
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        token = kv_idx < self.L
+        kv = kv_idx.clamp_max(self.L - 1)
+        q = q_idx.clamp_max(self.L - 1)
+        if self.order is not None:
+            if self.order.device != kv.device:
+                self.order = self.order.to(kv.device)
+            q, kv = self.order[q], self.order[kv]
+        out = check_result(self.fn, self.fn(score, b, h, q, kv), score)
+        return torch.where(token, out, score)
+
+    def tensors(self):
+        return captured_tensors(self.fn)
+
+    def check(self, batch, heads, q_end, kv_len):
+        if isinstance(self.fn, ScoreMod):
+            self.fn.check(batch, heads, self.L, self.L)
+
+    def __repr__(self) -> str:
+        return f"{self.fn!r} on the token columns"
+
+
+def joint_score_mod(fn, joint: JointMask, L: int) -> JointScoreMod:
+    """``fn`` applied to the direct (token-to-token) scores of ``joint``'s softmax at ``L`` tokens,
+    at the tokens' real positions; the summary scores stay unmodified (see :class:`JointScoreMod`)."""
+    return JointScoreMod(fn, joint, L)
