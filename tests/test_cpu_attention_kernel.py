@@ -159,6 +159,15 @@ def test_threads_give_identical_results():
         assert torch.equal(a, b)
 
 
+def test_without_lse_the_output_is_the_same():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 45, 24, generator=g) for _ in range(3))
+    t = tables_from_dense(make_mask("random", 45, 45, g), 16, 8)
+    out, lse = cpu_attn.forward(q, k, v, t, 0.2)
+    out2, none = cpu_attn.forward(q, k, v, t, 0.2, need_lse=False, threads=2)
+    assert none is None and torch.equal(out, out2)
+
+
 def test_nan_in_one_query_row_stays_in_that_row():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 48, 16, generator=g) for _ in range(3))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -182,6 +183,7 @@ def _pad8(x: torch.Tensor) -> torch.Tensor:
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
 
 
 def _launch(fn, args: _Args, threads: int | None) -> None:
@@ -192,9 +194,10 @@ def _launch(fn, args: _Args, threads: int | None) -> None:
     if n == 1:
         codes = [fn(ref, cref)]
     else:
-        pool = _POOLS.get(n - 1)
-        if pool is None:
-            pool = _POOLS[n - 1] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="attnc-cpu")
+        with _POOL_LOCK:
+            pool = _POOLS.get(n - 1)
+            if pool is None:
+                pool = _POOLS[n - 1] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="attnc-cpu")
         futures = [pool.submit(fn, ref, cref) for _ in range(n - 1)]
         codes = [fn(ref, cref)] + [f.result() for f in futures]  # the caller works too
     if any(codes):
