@@ -25,6 +25,12 @@ after ``gamma * v``. On the CPU in float32 both the P stage and the hops run C k
 ``dS = P * (dP - rowsum(P * dP))`` in place and then into dq and dk.
 
 GQA: keys and values are expanded to the query heads first (P differs per query head).
+
+A score_mod (``ctx.extra["score_mod"]``) is applied to each tile's scaled scores before the mask
+(:class:`~.diffusion_plan.TileMod`, positions from :func:`~.diffusion_plan.tile_positions`); P is then
+computed here rather than by the C kernels (the hops keep them). Its backward recomputes the tile's
+scores and runs the score_mod under autograd: ``dS`` through ``d score_mod / d score`` and the
+captured tensors' gradients.
 """
 
 from __future__ import annotations

@@ -11,6 +11,14 @@ and ``v_S = sum_j softmax_j(scale q_S.k_j) v_j`` (the "local expectation", share
 queries). ``D_i`` and the spans of ``R_i`` partition the keys ``i`` may see (all keys, or
 ``[0, i]`` when causal), so every query reaches every legal key in one layer.
 
+With a ``score_mod`` (``ac.compile(p, score_mod=fn)``, torch backend) the joint softmax becomes
+
+    p = softmax([fn(scale q_i.k_j, b, h, i, j) for j in D_i ; scale q_i.k_S for S in R_i])
+
+with ``i``, ``j`` the real positions. The summary scores ``scale q_i.k_S`` and the local
+expectations ``softmax_j(scale q_S.k_j)`` are left unmodified: ``k_S`` and ``q_S`` pool several
+tokens and have no position to hand to ``fn``. Sinks join the joint softmax's denominator.
+
 This module is the public face of the family; the parts live in modules with one job each:
 
 * :mod:`~attncompiler.families.combiner.tables`: span tables (which summaries exist at a length, which

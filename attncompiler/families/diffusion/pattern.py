@@ -9,8 +9,11 @@ base pattern's allowed pairs (rows with no key give a zero row):
   to sum to 1.
 
 Both are the recurrence ``z_{j+1} = beta_j P z_j + gamma_j V`` from ``z_0 = V`` (the heat kernel in
-Horner form), which is what the lowering emits: one :class:`SparseProbs` stage computing P once
-over the base layout (stored block-sparse, O(nnz) memory) and K :class:`DiffusionHop` stages
+Horner form). With a ``score_mod`` ``fn`` (``ac.compile(p, score_mod=fn)``, torch backend), P is the
+row-softmax of ``fn(scale q_i . k_j, b, h, i, j)`` over the allowed pairs, and every hop uses that P
+(no sinks: P stays row-stochastic). The recurrence is what the lowering emits: one
+:class:`SparseProbs` stage computing P once over the base layout (stored block-sparse, O(nnz)
+memory) and K :class:`DiffusionHop` stages
 (block-sparse SpMM plus axpby). The alternative schedule recomputes P in every hop by reusing
 :class:`~attncompiler.program.stages.BlockSparseAttention` (``softmax(q k^T) z`` is masked attention with
 ``z`` as values), trading K score computations for no stored P: :func:`recompute_hops`.

@@ -72,7 +72,8 @@ def split_global_tokens(base: Pattern) -> GlobalSplit | None:
 
 @dataclass(frozen=True)
 class SparseProbs(Stage):
-    """``probs = rowsoftmax(scale * q k^T)`` over the base layout, kept block-sparse.
+    """``probs = rowsoftmax(scale * q k^T)`` over the base layout, kept block-sparse (with the
+    call's score_mod, ``rowsoftmax(score_mod(scale * q k^T, b, h, i, j))``).
 
     Shapes: q ``[B, H, L, D]``, k ``[B, Hkv, L, D]`` -> probs: one ``[R, BM, W]`` tile per
     chunk of query blocks (O(nnz) memory; empty rows are zero). With ``split_globals`` (a
