@@ -176,6 +176,7 @@ static void scores_t(const Args* a, const float* kh, const float* QT, int64_t j0
                      int64_t m, const uint8_t* mask_t, float slope, float* S, float* deriv) {
     int64_t bmp = RUP8(a->bm);
     gemm(n, bmp, a->D, kh + j0 * a->D, a->D, 1, QT, bmp, S, bmp, 0);
+    if (a->nops == 0 && !mask_t && m == bmp) return;  /* a full block of whole rows: nothing to change */
     for (int64_t j = 0; j < n; j++)
         mod_mask(S + j * bmp, deriv ? deriv + j * bmp : NULL, bmp, m, mask_t ? mask_t + j * a->bm : NULL, a, slope,
                  (float)(j0 + j - a->q_pos0 - i0), -1.0f);
