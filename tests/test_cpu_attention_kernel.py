@@ -190,14 +190,25 @@ def test_nan_in_one_query_row_stays_in_that_row():
     assert dq[0, 1, rest].isfinite().all() and dq[0, 0].isfinite().all() and dk[0, 0].isfinite().all()
 
 
-def test_nan_key_reaches_the_rows_that_see_it():
+def test_nan_key_or_value_reaches_the_rows_that_see_it():
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 1, 40, 16, generator=g) for _ in range(3))
     mask = make_mask("window", 40, 40, g)
-    k[0, 0, 30, 0] = math.nan
-    out, lse = cpu_attn.forward(q, k, v, tables_from_dense(mask, 8, 8), 0.25)
-    assert out[0, 0, mask[:, 30]].isnan().all() and lse[0, 0, mask[:, 30]].isnan().all()
-    assert out[0, 0, ~mask[:, 30]].isfinite().all()
+    t = tables_from_dense(mask, 8, 8)
+    sees = mask[:, 30]
+    k2 = k.clone()
+    k2[0, 0, 30, 0] = math.nan
+    out, lse = cpu_attn.forward(q, k2, v, t, 0.25)
+    assert out[0, 0, sees].isnan().all() and lse[0, 0, sees].isnan().all()
+    assert out[0, 0, ~sees].isfinite().all() and lse[0, 0, ~sees].isfinite().all()
+    dq, dk, dv = cpu_attn.backward(q, k2, v, out, lse, torch.randn(out.shape, generator=g), t, 0.25)
+    # rows in blocks that never meet key block 3 stay finite (in a shared block, 0 * NaN makes
+    # NaN, as in a dense product)
+    assert dq[0, 0, sees].isnan().all() and dq[0, 0, :16].isfinite().all()
+    v2 = v.clone()
+    v2[0, 0, 30, 3] = math.nan
+    out, lse = cpu_attn.forward(q, k, v2, t, 0.25)
+    assert out[0, 0, sees, 3].isnan().all() and lse.isfinite().all() and out[0, 0, :16].isfinite().all()
 
 
 def test_block_order_does_not_matter():
