@@ -204,11 +204,11 @@ def test_nan_key_or_value_reaches_the_rows_that_see_it():
     dq, dk, dv = cpu_attn.backward(q, k2, v, out, lse, torch.randn(out.shape, generator=g), t, 0.25)
     # rows in blocks that never meet key block 3 stay finite (in a shared block, 0 * NaN makes
     # NaN, as in a dense product)
-    assert dq[0, 0, sees].isnan().all() and dq[0, 0, :16].isfinite().all()
+    assert dq[0, 0, sees].isnan().all() and dq[0, 0, :8].isfinite().all()
     v2 = v.clone()
     v2[0, 0, 30, 3] = math.nan
     out, lse = cpu_attn.forward(q, k, v2, t, 0.25)
-    assert out[0, 0, sees, 3].isnan().all() and lse.isfinite().all() and out[0, 0, :16].isfinite().all()
+    assert out[0, 0, sees, 3].isnan().all() and lse.isfinite().all() and out[0, 0, :8].isfinite().all()
 
 
 def test_block_order_does_not_matter():
