@@ -161,6 +161,22 @@ def test_threads_give_identical_results():
         assert torch.equal(a, b)
 
 
+def test_gradient_into_lse():
+    g = torch.Generator().manual_seed(7)
+    q, k = (torch.randint(-6, 7, (1, 2, 53, 16), generator=g).float() for _ in range(2))
+    v = torch.randn(1, 2, 53, 24, generator=g)
+    mask = make_mask("random", 53, 53, g)
+    t = tables_from_dense(mask, 16, 8)
+    out, lse = cpu_attn.forward(q, k, v, t, 0.25)
+    dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+    got = cpu_attn.backward(q, k, v, out, lse, dout, t, 0.25, dlse=dlse)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    ro, rl = reference(qd, kd, vd, mask, 0.25)
+    want = torch.autograd.grad((ro, rl), (qd, kd, vd), (dout.double(), dlse.double()))
+    for x, y in zip(got, want):
+        close(x, y, 1e-3)
+
+
 def test_without_lse_the_output_is_the_same():
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(2, 2, 45, 24, generator=g) for _ in range(3))

@@ -244,9 +244,11 @@ def forward(q, k, v, tables: KernelTables, scale: float, mods: ScoreMods = Score
 
 
 def backward(q, k, v, out, lse, dout, tables: KernelTables, scale: float, mods: ScoreMods = ScoreMods(),
-             threads: int | None = None):
+             threads: int | None = None, dlse: torch.Tensor | None = None):
     """``(dq, dk, dv)`` float32 in the shapes of q, k, v for :func:`forward`'s ``out`` and ``lse``
-    and the upstream gradient ``dout``, with delta = rowsum(dout * out) and P recomputed from lse."""
+    and the upstream gradient ``dout``, with delta = rowsum(dout * out) and P recomputed from lse.
+    ``dlse [B,H,Lq]`` (optional) is a gradient into lse itself (attention sinks make lse part of
+    the result): d lse / d s = P, so it enters as ``delta - dlse``."""
     _check(q, k, v, tables, (("out", out), ("dout", dout)))
     if out.shape != dout.shape or out.shape[:3] != q.shape[:3] or out.shape[3] != v.shape[3]:
         raise InputError(f"out {tuple(out.shape)} and dout {tuple(dout.shape)} must both be [B,H,Lq,Dv] = "
@@ -255,7 +257,10 @@ def backward(q, k, v, out, lse, dout, tables: KernelTables, scale: float, mods: 
         raise InputError(f"lse must be float32 {tuple(q.shape[:3])}, got {None if lse is None else lse.shape}; "
                          "hint: call forward with need_lse=True")
     D, Lk = q.shape[3], k.shape[2]
-    delta = (dout * out).sum(-1).contiguous()
+    delta = (dout * out).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.to(torch.float32)
+    delta = delta.contiguous()
     q, k, v, dout = _pad8(q), _pad8(k), _pad8(v), _pad8(dout)
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
