@@ -1,10 +1,11 @@
 """Fused block-sparse attention on the CPU through C kernels (``cpu_attention.c`` beside it).
 
 Low level: float32 tensors in, tensors out, one layout given as block tables
-(:class:`KernelTables`) for every (batch, head). Each stage (forward, dq, dk/dv) is one parallel
+(:class:`KernelTables`) for every (batch, head). Forward and backward are each one parallel
 region: every thread calls the same C entry once with a shared counter and takes work items
 (a query block of one head, or a key block of one key/value head) until none is left, so a
-thread slowed down by another process does fewer items and nobody waits on a barrier.
+thread slowed down by another process does fewer items and nobody waits on a barrier. The
+backward accumulates dq per thread (see :data:`DQ_BUFFER_BYTES`) and sums the buffers here.
 Building the tables from a layout, autograd and dispatch live with the caller.
 """
 
@@ -26,6 +27,10 @@ from . import build as cpu_build
 
 _P, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _OPS = {"softcap": 0, "alibi": 1}
+# Extra dq buffers (one per thread beyond the first, which writes dq itself) held by a backward
+# call. Past it the key/value heads are done in chunks that fit, and when even one head's rows
+# do not fit, with fewer threads.
+DQ_BUFFER_BYTES = 512 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,8 +85,9 @@ class _Args(ctypes.Structure):
 def _library():
     lib = cpu_build.load("cpu_attention")
     if lib is not None:
-        for fn in (lib.attn_fwd, lib.attn_dq, lib.attn_dkdv):
-            fn.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64)]
+        lib.attn_fwd.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64)]
+        lib.attn_bwd.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64), _P, _I64, _I64]
+        for fn in (lib.attn_fwd, lib.attn_bwd):
             fn.restype = ctypes.c_int
     return lib
 
@@ -186,20 +192,23 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def _launch(fn, args: _Args, threads: int | None) -> None:
-    """``fn(args, counter)`` on ``threads`` threads sharing one work counter."""
-    n = max(1, int(threads if threads is not None else torch.get_num_threads()))
+def _threads(threads: int | None) -> int:
+    return max(1, int(threads if threads is not None else torch.get_num_threads()))
+
+
+def _launch(fn, args: _Args, n: int, extra=lambda i: ()) -> None:
+    """``fn(args, counter, *extra(i))`` on threads i = 0..n-1 sharing one work counter."""
     counter = _I64(0)
     ref, cref = ctypes.byref(args), ctypes.byref(counter)
     if n == 1:
-        codes = [fn(ref, cref)]
+        codes = [fn(ref, cref, *extra(0))]
     else:
         with _POOL_LOCK:
             pool = _POOLS.get(n - 1)
             if pool is None:
                 pool = _POOLS[n - 1] = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="attnc-cpu")
-        futures = [pool.submit(fn, ref, cref) for _ in range(n - 1)]
-        codes = [fn(ref, cref)] + [f.result() for f in futures]  # the caller works too
+        futures = [pool.submit(fn, ref, cref, *extra(i)) for i in range(1, n)]
+        codes = [fn(ref, cref, *extra(0))] + [f.result() for f in futures]  # the caller works too
     if any(codes):
         raise MemoryError("CPU attention kernel could not allocate its scratch buffers")
 
@@ -239,7 +248,7 @@ def forward(q, k, v, tables: KernelTables, scale: float, mods: ScoreMods = Score
     keep: list = []
     a = _args(q, k, v, tables, scale, mods, keep)
     a.out, a.lse = out.data_ptr(), lse.data_ptr() if lse is not None else None
-    _launch(_library().attn_fwd, a, threads)
+    _launch(_library().attn_fwd, a, _threads(threads))
     return (out[..., :Dv] if out.shape[3] != Dv else out), lse
 
 
@@ -248,7 +257,10 @@ def backward(q, k, v, out, lse, dout, tables: KernelTables, scale: float, mods: 
     """``(dq, dk, dv)`` float32 in the shapes of q, k, v for :func:`forward`'s ``out`` and ``lse``
     and the upstream gradient ``dout``, with delta = rowsum(dout * out) and P recomputed from lse.
     ``dlse [B,H,Lq]`` (optional) is a gradient into lse itself (attention sinks make lse part of
-    the result): d lse / d s = P, so it enters as ``delta - dlse``."""
+    the result): d lse / d s = P, so it enters as ``delta - dlse``.
+
+    dk and dv do not depend on the thread count; dq is summed over per-thread buffers, so its
+    rounding does (by a few float32 ulps)."""
     _check(q, k, v, tables, (("out", out), ("dout", dout)))
     if out.shape != dout.shape or out.shape[:3] != q.shape[:3] or out.shape[3] != v.shape[3]:
         raise InputError(f"out {tuple(out.shape)} and dout {tuple(dout.shape)} must both be [B,H,Lq,Dv] = "
@@ -263,14 +275,33 @@ def backward(q, k, v, out, lse, dout, tables: KernelTables, scale: float, mods: 
     delta = delta.contiguous()
     q, k, v, dout = _pad8(q), _pad8(k), _pad8(v), _pad8(dout)
     lse = lse.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = torch.zeros_like(q), torch.empty_like(k), torch.empty_like(v)
     keep: list = [delta, lse]
     a = _args(q, k, v, tables, scale, mods, keep)
     a.dout, a.lse_in, a.delta = dout.data_ptr(), lse.data_ptr(), delta.data_ptr()
     a.dq, a.dk, a.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
-    lib = _library()
-    _launch(lib.attn_dq, a, threads)
-    if Lk:
-        _launch(lib.attn_dkdv, a, threads)
+    if Lk and k.shape[0]:  # with Lq = 0 the kernel still writes dk = dv = 0
+        _backward_chunks(a, dq, k.shape[0] * k.shape[1], _threads(threads))
     Dv = out.shape[3]
     return dq[..., :D], dk[..., :D], dv[..., :Dv]
+
+
+def _backward_chunks(a: _Args, dq: torch.Tensor, heads: int, n: int) -> None:
+    """Run ``attn_bwd`` over the ``heads`` (= B * Hkv) key/value heads on ``n`` threads: thread 0
+    accumulates into ``dq`` itself, every other thread into its own zeroed buffer, summed into
+    ``dq`` afterwards; heads go in chunks so that the buffers fit :data:`DQ_BUFFER_BYTES`."""
+    fn = _library().attn_bwd
+    rows = dq.view(heads, dq.numel() // heads)  # the rows of one key/value head's G query heads
+    head_bytes = max(1, rows.shape[1] * rows.element_size())
+    n = min(n, 1 + DQ_BUFFER_BYTES // head_bytes)
+    if n == 1:
+        _launch(fn, a, 1, lambda i: (dq.data_ptr(), 0, heads))
+        return
+    chunk = min(heads, DQ_BUFFER_BYTES // ((n - 1) * head_bytes))
+    scratch = torch.empty(n - 1, chunk, rows.shape[1], dtype=dq.dtype)
+    for h0 in range(0, heads, chunk):
+        h1 = min(heads, h0 + chunk)
+        part, extra = rows[h0:h1], scratch[:, : h1 - h0]
+        extra.zero_()
+        _launch(fn, a, n, lambda i: (part.data_ptr() if i == 0 else extra[i - 1].data_ptr(), h0, h1))
+        part += extra.sum(0)

@@ -1,19 +1,20 @@
-/* Fused block-sparse attention on the CPU (x86-64, AVX2 + FMA, float32): forward, dq, dk/dv.
+/* Fused block-sparse attention on the CPU (x86-64, AVX2 + FMA, float32): forward and backward.
  *
  * One layout (block tables, see codegen/cpu/attention.py) for every (batch, head). Each entry
  * point is called once per thread with the same arguments and a shared counter; a thread takes
  * the next work item with an atomic add until none is left, so a thread slowed down by another
  * process simply does fewer items and nothing waits on a barrier.
  *
- *   attn_fwd:  items (b * H + h, query block r): online softmax over the row's key blocks.
- *   attn_dq:   items (b * H + h, query block r): P recomputed from lse, dq = scale * dS K.
- *   attn_dkdv: items (b * Hkv + hkv, key block c) over the group's query heads and the column's
- *              query blocks: dv = P^T dO, dk = scale * dS^T Q (every item owns its rows).
+ *   attn_fwd: items (b * H + h, query block r): online softmax over the row's key blocks.
+ *   attn_bwd: items (b * Hkv + hkv, key block c) over the group's query heads and the column's
+ *             query blocks, P recomputed from lse: dv = P^T dO, dk = scale * dS^T Q (every item
+ *             owns its rows) and dq += scale * dS K into the calling thread's own dq buffer
+ *             (5 block products per visible block; the caller sums the buffers).
  *
- * Forward and dq work on S^T (keys x queries: the lanes of a vector are 8 query rows), so the
+ * The forward works on S^T (keys x queries: the lanes of a vector are 8 query rows), so the
  * keys and values are read in place and only the query block is packed (transposed) per item;
- * dk/dv works on S (queries x keys), reading queries and dO in place and packing K^T, V^T once
- * per item. Every product is gemm(): C[M x N] (+)= A B with A read through (row, k) strides (so
+ * the backward works on S (queries x keys), reading queries, dO and keys in place and packing
+ * K^T, V^T once per item. Every product is gemm(): C[M x N] (+)= A B with A read through (row, k) strides (so
  * transposed uses need no copy) and B row-major; N and the head dims are multiples of 8 (the
  * wrapper pads odd head dims with zeros). Ragged last blocks are bounds-checked here.
  *
@@ -144,12 +145,12 @@ static void pack_t(const float* A, int64_t rows, int64_t cols, int64_t lda, floa
 /* The key blocks of query block r: full ranges first, then partial blocks with their masks. */
 typedef struct { int64_t c; const uint8_t* mask; } Block;
 
-static int64_t row_blocks(const Args* a, int64_t r, Block* out, int transposed) {
+static int64_t row_blocks(const Args* a, int64_t r, Block* out) {  /* masks transposed (S^T) */
     int64_t n = 0, msz = a->bm * a->bn;
     for (int64_t i = a->range_ptr[r]; i < a->range_ptr[r + 1]; i++)
         for (int64_t c = a->range_start[i]; c < a->range_end[i]; c++) out[n++] = (Block){c, NULL};
     for (int64_t i = a->part_ptr[r]; i < a->part_ptr[r + 1]; i++)
-        out[n++] = (Block){a->part_cols[i], (transposed ? a->masks_t : a->masks) + a->part_mask[i] * msz};
+        out[n++] = (Block){a->part_cols[i], a->masks_t + a->part_mask[i] * msz};
     return n;
 }
 
@@ -173,12 +174,12 @@ static float slope_of(const Args* a, int64_t h) { return a->slopes ? a->slopes[h
 /* S^T[j][t] for the key block at j0 (n keys) against the packed query block QT (queries
  * i0..i0+m as lanes), mods and mask applied. */
 static void scores_t(const Args* a, const float* kh, const float* QT, int64_t j0, int64_t n, int64_t i0,
-                     int64_t m, const uint8_t* mask_t, float slope, float* S, float* deriv) {
+                     int64_t m, const uint8_t* mask_t, float slope, float* S) {
     int64_t bmp = RUP8(a->bm);
     gemm(n, bmp, a->D, kh + j0 * a->D, a->D, 1, QT, bmp, S, bmp, 0);
     if (a->nops == 0 && !mask_t && m == bmp) return;  /* a full block of whole rows: nothing to change */
     for (int64_t j = 0; j < n; j++)
-        mod_mask(S + j * bmp, deriv ? deriv + j * bmp : NULL, bmp, m, mask_t ? mask_t + j * a->bm : NULL, a, slope,
+        mod_mask(S + j * bmp, NULL, bmp, m, mask_t ? mask_t + j * a->bm : NULL, a, slope,
                  (float)(j0 + j - a->q_pos0 - i0), -1.0f);
 }
 
@@ -199,10 +200,10 @@ int attn_fwd(const Args* a, int64_t* counter) {
         pack_t(a->q + (bh * a->Lq + i0) * D, m, D, D, QT, bmp, (float)a->scale);
         memset(acc, 0, sizeof(float) * m * Dv);
         for (int64_t t = 0; t < bmp; t++) mx[t] = -INFINITY, l[t] = 0.0f;
-        int64_t nb = row_blocks(a, r, blocks, 1);
+        int64_t nb = row_blocks(a, r, blocks);
         for (int64_t b = 0; b < nb; b++) {
             int64_t j0 = blocks[b].c * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
-            scores_t(a, kh, QT, j0, n, i0, m, blocks[b].mask, slope, S, NULL);
+            scores_t(a, kh, QT, j0, n, i0, m, blocks[b].mask, slope, S);
             for (int64_t t = 0; t < bmp; t += 8) {
                 __m256 bmx = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
                 for (int64_t j = 0; j < n; j++) {
@@ -245,55 +246,12 @@ int attn_fwd(const Args* a, int64_t* counter) {
     return fail;
 }
 
-int attn_dq(const Args* a, int64_t* counter) {
-    const int64_t D = a->D, Dv = a->Dv, bm = a->bm, bn = a->bn, bmp = RUP8(bm), bnp = RUP8(bn), G = a->H / a->Hkv;
-    float* QT = aligned_alloc(32, sizeof(float) * D * bmp);
-    float* OT = aligned_alloc(32, sizeof(float) * Dv * bmp);
-    float* S = aligned_alloc(32, sizeof(float) * bnp * bmp);
-    float* dP = aligned_alloc(32, sizeof(float) * bnp * bmp);
-    float* der = aligned_alloc(32, sizeof(float) * bnp * bmp);
-    float* acc = aligned_alloc(32, sizeof(float) * bm * D);
-    float* st = aligned_alloc(32, sizeof(float) * 2 * bmp);
-    Block* blocks = malloc(sizeof(Block) * (a->nkb + 1));
-    int fail = !QT || !OT || !S || !dP || !der || !acc || !st || !blocks, soft = has_softcap(a);
-    const int64_t total = a->B * a->H * a->nqb;
-    for (int64_t item; !fail && (item = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED)) < total;) {
-        int64_t bh = item / a->nqb, r = item % a->nqb, h = bh % a->H, kvh = bh / a->H * a->Hkv + h / G;
-        int64_t i0 = r * bm, m = a->Lq - i0 < bm ? a->Lq - i0 : bm;
-        const float *kh = a->k + kvh * a->Lk * D, *vh = a->v + kvh * a->Lk * Dv;
-        float slope = slope_of(a, h), *lse = st, *delta = st + bmp;
-        pack_t(a->q + (bh * a->Lq + i0) * D, m, D, D, QT, bmp, (float)a->scale);
-        pack_t(a->dout + (bh * a->Lq + i0) * Dv, m, Dv, Dv, OT, bmp, 1.0f);
-        for (int64_t t = 0; t < bmp; t++) {
-            lse[t] = t < m ? a->lse_in[bh * a->Lq + i0 + t] : 0.0f;
-            delta[t] = t < m ? a->delta[bh * a->Lq + i0 + t] : 0.0f;
-        }
-        memset(acc, 0, sizeof(float) * m * D);
-        int64_t nb = row_blocks(a, r, blocks, 1);
-        for (int64_t b = 0; b < nb; b++) {
-            int64_t j0 = blocks[b].c * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
-            scores_t(a, kh, QT, j0, n, i0, m, blocks[b].mask, slope, S, soft ? der : NULL);
-            gemm(n, bmp, Dv, vh + j0 * Dv, Dv, 1, OT, bmp, dP, bmp, 0);
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t t = 0; t < bmp; t += 8) {
-                    __m256 s = _mm256_loadu_ps(S + j * bmp + t);
-                    __m256 vis = _mm256_cmp_ps(s, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ);
-                    __m256 p = exp8(_mm256_sub_ps(s, _mm256_loadu_ps(lse + t)));
-                    __m256 ds = _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dP + j * bmp + t),
-                                                               _mm256_loadu_ps(delta + t)));
-                    if (soft) ds = _mm256_mul_ps(ds, _mm256_loadu_ps(der + j * bmp + t));
-                    _mm256_storeu_ps(dP + j * bmp + t, _mm256_and_ps(ds, vis));
-                }
-            gemm(m, D, n, dP, 1, bmp, kh + j0 * D, D, acc, D, 1);
-        }
-        float* g = a->dq + (bh * a->Lq + i0) * D;
-        for (int64_t i = 0; i < m * D; i++) g[i] = acc[i] * (float)a->scale;
-    }
-    free(QT); free(OT); free(S); free(dP); free(der); free(acc); free(st); free(blocks);
-    return fail;
-}
-
-int attn_dkdv(const Args* a, int64_t* counter) {
+/* The whole backward in one pass over items (b * Hkv + hkv, key block c): for every query head
+ * of the group and query block r seeing c, S and dP = dO V^T give P (from lse) and dS; then
+ * dv += P^T dO and dk += dS^T Q (rows the item owns) and dq[r] += dS K into this thread's own
+ * dq buffer (the wrapper sums the threads' buffers), so no two threads write the same memory.
+ * Only the items of key/value heads kv0..kv1 are done; dq holds their rows from head kv0 on. */
+int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv1) {
     const int64_t D = a->D, Dv = a->Dv, bm = a->bm, bn = a->bn, bnp = RUP8(bn), G = a->H / a->Hkv;
     float* KT = aligned_alloc(32, sizeof(float) * D * bnp);
     float* VT = aligned_alloc(32, sizeof(float) * Dv * bnp);
@@ -304,17 +262,19 @@ int attn_dkdv(const Args* a, int64_t* counter) {
     float* dv = aligned_alloc(32, sizeof(float) * bn * Dv);
     Block* blocks = malloc(sizeof(Block) * (a->nqb + 1));
     int fail = !KT || !VT || !S || !dP || !der || !dk || !dv || !blocks, soft = has_softcap(a);
-    const int64_t total = a->B * a->Hkv * a->nkb;
+    const int64_t total = (kv1 - kv0) * a->nkb;
+    const __m256 scale = _mm256_set1_ps((float)a->scale);
     for (int64_t item; !fail && (item = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED)) < total;) {
-        int64_t bkv = item / a->nkb, c = item % a->nkb, bb = bkv / a->Hkv, hkv = bkv % a->Hkv;
+        int64_t bkv = kv0 + item / a->nkb, c = item % a->nkb, hkv = bkv % a->Hkv;
         int64_t j0 = c * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
-        pack_t(a->k + (bkv * a->Lk + j0) * D, n, D, D, KT, bnp, (float)a->scale);
+        const float* kb = a->k + (bkv * a->Lk + j0) * D;
+        pack_t(kb, n, D, D, KT, bnp, (float)a->scale);
         pack_t(a->v + (bkv * a->Lk + j0) * Dv, n, Dv, Dv, VT, bnp, 1.0f);
         memset(dk, 0, sizeof(float) * n * D);
         memset(dv, 0, sizeof(float) * n * Dv);
         int64_t nb = col_blocks(a, c, blocks);
         for (int64_t g = 0; g < G; g++) {
-            int64_t h = hkv * G + g, bh = bb * a->H + h;
+            int64_t h = hkv * G + g, bh = bkv * G + g;  /* b * H + h, as H = Hkv * G */
             float slope = slope_of(a, h);
             for (int64_t b = 0; b < nb; b++) {
                 int64_t i0 = blocks[b].c * bm, m = a->Lq - i0 < bm ? a->Lq - i0 : bm;
@@ -334,16 +294,17 @@ int attn_dkdv(const Args* a, int64_t* counter) {
                         __m256 ds = _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dP + i * bnp + t), delta));
                         if (soft) ds = _mm256_mul_ps(ds, _mm256_loadu_ps(der + i * bnp + t));
                         _mm256_storeu_ps(s + t, p);
-                        _mm256_storeu_ps(dP + i * bnp + t, _mm256_and_ps(ds, vis));
+                        /* the scale of S = scale Q K^T, folded in once for both dk and dq */
+                        _mm256_storeu_ps(dP + i * bnp + t, _mm256_and_ps(_mm256_mul_ps(ds, scale), vis));
                     }
                 }
                 gemm(n, Dv, m, S, 1, bnp, ob, Dv, dv, Dv, 1);
                 gemm(n, D, m, dP, 1, bnp, qb, D, dk, D, 1);
+                gemm(m, D, n, dP, bnp, 1, kb, D, dq + ((bh - kv0 * G) * a->Lq + i0) * D, D, 1);
             }
         }
-        float *gk = a->dk + (bkv * a->Lk + j0) * D, *gv = a->dv + (bkv * a->Lk + j0) * Dv;
-        for (int64_t i = 0; i < n * D; i++) gk[i] = dk[i] * (float)a->scale;
-        memcpy(gv, dv, sizeof(float) * n * Dv);
+        memcpy(a->dk + (bkv * a->Lk + j0) * D, dk, sizeof(float) * n * D);
+        memcpy(a->dv + (bkv * a->Lk + j0) * Dv, dv, sizeof(float) * n * Dv);
     }
     free(KT); free(VT); free(S); free(dP); free(der); free(dk); free(dv); free(blocks);
     return fail;
