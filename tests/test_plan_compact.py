@@ -14,6 +14,14 @@ from attncompiler.codegen.pytorch import attention_plan as AP
 from attncompiler.program.schedule import Schedule
 
 from strategies import cases, schedules
+from attncompiler.codegen.pytorch import fused_cpu
+
+
+@pytest.fixture(autouse=True)
+def _plan_path():
+    """These tests are about the plan path (the fallback where the fused CPU kernels do not run)."""
+    with fused_cpu.disabled():
+        yield
 
 
 def _stored_elems(plan) -> int:

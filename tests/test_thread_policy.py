@@ -9,6 +9,14 @@ import attncompiler as ac
 from attncompiler.codegen.pytorch.attention import block_sparse_attention
 from attncompiler.codegen.pytorch.threads import parts_for, split_heads
 from attncompiler.program.schedule import Schedule
+from attncompiler.codegen.pytorch import fused_cpu
+
+
+@pytest.fixture(autouse=True)
+def _plan_path():
+    """These tests are about the plan path (the fallback where the fused CPU kernels do not run)."""
+    with fused_cpu.disabled():
+        yield
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""Thread scaling of the torch backend's block-sparse stage with and without the (batch, kv-head)
-split policy of :mod:`attncompiler.codegen.pytorch.threads` (float32; forward, and forward plus
-backward with ``--mode fwdbwd``).
+"""Thread scaling of the torch backend's block-sparse stage (float32; forward, and forward plus
+backward with ``--mode fwdbwd``): the fused CPU kernels (:mod:`attncompiler.codegen.pytorch.fused_cpu`,
+work handed out dynamically) at 1 and at N threads, next to the plan path with its (batch,
+kv-head) split policy (:mod:`attncompiler.codegen.pytorch.threads`) at N threads.
 
-Per pattern, in one process on the same inputs, alternating: the plain stage (policy off) at 1
-thread and at N threads, and the stage with the policy on at N threads; quiet and, with
-``--load``, with one competing busy process. Each variant's output (and gradients) is compared
-with the plain 1-thread result before timing.
+Per pattern, in one process on the same inputs, alternating; quiet and, with ``--load``, with
+one competing busy process. Each variant's output (and gradients) is compared with the kernels'
+1-thread result before timing.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..codegen.pytorch import threads as thread_policy
+from ..codegen.pytorch import fused_cpu, threads as thread_policy
 from .grid import busy_process, grid_patterns, num_threads
 
 MODES = ("fwd", "fwdbwd")
@@ -37,18 +37,19 @@ def policy(on: bool):
 
 def measure(pattern, seq_len: int, threads: int, *, loaded: bool = False, repeats: int = 5, heads: int = 4,
             head_dim: int = 64, batch: int = 1, mode: str = "fwd") -> dict[str, float]:
-    """Median ms of ``plain@1``, ``plain@N`` and ``split@N`` (N = ``threads``) of the forward
-    (``mode="fwd"``, no gradient) or forward plus backward (``"fwdbwd"``)."""
+    """Median ms of ``kernel@1``, ``kernel@N`` and ``plan split@N`` (N = ``threads``) of the
+    forward (``mode="fwd"``, no gradient) or forward plus backward (``"fwdbwd"``)."""
     from ..runtime.module import CompiledAttention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, seq_len, head_dim, generator=gen) for _ in range(3))
     dout = torch.randn(batch, heads, seq_len, head_dim, generator=gen)
     attn = CompiledAttention(pattern, "torch")
-    variants = {"plain@1": (1, False), f"plain@{threads}": (threads, False), f"split@{threads}": (threads, True)}
+    variants = {"kernel@1": (1, True), f"kernel@{threads}": (threads, True), f"plan split@{threads}": (threads, False)}
 
-    def call(n, split):
-        with num_threads(n), policy(split):
+    def call(n, kernel):
+        path = contextlib.nullcontext() if kernel else fused_cpu.disabled()
+        with num_threads(n), policy(True), path:
             if mode == "fwd":
                 with torch.no_grad():
                     return (attn(q, k, v),)
@@ -56,9 +57,9 @@ def measure(pattern, seq_len: int, threads: int, *, loaded: bool = False, repeat
             out = attn(qq, kk, vv)
             return (out.detach(), *torch.autograd.grad(out, (qq, kk, vv), dout))
 
-    want = call(1, False)
-    for name, (n, split) in variants.items():
-        diff = max(float((a - b).abs().max()) for a, b in zip(call(n, split), want))
+    want = call(1, True)
+    for name, (n, kernel) in variants.items():
+        diff = max(float((a - b).abs().max()) for a, b in zip(call(n, kernel), want))
         if diff > 1e-4:
             raise AssertionError(f"{name} differs from the 1-thread result by {diff:.2e}")
     times: dict[str, list[float]] = {n: [] for n in variants}
@@ -92,8 +93,8 @@ def main(argv=None) -> int:
     n = args.threads
     wanted = args.pattern or ["sliding_window", "causal window", "document, causal", "bigbird", "dilated"]
     print(f"L={args.seq_len} B=1 H=4 D=64 float32, medians of {args.repeats}, alternating; "
-          f"x = plain@1 / variant (> 1: faster than one thread)")
-    print(f"| pattern | mode | load | plain@1 ms | plain@{n} ms | split@{n} ms | x plain@{n} | x split@{n} |")
+          f"x = kernel@1 / variant (> 1: faster than the kernels on one thread)")
+    print(f"| pattern | mode | load | kernel@1 ms | kernel@{n} ms | plan split@{n} ms | x kernel@{n} | x plan split@{n} |")
     print("|---|---|---|---|---|---|---|---|")
     for name, pattern in grid_patterns(args.seq_len).items():
         if not any(w in (name, name.split("(")[0]) for w in wanted):
@@ -101,9 +102,9 @@ def main(argv=None) -> int:
         for mode in modes:
             for loaded in ((False, True) if args.load else (False,)):
                 m = measure(pattern, args.seq_len, n, loaded=loaded, repeats=args.repeats, mode=mode)
-                base = m["plain@1"]
-                print(f"| {name} | {mode} | {'busy' if loaded else 'quiet'} | {base:.1f} | {m[f'plain@{n}']:.1f} | "
-                      f"{m[f'split@{n}']:.1f} | {base / m[f'plain@{n}']:.2f} | {base / m[f'split@{n}']:.2f} |",
+                base, kn, sp = m["kernel@1"], m[f"kernel@{n}"], m[f"plan split@{n}"]
+                print(f"| {name} | {mode} | {'busy' if loaded else 'quiet'} | {base:.1f} | {kn:.1f} | {sp:.1f} | "
+                      f"{base / kn:.2f} | {base / sp:.2f} |",
                       flush=True)
     return 0
 

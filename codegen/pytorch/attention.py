@@ -1,6 +1,11 @@
-"""PyTorch implementation of the ``BlockSparseAttention`` stage: the fast path on CPU.
+"""PyTorch implementation of the ``BlockSparseAttention`` stage.
 
-How it is organized (per layout group, i.e. per distinct 2-D block layout):
+On an x86-64 CPU with AVX2 (float32, bfloat16, float16) the stage runs on the fused C kernels
+(:mod:`.fused_cpu`: one parallel region per direction). Everything else (float64, other devices
+and architectures, ``fused_cpu.disabled()``) takes the plan path below, which stays the portable
+fallback; decoding calls (one query block row) keep their fused SDPA paths (:mod:`.decode`).
+
+How the plan path is organized (per layout group, i.e. per distinct 2-D block layout):
 
 * **Plan** (:mod:`.torch_attention_plan`, cached per layout, schedule and GQA group): query
   blocks are bucketed by their number of non-empty key blocks, so rows of very different cost
@@ -28,6 +33,7 @@ from attncompiler.layout.block_layout import BlockLayout, Blocks2D
 from attncompiler.program.schedule import Schedule
 
 from .attention_plan import NEG_INF, StepMask, make_plan, step_bias
+from . import fused_cpu
 from .decode import key_range_forward, split_k_forward
 from .common import Operands, compute_dtype_for, fold, pad_len, write_rows
 from .threads import split_kv
@@ -204,8 +210,12 @@ def _split_by_group(layout, q, k, v, fn):
 
 
 def _run_forward(q, k, v, layout, schedule, scale, need_lse=True):
-    """``(out, lse)``; a one-group layout runs as concurrent (batch, kv-head) parts where the
-    thread policy applies (see threads.py), with or without a gradient."""
+    """``(out, lse)``: the fused CPU kernels where they apply (one parallel region, see
+    fused_cpu.py) except for one-block-row calls (decoding keeps its fused SDPA paths); else a
+    one-group layout runs as concurrent (batch, kv-head) parts where the thread policy applies
+    (see threads.py), with or without a gradient."""
+    if fused_applies(layout, q, k, v):
+        return fused_cpu.forward(q, k, v, layout, scale, need_lse)
     if len(layout.groups) != 1:
         return _forward_plain(q, k, v, layout, schedule, scale, need_lse)
     return split_kv(lambda q_, k_, v_: _forward_plain(q_, k_, v_, layout, schedule, scale, need_lse),
@@ -244,9 +254,22 @@ def _forward_plain(q, k, v, layout, schedule, scale, need_lse=True):
     return out, lse
 
 
+def _one_block_row(layout: BlockLayout) -> bool:
+    return all(g.geom.nqb == 1 for g in layout.groups)
+
+
+def fused_applies(layout: BlockLayout, q, k, v) -> bool:
+    """Whether a call of this stage runs on the fused CPU kernels (which split their own work
+    across threads: callers then skip the (batch, kv-head) thread split)."""
+    return not _one_block_row(layout) and fused_cpu.applies(layout, q, k, v)
+
+
 def _run_backward(q, k, v, out, lse, dout, layout, schedule, scale):
-    """``(dq, dk, dv)``; a one-group layout runs as concurrent (batch, kv-head) parts where the
-    thread policy applies: a slice's dq, dk and dv depend on that slice only."""
+    """``(dq, dk, dv)``: the fused CPU kernels where they apply; else a one-group layout runs as
+    concurrent (batch, kv-head) parts where the thread policy applies: a slice's dq, dk and dv
+    depend on that slice only."""
+    if fused_cpu.applies(layout, q, k, v):
+        return fused_cpu.backward(q, k, v, out, lse, dout, layout, scale)
     if len(layout.groups) != 1:
         return _backward_plain(q, k, v, out, lse, dout, layout, schedule, scale)
     return split_kv(lambda *t: _backward_plain(*t, layout, schedule, scale),

@@ -22,6 +22,7 @@ from attncompiler.dsl.score_mod import (ScoreMod, captured_tensors, check_captur
 from attncompiler.layout.block_layout import BlockLayout
 from attncompiler.program.autograd_guard import single_backward
 
+from . import fused_cpu
 from .attention import finish_rows, softmax_step
 from .attention_plan import NEG_INF, make_plan, step_bias
 from .common import Operands, compute_dtype_for, fold, pad_len, write_rows
@@ -201,9 +202,21 @@ def group_calls(layout: BlockLayout, q, k, v):
                    v[b:b + 1, kh:kh + 1])
 
 
+def fused_mods(fn, layout: BlockLayout, q, k, v):
+    """The fused CPU kernels' form of ``fn`` when they run this call (softcap, constant ALiBi, or
+    no score_mod with sinks), else None (the torch ops below)."""
+    if not fused_cpu.applies(layout, q, k, v):
+        return None
+    return fused_cpu.kernel_mods(None if fn is identity_mod else fn)
+
+
 def run_forward(q, k, v, layout, schedule, scale, fn, b_ids, need_lse=True):
     """``(out [B,H,Lq,Dv], lse [B,H,Lq] or None)`` in the compute dtype."""
     cdt = compute_dtype_for(q.dtype)
+    mods = fused_mods(fn, layout, q, k, v)
+    if mods is not None:
+        out, lse = fused_cpu.forward(q, k, v, layout, scale, need_lse, mods)
+        return out.to(cdt), lse
     B, H, Lq, _ = q.shape
     out = torch.zeros(B, H, Lq, v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.full((B, H, Lq), NEG_INF, dtype=cdt, device=q.device) if need_lse else None
@@ -227,6 +240,10 @@ def run_forward(q, k, v, layout, schedule, scale, fn, b_ids, need_lse=True):
 def run_backward(q, k, v, out, lse, dout, dlse, layout, schedule, scale, fn, b_ids, captured):
     """``(dq, dk, dv, grads of captured)`` (a captured tensor's gradient is None when unused);
     ``captured`` is ``[(id of the tensor the score_mod holds, tensor)]``."""
+    mods = fused_mods(fn, layout, q, k, v)
+    if mods is not None:  # kernel_mods takes no captured tensor that needs a gradient
+        dq, dk, dv = fused_cpu.backward(q, k, v, out, lse, dout, layout, scale, mods, dlse)
+        return dq, dk, dv, [None] * len(captured)
     cdt = compute_dtype_for(q.dtype)
     delta_all = (dout.to(cdt) * out.to(cdt)).sum(-1)
     if dlse is not None:

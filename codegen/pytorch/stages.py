@@ -8,7 +8,7 @@ from attncompiler.program.stages import BlockSparseAttention
 
 from . import combiner, diffusion, memory
 from ..context import RunContext
-from .attention import block_sparse_attention
+from .attention import block_sparse_attention, fused_applies
 from .dense import run_dense
 from .score_mod import score_mod_attention
 from .threads import split_heads
@@ -24,6 +24,9 @@ def run_block_sparse(stage: BlockSparseAttention, env: dict, ctx: RunContext) ->
         out, lse = score_mod_attention(q, k, v, layout, s, ctx.scale, ctx.extra.get("score_mod"),
                                        ctx.extra.get("sinks"), ctx.extra.get("batch_index"),
                                        ctx.extra.get("need_lse", True))
+        return dict(zip(stage.outputs, (out, lse)))
+    if fused_applies(layout, q, k, v):  # the fused kernels split their own work across threads
+        out, lse = block_sparse_attention(q, k, v, layout, s, ctx.scale, ctx.extra.get("need_lse", True))
         return dict(zip(stage.outputs, (out, lse)))
     # inference: (batch, kv-head) slices in parallel, one intra-op thread each (see threads.py)
     out, lse = split_heads(block_sparse_attention, q, k, v, layout, s, ctx.scale, ctx.extra.get("need_lse", True))
