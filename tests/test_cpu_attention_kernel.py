@@ -199,6 +199,20 @@ def test_dq_buffer_budget(monkeypatch, budget_heads, want_threads, want_chunks):
     dq_close(got[0], one[0])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_empty_lengths(threads):
+    """No query rows: dk = dv = 0 (the backward still visits every key block); no keys: dq = 0."""
+    g = torch.Generator().manual_seed(8)
+    for Lq, Lk in ((0, 20), (20, 0)):
+        t = tables_from_dense(torch.ones(Lq, Lk, dtype=torch.bool), 8, 8)
+        q, k = torch.randn(1, 2, Lq, 16, generator=g), torch.randn(1, 1, Lk, 16, generator=g)
+        v = torch.randn(1, 1, Lk, 8, generator=g)
+        out, lse = cpu_attn.forward(q, k, v, t, 0.25, threads=threads)
+        dq, dk, dv = cpu_attn.backward(q, k, v, out, lse, torch.randn(out.shape, generator=g), t, 0.25, threads=threads)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+        assert not dq.any() and not dk.any() and not dv.any()
+
+
 def test_gradient_into_lse():
     g = torch.Generator().manual_seed(7)
     q, k = (torch.randint(-6, 7, (1, 2, 53, 16), generator=g).float() for _ in range(2))
