@@ -143,7 +143,9 @@ def test_per_batch_cu_seqlens_forward_backward(extra):
     mask = torch.stack([(ac.document([int(n) for n in np.diff(r) if n]) & extra).to_dense(L).expand(H, L, L)
                         for r in rows])
     ref = _oracle(q_big, k, v, mask)
-    assert_matches_oracle(out, ref, (q_big, k, v))
+    # logits of a few hundred: float32 rounding of the scores (~1e-4 relative) reaches dk; the
+    # fused kernels and the plan path both land at about 4e-4 on the largest entries here
+    assert_matches_oracle(out, ref, (q_big, k, v), grad_rtol=3e-4)
     torch.testing.assert_close(ac.reference(p, q_big, k, v, cu_seqlens=cu), ref, rtol=1e-12, atol=1e-12)
     same = ac.compile(p, backend="torch", schedule=SMALL)(q_big, k, v, cu_seqlens=cu[0])  # one row for all
     torch.testing.assert_close(same[0], out[0], rtol=1e-6, atol=1e-6)

@@ -254,6 +254,7 @@ int attn_fwd(const Args* a, int64_t* counter) {
 int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv1) {
     const int64_t D = a->D, Dv = a->Dv, bm = a->bm, bn = a->bn, bnp = RUP8(bn), G = a->H / a->Hkv;
     float* KT = aligned_alloc(32, sizeof(float) * D * bnp);
+    float* QS = aligned_alloc(32, sizeof(float) * bm * D);
     float* VT = aligned_alloc(32, sizeof(float) * Dv * bnp);
     float* S = aligned_alloc(32, sizeof(float) * bm * bnp);
     float* dP = aligned_alloc(32, sizeof(float) * bm * bnp);
@@ -261,14 +262,14 @@ int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv
     float* dk = aligned_alloc(32, sizeof(float) * bn * D);
     float* dv = aligned_alloc(32, sizeof(float) * bn * Dv);
     Block* blocks = malloc(sizeof(Block) * (a->nqb + 1));
-    int fail = !KT || !VT || !S || !dP || !der || !dk || !dv || !blocks, soft = has_softcap(a);
+    int fail = !KT || !QS || !VT || !S || !dP || !der || !dk || !dv || !blocks, soft = has_softcap(a);
     const int64_t total = (kv1 - kv0) * a->nkb;
     const __m256 scale = _mm256_set1_ps((float)a->scale);
     for (int64_t item; !fail && (item = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED)) < total;) {
         int64_t bkv = kv0 + item / a->nkb, c = item % a->nkb, hkv = bkv % a->Hkv;
         int64_t j0 = c * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
         const float* kb = a->k + (bkv * a->Lk + j0) * D;
-        pack_t(kb, n, D, D, KT, bnp, (float)a->scale);
+        pack_t(kb, n, D, D, KT, bnp, 1.0f);
         pack_t(a->v + (bkv * a->Lk + j0) * Dv, n, Dv, Dv, VT, bnp, 1.0f);
         memset(dk, 0, sizeof(float) * n * D);
         memset(dv, 0, sizeof(float) * n * Dv);
@@ -279,7 +280,11 @@ int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv
             for (int64_t b = 0; b < nb; b++) {
                 int64_t i0 = blocks[b].c * bm, m = a->Lq - i0 < bm ? a->Lq - i0 : bm;
                 const float *qb = a->q + (bh * a->Lq + i0) * D, *ob = a->dout + (bh * a->Lq + i0) * Dv;
-                gemm(m, bnp, D, qb, D, 1, KT, bnp, S, bnp, 0);
+                /* S exactly as the forward computed it (sum over d of k * fl(q * scale), in the same
+                 * order): P = exp(S - lse) then sums to 1 with the forward's lse, so the rounding
+                 * of the scores does not leak into dv and dk */
+                for (int64_t i = 0; i < m * D; i++) QS[i] = qb[i] * (float)a->scale;
+                gemm(m, bnp, D, QS, D, 1, KT, bnp, S, bnp, 0);
                 gemm(m, bnp, Dv, ob, Dv, 1, VT, bnp, dP, bnp, 0);
                 for (int64_t i = 0; i < m; i++) {
                     float* s = S + i * bnp;
@@ -306,6 +311,6 @@ int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv
         memcpy(a->dk + (bkv * a->Lk + j0) * D, dk, sizeof(float) * n * D);
         memcpy(a->dv + (bkv * a->Lk + j0) * Dv, dv, sizeof(float) * n * Dv);
     }
-    free(KT); free(VT); free(S); free(dP); free(der); free(dk); free(dv); free(blocks);
+    free(KT); free(QS); free(VT); free(S); free(dP); free(der); free(dk); free(dv); free(blocks);
     return fail;
 }
