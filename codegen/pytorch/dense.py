@@ -1,5 +1,10 @@
 """PyTorch implementation of the ``DenseAttention`` stage: SDPA's fused flash kernel for CPU.
 
+Where the block-sparse CPU kernels are built (x86-64 with AVX2, see :mod:`.fused_cpu`) they
+run full and causal attention too: they measured faster than SDPA's kernel on both, so this
+stage hands every call but decode-shaped ones (one query row) to the block-sparse stage.
+Elsewhere (other CPUs, no compiler, ``ATTNC_CPU_KERNELS=0``) SDPA's kernel runs as follows.
+
 A pattern that is exactly ``full()`` or exactly (top-left) causal is what ATen's
 ``_scaled_dot_product_flash_attention_for_cpu`` computes with ``is_causal`` False / True; it
 returns the log-sum-exp, and its backward (``..._for_cpu_backward``) recomputes from it, so both
@@ -26,6 +31,7 @@ from attncompiler.program.dense import DenseAttention
 from attncompiler.program.positions import group_layout
 
 from ..context import RunContext
+from . import fused_cpu
 from .attention import block_sparse_attention
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -34,7 +40,10 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 
 
 def fused_applies(causal: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions=None) -> bool:
-    """Whether the fused kernel computes exactly this call (see the module docstring)."""
+    """Whether SDPA's fused kernel runs this call: it computes it exactly (see the module
+    docstring) and the block-sparse CPU kernels are not available for it (where they are, they
+    measured 1.1-1.45x faster than SDPA's kernel on full and causal attention, forward and
+    forward+backward, 1 and 2 threads: docs/benchmarks.md; decode-shaped calls keep SDPA)."""
     if q.device.type != "cpu" or q.dtype not in FUSED_DTYPES or not (q.dtype == k.dtype == v.dtype):
         return False
     if q.shape[-1] != v.shape[-1] or 0 in q.shape or 0 in k.shape:
@@ -44,6 +53,8 @@ def fused_applies(causal: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             return False
         if causal and getattr(positions, "q_offset", 0) != 0 and fused_causal(causal, k.shape[2], positions):
             return False
+    if q.shape[2] > 1 and fused_cpu.enabled():
+        return False
     return True
 
 

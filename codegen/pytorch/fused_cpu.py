@@ -47,11 +47,16 @@ def disabled():
             _DISABLED[0] -= 1
 
 
+def enabled() -> bool:
+    """The kernels are built and not switched off by :func:`disabled`."""
+    return not _DISABLED[0] and kernels.available()
+
+
 def applies(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the fused kernels run this call (see the module docstring)."""
-    if _DISABLED[0] or q.device.type != "cpu" or q.dtype not in FUSED_DTYPES or not (q.dtype == k.dtype == v.dtype):
+    if q.device.type != "cpu" or q.dtype not in FUSED_DTYPES or not (q.dtype == k.dtype == v.dtype):
         return False
-    if 0 in q.shape or 0 in k.shape or 0 in v.shape or not kernels.available():
+    if 0 in q.shape or 0 in k.shape or 0 in v.shape or not enabled():
         return False
     return all(kernel_tables(g) is not None for g in layout.groups)
 
