@@ -101,6 +101,22 @@ def _groups(layout: BlockLayout, B: int, H: int, G: int):
             yield layout.group_for(b, h), slice(b, b + 1), slice(h, h + 1), slice(h // G, h // G + 1)
 
 
+@contextlib.contextmanager
+def _aten_on_one_thread():
+    """The call's thread count (for the kernels), with ATen's own ops (dtype casts, delta, the dq
+    buffers' sum) on one intra-op thread meanwhile: each of those small ops would otherwise be an
+    OpenMP region whose barrier waits for a thread another process has descheduled (measured:
+    forward+backward at 2 threads under load went from 0.70-1.0x to ... of 1 thread)."""
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)  # per OS thread: the kernels' pool threads are not affected
+    try:
+        yield n
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.to(torch.float32)
 
@@ -115,20 +131,25 @@ def forward(q, k, v, layout: BlockLayout, scale: float, need_lse: bool = True, m
     """``(out [B,H,Lq,Dv] in q's dtype, lse [B,H,Lq] float32 or None)``; not differentiable
     (the stage's autograd Function calls :func:`backward`)."""
     mods = kernels.ScoreMods() if mods is None else mods
+    _check_slopes(mods, q.shape[1])
+    with _aten_on_one_thread() as threads:
+        return _forward(q, k, v, layout, scale, need_lse, mods, threads)
+
+
+def _forward(q, k, v, layout, scale, need_lse, mods, threads):
     B, H, Lq, _ = q.shape
     G = H // k.shape[1]
-    _check_slopes(mods, H)
     qf, kf, vf = _f32(q), _f32(k), _f32(v)
     if len(layout.groups) == 1:
         blocks = layout.groups[0]
         out, lse = kernels.forward(qf, kf, vf, kernel_tables(blocks), scale, _mods_for(mods, blocks, slice(None)),
-                                   need_lse=need_lse)
+                                   need_lse=need_lse, threads=threads)
         return out.to(q.dtype), lse
     out = torch.empty(B, H, Lq, v.shape[-1], dtype=torch.float32)
     lse = torch.empty(B, H, Lq, dtype=torch.float32) if need_lse else None
     for blocks, bs, hs, ks in _groups(layout, B, H, G):
         o, l = kernels.forward(qf[bs, hs], kf[bs, ks], vf[bs, ks], kernel_tables(blocks), scale,
-                               _mods_for(mods, blocks, hs), need_lse=need_lse)
+                               _mods_for(mods, blocks, hs), need_lse=need_lse, threads=threads)
         out[bs, hs] = o
         if need_lse:
             lse[bs, hs] = l
@@ -141,22 +162,27 @@ def backward(q, k, v, out, lse, dout, layout: BlockLayout, scale: float, mods=No
     ``dlse`` (optional, ``[B,H,Lq]``) is a gradient flowing into lse itself (attention sinks
     make lse part of the output); it enters as ``delta - dlse``."""
     mods = kernels.ScoreMods() if mods is None else mods
+    _check_slopes(mods, q.shape[1])
+    with _aten_on_one_thread() as threads:
+        return _backward(q, k, v, out, lse, dout, layout, scale, mods, dlse, threads)
+
+
+def _backward(q, k, v, out, lse, dout, layout, scale, mods, dlse, threads):
     B, H, _, _ = q.shape
     G = H // k.shape[1]
-    _check_slopes(mods, H)
     qf, kf, vf, of, dof = _f32(q), _f32(k), _f32(v), _f32(out), _f32(dout)
     lf = _f32(lse)
     dlf = None if dlse is None else _f32(dlse)
     if len(layout.groups) == 1:
         blocks = layout.groups[0]
         dq, dk, dv = kernels.backward(qf, kf, vf, of, lf, dof, kernel_tables(blocks), scale,
-                                      _mods_for(mods, blocks, slice(None)), dlse=dlf)
+                                      _mods_for(mods, blocks, slice(None)), threads=threads, dlse=dlf)
     else:
         dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
         for blocks, bs, hs, ks in _groups(layout, B, H, G):
             a, b_, c = kernels.backward(qf[bs, hs], kf[bs, ks], vf[bs, ks], of[bs, hs], lf[bs, hs], dof[bs, hs],
                                         kernel_tables(blocks), scale, _mods_for(mods, blocks, hs),
-                                        dlse=None if dlf is None else dlf[bs, hs])
+                                        threads=threads, dlse=None if dlf is None else dlf[bs, hs])
             dq[bs, hs] = a
             dk[bs, ks] += b_
             dv[bs, ks] += c
