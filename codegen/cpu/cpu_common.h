@@ -1,17 +1,86 @@
-/* Vector helpers shared by the CPU kernels (x86-64, AVX2 + FMA, float32). */
+/* 8-lane float32 vectors for the CPU kernels: one small API, two implementations.
+ *
+ *   AVX2 + FMA (x86-64 built with -mavx2 -mfma): intrinsics.
+ *   generic (any other build): GCC/Clang vector extensions, which the compiler lowers to NEON on
+ *   aarch64 and SSE2 on x86-64; built with -ffp-contract=fast so that a * b + c is one fused
+ *   multiply-add where the hardware has one (rounding may then differ from AVX2 by an ulp).
+ *
+ * Both give the same lane semantics: vf_max(a, b) = a > b ? a : b and vf_min(a, b) = a < b ? a : b
+ * (the AVX operand-order rule: b when either is NaN), vf_eq is ordered (false on NaN), vf_neq and
+ * vf_isnan unordered (true on NaN), masks are all bits set or clear, vf_blend(a, b, m) = m ? b : a
+ * (as _mm256_blendv_ps), vf_keep(x, m) = m ? x : +0, and exp8 rounds to nearest. The kernels use
+ * only these names, never x86 intrinsics.
+ */
 #ifndef ATTNC_CPU_COMMON_H
 #define ATTNC_CPU_COMMON_H
 
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#define VF_INLINE static inline __attribute__((always_inline))
+
+/* bytes p[0..n) (n <= 8) as a word whose byte t (from the least significant) is p[t], 0 above n */
+static inline uint64_t load_bytes(const uint8_t* p, size_t n) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint64_t w = 0;
+    memcpy(&w, p, n);
+    return w;
+#else
+    uint64_t w = 0;
+    for (size_t t = 0; t < n; t++) w |= (uint64_t)p[t] << (8 * t);
+    return w;
+#endif
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+typedef __m256 vf; /* 8 floats */
+typedef __m256 vm; /* 8 lane masks */
+
+VF_INLINE vf vf_load(const float* p) { return _mm256_loadu_ps(p); }
+VF_INLINE vf vf_load_a(const float* p) { return _mm256_load_ps(p); } /* p 32-byte aligned */
+VF_INLINE void vf_store(float* p, vf x) { _mm256_storeu_ps(p, x); }
+VF_INLINE void vf_store_a(float* p, vf x) { _mm256_store_ps(p, x); } /* p 32-byte aligned */
+VF_INLINE vf vf_set1(float x) { return _mm256_set1_ps(x); }
+VF_INLINE vf vf_bcast(const float* p) { return _mm256_broadcast_ss(p); }
+VF_INLINE vf vf_zero(void) { return _mm256_setzero_ps(); }
+VF_INLINE vf vf_iota(void) { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
+VF_INLINE vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+VF_INLINE vf vf_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+VF_INLINE vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+VF_INLINE vf vf_div(vf a, vf b) { return _mm256_div_ps(a, b); }
+VF_INLINE vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }   /* a b + c */
+VF_INLINE vf vf_fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); } /* c - a b */
+VF_INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+VF_INLINE vf vf_min(vf a, vf b) { return _mm256_min_ps(a, b); }
+VF_INLINE vm vf_eq(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+VF_INLINE vm vf_neq(vf a, vf b) { return _mm256_cmp_ps(a, b, _CMP_NEQ_UQ); }
+VF_INLINE vm vf_isnan(vf a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
+VF_INLINE vf vf_blend(vf a, vf b, vm m) { return _mm256_blendv_ps(a, b, m); }
+VF_INLINE vf vf_keep(vf x, vm m) { return _mm256_and_ps(x, m); }
+VF_INLINE vm vm_zero(void) { return _mm256_setzero_ps(); }
+VF_INLINE vm vm_or(vm a, vm b) { return _mm256_or_ps(a, b); }
+VF_INLINE vm vm_andnot(vm a, vm b) { return _mm256_andnot_ps(a, b); } /* ~a & b */
+
+/* Lanes t < n (n clamped to 0..8). */
+VF_INLINE vm vm_first(int64_t n) {
+    int k = (int)(n < 8 ? (n < 0 ? 0 : n) : 8);
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(k), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+/* Lanes t whose byte t of w (from the least significant, see load_bytes) is 0. */
+VF_INLINE vm vm_zero_bytes(uint64_t w) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)w));
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, _mm256_setzero_si256()));
+}
+
 /* e^x for 8 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, degree-6 Taylor polynomial
  * (relative error about 2e-7); -inf gives exactly 0 and NaN gives NaN (the clamps take the
  * operand order that returns a NaN input, the -inf test is an unordered compare). */
-static inline __m256 exp8(__m256 x) {
+VF_INLINE vf exp8(vf x) {
     __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ);
     /* max/min return their second operand when either is NaN */
     x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
@@ -30,14 +99,14 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
 }
 
-static inline float hmax8(__m256 v) {
+static inline float hmax8(vf v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     m = _mm_max_ss(m, _mm_movehdup_ps(m));
     return _mm_cvtss_f32(m);
 }
 
-static inline float hsum8(__m256 v) {
+static inline float hsum8(vf v) {
     __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_add_ps(m, _mm_movehl_ps(m, m));
     m = _mm_add_ss(m, _mm_movehdup_ps(m));
@@ -68,4 +137,95 @@ static inline void transpose8(const float* const* rows, int64_t d0, float* dst, 
     _mm256_storeu_ps(dst + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
 }
 
+#else /* generic: GCC/Clang vector extensions, no target intrinsics */
+
+#if defined(__GNUC__) && !defined(__clang__)
+/* 32-byte vectors passed by value between non-inlined functions: a note about the x86 AVX ABI,
+ * irrelevant here (all of them are static functions of one library) */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vm __attribute__((vector_size(32))); /* a compare's lanes: -1 true, 0 false */
+
+VF_INLINE vf vf_load(const float* p) { vf x; __builtin_memcpy(&x, p, sizeof x); return x; }
+VF_INLINE vf vf_load_a(const float* p) { return vf_load(p); }
+VF_INLINE void vf_store(float* p, vf x) { __builtin_memcpy(p, &x, sizeof x); }
+VF_INLINE void vf_store_a(float* p, vf x) { vf_store(p, x); }
+VF_INLINE vf vf_set1(float x) { return (vf){x, x, x, x, x, x, x, x}; }
+VF_INLINE vf vf_bcast(const float* p) { return vf_set1(*p); }
+VF_INLINE vf vf_zero(void) { return vf_set1(0.0f); }
+VF_INLINE vf vf_iota(void) { return (vf){0, 1, 2, 3, 4, 5, 6, 7}; }
+VF_INLINE vf vf_add(vf a, vf b) { return a + b; }
+VF_INLINE vf vf_sub(vf a, vf b) { return a - b; }
+VF_INLINE vf vf_mul(vf a, vf b) { return a * b; }
+VF_INLINE vf vf_div(vf a, vf b) { return a / b; }
+VF_INLINE vf vf_fma(vf a, vf b, vf c) { return a * b + c; }  /* fused under -ffp-contract=fast */
+VF_INLINE vf vf_fnma(vf a, vf b, vf c) { return c - a * b; }
+VF_INLINE vf vf_blend(vf a, vf b, vm m) { return (vf)(((vm)a & ~m) | ((vm)b & m)); }
+VF_INLINE vf vf_keep(vf x, vm m) { return (vf)((vm)x & m); }
+VF_INLINE vf vf_max(vf a, vf b) { return vf_blend(b, a, a > b); }
+VF_INLINE vf vf_min(vf a, vf b) { return vf_blend(b, a, a < b); }
+VF_INLINE vm vf_eq(vf a, vf b) { return a == b; }
+VF_INLINE vm vf_neq(vf a, vf b) { return a != b; }
+VF_INLINE vm vf_isnan(vf a) { return a != a; }
+VF_INLINE vm vm_zero(void) { return (vm){0, 0, 0, 0, 0, 0, 0, 0}; }
+VF_INLINE vm vm_or(vm a, vm b) { return a | b; }
+VF_INLINE vm vm_andnot(vm a, vm b) { return ~a & b; }
+
+/* Lanes t < n (n clamped to 0..8). */
+VF_INLINE vm vm_first(int64_t n) {
+    int32_t k = (int32_t)(n < 8 ? (n < 0 ? 0 : n) : 8);
+    return (vm){k, k, k, k, k, k, k, k} > (vm){0, 1, 2, 3, 4, 5, 6, 7};
+}
+
+/* Lanes t whose byte t of w (from the least significant, see load_bytes) is 0. */
+VF_INLINE vm vm_zero_bytes(uint64_t w) {
+    vm b = {(int32_t)(w & 255), (int32_t)(w >> 8 & 255), (int32_t)(w >> 16 & 255), (int32_t)(w >> 24 & 255),
+            (int32_t)(w >> 32 & 255), (int32_t)(w >> 40 & 255), (int32_t)(w >> 48 & 255), (int32_t)(w >> 56)};
+    return b == vm_zero();
+}
+
+/* e^x as the AVX2 exp8 computes it: clamps with the same NaN rule, n = x log2(e) rounded to
+ * nearest (even) by adding and subtracting 1.5 * 2^23 (exact for |x log2(e)| < 2^22; under
+ * -ffp-contract the product may be fused into the add, which only moves a tie by an ulp and
+ * keeps |r| <= ln2 / 2 + ulp), NaN lanes set to 0 before the integer conversion (undefined for
+ * NaN in C) and restored by p, which is NaN there. */
+VF_INLINE vf exp8(vf x) {
+    vm keep = vf_neq(x, vf_set1(-INFINITY));
+    x = vf_min(vf_set1(88.0f), vf_max(vf_set1(-87.0f), x));
+    const vf big = vf_set1(12582912.0f);
+    vf n = (x * vf_set1(1.44269504088896341f) + big) - big;
+    vf r = vf_fnma(n, vf_set1(0.693359375f), x);
+    r = vf_fnma(n, vf_set1(-2.12194440e-4f), r);
+    vf p = vf_set1(1.0f / 720);
+    p = vf_fma(p, r, vf_set1(1.0f / 120));
+    p = vf_fma(p, r, vf_set1(1.0f / 24));
+    p = vf_fma(p, r, vf_set1(1.0f / 6));
+    p = vf_fma(p, r, vf_set1(0.5f));
+    p = vf_fma(p, r, vf_set1(1.0f));
+    p = vf_fma(p, r, vf_set1(1.0f));
+    vm e = (__builtin_convertvector(vf_keep(n, vf_eq(n, n)), vm) + 127) << 23;
+    return vf_keep(p * (vf)e, keep);
+}
+
+static inline float max1(float a, float b) { return a > b ? a : b; }
+
+/* The AVX2 reduction order: halves, then pairs, then the last two lanes. */
+static inline float hmax8(vf v) {
+    float m0 = max1(v[0], v[4]), m1 = max1(v[1], v[5]), m2 = max1(v[2], v[6]), m3 = max1(v[3], v[7]);
+    return max1(max1(m0, m2), max1(m1, m3));
+}
+
+static inline float hsum8(vf v) {
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+/* dst[i * ld + t] = rows[t][d0 + i] for an 8 x 8 block (any alignment). */
+static inline void transpose8(const float* const* rows, int64_t d0, float* dst, int64_t ld) {
+    for (int i = 0; i < 8; i++)
+        for (int t = 0; t < 8; t++) dst[i * ld + t] = rows[t][d0 + i];
+}
+
+#endif
 #endif

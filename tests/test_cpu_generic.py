@@ -1,0 +1,161 @@
+"""The two builds of the CPU kernels' vector layer (codegen/cpu/cpu_common.h): the generic build
+uses no x86 intrinsic, and every lane operation of both builds has the same semantics (NaN and
+signed-zero operand order of max/min, ordered and unordered compares, blends, the byte-mask
+expansion, exp8 rounding to nearest), checked on random lanes against their definitions."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from attncompiler.codegen.cpu import build as cpu_build
+
+CC = shutil.which("cc")
+pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler")
+SOURCES = sorted(cpu_build.TEMPLATES.glob("*.c"))
+
+# One row of 64 results per input row a, b (8 lanes each), bytes (8) and lim.
+HARNESS = r"""
+#include "cpu_common.h"
+
+void lanes(int64_t n, const float* a, const float* b, const uint8_t* bytes, const int64_t* lim, float* out) {
+    for (int64_t i = 0; i < n; i++, a += 8, b += 8, bytes += 8, out += 64) {
+        vf x = vf_load(a), y = vf_load(b);
+        vf_store(out, vf_max(x, y));
+        vf_store(out + 8, vf_min(x, y));
+        vf_store(out + 16, vf_blend(x, y, vf_eq(x, y)));
+        vf_store(out + 24, vf_blend(x, y, vf_neq(x, y)));
+        vf_store(out + 32, vf_keep(x, vm_or(vf_isnan(y), vm_zero())));
+        int64_t k = lim[i] < 0 ? 0 : lim[i] > 8 ? 8 : lim[i];
+        vf_store(out + 40, vf_keep(x, vm_andnot(vm_zero_bytes(load_bytes(bytes, (size_t)k)), vm_first(lim[i]))));
+        vf_store(out + 48, exp8(x));
+        out[56] = hmax8(x);
+        out[57] = hsum8(x);
+    }
+}
+
+void transpose(const float* m, int64_t ld, float* dst) {
+    const float* rows[8];
+    for (int t = 0; t < 8; t++) rows[t] = m + t * ld;
+    transpose8(rows, 3, dst, 9);
+}
+"""
+
+
+def _compile(tmp_path: Path, variant: str) -> ctypes.CDLL:
+    src = tmp_path / "harness.c"
+    src.write_text(HARNESS)
+    lib = tmp_path / f"harness_{variant}.so"
+    subprocess.run([*cpu_build.compile_command(CC, variant), "-o", str(lib), str(src), "-lm"], check=True,
+                   capture_output=True)
+    return ctypes.CDLL(str(lib))
+
+
+def _preprocessed(variant: str, source: Path) -> str:
+    res = subprocess.run([*cpu_build.compile_command(CC, variant), "-E", str(source)], capture_output=True,
+                         text=True, check=True)
+    return res.stdout
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=[s.name for s in SOURCES])
+def test_generic_build_uses_no_x86_intrinsics(source):
+    generic = _preprocessed("generic", source)
+    for word in ("immintrin", "_mm256", "__m256", "_mm_"):
+        assert word not in generic, f"{source.name} uses {word} in the generic build"
+    assert "vector_size" in generic
+    if cpu_build.default_variant() == "avx2":  # the same grep finds them in the AVX2 build
+        assert "immintrin" in _preprocessed("avx2", source)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)
+
+
+def _same_values(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal bits, except that any NaN equals any NaN (an add's NaN payload and sign depend on the
+    operand order, which the compiler may commute)."""
+    nan = x.isnan()
+    return torch.equal(nan, y.isnan()) and torch.equal(_bits(x[~nan]), _bits(y[~nan]))
+
+
+def _inputs(n: int):
+    g = torch.Generator().manual_seed(11)
+    special = torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0, 88.5, -90.0])
+    a = torch.randn(n, 8, generator=g) * 30
+    b = torch.randn(n, 8, generator=g) * 30
+    for x in (a, b):  # a third of the lanes special values, and equal lanes (ties, +0 against -0)
+        pick = torch.rand(n, 8, generator=g) < 0.33
+        x[pick] = special[torch.randint(0, len(special), (int(pick.sum()),), generator=g)]
+    same = torch.rand(n, 8, generator=g) < 0.1
+    b[same] = a[same]
+    zeros = torch.rand(n, 8, generator=g) < 0.05
+    a[zeros], b[zeros] = 0.0, -0.0
+    bytes_ = (torch.randint(0, 4, (n, 8), generator=g) * (torch.rand(n, 8, generator=g) < 0.6)).to(torch.uint8)
+    lim = torch.randint(-2, 11, (n,), generator=g)
+    return a, b, bytes_, lim
+
+
+def _run(lib, a, b, bytes_, lim):
+    out = torch.zeros(a.shape[0], 64)
+    lib.lanes.argtypes = [ctypes.c_int64] + [ctypes.c_void_p] * 5
+    lib.lanes(a.shape[0], a.data_ptr(), b.data_ptr(), bytes_.data_ptr(), lim.data_ptr(), out.data_ptr())
+    return out
+
+
+@pytest.mark.parametrize("variant", ["generic", "avx2"])
+def test_lane_semantics(tmp_path, variant):
+    if variant == "avx2" and cpu_build.default_variant() != "avx2":
+        pytest.skip("no AVX2 on this CPU")
+    lib = _compile(tmp_path, variant)
+    a, b, bytes_, lim = _inputs(4000)
+    out = _run(lib, a, b, bytes_, lim)
+    t = torch.arange(8)
+    visible = (t[None, :] < lim[:, None]) & (bytes_ != 0)
+    want = {  # the AVX definitions, bit for bit
+        0: torch.where(a > b, a, b),  # max: b when either is NaN (and for +0 against -0)
+        8: torch.where(a < b, a, b),
+        16: torch.where(a == b, b, a),  # ordered equal
+        24: torch.where(a != b, b, a),  # unordered not-equal: NaN lanes take b
+        32: torch.where(b.isnan(), a, torch.zeros_like(a)),
+        40: torch.where(visible, a, torch.zeros_like(a)),
+    }
+    for at, w in want.items():
+        assert torch.equal(_bits(out[:, at:at + 8]), _bits(w)), f"lanes {at}..{at + 7}"
+
+    def mx(x, y):
+        return torch.where(x > y, x, y)
+
+    m = mx(a[:, :4], a[:, 4:])
+    assert torch.equal(_bits(out[:, 56]), _bits(mx(mx(m[:, 0], m[:, 2]), mx(m[:, 1], m[:, 3]))))
+    s = a[:, :4] + a[:, 4:]
+    assert _same_values(out[:, 57], (s[:, 0] + s[:, 2]) + (s[:, 1] + s[:, 3]))
+
+    e = out[:, 48:56]
+    assert torch.equal(e[a.isnan()].isnan(), torch.ones(int(a.isnan().sum()), dtype=torch.bool))
+    assert torch.equal(e[a == -math.inf], torch.zeros(int((a == -math.inf).sum())))
+    finite = a.isfinite()
+    x = a[finite].double().clamp(-87.0, 88.0)  # the clamps of exp8
+    rel = ((e[finite].double() - x.exp()) / x.exp()).abs()
+    assert float(rel.max()) < 5e-7  # nearest rounding: |r| <= ln2 / 2 keeps the polynomial at ~2e-7
+
+    m8 = torch.randn(8, 13)
+    dst = torch.full((8, 9), -1.0)
+    lib.transpose.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.transpose(m8.data_ptr(), 13, dst.data_ptr())
+    assert torch.equal(dst[:, :8], m8[:, 3:11].T) and (dst[:, 8] == -1).all()
+
+
+def test_builds_agree_on_exp8(tmp_path):
+    if cpu_build.default_variant() != "avx2":
+        pytest.skip("no AVX2 on this CPU")
+    a, b, bytes_, lim = _inputs(4000)
+    got = [_run(_compile(tmp_path, v), a, b, bytes_, lim) for v in ("generic", "avx2")]
+    torch.testing.assert_close(got[0][:, 48:56], got[1][:, 48:56], rtol=3e-7, atol=0, equal_nan=True)
+    assert torch.equal(_bits(got[0][:, :48]), _bits(got[1][:, :48]))
+    assert torch.equal(_bits(got[0][:, 56]), _bits(got[1][:, 56])) and _same_values(got[0][:, 57], got[1][:, 57])
