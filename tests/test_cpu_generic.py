@@ -48,6 +48,27 @@ void transpose(const float* m, int64_t ld, float* dst) {
 """
 
 
+# Reads n, then the inputs of lanes() from stdin and writes its output to stdout (for a
+# cross-compiled run).
+DRIVER = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+void lanes(int64_t n, const float* a, const float* b, const uint8_t* bytes, const int64_t* lim, float* out);
+int main(void) {
+    int64_t n;
+    if (fread(&n, 8, 1, stdin) != 1) return 1;
+    float *a = malloc(32 * n), *b = malloc(32 * n), *out = malloc(256 * n);
+    uint8_t* bytes = malloc(8 * n);
+    int64_t* lim = malloc(8 * n);
+    if (fread(a, 32, n, stdin) != (size_t)n || fread(b, 32, n, stdin) != (size_t)n ||
+        fread(bytes, 8, n, stdin) != (size_t)n || fread(lim, 8, n, stdin) != (size_t)n) return 1;
+    lanes(n, a, b, bytes, lim, out);
+    return fwrite(out, 256, n, stdout) == (size_t)n ? 0 : 1;
+}
+"""
+
+
 def _compile(tmp_path: Path, variant: str) -> ctypes.CDLL:
     src = tmp_path / "harness.c"
     src.write_text(HARNESS)
@@ -114,7 +135,37 @@ def test_lane_semantics(tmp_path, variant):
         pytest.skip("no AVX2 on this CPU")
     lib = _compile(tmp_path, variant)
     a, b, bytes_, lim = _inputs(4000)
-    out = _run(lib, a, b, bytes_, lim)
+    _check_lanes(_run(lib, a, b, bytes_, lim), a, b, bytes_, lim)
+    m8 = torch.randn(8, 13)
+    dst = torch.full((8, 9), -1.0)
+    lib.transpose.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.transpose(m8.data_ptr(), 13, dst.data_ptr())
+    assert torch.equal(dst[:, :8], m8[:, 3:11].T) and (dst[:, 8] == -1).all()
+
+
+AARCH64_CC, QEMU = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+
+
+@pytest.mark.skipif(AARCH64_CC is None or QEMU is None, reason="no aarch64 cross compiler and qemu-aarch64 here")
+def test_lane_semantics_on_aarch64_neon(tmp_path):
+    """The generic build as aarch64 compiles it (NEON, fused multiply-adds), run under qemu."""
+    (tmp_path / "harness.c").write_text(HARNESS)
+    (tmp_path / "driver.c").write_text(DRIVER)
+    flags = [f for f in cpu_build.VARIANTS["generic"] if f not in ("-shared", "-fPIC")]
+    exe = tmp_path / "lanes"
+    subprocess.run([AARCH64_CC, *flags, "-static", "-I", str(cpu_build.TEMPLATES), "-o", str(exe),
+                    str(tmp_path / "harness.c"), str(tmp_path / "driver.c"), "-lm"], check=True, capture_output=True)
+    assert "fmla" in subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(exe)], capture_output=True,
+                                    text=True).stdout  # NEON fused multiply-adds
+    a, b, bytes_, lim = _inputs(4000)
+    feed = b"".join(x.contiguous().numpy().tobytes() for x in (torch.tensor([a.shape[0]]), a, b, bytes_, lim))
+    res = subprocess.run([QEMU, str(exe)], input=feed, capture_output=True, check=True)
+    out = torch.frombuffer(bytearray(res.stdout), dtype=torch.float32).view(a.shape[0], 64)
+    _check_lanes(out, a, b, bytes_, lim)
+
+
+def _check_lanes(out, a, b, bytes_, lim):
+    """The lane results of the harness against the AVX definitions."""
     t = torch.arange(8)
     visible = (t[None, :] < lim[:, None]) & (bytes_ != 0)
     want = {  # the AVX definitions, bit for bit
@@ -143,12 +194,6 @@ def test_lane_semantics(tmp_path, variant):
     x = a[finite].double().clamp(-87.0, 88.0)  # the clamps of exp8
     rel = ((e[finite].double() - x.exp()) / x.exp()).abs()
     assert float(rel.max()) < 5e-7  # nearest rounding: |r| <= ln2 / 2 keeps the polynomial at ~2e-7
-
-    m8 = torch.randn(8, 13)
-    dst = torch.full((8, 9), -1.0)
-    lib.transpose.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    lib.transpose(m8.data_ptr(), 13, dst.data_ptr())
-    assert torch.equal(dst[:, :8], m8[:, 3:11].T) and (dst[:, 8] == -1).all()
 
 
 def test_builds_agree_on_exp8(tmp_path):

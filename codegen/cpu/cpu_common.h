@@ -139,63 +139,78 @@ static inline void transpose8(const float* const* rows, int64_t d0, float* dst, 
 
 #else /* generic: GCC/Clang vector extensions, no target intrinsics */
 
-#if defined(__GNUC__) && !defined(__clang__)
-/* 32-byte vectors passed by value between non-inlined functions: a note about the x86 AVX ABI,
- * irrelevant here (all of them are static functions of one library) */
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
+/* Two halves of 4 lanes: every target with SIMD has 128-bit registers (NEON, SSE2), so each
+ * operation, compares included, maps to one instruction per half (a 256-bit vector type would
+ * make GCC split the compares into scalar code where the target has no 256-bit registers). */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+typedef float v4f_u __attribute__((vector_size(16), aligned(4), may_alias)); /* unaligned access */
+typedef struct { v4f lo, hi; } vf;
+typedef struct { v4i lo, hi; } vm; /* a compare's lanes: -1 true, 0 false */
 
-typedef float vf __attribute__((vector_size(32)));
-typedef int32_t vm __attribute__((vector_size(32))); /* a compare's lanes: -1 true, 0 false */
+#define VF_MAP(a, b, op) ((vf){(a).lo op (b).lo, (a).hi op (b).hi})
+#define VM_CMP(a, b, op) ((vm){(a).lo op (b).lo, (a).hi op (b).hi})
 
-VF_INLINE vf vf_load(const float* p) { vf x; __builtin_memcpy(&x, p, sizeof x); return x; }
+VF_INLINE vf vf_load(const float* p) { return (vf){*(const v4f_u*)p, *(const v4f_u*)(p + 4)}; }
 VF_INLINE vf vf_load_a(const float* p) { return vf_load(p); }
-VF_INLINE void vf_store(float* p, vf x) { __builtin_memcpy(p, &x, sizeof x); }
+VF_INLINE void vf_store(float* p, vf x) { *(v4f_u*)p = x.lo; *(v4f_u*)(p + 4) = x.hi; }
 VF_INLINE void vf_store_a(float* p, vf x) { vf_store(p, x); }
-VF_INLINE vf vf_set1(float x) { return (vf){x, x, x, x, x, x, x, x}; }
+VF_INLINE vf vf_set1(float x) { v4f h = {x, x, x, x}; return (vf){h, h}; }
 VF_INLINE vf vf_bcast(const float* p) { return vf_set1(*p); }
 VF_INLINE vf vf_zero(void) { return vf_set1(0.0f); }
-VF_INLINE vf vf_iota(void) { return (vf){0, 1, 2, 3, 4, 5, 6, 7}; }
-VF_INLINE vf vf_add(vf a, vf b) { return a + b; }
-VF_INLINE vf vf_sub(vf a, vf b) { return a - b; }
-VF_INLINE vf vf_mul(vf a, vf b) { return a * b; }
-VF_INLINE vf vf_div(vf a, vf b) { return a / b; }
-VF_INLINE vf vf_fma(vf a, vf b, vf c) { return a * b + c; }  /* fused under -ffp-contract=fast */
-VF_INLINE vf vf_fnma(vf a, vf b, vf c) { return c - a * b; }
-VF_INLINE vf vf_blend(vf a, vf b, vm m) { return (vf)(((vm)a & ~m) | ((vm)b & m)); }
-VF_INLINE vf vf_keep(vf x, vm m) { return (vf)((vm)x & m); }
-VF_INLINE vf vf_max(vf a, vf b) { return vf_blend(b, a, a > b); }
-VF_INLINE vf vf_min(vf a, vf b) { return vf_blend(b, a, a < b); }
-VF_INLINE vm vf_eq(vf a, vf b) { return a == b; }
-VF_INLINE vm vf_neq(vf a, vf b) { return a != b; }
-VF_INLINE vm vf_isnan(vf a) { return a != a; }
-VF_INLINE vm vm_zero(void) { return (vm){0, 0, 0, 0, 0, 0, 0, 0}; }
-VF_INLINE vm vm_or(vm a, vm b) { return a | b; }
-VF_INLINE vm vm_andnot(vm a, vm b) { return ~a & b; }
+VF_INLINE vf vf_iota(void) { return (vf){{0, 1, 2, 3}, {4, 5, 6, 7}}; }
+VF_INLINE vf vf_add(vf a, vf b) { return VF_MAP(a, b, +); }
+VF_INLINE vf vf_sub(vf a, vf b) { return VF_MAP(a, b, -); }
+VF_INLINE vf vf_mul(vf a, vf b) { return VF_MAP(a, b, *); }
+VF_INLINE vf vf_div(vf a, vf b) { return VF_MAP(a, b, /); }
+/* fused into one multiply-add under -ffp-contract=fast where the target has one */
+VF_INLINE vf vf_fma(vf a, vf b, vf c) { return (vf){a.lo * b.lo + c.lo, a.hi * b.hi + c.hi}; }
+VF_INLINE vf vf_fnma(vf a, vf b, vf c) { return (vf){c.lo - a.lo * b.lo, c.hi - a.hi * b.hi}; }
+VF_INLINE v4f blend4(v4f a, v4f b, v4i m) { return (v4f)(((v4i)a & ~m) | ((v4i)b & m)); }
+VF_INLINE vf vf_blend(vf a, vf b, vm m) { return (vf){blend4(a.lo, b.lo, m.lo), blend4(a.hi, b.hi, m.hi)}; }
+VF_INLINE vf vf_keep(vf x, vm m) { return (vf){(v4f)((v4i)x.lo & m.lo), (v4f)((v4i)x.hi & m.hi)}; }
+VF_INLINE vm vf_gt(vf a, vf b) { return VM_CMP(a, b, >); }
+VF_INLINE vm vf_lt(vf a, vf b) { return VM_CMP(a, b, <); }
+VF_INLINE vf vf_max(vf a, vf b) { return vf_blend(b, a, vf_gt(a, b)); }
+VF_INLINE vf vf_min(vf a, vf b) { return vf_blend(b, a, vf_lt(a, b)); }
+VF_INLINE vm vf_eq(vf a, vf b) { return VM_CMP(a, b, ==); }
+VF_INLINE vm vf_neq(vf a, vf b) { return VM_CMP(a, b, !=); }
+VF_INLINE vm vf_isnan(vf a) { return VM_CMP(a, a, !=); }
+VF_INLINE vm vm_zero(void) { v4i z = {0, 0, 0, 0}; return (vm){z, z}; }
+VF_INLINE vm vm_or(vm a, vm b) { return VM_CMP(a, b, |); }
+VF_INLINE vm vm_andnot(vm a, vm b) { return (vm){~a.lo & b.lo, ~a.hi & b.hi}; }
 
 /* Lanes t < n (n clamped to 0..8). */
 VF_INLINE vm vm_first(int64_t n) {
     int32_t k = (int32_t)(n < 8 ? (n < 0 ? 0 : n) : 8);
-    return (vm){k, k, k, k, k, k, k, k} > (vm){0, 1, 2, 3, 4, 5, 6, 7};
+    v4i kk = {k, k, k, k};
+    return (vm){kk > (v4i){0, 1, 2, 3}, kk > (v4i){4, 5, 6, 7}};
 }
 
 /* Lanes t whose byte t of w (from the least significant, see load_bytes) is 0. */
 VF_INLINE vm vm_zero_bytes(uint64_t w) {
-    vm b = {(int32_t)(w & 255), (int32_t)(w >> 8 & 255), (int32_t)(w >> 16 & 255), (int32_t)(w >> 24 & 255),
-            (int32_t)(w >> 32 & 255), (int32_t)(w >> 40 & 255), (int32_t)(w >> 48 & 255), (int32_t)(w >> 56)};
-    return b == vm_zero();
+    v4i lo = {(int32_t)(w & 255), (int32_t)(w >> 8 & 255), (int32_t)(w >> 16 & 255), (int32_t)(w >> 24 & 255)};
+    v4i hi = {(int32_t)(w >> 32 & 255), (int32_t)(w >> 40 & 255), (int32_t)(w >> 48 & 255), (int32_t)(w >> 56)};
+    v4i z = {0, 0, 0, 0};
+    return (vm){lo == z, hi == z};
+}
+
+/* 2^n for integral n in [-126, 127] (NaN lanes set to 0 first: converting NaN is undefined in C;
+ * their result is NaN anyway, from the polynomial). */
+VF_INLINE v4f pow2_4(v4f n) {
+    v4f n0 = (v4f)((v4i)n & (n == n));
+    return (v4f)((__builtin_convertvector(n0, v4i) + 127) << 23);
 }
 
 /* e^x as the AVX2 exp8 computes it: clamps with the same NaN rule, n = x log2(e) rounded to
  * nearest (even) by adding and subtracting 1.5 * 2^23 (exact for |x log2(e)| < 2^22; under
  * -ffp-contract the product may be fused into the add, which only moves a tie by an ulp and
- * keeps |r| <= ln2 / 2 + ulp), NaN lanes set to 0 before the integer conversion (undefined for
- * NaN in C) and restored by p, which is NaN there. */
+ * keeps |r| <= ln2 / 2 + ulp). */
 VF_INLINE vf exp8(vf x) {
     vm keep = vf_neq(x, vf_set1(-INFINITY));
     x = vf_min(vf_set1(88.0f), vf_max(vf_set1(-87.0f), x));
     const vf big = vf_set1(12582912.0f);
-    vf n = (x * vf_set1(1.44269504088896341f) + big) - big;
+    vf n = vf_sub(vf_fma(x, vf_set1(1.44269504088896341f), big), big);
     vf r = vf_fnma(n, vf_set1(0.693359375f), x);
     r = vf_fnma(n, vf_set1(-2.12194440e-4f), r);
     vf p = vf_set1(1.0f / 720);
@@ -205,20 +220,21 @@ VF_INLINE vf exp8(vf x) {
     p = vf_fma(p, r, vf_set1(0.5f));
     p = vf_fma(p, r, vf_set1(1.0f));
     p = vf_fma(p, r, vf_set1(1.0f));
-    vm e = (__builtin_convertvector(vf_keep(n, vf_eq(n, n)), vm) + 127) << 23;
-    return vf_keep(p * (vf)e, keep);
+    return vf_keep(vf_mul(p, (vf){pow2_4(n.lo), pow2_4(n.hi)}), keep);
 }
 
 static inline float max1(float a, float b) { return a > b ? a : b; }
 
 /* The AVX2 reduction order: halves, then pairs, then the last two lanes. */
 static inline float hmax8(vf v) {
-    float m0 = max1(v[0], v[4]), m1 = max1(v[1], v[5]), m2 = max1(v[2], v[6]), m3 = max1(v[3], v[7]);
+    float m0 = max1(v.lo[0], v.hi[0]), m1 = max1(v.lo[1], v.hi[1]);
+    float m2 = max1(v.lo[2], v.hi[2]), m3 = max1(v.lo[3], v.hi[3]);
     return max1(max1(m0, m2), max1(m1, m3));
 }
 
 static inline float hsum8(vf v) {
-    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+    v4f s = v.lo + v.hi;
+    return (s[0] + s[2]) + (s[1] + s[3]);
 }
 
 /* dst[i * ld + t] = rows[t][d0 + i] for an 8 x 8 block (any alignment). */
