@@ -204,3 +204,124 @@ def test_builds_agree_on_exp8(tmp_path):
     torch.testing.assert_close(got[0][:, 48:56], got[1][:, 48:56], rtol=3e-7, atol=0, equal_nan=True)
     assert torch.equal(_bits(got[0][:, :48]), _bits(got[1][:, :48]))
     assert torch.equal(_bits(got[0][:, 56]), _bits(got[1][:, 56])) and _same_values(got[0][:, 57], got[1][:, 57])
+
+
+# Runs attn_fwd, then attn_bwd on one thread, on tensors and tables read from stdin (each array as
+# its byte length and bytes, in the order below); writes out, lse, dq, dk, dv to stdout.
+ATTN_DRIVER = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+typedef struct {
+    const float *q, *k, *v, *dout, *lse_in, *delta;
+    float *out, *lse, *dq, *dk, *dv;
+    int64_t B, H, Hkv, Lq, Lk, D, Dv, bm, bn, nqb, nkb;
+    const int64_t *range_ptr, *range_start, *range_end, *part_ptr, *part_cols, *part_mask;
+    const int64_t *col_range_ptr, *row_start, *row_end, *col_part_ptr, *col_part_rows, *col_part_mask;
+    const uint8_t *masks, *masks_t;
+    double scale;
+    int64_t nops;
+    const int64_t* op_kind;
+    const double* op_param;
+    const float* slopes;
+    int64_t q_pos0;
+} Args;
+int attn_fwd(const Args* a, int64_t* counter);
+int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv1);
+static void* blob(void) {
+    int64_t n;
+    if (fread(&n, 8, 1, stdin) != 1) exit(2);
+    void* p = malloc(n > 0 ? n : 1);
+    if (n > 0 && fread(p, 1, n, stdin) != (size_t)n) exit(3);
+    return p;
+}
+int main(void) {
+    Args a = {0};
+    int64_t* s = blob();  /* B H Hkv Lq Lk D Dv bm bn nqb nkb nops q_pos0 */
+    a.B = s[0], a.H = s[1], a.Hkv = s[2], a.Lq = s[3], a.Lk = s[4], a.D = s[5], a.Dv = s[6];
+    a.bm = s[7], a.bn = s[8], a.nqb = s[9], a.nkb = s[10], a.nops = s[11], a.q_pos0 = s[12];
+    a.scale = *(double*)blob();
+    a.q = blob(), a.k = blob(), a.v = blob(), a.dout = blob();
+    const int64_t** idx[] = {&a.range_ptr, &a.range_start, &a.range_end, &a.part_ptr, &a.part_cols, &a.part_mask,
+                             &a.col_range_ptr, &a.row_start, &a.row_end, &a.col_part_ptr, &a.col_part_rows,
+                             &a.col_part_mask};
+    for (int i = 0; i < 12; i++) *idx[i] = blob();
+    a.masks = blob(), a.masks_t = blob(), a.op_kind = blob(), a.op_param = blob(), a.slopes = blob();
+    int64_t rows = a.B * a.H * a.Lq, kv = a.B * a.Hkv * a.Lk;
+    float *out = calloc(rows * a.Dv + 1, 4), *lse = calloc(rows + 1, 4), *delta = calloc(rows + 1, 4);
+    float *dq = calloc(rows * a.D + 1, 4), *dk = calloc(kv * a.D + 1, 4), *dv = calloc(kv * a.Dv + 1, 4);
+    a.out = out, a.lse = lse;
+    int64_t counter = 0;
+    if (attn_fwd(&a, &counter)) return 4;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t d = 0; d < a.Dv; d++) delta[r] += a.dout[r * a.Dv + d] * out[r * a.Dv + d];
+    a.lse_in = lse, a.delta = delta, a.dq = dq, a.dk = dk, a.dv = dv;
+    counter = 0;
+    if (attn_bwd(&a, &counter, dq, 0, a.B * a.Hkv)) return 5;
+    fwrite(out, 4, rows * a.Dv, stdout), fwrite(lse, 4, rows, stdout), fwrite(dq, 4, rows * a.D, stdout);
+    fwrite(dk, 4, kv * a.D, stdout), fwrite(dv, 4, kv * a.Dv, stdout);
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(AARCH64_CC is None or QEMU is None, reason="no aarch64 cross compiler and qemu-aarch64 here")
+@pytest.mark.parametrize("kind, logit, ops", [("random", 300.0, ()), ("causal", 1000.0, (("softcap", 30.0),)),
+                                              ("window", 100.0, (("alibi", 0.0),))])
+def test_attention_kernels_on_aarch64_neon(tmp_path, kind, logit, ops):
+    """cpu_attention.c as aarch64 compiles it (generic build), forward and backward under qemu,
+    against the float64 reference, with large logits, odd lengths, ragged blocks and GQA."""
+    from test_cpu_attention_kernel import make_mask, reference, tables_from_dense
+
+    from attncompiler.codegen.cpu import attention as cpu_attn
+
+    (tmp_path / "driver.c").write_text(ATTN_DRIVER)
+    flags = [f for f in cpu_build.VARIANTS["generic"] if f not in ("-shared", "-fPIC")]
+    exe = tmp_path / "attn"
+    subprocess.run([AARCH64_CC, *flags, "-static", "-I", str(cpu_build.TEMPLATES), "-o", str(exe),
+                    str(cpu_build.TEMPLATES / "cpu_attention.c"), str(tmp_path / "driver.c"), "-lm"], check=True,
+                   capture_output=True)
+    B, H, Hkv, Lq, Lk, D, Dv, bm, bn = 1, 4, 2, 45, 61, 20, 12, 16, 8
+    g = torch.Generator().manual_seed(int(logit))
+    scale = 0.25
+    r = max(1, round(math.sqrt(3 * logit / (scale * math.sqrt(D)))))  # integer q, k: exact float32 scores
+    q = torch.randint(-r, r + 1, (B, H, Lq, D), generator=g).float()
+    k = torch.randint(-r, r + 1, (B, Hkv, Lk, D), generator=g).float()
+    v, dout = torch.randn(B, Hkv, Lk, Dv, generator=g), torch.randn(B, H, Lq, Dv, generator=g)
+    mask = make_mask(kind, Lq, Lk, g)
+    slopes = torch.rand(H, generator=g) * 2
+    mods = cpu_attn.ScoreMods(ops, slopes, q_pos0=Lk - Lq)
+    tables = tables_from_dense(mask, bm, bn, 1)
+    p = cpu_attn._prepared(tables)
+    kinds, params, _, nops = cpu_attn._mods(mods, H)
+    qp, kp, vp, dp = (cpu_attn._pad8(x) for x in (q, k, v, dout))
+    sizes = torch.tensor([B, H, Hkv, Lq, Lk, qp.shape[3], vp.shape[3], bm, bn, tables.nqb, tables.nkb, nops,
+                          Lk - Lq])
+    arrays = [sizes, torch.tensor([scale], dtype=torch.float64), qp, kp, vp, dp,
+              *(p[f] for f in cpu_attn._INDEX_FIELDS), p["masks"], p["masks_t"], kinds, params, slopes]
+    feed = b"".join(int(x.numel() * x.element_size()).to_bytes(8, "little") + x.contiguous().numpy().tobytes()
+                    for x in arrays)
+    res = subprocess.run([QEMU, str(exe)], input=feed, capture_output=True, check=True)
+    flat = torch.frombuffer(bytearray(res.stdout), dtype=torch.float32)
+    shapes = [(B, H, Lq, vp.shape[3]), (B, H, Lq), (B, H, Lq, qp.shape[3]), (B, Hkv, Lk, kp.shape[3]),
+              (B, Hkv, Lk, vp.shape[3])]
+    got, at = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        got.append(flat[at:at + n].view(shape))
+        at += n
+    assert at == flat.numel()
+    out, lse, dq, dk, dv = got[0][..., :Dv], got[1], got[2][..., :D], got[3][..., :D], got[4][..., :Dv]
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    ro, rl = reference(qd, kd, vd, mask, scale, mods)
+    want = torch.autograd.grad(ro, (qd, kd, vd), dout.double())
+
+    def close(x, y, rtol):
+        torch.testing.assert_close(x.double(), y.double(), rtol=rtol, atol=rtol * max(1.0, float(y.abs().max())))
+
+    close(out, ro.detach(), 1e-4)
+    empty = ~mask.any(-1)
+    assert (lse[..., empty] == -math.inf).all()
+    close(lse[..., ~empty], rl.detach()[..., ~empty], 1e-4)
+    for x, y in zip((dq, dk, dv), want):
+        close(x, y, 1e-3)
