@@ -1,7 +1,8 @@
 """The fused block-sparse CPU kernels (codegen/cpu/cpu_attention.c) against a float64 dense
 reference: forward (out, lse) and backward (dq, dk, dv), score mods, ragged blocks, GQA, threads
 and NaN propagation. The block tables are built here from a dense mask, independently of the
-layout code."""
+layout code. Every test runs on both builds of the kernels: AVX2 (where the CPU has it) and the
+generic one (vector extensions, the build of aarch64 and of x86 CPUs without AVX2)."""
 
 import math
 
@@ -10,11 +11,24 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from attncompiler.codegen.cpu import attention as cpu_attn
+from attncompiler.codegen.cpu import attention as cpu_attn, build as cpu_build
 from attncompiler.errors import InputError
 
 pytestmark = pytest.mark.skipif(not cpu_attn.available(),
                                 reason=f"CPU attention kernels unavailable: {cpu_attn.status()}")
+
+
+@pytest.fixture(scope="module", autouse=True, params=["avx2", "generic"])
+def variant(request):
+    """The kernel build every test of this module runs on (ATTNC_CPU_KERNELS selects it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTNC_CPU_KERNELS", "generic" if request.param == "generic" else "1")
+        if cpu_build.default_variant() != request.param:
+            pytest.skip(f"no {request.param} build on this CPU")
+        lib = cpu_attn._library()
+        assert lib is not None and lib is cpu_build.load("cpu_attention", request.param)
+        assert cpu_attn.variant() == request.param and cpu_attn.status() == f"loaded ({request.param})"
+        yield request.param
 
 
 def tables_from_dense(mask: torch.Tensor, bm: int, bn: int, seed: int = 0) -> cpu_attn.KernelTables:

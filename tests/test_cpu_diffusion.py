@@ -1,5 +1,6 @@
 """The C kernels of the CPU diffusion stages (codegen/cpu/cpu_diffusion.c) against the
-float64 reference and against the plain torch path, and their build fallbacks."""
+float64 reference and against the plain torch path, on both builds (AVX2 where the CPU has it,
+and the generic one of aarch64 and x86 CPUs without AVX2), and their build fallbacks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 import attncompiler as ac
 from attncompiler.codegen.cpu import build as cpu_build, diffusion as cpu_diffusion
+from attncompiler.errors import InputError
 from attncompiler.families.diffusion.pattern import diffuse
 from attncompiler.families.diffusion.program import split_global_tokens
 from attncompiler.patterns.diffuser import diffuser
@@ -30,6 +32,16 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["avx2", "generic"])
+def variant(request, monkeypatch):
+    """The kernel build the test runs on (ATTNC_CPU_KERNELS selects it)."""
+    monkeypatch.setenv("ATTNC_CPU_KERNELS", "generic" if request.param == "generic" else "1")
+    if cpu_build.default_variant() != request.param:
+        pytest.skip(f"no {request.param} build on this CPU")
+    assert cpu_diffusion._library() is cpu_build.load("cpu_diffusion", request.param) is not None
+    return request.param
+
+
 def _schedule(block):
     if block is None:
         return None
@@ -38,7 +50,7 @@ def _schedule(block):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[repr(c[0])[:50] for c in CASES])
-def test_kernels_match_reference_forward_backward(case):
+def test_kernels_match_reference_forward_backward(case, variant):
     pattern, L, block = case
     gen = torch.Generator().manual_seed(L)
     q = torch.randn(2, 4, L, 16, generator=gen, requires_grad=True)
@@ -50,7 +62,7 @@ def test_kernels_match_reference_forward_backward(case):
 
 
 @pytest.mark.parametrize("head_dim,block", [(12, 16), (12, 10), (40, 32)])
-def test_kernels_with_head_dims_off_the_vector_width(head_dim, block):
+def test_kernels_with_head_dims_off_the_vector_width(head_dim, block, variant):
     # head_dim % 8 != 0 takes the scalar key transposes; 40 with blocks of 32: two band tiles of
     # 16 per key block and a rest of 36 keys padded to 48 columns.
     pattern = diffuser(window=2 * block, random_blocks=1, num_global=2, hops=2)
@@ -61,7 +73,20 @@ def test_kernels_with_head_dims_off_the_vector_width(head_dim, block):
     assert_matches_oracle(attn(q, k, v), ac.reference(pattern, q, k, v), (q, k, v), atol=2e-5, grad_atol=2e-5)
 
 
-def test_kernels_and_torch_ops_store_the_same_probabilities(monkeypatch):
+@pytest.mark.parametrize("logit", [100.0, 1000.0])
+def test_kernels_with_large_logits(variant, logit):
+    # integer q, k and a power-of-two scale: exact float32 scores of magnitude ~logit, so the
+    # comparison measures the kernels (a sharp softmax), not the conditioning of the scores
+    pattern = diffuser(window=8, random_blocks=1, num_global=2, hops=2)
+    gen = torch.Generator().manual_seed(int(logit))
+    r = max(1, round((3 * logit / 4) ** 0.5))  # scale 1/4 at head_dim 16
+    q, k = (torch.randint(-r, r + 1, (1, 2, 97, 16), generator=gen).float().requires_grad_() for _ in range(2))
+    v = torch.randn(1, 2, 97, 16, generator=gen, requires_grad=True)
+    attn = ac.compile(pattern, backend="torch", schedule=ac.Schedule(block_m=16, block_n=16))
+    assert_matches_oracle(attn(q, k, v), ac.reference(pattern, q, k, v), (q, k, v), atol=2e-5, grad_atol=2e-4)
+
+
+def test_kernels_and_torch_ops_store_the_same_probabilities(monkeypatch, variant):
     from attncompiler.codegen.pytorch import diffusion as td
     from attncompiler.codegen.pytorch.diffusion_plan import items_for
 
@@ -119,5 +144,37 @@ def test_build_falls_back_without_a_compiler_or_when_disabled(monkeypatch, tmp_p
     monkeypatch.delenv("CC")
     monkeypatch.delenv("ATTNC_CPU_KERNELS")
     lib = cpu_build._build("cpu_diffusion")  # builds into the fresh cache directory
-    assert lib is not None and cpu_build.STATUS["cpu_diffusion"] == "loaded"
-    assert len(list(tmp_path.glob("cpu_diffusion_*.so"))) == 1
+    default = cpu_build.default_variant()
+    assert lib is not None and cpu_build.STATUS["cpu_diffusion"] == f"loaded ({default})"
+    assert len(list(tmp_path.glob(f"cpu_diffusion_{default}_*.so"))) == 1
+
+
+def test_variants_build_apart_and_follow_the_switch(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_build, "_LIBS", {})
+    monkeypatch.setattr(cpu_build, "STATUS", {})
+    monkeypatch.delenv("ATTNC_CPU_KERNELS", raising=False)
+    default = cpu_build.default_variant()
+    lib = cpu_build.load("cpu_diffusion")
+    generic = cpu_build.load("cpu_diffusion", "generic")  # explicit: the default's status is kept
+    assert lib is not None and generic is not None
+    assert cpu_build.STATUS["cpu_diffusion"] == f"loaded ({default})"
+    assert cpu_build.status("cpu_diffusion", "generic") == "loaded (generic)"
+    assert len(list(tmp_path.glob("cpu_diffusion_generic_*.so"))) == 1
+    assert (generic is lib) == (default == "generic")
+    monkeypatch.setenv("ATTNC_CPU_KERNELS", "generic")
+    assert cpu_build.default_variant() == "generic" and cpu_build.load("cpu_diffusion") is generic
+    assert cpu_diffusion._library() is generic and cpu_build.STATUS["cpu_diffusion"] == "loaded (generic)"
+    monkeypatch.setenv("ATTNC_CPU_KERNELS", "0")  # takes effect at once, even after a load
+    assert cpu_build.load("cpu_diffusion") is None and cpu_diffusion._library() is None
+    assert cpu_build.load("cpu_diffusion", "generic") is None
+    assert cpu_build.STATUS["cpu_diffusion"].startswith("disabled")
+    with pytest.raises(InputError, match="neon"):
+        cpu_build.load("cpu_diffusion", "neon")
+    monkeypatch.setenv("ATTNC_CPU_KERNELS", "1")
+    monkeypatch.setattr(cpu_build.platform, "machine", lambda: "aarch64")  # any CPU but x86-64 with AVX2
+    assert cpu_build.default_variant() == "generic" and cpu_build.load("cpu_diffusion") is generic
+    assert cpu_build.load("cpu_diffusion", "avx2") is None or default == "avx2"  # built before on this CPU
+    monkeypatch.setattr(cpu_build, "_LIBS", {})
+    assert cpu_build.load("cpu_diffusion", "avx2") is None  # never an AVX2 build where it cannot run
+    assert "needs an x86-64 CPU with AVX2" in cpu_build.status("cpu_diffusion", "avx2")

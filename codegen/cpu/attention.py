@@ -81,27 +81,38 @@ class _Args(ctypes.Structure):
                    ("q_pos0", _I64)])
 
 
-@functools.lru_cache(maxsize=1)
 def _library():
+    """The library of the default variant (:func:`.build.default_variant`; both follow
+    ``ATTNC_CPU_KERNELS`` on every call), or None."""
     lib = cpu_build.load("cpu_attention")
-    if lib is not None:
-        lib.attn_fwd.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64)]
-        lib.attn_bwd.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64), _P, _I64, _I64]
-        for fn in (lib.attn_fwd, lib.attn_bwd):
-            fn.restype = ctypes.c_int
+    return _typed(lib) if lib is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def _typed(lib):
+    """``lib`` with its entry points' argument types set (once per library)."""
+    lib.attn_fwd.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64)]
+    lib.attn_bwd.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64), _P, _I64, _I64]
+    for fn in (lib.attn_fwd, lib.attn_bwd):
+        fn.restype = ctypes.c_int
     return lib
 
 
 def available() -> bool:
-    """Whether the kernels can run: x86-64 with AVX2, a C compiler, ``ATTNC_CPU_KERNELS`` not 0,
-    and the library built and loaded."""
+    """Whether the kernels can run: a C compiler, ``ATTNC_CPU_KERNELS`` not 0, and the library
+    of the default variant (AVX2 on x86-64 CPUs with it, else generic) built and loaded."""
     return _library() is not None
 
 
+def variant() -> str:
+    """The kernel variant the wrappers use here: ``"avx2"`` or ``"generic"``."""
+    return cpu_build.default_variant()
+
+
 def status() -> str:
-    """``"loaded"``, or why the kernels are not available."""
+    """``"loaded (<variant>)"``, or why the kernels are not available."""
     _library()
-    return cpu_build.STATUS.get("cpu_attention", "not built")
+    return cpu_build.status("cpu_attention")
 
 
 _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -1,4 +1,5 @@
-/* Fused block-sparse attention on the CPU (x86-64, AVX2 + FMA, float32): forward and backward.
+/* Fused block-sparse attention on the CPU (float32, on the 8-lane vectors of cpu_common.h: AVX2 +
+ * FMA on x86-64, the compiler's vector extensions elsewhere): forward and backward.
  *
  * One layout (block tables, see codegen/cpu/attention.py) for every (batch, head). Each entry
  * point is called once per thread with the same arguments and a shared counter; a thread takes
@@ -45,20 +46,20 @@ typedef struct {
 /* C[MR x 8 NV] (+)= A[MR x K] B[K x 8 NV]: broadcast A scalars, FMA rows of B. */
 AI void tile(const int MR, const int NV, int64_t K, const float* A, int64_t ar, int64_t ak, const float* B,
              int64_t ldb, float* C, int64_t ldc, int acc) {
-    __m256 c[6][2];
+    vf c[6][2];
     for (int i = 0; i < MR; i++)
-        for (int v = 0; v < NV; v++) c[i][v] = acc ? _mm256_loadu_ps(C + i * ldc + 8 * v) : _mm256_setzero_ps();
+        for (int v = 0; v < NV; v++) c[i][v] = acc ? vf_load(C + i * ldc + 8 * v) : vf_zero();
     for (int64_t kk = 0; kk < K; kk++) {
         const float* b = B + kk * ldb;
-        __m256 b0 = _mm256_loadu_ps(b), b1 = NV > 1 ? _mm256_loadu_ps(b + 8) : b0;
+        vf b0 = vf_load(b), b1 = NV > 1 ? vf_load(b + 8) : b0;
         for (int i = 0; i < MR; i++) {
-            __m256 a = _mm256_broadcast_ss(A + i * ar + kk * ak);
-            c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
-            if (NV > 1) c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+            vf a = vf_bcast(A + i * ar + kk * ak);
+            c[i][0] = vf_fma(a, b0, c[i][0]);
+            if (NV > 1) c[i][1] = vf_fma(a, b1, c[i][1]);
         }
     }
     for (int i = 0; i < MR; i++)
-        for (int v = 0; v < NV; v++) _mm256_storeu_ps(C + i * ldc + 8 * v, c[i][v]);
+        for (int v = 0; v < NV; v++) vf_store(C + i * ldc + 8 * v, c[i][v]);
 }
 
 AI void gemm_cols(const int NV, int64_t M, int64_t K, const float* A, int64_t ar, int64_t ak, const float* B,
@@ -87,23 +88,19 @@ static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ar, in
 }
 
 /* tanh of 8 floats as 1 - 2 / (e^{2x} + 1) (absolute error about 1e-7; NaN stays NaN). */
-AI __m256 tanh8(__m256 x) {
-    __m256 e = exp8(_mm256_add_ps(x, x)), one = _mm256_set1_ps(1.0f);
-    return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
+AI vf tanh8(vf x) {
+    vf e = exp8(vf_add(x, x)), one = vf_set1(1.0f);
+    return vf_sub(one, vf_div(vf_set1(2.0f), vf_add(e, one)));
 }
 
 /* Lanes t < lim whose byte bytes[t] is not 0 (bytes NULL: every lane < lim); never reads
  * bytes[lim..]. */
-AI __m256 visible8(int64_t lim, const uint8_t* bytes) {
-    __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(lim < 8 ? (lim < 0 ? 0 : lim) : 8)), iota);
+AI vm visible8(int64_t lim, const uint8_t* bytes) {
+    vm in = vm_first(lim);
     if (bytes) {
-        uint64_t w = 0;
-        memcpy(&w, bytes, lim >= 8 ? 8 : (size_t)(lim < 0 ? 0 : lim));
-        __m256i b = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)w));
-        in = _mm256_andnot_si256(_mm256_cmpeq_epi32(b, _mm256_setzero_si256()), in);
+        in = vm_andnot(vm_zero_bytes(load_bytes(bytes, lim >= 8 ? 8 : (size_t)(lim < 0 ? 0 : lim))), in);
     }
-    return _mm256_castsi256_ps(in);
+    return in;
 }
 
 /* One row of scores s[0..len) (len % 8 == 0): the mods in order, then -inf where not visible
@@ -111,24 +108,24 @@ AI __m256 visible8(int64_t lim, const uint8_t* bytes) {
  * deriv (or NULL) receives the product of the mods' derivatives. */
 static void mod_mask(float* s, float* deriv, int64_t len, int64_t lim, const uint8_t* bytes, const Args* a,
                      float slope, float pos0, float step) {
-    const __m256 ninf = _mm256_set1_ps(-INFINITY);
-    const __m256 iota = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    const vf ninf = vf_set1(-INFINITY);
+    const vf iota = vf_iota();
     for (int64_t t = 0; t < len; t += 8) {
-        __m256 x = _mm256_loadu_ps(s + t), d = _mm256_set1_ps(1.0f);
+        vf x = vf_load(s + t), d = vf_set1(1.0f);
         for (int64_t o = 0; o < a->nops; o++) {
             if (a->op_kind[o] == 0) {
                 float cap = (float)a->op_param[o];
-                __m256 th = tanh8(_mm256_mul_ps(x, _mm256_set1_ps(1.0f / cap)));
-                d = _mm256_mul_ps(d, _mm256_fnmadd_ps(th, th, _mm256_set1_ps(1.0f)));
-                x = _mm256_mul_ps(th, _mm256_set1_ps(cap));
+                vf th = tanh8(vf_mul(x, vf_set1(1.0f / cap)));
+                d = vf_mul(d, vf_fnma(th, th, vf_set1(1.0f)));
+                x = vf_mul(th, vf_set1(cap));
             } else {
-                __m256 rel = _mm256_fmadd_ps(iota, _mm256_set1_ps(step), _mm256_set1_ps(pos0 + step * (float)t));
-                x = _mm256_fmadd_ps(_mm256_set1_ps(slope), rel, x);
+                vf rel = vf_fma(iota, vf_set1(step), vf_set1(pos0 + step * (float)t));
+                x = vf_fma(vf_set1(slope), rel, x);
             }
         }
-        __m256 vis = visible8(lim - t, bytes ? bytes + t : NULL);
-        _mm256_storeu_ps(s + t, _mm256_blendv_ps(ninf, x, vis));
-        if (deriv) _mm256_storeu_ps(deriv + t, d);
+        vm vis = visible8(lim - t, bytes ? bytes + t : NULL);
+        vf_store(s + t, vf_blend(ninf, x, vis));
+        if (deriv) vf_store(deriv + t, d);
     }
 }
 
@@ -205,32 +202,33 @@ int attn_fwd(const Args* a, int64_t* counter) {
             int64_t j0 = blocks[b].c * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
             scores_t(a, kh, QT, j0, n, i0, m, blocks[b].mask, slope, S);
             for (int64_t t = 0; t < bmp; t += 8) {
-                __m256 bmx = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+                vf bmx = vf_set1(-INFINITY);
+                vm nan = vm_zero();
                 for (int64_t j = 0; j < n; j++) {
-                    __m256 x = _mm256_loadu_ps(S + j * bmp + t);
-                    bmx = _mm256_max_ps(x, bmx);  /* skips NaN; the NaN lanes are tracked apart */
-                    nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+                    vf x = vf_load(S + j * bmp + t);
+                    bmx = vf_max(x, bmx);  /* skips NaN; the NaN lanes are tracked apart */
+                    nan = vm_or(nan, vf_isnan(x));
                 }
-                __m256 mo = _mm256_loadu_ps(mx + t);
-                __m256 mn = _mm256_max_ps(bmx, mo);  /* a NaN running max stays NaN */
-                mn = _mm256_blendv_ps(mn, _mm256_set1_ps(NAN), nan);
-                __m256 none = _mm256_cmp_ps(mn, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
-                __m256 ms = _mm256_blendv_ps(mn, _mm256_setzero_ps(), none);  /* no key yet: P = exp(-inf) = 0 */
-                __m256 al = exp8(_mm256_sub_ps(mo, ms)), sum = _mm256_setzero_ps();
+                vf mo = vf_load(mx + t);
+                vf mn = vf_max(bmx, mo);  /* a NaN running max stays NaN */
+                mn = vf_blend(mn, vf_set1(NAN), nan);
+                vm none = vf_eq(mn, vf_set1(-INFINITY));
+                vf ms = vf_blend(mn, vf_zero(), none);  /* no key yet: P = exp(-inf) = 0 */
+                vf al = exp8(vf_sub(mo, ms)), sum = vf_zero();
                 for (int64_t j = 0; j < n; j++) {
-                    __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(S + j * bmp + t), ms));
-                    _mm256_storeu_ps(S + j * bmp + t, p);
-                    sum = _mm256_add_ps(sum, p);
+                    vf p = exp8(vf_sub(vf_load(S + j * bmp + t), ms));
+                    vf_store(S + j * bmp + t, p);
+                    sum = vf_add(sum, p);
                 }
-                _mm256_storeu_ps(l + t, _mm256_fmadd_ps(_mm256_loadu_ps(l + t), al, sum));
-                _mm256_storeu_ps(mx + t, mn);
-                _mm256_storeu_ps(alpha + t, al);
+                vf_store(l + t, vf_fma(vf_load(l + t), al, sum));
+                vf_store(mx + t, mn);
+                vf_store(alpha + t, al);
             }
             for (int64_t i = 0; i < m; i++) {
                 if (alpha[i] == 1.0f) continue;
-                __m256 al = _mm256_set1_ps(alpha[i]);
+                vf al = vf_set1(alpha[i]);
                 for (int64_t d = 0; d < Dv; d += 8)
-                    _mm256_storeu_ps(acc + i * Dv + d, _mm256_mul_ps(al, _mm256_loadu_ps(acc + i * Dv + d)));
+                    vf_store(acc + i * Dv + d, vf_mul(al, vf_load(acc + i * Dv + d)));
             }
             gemm(m, Dv, n, S, 1, bmp, vh + j0 * Dv, Dv, acc, Dv, 1);
         }
@@ -264,7 +262,7 @@ int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv
     Block* blocks = malloc(sizeof(Block) * (a->nqb + 1));
     int fail = !KT || !QS || !VT || !S || !dP || !der || !dk || !dv || !blocks, soft = has_softcap(a);
     const int64_t total = (kv1 - kv0) * a->nkb;
-    const __m256 scale = _mm256_set1_ps((float)a->scale);
+    const vf scale = vf_set1((float)a->scale);
     for (int64_t item; !fail && (item = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED)) < total;) {
         int64_t bkv = kv0 + item / a->nkb, c = item % a->nkb, hkv = bkv % a->Hkv;
         int64_t j0 = c * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
@@ -290,17 +288,17 @@ int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv
                     float* s = S + i * bnp;
                     mod_mask(s, soft ? der + i * bnp : NULL, bnp, n, blocks[b].mask ? blocks[b].mask + i * bn : NULL,
                              a, slope, (float)(j0 - a->q_pos0 - i0 - i), 1.0f);
-                    __m256 lse = _mm256_set1_ps(a->lse_in[bh * a->Lq + i0 + i]);
-                    __m256 delta = _mm256_set1_ps(a->delta[bh * a->Lq + i0 + i]);
+                    vf lse = vf_set1(a->lse_in[bh * a->Lq + i0 + i]);
+                    vf delta = vf_set1(a->delta[bh * a->Lq + i0 + i]);
                     for (int64_t t = 0; t < bnp; t += 8) {
-                        __m256 x = _mm256_loadu_ps(s + t);
-                        __m256 vis = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ);
-                        __m256 p = _mm256_and_ps(exp8(_mm256_sub_ps(x, lse)), vis);
-                        __m256 ds = _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dP + i * bnp + t), delta));
-                        if (soft) ds = _mm256_mul_ps(ds, _mm256_loadu_ps(der + i * bnp + t));
-                        _mm256_storeu_ps(s + t, p);
+                        vf x = vf_load(s + t);
+                        vm vis = vf_neq(x, vf_set1(-INFINITY));
+                        vf p = vf_keep(exp8(vf_sub(x, lse)), vis);
+                        vf ds = vf_mul(p, vf_sub(vf_load(dP + i * bnp + t), delta));
+                        if (soft) ds = vf_mul(ds, vf_load(der + i * bnp + t));
+                        vf_store(s + t, p);
                         /* the scale of S = scale Q K^T, folded in once for both dk and dq */
-                        _mm256_storeu_ps(dP + i * bnp + t, _mm256_and_ps(_mm256_mul_ps(ds, scale), vis));
+                        vf_store(dP + i * bnp + t, vf_keep(vf_mul(ds, scale), vis));
                     }
                 }
                 gemm(n, Dv, m, S, 1, bnp, ob, Dv, dv, Dv, 1);

@@ -1,4 +1,5 @@
-/* CPU kernels (x86-64, AVX2 + FMA) of the stored-P diffusion stages, float32.
+/* CPU kernels of the stored-P diffusion stages, float32, on the 8-lane vectors of cpu_common.h
+ * (AVX2 + FMA on x86-64, the compiler's vector extensions elsewhere).
  *
  * They work on one chunk of the torch stages' plan (codegen/torch_diffusion_plan.py): query
  * blocks r = r0..r1-1 of the chunk, each with a [BM, W] tile of P whose columns are W keys:
@@ -16,12 +17,6 @@
  *
  * Needs Dv % 16 == 0 (hop) and, to use the transposed keys, bn % 16 == 0; the caller checks.
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
 #include "cpu_common.h"
 
 /* Row j of query block r's keys in array x (D floats a row), or `zero` outside the array. */
@@ -35,23 +30,23 @@ static inline const float* key_row(const float* x, int64_t D, int64_t j, int64_t
 /* Softmax of one score row s[0..Wp) (entries W..Wp are padding) into out[0..W). */
 static void softmax_row(float* s, float* out, int64_t W, int64_t Wp) {
     for (int64_t j = W; j < Wp; j++) s[j] = -INFINITY;
-    __m256 mx = _mm256_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < Wp; j += 8) mx = _mm256_max_ps(mx, _mm256_load_ps(s + j));
+    vf mx = vf_set1(-INFINITY);
+    for (int64_t j = 0; j < Wp; j += 8) mx = vf_max(mx, vf_load_a(s + j));
     float m = hmax8(mx);
     if (m == -INFINITY) {  /* no visible key: a zero row, not NaN */
         memset(out, 0, sizeof(float) * W);
         return;
     }
-    __m256 vm = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
+    vf vmax = vf_set1(m), acc = vf_zero();
     for (int64_t j = 0; j < Wp; j += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(s + j), vm));
-        _mm256_store_ps(s + j, e);
-        acc = _mm256_add_ps(acc, e);
+        vf e = exp8(vf_sub(vf_load_a(s + j), vmax));
+        vf_store_a(s + j, e);
+        acc = vf_add(acc, e);
     }
     float inv = 1.0f / hsum8(acc);
-    __m256 vi = _mm256_set1_ps(inv);
+    vf vi = vf_set1(inv);
     int64_t j = 0;
-    for (; j + 8 <= W; j += 8) _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_load_ps(s + j), vi));
+    for (; j + 8 <= W; j += 8) vf_store(out + j, vf_mul(vf_load_a(s + j), vi));
     for (; j < W; j++) out[j] = s[j] * inv;
 }
 
@@ -85,27 +80,27 @@ int transpose_f32(const float* x, int64_t n, int64_t D, float* xt, int64_t nblk,
 /* s[i * lds + 0..16) = scale * q_i . (16 key columns b[d * ldb + 0..16)) for the NR query rows
  * q_i = q0 + i * D. */
 static inline __attribute__((always_inline)) void score_tile(const int NR, const float* q0, int64_t D,
-        const float* b, int64_t ldb, float* s, int64_t lds, __m256 sc) {
-    __m256 a[4][2];
-    for (int i = 0; i < NR; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
+        const float* b, int64_t ldb, float* s, int64_t lds, vf sc) {
+    vf a[4][2];
+    for (int i = 0; i < NR; i++) a[i][0] = a[i][1] = vf_zero();
     for (int64_t d = 0; d < D; d++) {
         const float* bd = b + d * ldb;
-        __m256 b0 = _mm256_loadu_ps(bd), b1 = _mm256_loadu_ps(bd + 8);
+        vf b0 = vf_load(bd), b1 = vf_load(bd + 8);
         for (int i = 0; i < NR; i++) {
-            __m256 x = _mm256_broadcast_ss(q0 + i * D + d);
-            a[i][0] = _mm256_fmadd_ps(x, b0, a[i][0]);
-            a[i][1] = _mm256_fmadd_ps(x, b1, a[i][1]);
+            vf x = vf_bcast(q0 + i * D + d);
+            a[i][0] = vf_fma(x, b0, a[i][0]);
+            a[i][1] = vf_fma(x, b1, a[i][1]);
         }
     }
     for (int i = 0; i < NR; i++) {
-        _mm256_store_ps(s + i * lds, _mm256_mul_ps(a[i][0], sc));
-        _mm256_store_ps(s + i * lds + 8, _mm256_mul_ps(a[i][1], sc));
+        vf_store_a(s + i * lds, vf_mul(a[i][0], sc));
+        vf_store_a(s + i * lds + 8, vf_mul(a[i][1], sc));
     }
 }
 
 /* Scores of BM query rows against one 16-column slice of keys, in row tiles of 4 (then 2, 1). */
 static void score_rows(const float* q, int64_t BM, int64_t D, const float* b, int64_t ldb, float* s, int64_t lds,
-                       __m256 sc) {
+                       vf sc) {
     int64_t i = 0;
     for (; i + 4 <= BM; i += 4) score_tile(4, q + i * D, D, b, ldb, s + i * lds, lds, sc);
     for (; i + 2 <= BM; i += 2) score_tile(2, q + i * D, D, b, ldb, s + i * lds, lds, sc);
@@ -133,7 +128,7 @@ int probs_f32(float* tile, int64_t BM, int64_t W, int64_t nbk, int64_t nr, int64
         free(zero);
         return 1;
     }
-    const __m256 sc = _mm256_set1_ps(scale);
+    const vf sc = vf_set1(scale);
     for (int64_t r = r0; r < r1; r++) {
         int64_t j = 0;
         if (D % 8 == 0) {  /* 8 keys x 8 dims at a time, transposed in registers */
@@ -182,7 +177,7 @@ int dense_probs_f32(float* out, int64_t ng, int64_t n, int64_t D, const float* q
     int64_t np = (n + 15) / 16 * 16;
     float* S = aligned_alloc(32, sizeof(float) * ng * np);
     if (!S) return 1;
-    const __m256 sc = _mm256_set1_ps(scale);
+    const vf sc = vf_set1(scale);
     for (int64_t j0 = 0; j0 < np; j0 += 16) score_rows(q, ng, D, kt_col(kt, D, bn, lo + j0), bn, S + j0, np, sc);
     for (int64_t i = 0; i < ng; i++) {
         float* s = S + i * np;
@@ -202,30 +197,30 @@ int dense_probs_f32(float* out, int64_t ng, int64_t n, int64_t D, const float* q
  * with acc = P[i, k0:k1] @ z[k0:k1]. */
 static inline __attribute__((always_inline)) void hop_tile(const int NR, const float* p0, int64_t W, int64_t k0,
         int64_t k1, const float* const* zrow, int64_t c0, const float* vv, float* oo, int64_t Dv, int first,
-        __m256 vb, __m256 vg) {
-    __m256 a[4][2];
-    for (int i = 0; i < NR; i++) a[i][0] = a[i][1] = _mm256_setzero_ps();
+        vf vb, vf vg) {
+    vf a[4][2];
+    for (int i = 0; i < NR; i++) a[i][0] = a[i][1] = vf_zero();
     for (int64_t k = k0; k < k1; k++) {
         const float* zk = zrow[k - k0] + c0;
-        __m256 b0 = _mm256_loadu_ps(zk), b1 = _mm256_loadu_ps(zk + 8);
+        vf b0 = vf_load(zk), b1 = vf_load(zk + 8);
         for (int i = 0; i < NR; i++) {
-            __m256 x = _mm256_broadcast_ss(p0 + i * W + k);
-            a[i][0] = _mm256_fmadd_ps(x, b0, a[i][0]);
-            a[i][1] = _mm256_fmadd_ps(x, b1, a[i][1]);
+            vf x = vf_bcast(p0 + i * W + k);
+            a[i][0] = vf_fma(x, b0, a[i][0]);
+            a[i][1] = vf_fma(x, b1, a[i][1]);
         }
     }
     for (int i = 0; i < NR; i++) {
         const float* src = first ? vv + i * Dv : oo + i * Dv;
-        __m256 g = first ? vg : _mm256_set1_ps(1.0f);
+        vf g = first ? vg : vf_set1(1.0f);
         float* o = oo + i * Dv;
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(g, _mm256_loadu_ps(src), _mm256_mul_ps(vb, a[i][0])));
-        _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(g, _mm256_loadu_ps(src + 8), _mm256_mul_ps(vb, a[i][1])));
+        vf_store(o, vf_fma(g, vf_load(src), vf_mul(vb, a[i][0])));
+        vf_store(o + 8, vf_fma(g, vf_load(src + 8), vf_mul(vb, a[i][1])));
     }
 }
 
 /* out rows [0, n) (row stride Dv, every 16-column slice), tiles of 4, 2 and 1 rows (hop_tile). */
 static void hop_rows(int64_t n, const float* p, int64_t W, int64_t k0, int64_t k1, const float* const* zrow,
-                     const float* v, float* out, int64_t Dv, int first, __m256 vb, __m256 vg) {
+                     const float* v, float* out, int64_t Dv, int first, vf vb, vf vg) {
     /* columns outermost: the slice of z rows stays in L1 over all row tiles */
     for (int64_t c0 = 0; c0 < Dv; c0 += 16) {
         int64_t i = 0;
@@ -247,7 +242,7 @@ int hop_f32(const float* P, int64_t BM, int64_t W, int64_t nbk, int64_t nr, int6
         free(zero);
         return 1;
     }
-    const __m256 vb = _mm256_set1_ps(beta), vg = _mm256_set1_ps(gamma);
+    const vf vb = vf_set1(beta), vg = vf_set1(gamma);
     for (int64_t r = r0; r < r1; r++) {
         const float* Pr = P + r * BM * W;
         const float* vr = v + vrow[r] * Dv;

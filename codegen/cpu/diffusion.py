@@ -25,18 +25,24 @@ from ..pytorch.diffusion_plan import as_blocks, dense_global_probs, global_parts
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
-@functools.lru_cache(maxsize=1)
 def _library():
+    """The library of the default variant (:func:`.build.default_variant`; both follow
+    ``ATTNC_CPU_KERNELS`` on every call), or None."""
     lib = cpu_build.load("cpu_diffusion")
-    if lib is not None:
-        lib.transpose_f32.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64]
-        lib.probs_f32.argtypes = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR,
-                                  _PTR, _F32, _PTR, _PTR, _I64, _I64]
-        lib.dense_probs_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _F32, _PTR]
-        lib.hop_f32.argtypes = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR,
-                                _F32, _F32, _I64, _I64]
-        for fn in (lib.transpose_f32, lib.probs_f32, lib.dense_probs_f32, lib.hop_f32):
-            fn.restype = ctypes.c_int
+    return _typed(lib) if lib is not None else None
+
+
+@functools.lru_cache(maxsize=None)
+def _typed(lib):
+    """``lib`` with its entry points' argument types set (once per library)."""
+    lib.transpose_f32.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _I64, _I64]
+    lib.probs_f32.argtypes = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR,
+                              _PTR, _F32, _PTR, _PTR, _I64, _I64]
+    lib.dense_probs_f32.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _F32, _PTR]
+    lib.hop_f32.argtypes = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR,
+                            _F32, _F32, _I64, _I64]
+    for fn in (lib.transpose_f32, lib.probs_f32, lib.dense_probs_f32, lib.hop_f32):
+        fn.restype = ctypes.c_int
     return lib
 
 
