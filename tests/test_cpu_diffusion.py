@@ -173,7 +173,12 @@ def test_variants_build_apart_and_follow_the_switch(monkeypatch, tmp_path):
         cpu_build.load("cpu_diffusion", "neon")
     monkeypatch.setenv("ATTNC_CPU_KERNELS", "1")
     monkeypatch.setattr(cpu_build.platform, "machine", lambda: "aarch64")  # any CPU but x86-64 with AVX2
-    assert cpu_build.default_variant() == "generic" and cpu_build.load("cpu_diffusion") is generic
+    # there the generic build is opt-in (slower than ATen's ops on x86, untimed on ARM)
+    assert cpu_build.default_variant() == "generic" and cpu_build.load("cpu_diffusion") is None
+    assert cpu_build.STATUS["cpu_diffusion"] == cpu_build.OPT_IN_NOTE and cpu_diffusion._library() is None
+    monkeypatch.setenv("ATTNC_CPU_KERNELS", "generic")
+    assert cpu_build.load("cpu_diffusion") is generic
+    monkeypatch.setenv("ATTNC_CPU_KERNELS", "1")
     assert cpu_build.load("cpu_diffusion", "avx2") is None or default == "avx2"  # built before on this CPU
     monkeypatch.setattr(cpu_build, "_LIBS", {})
     assert cpu_build.load("cpu_diffusion", "avx2") is None  # never an AVX2 build where it cannot run

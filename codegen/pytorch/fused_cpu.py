@@ -8,7 +8,8 @@ partial-block masks (:mod:`attncompiler.codegen.cpu.tables`).
 
 They apply to CPU tensors of float32, bfloat16 and float16 (the half types are computed in
 float32, as the plan path does) when the kernels are built (x86-64 with AVX2, a C compiler,
-``ATTNC_CPU_KERNELS`` not 0) and every group's masks fit the table budget. float64 and anything
+``ATTNC_CPU_KERNELS`` not 0; on other CPUs the portable generic build, NEON on aarch64, runs
+with ``ATTNC_CPU_KERNELS=generic``) and every group's masks fit the table budget. float64 and anything
 else keep the plan path, which stays the portable fallback.
 
 Score mods: the built-in ``ac.softcap`` and ``ac.alibi`` (and their compositions) run inside
