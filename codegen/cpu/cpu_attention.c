@@ -89,8 +89,11 @@ static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ar, in
 
 /* tanh of 8 floats as 1 - 2 / (e^{2x} + 1) (absolute error about 1e-7; NaN stays NaN). */
 AI vf tanh8(vf x) {
+    /* |x| <= 9 first (tanh(9) is 1 in float32): e^{2x} + 1 stays in the reciprocal's range;
+     * the operand order keeps NaN */
+    x = vf_min(vf_set1(9.0f), vf_max(vf_set1(-9.0f), x));
     vf e = exp8(vf_add(x, x)), one = vf_set1(1.0f);
-    return vf_sub(one, vf_div(vf_set1(2.0f), vf_add(e, one)));
+    return vf_fnma(vf_set1(2.0f), vf_recip(vf_add(e, one)), one);
 }
 
 /* Lanes t < lim whose byte bytes[t] is not 0 (bytes NULL: every lane < lim); never reads
@@ -110,9 +113,20 @@ static void mod_mask(float* s, float* deriv, int64_t len, int64_t lim, const uin
                      float slope, float pos0, float step) {
     const vf ninf = vf_set1(-INFINITY);
     const vf iota = vf_iota();
+    const int64_t nops = a->nops;
+    if (nops == 1 && a->op_kind[0] == 0) {  /* softcap alone (Gemma 2): the op dispatch hoisted */
+        const float cap = (float)a->op_param[0];
+        const vf inv = vf_set1(1.0f / cap), vcap = vf_set1(cap), one = vf_set1(1.0f);
+        for (int64_t t = 0; t < len; t += 8) {
+            vf th = tanh8(vf_mul(vf_load(s + t), inv));
+            vf_store(s + t, vf_blend(ninf, vf_mul(th, vcap), visible8(lim - t, bytes ? bytes + t : NULL)));
+            if (deriv) vf_store(deriv + t, vf_fnma(th, th, one));
+        }
+        return;
+    }
     for (int64_t t = 0; t < len; t += 8) {
         vf x = vf_load(s + t), d = vf_set1(1.0f);
-        for (int64_t o = 0; o < a->nops; o++) {
+        for (int64_t o = 0; o < nops; o++) {
             if (a->op_kind[o] == 0) {
                 float cap = (float)a->op_param[o];
                 vf th = tanh8(vf_mul(x, vf_set1(1.0f / cap)));

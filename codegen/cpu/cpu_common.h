@@ -52,6 +52,12 @@ VF_INLINE vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
 VF_INLINE vf vf_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 VF_INLINE vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 VF_INLINE vf vf_div(vf a, vf b) { return _mm256_div_ps(a, b); }
+/* 1 / y for finite y with |y| in [2^-126, 2^126]: the 12-bit estimate and one Newton step
+ * (relative error about 2^-22), without the divider */
+VF_INLINE vf vf_recip(vf y) {
+    __m256 r = _mm256_rcp_ps(y);
+    return _mm256_mul_ps(r, _mm256_fnmadd_ps(y, r, _mm256_set1_ps(2.0f)));
+}
 VF_INLINE vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }   /* a b + c */
 VF_INLINE vf vf_fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); } /* c - a b */
 VF_INLINE vf vf_max(vf a, vf b) { return _mm256_max_ps(a, b); }
@@ -163,6 +169,7 @@ VF_INLINE vf vf_add(vf a, vf b) { return VF_MAP(a, b, +); }
 VF_INLINE vf vf_sub(vf a, vf b) { return VF_MAP(a, b, -); }
 VF_INLINE vf vf_mul(vf a, vf b) { return VF_MAP(a, b, *); }
 VF_INLINE vf vf_div(vf a, vf b) { return VF_MAP(a, b, /); }
+VF_INLINE vf vf_recip(vf y) { return vf_div(vf_set1(1.0f), y); }
 /* fused into one multiply-add under -ffp-contract=fast where the target has one */
 VF_INLINE vf vf_fma(vf a, vf b, vf c) { return (vf){a.lo * b.lo + c.lo, a.hi * b.hi + c.hi}; }
 VF_INLINE vf vf_fnma(vf a, vf b, vf c) { return (vf){c.lo - a.lo * b.lo, c.hi - a.hi * b.hi}; }
