@@ -45,6 +45,7 @@ def measure(pattern, seq_len: int, threads: int, *, loaded: bool = False, repeat
     q, k, v = (torch.randn(batch, heads, seq_len, head_dim, generator=gen) for _ in range(3))
     dout = torch.randn(batch, heads, seq_len, head_dim, generator=gen)
     attn = CompiledAttention(pattern, "torch")
+    leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))  # reused: autograd.grad accumulates nothing
     variants = {"kernel@1": (1, True), f"kernel@{threads}": (threads, True), f"plan split@{threads}": (threads, False)}
 
     def call(n, kernel):
@@ -53,9 +54,8 @@ def measure(pattern, seq_len: int, threads: int, *, loaded: bool = False, repeat
             if mode == "fwd":
                 with torch.no_grad():
                     return (attn(q, k, v),)
-            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-            out = attn(qq, kk, vv)
-            return (out.detach(), *torch.autograd.grad(out, (qq, kk, vv), dout))
+            out = attn(*leaves)  # (fresh clones per call would time ATen copies, not attention)
+            return (out.detach(), *torch.autograd.grad(out, leaves, dout))
 
     want = call(1, True)
     for name, (n, kernel) in variants.items():

@@ -83,26 +83,14 @@ VF_INLINE vm vm_zero_bytes(uint64_t w) {
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, _mm256_setzero_si256()));
 }
 
-/* e^x for 8 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, degree-6 Taylor polynomial
- * (relative error about 2e-7); -inf gives exactly 0 and NaN gives NaN (the clamps take the
- * operand order that returns a NaN input, the -inf test is an unordered compare). */
-VF_INLINE vf exp8(vf x) {
-    __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_UQ);
-    /* max/min return their second operand when either is NaN */
-    x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln2 in two parts */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+/* x log2(e) rounded to the nearest integer (ties to even), for exp8 */
+VF_INLINE vf vf_exp_n(vf x) {
+    return _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+/* 2^n for integral n in [-126, 127] */
+VF_INLINE vf vf_pow2i(vf n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
 
 static inline float hmax8(vf v) {
@@ -209,26 +197,14 @@ VF_INLINE v4f pow2_4(v4f n) {
     return (v4f)((__builtin_convertvector(n0, v4i) + 127) << 23);
 }
 
-/* e^x as the AVX2 exp8 computes it: clamps with the same NaN rule, n = x log2(e) rounded to
- * nearest (even) by adding and subtracting 1.5 * 2^23 (exact for |x log2(e)| < 2^22; under
- * -ffp-contract the product may be fused into the add, which only moves a tie by an ulp and
- * keeps |r| <= ln2 / 2 + ulp). */
-VF_INLINE vf exp8(vf x) {
-    vm keep = vf_neq(x, vf_set1(-INFINITY));
-    x = vf_min(vf_set1(88.0f), vf_max(vf_set1(-87.0f), x));
+/* x log2(e) rounded to nearest (even) by adding and subtracting 1.5 * 2^23 (exact for
+ * |x log2(e)| < 2^22; under -ffp-contract the product may be fused into the add, which only moves
+ * a tie by an ulp and keeps |r| <= ln2 / 2 + ulp in exp8) */
+VF_INLINE vf vf_exp_n(vf x) {
     const vf big = vf_set1(12582912.0f);
-    vf n = vf_sub(vf_fma(x, vf_set1(1.44269504088896341f), big), big);
-    vf r = vf_fnma(n, vf_set1(0.693359375f), x);
-    r = vf_fnma(n, vf_set1(-2.12194440e-4f), r);
-    vf p = vf_set1(1.0f / 720);
-    p = vf_fma(p, r, vf_set1(1.0f / 120));
-    p = vf_fma(p, r, vf_set1(1.0f / 24));
-    p = vf_fma(p, r, vf_set1(1.0f / 6));
-    p = vf_fma(p, r, vf_set1(0.5f));
-    p = vf_fma(p, r, vf_set1(1.0f));
-    p = vf_fma(p, r, vf_set1(1.0f));
-    return vf_keep(vf_mul(p, (vf){pow2_4(n.lo), pow2_4(n.hi)}), keep);
+    return vf_sub(vf_fma(x, vf_set1(1.44269504088896341f), big), big);
 }
+VF_INLINE vf vf_pow2i(vf n) { return (vf){pow2_4(n.lo), pow2_4(n.hi)}; }
 
 static inline float max1(float a, float b) { return a > b ? a : b; }
 
@@ -251,4 +227,25 @@ static inline void transpose8(const float* const* rows, int64_t d0, float* dst, 
 }
 
 #endif
+
+/* e^x for 8 floats: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2, degree-6 Taylor polynomial
+ * (relative error about 2e-7); -inf gives exactly 0 and NaN gives NaN (the clamps take the
+ * operand order that returns a NaN input, the -inf test is an unordered compare). */
+VF_INLINE vf exp8(vf x) {
+    vm keep = vf_neq(x, vf_set1(-INFINITY));
+    /* max/min return their second operand when either is NaN */
+    x = vf_min(vf_set1(88.0f), vf_max(vf_set1(-87.0f), x));
+    vf n = vf_exp_n(x);
+    vf r = vf_fnma(n, vf_set1(0.693359375f), x);  /* ln2 in two parts */
+    r = vf_fnma(n, vf_set1(-2.12194440e-4f), r);
+    vf p = vf_set1(1.0f / 720);
+    p = vf_fma(p, r, vf_set1(1.0f / 120));
+    p = vf_fma(p, r, vf_set1(1.0f / 24));
+    p = vf_fma(p, r, vf_set1(1.0f / 6));
+    p = vf_fma(p, r, vf_set1(0.5f));
+    p = vf_fma(p, r, vf_set1(1.0f));
+    p = vf_fma(p, r, vf_set1(1.0f));
+    return vf_keep(vf_mul(p, vf_pow2i(n)), keep);
+}
+
 #endif
