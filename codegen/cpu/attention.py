@@ -6,6 +6,8 @@ region: every thread calls the same C entry once with a shared counter and takes
 (a query block of one head, or a key block of one key/value head) until none is left, so a
 thread slowed down by another process does fewer items and nobody waits on a barrier. The
 backward accumulates dq per thread (see :data:`DQ_BUFFER_BYTES`) and sums the buffers here.
+:func:`probs_forward` is the forward that also stores its normalized probabilities in the tile
+layout of a plan's rows (:class:`ProbsRows`, cross-layer reuse).
 Building the tables from a layout, autograd and dispatch live with the caller.
 """
 
@@ -69,6 +71,27 @@ class ScoreMods:
     q_pos0: int = 0  # position of query row 0 (kpos = key index, qpos = q_pos0 + row index)
 
 
+@dataclass(frozen=True, eq=False)
+class ProbsRows:
+    """The query-block rows of stored probability tiles (:func:`probs_forward`), over every
+    chunk of a plan. Row ``i`` is query block ``qb[i]`` against the ``width[i]`` key-block
+    columns ``cols[start[i]:start[i] + width[i]]`` of kinds ``kind[...]`` (int32: -2 padding,
+    P = 0; -1 full block; >= 0 an index into the tables' masks); its ``[group * bm, width * bn]``
+    tile starts ``offset[i]`` floats into one (batch, kv head)'s ``size`` floats of storage."""
+
+    qb: torch.Tensor
+    width: torch.Tensor
+    offset: torch.Tensor
+    start: torch.Tensor
+    cols: torch.Tensor
+    kind: torch.Tensor
+    size: int
+    group: int
+
+
+_ROWS_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class _Args(ctypes.Structure):
     """The C ``Args`` struct of cpu_attention.c, field for field."""
 
@@ -93,7 +116,9 @@ def _typed(lib):
     """``lib`` with its entry points' argument types set (once per library)."""
     lib.attn_fwd.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64)]
     lib.attn_bwd.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64), _P, _I64, _I64]
-    for fn in (lib.attn_fwd, lib.attn_bwd):
+    lib.attn_probs.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64), _I64, _P, _P, _P, _P, _P, _P, _P, _I64,
+                               _I64]
+    for fn in (lib.attn_fwd, lib.attn_bwd, lib.attn_probs):
         fn.restype = ctypes.c_int
     return lib
 
@@ -316,3 +341,75 @@ def _backward_chunks(a: _Args, dq: torch.Tensor, heads: int, n: int) -> None:
         extra.zero_()
         _launch(fn, a, n, lambda i: (part.data_ptr() if i == 0 else extra[i - 1].data_ptr(), h0, h1))
         part += extra.sum(0)
+
+
+def _checked_rows(rows: ProbsRows, t: KernelTables) -> ProbsRows:
+    """``rows`` validated against ``t`` (once per pair): a wrong index or offset would make the
+    kernel read or write out of bounds."""
+    if _ROWS_CHECKED.get(rows) is t:
+        return rows
+    n = rows.qb.numel()
+    vecs = {f: getattr(rows, f) for f in ("qb", "width", "offset", "start", "cols")}
+    for name, x in (*vecs.items(), ("kind", rows.kind)):
+        want = torch.int32 if name == "kind" else torch.int64
+        if x.dtype != want or x.device.type != "cpu" or x.dim() != 1 or not x.is_contiguous():
+            raise InputError(f"ProbsRows.{name} is {x.dtype} {tuple(x.shape)} on {x.device}; hint: a contiguous 1-D "
+                             f"CPU tensor of {want}")
+    if any(x.numel() != n for x in (rows.width, rows.offset, rows.start)) or rows.cols.numel() != rows.kind.numel():
+        raise InputError("ProbsRows: qb, width, offset and start must have one entry per row, cols and kind one per "
+                         "column; hint: build them together")
+    cap = rows.cols.numel()
+    nmask = t.masks.shape[0]
+    tile = rows.group * t.bm * t.bn * rows.width
+    if n and bool((rows.qb < 0).any() or (rows.qb >= t.nqb).any() or (rows.width < 1).any()
+                  or (rows.start < 0).any() or (rows.start + rows.width > cap).any()
+                  or (rows.offset < 0).any() or (rows.offset + tile > rows.size).any()):
+        raise InputError(f"ProbsRows index query blocks outside 0..{t.nqb - 1}, columns outside 0..{cap} or tiles "
+                         f"outside the {rows.size} floats of storage; hint: build them from the plan of these tables")
+    used = rows.kind != -2
+    if bool((rows.kind < -2).any() or (rows.kind >= nmask).any() or (rows.cols[used] < 0).any()
+            or (rows.cols[used] >= t.nkb).any()):
+        raise InputError(f"ProbsRows.kind must be in -2..{nmask - 1} and its used cols in 0..{t.nkb - 1}; hint: -2 "
+                         "padding, -1 full, else the tables' mask id")
+    _ROWS_CHECKED[rows] = t
+    return rows
+
+
+def probs_forward(q, k, v, tables: KernelTables, rows: ProbsRows, scale: float, p: torch.Tensor | None = None,
+                  threads: int | None = None):
+    """``(out [B,H,Lq,Dv], p [B,Hkv,size])``: block-sparse attention that stores its normalized
+    probabilities in ``rows``' tile layout (cross-layer reuse), float32.
+
+    q [B,H,Lq,D], k [B,Hkv,Lk,D], v [B,Hkv,Lk,Dv] float32 CPU with ``H = rows.group * Hkv``. Every
+    entry of ``p`` is written (given, it must be a contiguous float32 CPU tensor of
+    ``B * Hkv * rows.size`` elements; it is returned viewed as ``[B, Hkv, size]``): padding
+    columns, keys past Lk and query rows past Lq hold 0, and so do rows that see no key (their
+    out is 0 too). Query blocks listed in no row get out 0. threads: default
+    ``torch.get_num_threads()``.
+    """
+    _check(q, k, v, tables)
+    B, H, Lq, _ = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    if H != rows.group * Hkv:
+        raise InputError(f"{H} query heads over {Hkv} key/value heads do not match rows of group {rows.group}; hint: "
+                         "build the rows for this head grouping")
+    _checked_rows(rows, tables)
+    n = B * Hkv * rows.size
+    if p is None:
+        p = torch.empty(n, dtype=torch.float32)
+    elif p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous() or p.numel() != n:
+        raise InputError(f"p is {p.dtype} with {p.numel()} elements on {p.device}; hint: a contiguous float32 CPU "
+                         f"tensor of {n} elements")
+    q, k, v = _pad8(q), _pad8(k), _pad8(v)
+    out = torch.zeros(B, H, Lq, v.shape[3], dtype=torch.float32)
+    keep: list = []
+    a = _args(q, k, v, tables, scale, ScoreMods(), keep)
+    a.out = out.data_ptr()
+    nrows = rows.qb.numel()
+    if nrows and B * Hkv:
+        maxw = int(rows.width.max())
+        _launch(_library().attn_probs, a, _threads(threads),
+                lambda i: (nrows, rows.qb.data_ptr(), rows.width.data_ptr(), rows.offset.data_ptr(),
+                           rows.start.data_ptr(), rows.cols.data_ptr(), rows.kind.data_ptr(), p.data_ptr(), rows.size,
+                           maxw))
+    return (out[..., :Dv] if out.shape[3] != Dv else out), p.view(B, Hkv, rows.size)

@@ -11,6 +11,8 @@
  *             query blocks, P recomputed from lse: dv = P^T dO, dk = scale * dS^T Q (every item
  *             owns its rows) and dq += scale * dS K into the calling thread's own dq buffer
  *             (5 block products per visible block; the caller sums the buffers).
+ *   attn_probs: items (b * Hkv + hkv, row of a list of query-block rows): the row's normalized
+ *             probabilities written to a stored tile (cross-layer reuse) and out = P V.
  *
  * The forward works on S^T (keys x queries: the lanes of a vector are 8 query rows), so the
  * keys and values are read in place and only the query block is packed (transposed) per item;
@@ -311,5 +313,103 @@ int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv
         memcpy(a->dv + (bkv * a->Lk + j0) * Dv, dv, sizeof(float) * n * Dv);
     }
     free(KT); free(QS); free(VT); free(S); free(dP); free(der); free(dk); free(dv); free(blocks);
+    return fail;
+}
+
+/* Stored probabilities (cross-layer reuse): items (b * Hkv + hkv, row gr) over a list of rows,
+ * each a query block qb[gr] with w[gr] key-block columns cols[cstart[gr] + j] of kind
+ * kind[cstart[gr] + j] (-2 padding: P = 0 and never read, -1 full, >= 0 the mask id). For the G
+ * query heads of the group (folded into the rows, head-major) the row's scores are masked and
+ * normalized over the whole row (max, then exp and sum, then scale), written to the tile
+ * p[(b * Hkv + hkv) * psize + poff[gr] ...] of [G * bm, w * bn] floats, and out = P V. Rows past
+ * Lq and keys past Lk hold P = 0; a row with no visible key has P = 0 and out = 0; a NaN score
+ * makes its whole row NaN. The scores are built in place in the tile when bn % 8 == 0, else in a
+ * scratch row of 8-padded blocks (maxw columns at most) copied into the tile at the end. */
+int attn_probs(const Args* a, int64_t* counter, int64_t nrows, const int64_t* qb, const int64_t* w,
+               const int64_t* poff, const int64_t* cstart, const int64_t* cols, const int32_t* kind, float* p,
+               int64_t psize, int64_t maxw) {
+    const int64_t D = a->D, Dv = a->Dv, bm = a->bm, bn = a->bn, bnp = RUP8(bn), G = a->H / a->Hkv, GM = G * bm;
+    const int inplace = bn % 8 == 0;
+    float* QS = aligned_alloc(32, sizeof(float) * GM * D);
+    float* KT = aligned_alloc(32, sizeof(float) * D * bnp);
+    float* SC = inplace ? NULL : aligned_alloc(32, sizeof(float) * GM * maxw * bnp);
+    int fail = !QS || !KT || (!inplace && !SC);
+    const int64_t total = a->B * a->Hkv * nrows;
+    const vf ninf = vf_set1(-INFINITY), one = vf_set1(1.0f);
+    for (int64_t item; !fail && (item = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED)) < total;) {
+        int64_t bkv = item / nrows, gr = item % nrows, W = w[gr], i0 = qb[gr] * bm;
+        int64_t m = a->Lq - i0 < bm ? a->Lq - i0 : bm;
+        const int64_t* rc = cols + cstart[gr];
+        const int32_t* rk = kind + cstart[gr];
+        float* tile = p + bkv * psize + poff[gr];
+        const int64_t ldt = W * bn, ld = inplace ? ldt : W * bnp, bs = inplace ? bn : bnp, len = W * bs;
+        float* S = inplace ? tile : SC;
+        const float *kh = a->k + bkv * a->Lk * D, *vh = a->v + bkv * a->Lk * Dv;
+        for (int64_t g = 0; g < G; g++) {  /* scaled queries, as the backward rounds them; rows past Lq 0 */
+            const float* qs = a->q + ((bkv * G + g) * a->Lq + i0) * D;
+            float* d = QS + g * bm * D;
+            for (int64_t i = 0; i < m * D; i++) d[i] = qs[i] * (float)a->scale;
+            memset(d + m * D, 0, sizeof(float) * (bm - m) * D);
+        }
+        for (int64_t j = 0; j < W; j++) {
+            float* sj = S + j * bs;
+            if (rk[j] == -2) {
+                for (int64_t r = 0; r < GM; r++)
+                    for (int64_t t = 0; t < bs; t += 8) vf_store(sj + r * ld + t, ninf);
+                continue;
+            }
+            int64_t j0 = rc[j] * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
+            pack_t(kh + j0 * D, n, D, D, KT, bnp, 1.0f);
+            gemm(GM, bnp, D, QS, D, 1, KT, bnp, sj, ld, 0);
+            if (rk[j] >= 0 || n < bs) {
+                const uint8_t* mk = rk[j] >= 0 ? a->masks + rk[j] * bm * bn : NULL;
+                for (int64_t g = 0; g < G; g++)
+                    for (int64_t i = 0; i < m; i++)
+                        mod_mask(sj + (g * bm + i) * ld, NULL, bs, n, mk ? mk + i * bn : NULL, a, 0.0f, 0.0f, 0.0f);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            for (int64_t i = 0; i < m; i++) {
+                float* s = S + (g * bm + i) * ld;
+                vf vmx = ninf;
+                vm nan = vm_zero();
+                for (int64_t t = 0; t < len; t += 8) {
+                    vf x = vf_load(s + t);
+                    vmx = vf_max(x, vmx);  /* skips NaN; the NaN lanes are tracked apart */
+                    nan = vm_or(nan, vf_isnan(x));
+                }
+                float mx = hsum8(vf_keep(one, nan)) > 0.0f ? NAN : hmax8(vmx);
+                if (mx == -INFINITY) {  /* no visible key: P = 0 */
+                    memset(s, 0, sizeof(float) * len);
+                    continue;
+                }
+                vf vmax = vf_set1(mx), sum = vf_zero();
+                for (int64_t t = 0; t < len; t += 8) {
+                    vf e = exp8(vf_sub(vf_load(s + t), vmax));
+                    vf_store(s + t, e);
+                    sum = vf_add(sum, e);
+                }
+                vf inv = vf_set1(1.0f / hsum8(sum));
+                for (int64_t t = 0; t < len; t += 8) vf_store(s + t, vf_mul(vf_load(s + t), inv));
+            }
+            float* o = a->out + ((bkv * G + g) * a->Lq + i0) * Dv;
+            memset(o, 0, sizeof(float) * m * Dv);
+            for (int64_t j = 0; j < W; j++) {
+                if (rk[j] == -2) continue;
+                int64_t j0 = rc[j] * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
+                gemm(m, Dv, n, S + g * bm * ld + j * bs, ld, 1, vh + j0 * Dv, Dv, o, Dv, 1);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            for (int64_t i = 0; i < bm; i++) {
+                float* t = tile + (g * bm + i) * ldt;
+                if (i >= m) memset(t, 0, sizeof(float) * ldt);
+                else if (!inplace)
+                    for (int64_t j = 0; j < W; j++)
+                        memcpy(t + j * bn, S + (g * bm + i) * ld + j * bs, sizeof(float) * bn);
+            }
+        }
+    }
+    free(QS); free(KT); free(SC);
     return fail;
 }

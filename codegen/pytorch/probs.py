@@ -12,24 +12,32 @@ backward ``dS = P * (dP - rowsum(P * dP))`` gives ``dq`` and ``dk``.
 The storage reuses :func:`torch_attention_plan.make_plan`'s buckets, chunks, strided key views and
 step masks, with one step per chunk (a whole row is normalized at once): per (batch, kv head)
 the flat tensor holds each chunk's ``[R, G*bm, W*bn]`` tile back to back (GQA query heads are
-folded into the rows, as in the attention kernel). Layouts whose block structure depends on the
-batch or head (several layout groups) are not supported here: callers keep the recompute path.
+folded into the rows, as in the attention kernel). float32 CPU tensors run the forward as one
+parallel region of the fused C kernel (``attn_probs``, every row of the plan at once) when the
+kernels are built (:mod:`.fused_cpu`); other dtypes and devices keep the ATen ops. Layouts whose
+block structure depends on the batch or head (several layout groups) are not supported here:
+callers keep the recompute path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from attncompiler.program.autograd_guard import single_backward
-from attncompiler.errors import InputError, UnsupportedError
+from attncompiler.errors import CodegenError, InputError, UnsupportedError
 from attncompiler.layout.block_layout import BlockLayout, Blocks2D
 from attncompiler.program.schedule import Schedule
 
+from ..cpu import attention as kernels
+from ..cpu.tables import kernel_tables
+from . import fused_cpu
 from .common import Operands, compute_dtype_for, fold, key_blocks, pad_len, step_keys, write_rows
 from .attention_plan import Chunk, step_bias, make_plan
 
@@ -65,6 +73,63 @@ def probs_plan(blocks: Blocks2D, schedule: Schedule, group: int) -> ProbsPlan:
         offsets.append(size)
         size += len(c.rows) * group * g.block_m * (c.steps[0].c1 - c.steps[0].c0) * g.block_n
     return ProbsPlan(blocks, chunks, tuple(offsets), size, group)
+
+
+_KERNEL_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ProbsPlan -> ProbsRows
+_KERNEL_ROWS_LOCK = threading.Lock()
+
+
+def _kernel_rows(plan: ProbsPlan, tables: kernels.KernelTables) -> kernels.ProbsRows:
+    """Every row of the plan as the fused kernel reads it (cached with the plan): each column's
+    key block and kind (-2 padding, -1 full, else the tables' mask id of the partial block)."""
+    with _KERNEL_ROWS_LOCK:
+        got = _KERNEL_ROWS.get(plan)
+    if got is not None:
+        return got
+    g = plan.blocks.geom
+    pptr = tables.part_ptr.numpy()
+    t_keys = np.repeat(np.arange(g.nqb, dtype=np.int64), np.diff(pptr)) * g.nkb + tables.part_cols.numpy()
+    order = np.argsort(t_keys, kind="stable")
+    t_keys, t_mask = t_keys[order], tables.part_mask.numpy()[order]
+    qb, width, offset, start, cols, kinds, used = [], [], [], [], [], [], 0
+    for i, chunk in enumerate(plan.chunks):
+        st = chunk.steps[0]
+        c = np.ascontiguousarray(chunk.step_cols(st), dtype=np.int64)  # [R, W]
+        full = chunk.step_full(st)
+        R, W = c.shape
+        kind = np.where(full, -1, -2).astype(np.int32)
+        if chunk.explicit is not None:  # rows with gaps list exactly their blocks: no padding
+            pr, pc = np.nonzero(~full)
+        else:
+            pr, pc = st.partial_r.numpy(), st.partial_c.numpy()
+        if len(pr):
+            keys = chunk.rows[pr].astype(np.int64) * g.nkb + c[pr, pc]
+            at = np.minimum(np.searchsorted(t_keys, keys), max(len(t_keys) - 1, 0))
+            if len(t_keys) == 0 or not (t_keys[at] == keys).all():
+                raise CodegenError(f"a partial block of query-block rows {chunk.rows[pr].tolist()[:4]}... is missing "
+                                   "from the kernel tables; hint: build the tables and the plan from the same layout")
+            kind[pr, pc] = t_mask[at]
+        qb.append(chunk.rows.astype(np.int64))
+        width.append(np.full(R, W, dtype=np.int64))
+        offset.append(plan.offsets[i] + np.arange(R, dtype=np.int64) * (plan.group * g.block_m * W * g.block_n))
+        start.append(used + np.arange(R, dtype=np.int64) * W)
+        cols.append(c.reshape(-1))
+        kinds.append(kind.reshape(-1))
+        used += R * W
+
+    def cat(parts, dtype):
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0), dtype=dtype))
+
+    rows = kernels.ProbsRows(cat(qb, np.int64), cat(width, np.int64), cat(offset, np.int64), cat(start, np.int64),
+                             cat(cols, np.int64), cat(kinds, np.int32), plan.size, plan.group)
+    with _KERNEL_ROWS_LOCK:
+        return _KERNEL_ROWS.setdefault(plan, rows)
+
+
+def _fused_applies(q, k, v) -> bool:
+    """float32 CPU operands with no empty dimension, and the kernels built and not disabled."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
+            and 0 not in (*q.shape, *k.shape, *v.shape) and fused_cpu.enabled())
 
 
 def _single_group(layout: BlockLayout) -> Blocks2D:
@@ -130,6 +195,11 @@ def _probs_forward(q, k, v, layout, schedule, scale, workspace=None):
     n = ops.B * ops.Hkv * plan.size  # every entry is written: no zero fill
     buf = workspace.take(n, ops.q.dtype, q.device) if workspace is not None else torch.empty(n, dtype=ops.q.dtype, device=q.device)
     p = buf[:n].view(ops.B, ops.Hkv, plan.size)
+    tables = kernel_tables(blocks) if _fused_applies(q, k, v) else None
+    if tables is not None:  # every row of the plan in one parallel region of the fused kernel
+        out, _ = kernels.probs_forward(q, k, v, tables, _kernel_rows(plan, tables), scale, buf[:n],
+                                       threads=torch.get_num_threads())
+        return out, p
     out = torch.zeros(ops.B, ops.Hkv, G, g.nqb, g.block_m, ops.Dv, dtype=ops.q.dtype, device=q.device)
     for i, chunk in enumerate(plan.chunks):
         st = chunk.steps[0]
