@@ -335,7 +335,7 @@ int attn_probs(const Args* a, int64_t* counter, int64_t nrows, const int64_t* qb
     float* SC = inplace ? NULL : aligned_alloc(32, sizeof(float) * GM * maxw * bnp);
     int fail = !QS || !KT || (!inplace && !SC);
     const int64_t total = a->B * a->Hkv * nrows;
-    const vf ninf = vf_set1(-INFINITY), one = vf_set1(1.0f);
+    const vf ninf = vf_set1(-INFINITY);
     for (int64_t item; !fail && (item = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED)) < total;) {
         int64_t bkv = item / nrows, gr = item % nrows, W = w[gr], i0 = qb[gr] * bm;
         int64_t m = a->Lq - i0 < bm ? a->Lq - i0 : bm;
@@ -369,29 +369,7 @@ int attn_probs(const Args* a, int64_t* counter, int64_t nrows, const int64_t* qb
             }
         }
         for (int64_t g = 0; g < G; g++) {
-            for (int64_t i = 0; i < m; i++) {
-                float* s = S + (g * bm + i) * ld;
-                vf vmx = ninf;
-                vm nan = vm_zero();
-                for (int64_t t = 0; t < len; t += 8) {
-                    vf x = vf_load(s + t);
-                    vmx = vf_max(x, vmx);  /* skips NaN; the NaN lanes are tracked apart */
-                    nan = vm_or(nan, vf_isnan(x));
-                }
-                float mx = hsum8(vf_keep(one, nan)) > 0.0f ? NAN : hmax8(vmx);
-                if (mx == -INFINITY) {  /* no visible key: P = 0 */
-                    memset(s, 0, sizeof(float) * len);
-                    continue;
-                }
-                vf vmax = vf_set1(mx), sum = vf_zero();
-                for (int64_t t = 0; t < len; t += 8) {
-                    vf e = exp8(vf_sub(vf_load(s + t), vmax));
-                    vf_store(s + t, e);
-                    sum = vf_add(sum, e);
-                }
-                vf inv = vf_set1(1.0f / hsum8(sum));
-                for (int64_t t = 0; t < len; t += 8) vf_store(s + t, vf_mul(vf_load(s + t), inv));
-            }
+            for (int64_t i = 0; i < m; i++) softmax_row_inplace(S + (g * bm + i) * ld, len);
             float* o = a->out + ((bkv * G + g) * a->Lq + i0) * Dv;
             memset(o, 0, sizeof(float) * m * Dv);
             for (int64_t j = 0; j < W; j++) {

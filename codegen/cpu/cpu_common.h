@@ -248,4 +248,30 @@ VF_INLINE vf exp8(vf x) {
     return vf_keep(vf_mul(p, vf_pow2i(n)), keep);
 }
 
+/* Softmax of one score row in place, s[0..len) (len % 8 == 0; entries that are not keys hold
+ * -inf): a NaN score turns the whole row NaN (never a plausible row), a row with no visible key
+ * (all -inf) becomes zeros. */
+static inline void softmax_row_inplace(float* s, int64_t len) {
+    vf vmx = vf_set1(-INFINITY);
+    vm nan = vm_zero();
+    for (int64_t t = 0; t < len; t += 8) {
+        vf x = vf_load(s + t);
+        vmx = vf_max(x, vmx);  /* skips NaN; the NaN lanes are tracked apart */
+        nan = vm_or(nan, vf_isnan(x));
+    }
+    float mx = hsum8(vf_keep(vf_set1(1.0f), nan)) > 0.0f ? NAN : hmax8(vmx);
+    if (mx == -INFINITY) {
+        memset(s, 0, sizeof(float) * (size_t)len);
+        return;
+    }
+    vf vmax = vf_set1(mx), sum = vf_zero();
+    for (int64_t t = 0; t < len; t += 8) {
+        vf e = exp8(vf_sub(vf_load(s + t), vmax));
+        vf_store(s + t, e);
+        sum = vf_add(sum, e);
+    }
+    vf inv = vf_set1(1.0f / hsum8(sum));
+    for (int64_t t = 0; t < len; t += 8) vf_store(s + t, vf_mul(vf_load(s + t), inv));
+}
+
 #endif

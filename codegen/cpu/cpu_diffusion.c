@@ -30,24 +30,8 @@ static inline const float* key_row(const float* x, int64_t D, int64_t j, int64_t
 /* Softmax of one score row s[0..Wp) (entries W..Wp are padding) into out[0..W). */
 static void softmax_row(float* s, float* out, int64_t W, int64_t Wp) {
     for (int64_t j = W; j < Wp; j++) s[j] = -INFINITY;
-    vf mx = vf_set1(-INFINITY);
-    for (int64_t j = 0; j < Wp; j += 8) mx = vf_max(mx, vf_load_a(s + j));
-    float m = hmax8(mx);
-    if (m == -INFINITY) {  /* no visible key: a zero row, not NaN */
-        memset(out, 0, sizeof(float) * W);
-        return;
-    }
-    vf vmax = vf_set1(m), acc = vf_zero();
-    for (int64_t j = 0; j < Wp; j += 8) {
-        vf e = exp8(vf_sub(vf_load_a(s + j), vmax));
-        vf_store_a(s + j, e);
-        acc = vf_add(acc, e);
-    }
-    float inv = 1.0f / hsum8(acc);
-    vf vi = vf_set1(inv);
-    int64_t j = 0;
-    for (; j + 8 <= W; j += 8) vf_store(out + j, vf_mul(vf_load_a(s + j), vi));
-    for (; j < W; j++) out[j] = s[j] * inv;
+    softmax_row_inplace(s, Wp);
+    memcpy(out, s, sizeof(float) * (size_t)W);
 }
 
 /* A head's keys transposed per block of bn rows, in the plan's padded row numbering: padded
