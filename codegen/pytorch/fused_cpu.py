@@ -107,7 +107,7 @@ def _aten_on_one_thread():
     """The call's thread count (for the kernels), with ATen's own ops (dtype casts, delta, the dq
     buffers' sum) on one intra-op thread meanwhile: each of those small ops would otherwise be an
     OpenMP region whose barrier waits for a thread another process has descheduled (measured:
-    forward+backward at 2 threads under load went from 0.70-1.0x to ... of 1 thread)."""
+    forward+backward at 2 threads under load went from 0.70-0.98x to about 1.05x of 1 thread)."""
     n = torch.get_num_threads()
     if n > 1:
         torch.set_num_threads(1)  # per OS thread: the kernels' pool threads are not affected
