@@ -3,7 +3,8 @@
 same tile layout) and against the float64 reference (out, P, gradients through a second use of
 P), on windows, causal windows, global tokens, bigbird random blocks, GQA, odd lengths, ragged
 blocks (in-place tiles when bn % 8 == 0, the scratch path otherwise), logits in the hundreds,
-empty rows and empty query blocks; both kernel builds; NaN propagation; the wrapper's checks."""
+empty rows and empty query blocks; both kernel builds; NaN propagation; the wrapper's checks.
+``apply_probs``' forward through ``attn_apply`` likewise (vs the ATen path and P @ v in float64)."""
 
 import math
 
@@ -194,3 +195,124 @@ def test_wrapper_checks_rows_and_storage():
         cpu_attn.probs_forward(q, k[:, :1], v[:, :1], tables, rows, 0.3)
     with pytest.raises(ac.InputError, match="elements"):
         cpu_attn.probs_forward(q, k, v, tables, rows, 0.3, p=torch.empty(rows.size))
+
+
+# apply_probs' forward through the fused kernel ``attn_apply`` (the backward stays ATen)
+
+def _spy_apply(monkeypatch) -> list:
+    """Count the calls of the kernel wrapper, so a test fails if the kernel path is not taken."""
+    calls, real = [], cpu_attn.apply_forward
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cpu_attn, "apply_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("geom", GEOMS, ids=lambda g: f"L{g[0]}_b{g[1]}x{g[2]}")
+@pytest.mark.parametrize("heads, kv_heads", [(3, 3), (4, 2)])
+@pytest.mark.parametrize("name", ["window", "window_causal_global", "bigbird", "empty_query_blocks"])
+def test_apply_kernel_equals_aten_path_and_float64(name, heads, kv_heads, geom, monkeypatch):
+    """apply_probs on float32 CPU (kernel) against the ATen path on the same stored P and against
+    P @ v in float64 from the stored P; odd value width (padded to 8 in the wrapper), ragged
+    blocks, GQA, logits in the hundreds; gradients in q, k, v and v2 equal the ATen path's."""
+    pattern = PATTERNS[name]
+    L, bm, bn, tile = geom
+    sched = Schedule(block_m=bm, block_n=bn, tile_elems=tile)
+    layout = pattern.layout(L, L, bm, bn, batch=2, heads=heads)
+    q, k, v, _ = _inputs(L, heads, kv_heads, 16, 9.0, seed=L + heads)
+    v2 = torch.randn(2, kv_heads, L, 13, generator=torch.Generator().manual_seed(L)) * 50
+    calls = _spy_apply(monkeypatch)
+    ts = [t.clone().requires_grad_() for t in (q, k, v, v2)]
+    _, probs = attention_with_probs(*ts[:3], layout, sched, 0.25)
+    y = apply_probs(probs, ts[3])
+    assert calls, "apply_probs did not run the kernel"
+    w = torch.linspace(-1, 1, L)[:, None].expand(L, 13)
+    grads = torch.autograd.grad(y, ts, w.expand_as(y))
+    with fused_cpu.disabled():
+        y_a = apply_probs(probs, v2)
+        ts_a = [t.clone().requires_grad_() for t in (q, k, v, v2)]
+        _, probs_a = attention_with_probs(*ts_a[:3], layout, sched, 0.25)
+        grads_a = torch.autograd.grad(apply_probs(probs_a, ts_a[3]), ts_a, w.expand_as(y))
+    assert len(calls) == 1
+    torch.testing.assert_close(y.detach(), y_a.detach(), rtol=1e-5, atol=1e-4)
+    want = probs.to_dense().detach().double() @ v2.double().repeat_interleave(heads // kv_heads, 1)
+    torch.testing.assert_close(y.detach().double(), want, rtol=1e-5, atol=1e-4)
+    for a, b in zip(grads, grads_a):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3 * float(b.abs().max()))
+
+
+def test_apply_kernel_on_selected_heads_and_wrapper_checks():
+    """Selected heads (a non-contiguous view of P) give the ATen path's result; the wrapper
+    names a P that does not match the rows' storage."""
+    L = 47
+    layout = PATTERNS["bigbird"].layout(L, L, 6, 5, batch=2, heads=3)
+    sched = Schedule(block_m=6, block_n=5, tile_elems=256)
+    q, k, v, v2 = _inputs(L, 3, 3, 8, 1.0, seed=4)
+    _, probs = attention_with_probs(q, k, v, layout, sched, 0.3)
+    sub = probs.select_heads([1, 2])
+    assert not sub.p.is_contiguous()
+    y = apply_probs(sub, v2[:, 1:])
+    with fused_cpu.disabled():
+        y_a = apply_probs(sub, v2[:, 1:])
+    torch.testing.assert_close(y, y_a, rtol=1e-5, atol=1e-5)
+    tables = kernel_tables(layout.groups[0])
+    rows = _kernel_rows(probs.plan, tables)
+    with pytest.raises(ac.InputError, match="storage size"):
+        cpu_attn.apply_forward(probs.p[..., 1:], v2, tables, rows, L)
+    with pytest.raises(ac.InputError, match="Lq=40"):
+        cpu_attn.apply_forward(probs.p, v2, tables, rows, 46 - 6)
+
+
+@pytest.mark.parametrize("build", ["avx2", "generic"])
+def test_apply_both_kernel_builds(build, monkeypatch):
+    """The avx2 and the generic build of attn_apply give P @ v in float64 (ragged blocks, GQA)."""
+    monkeypatch.setenv("ATTNC_CPU_KERNELS", "generic" if build == "generic" else "1")
+    if cpu_build.default_variant() != build:
+        pytest.skip(f"no {build} build on this CPU")
+    assert cpu_attn.variant() == build and cpu_attn.available()
+    calls = _spy_apply(monkeypatch)
+    L = 47
+    layout = PATTERNS["window_causal_global"].layout(L, L, 6, 5, batch=2, heads=4)
+    q, k, v, v2 = _inputs(L, 4, 2, 16, 3.0, seed=8)
+    _, probs = attention_with_probs(q, k, v, layout, Schedule(block_m=6, block_n=5, tile_elems=512), 0.25)
+    y = apply_probs(probs, v2)
+    assert calls
+    want = probs.to_dense().double() @ v2.double().repeat_interleave(2, 1)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_nan_in_v_or_p_reaches_the_affected_outputs():
+    """A NaN in one row of v makes NaN exactly the outputs whose P row weighs that key (GQA: every
+    query head of its group); a NaN in one stored P entry makes its output row NaN; the rest equal
+    the run without NaN."""
+    L = 45
+    pattern = PATTERNS["window_causal_global"]
+    layout = pattern.layout(L, L, 8, 8, batch=2, heads=4)
+    q, k, v, v2 = _inputs(L, 4, 2, 16, 1.0, seed=12)
+    _, probs = attention_with_probs(q, k, v, layout, Schedule(block_m=8, block_n=8, tile_elems=256), 0.25)
+    y0 = apply_probs(probs, v2)
+    v2[1, 0, 44, 3] = math.nan  # the last key, in the ragged last block
+    y = apply_probs(probs, v2)
+    sees = probs.to_dense()[1, :2, :, 44] > 0  # query heads 0 and 1 read kv head 0
+    hit = torch.zeros_like(y, dtype=torch.bool)
+    hit[1, :2, :, 3] = sees
+    assert bool(sees.any()) and bool(y[hit].isnan().all())
+    # a masked entry (P = 0) of a listed block also gives 0 * NaN = NaN, as in the ATen bmm; query
+    # blocks that list no key block 5 (keys 40..44) never read the NaN
+    dense = pattern.to_dense(L)
+    lists = torch.tensor([bool(dense[r // 8 * 8:r // 8 * 8 + 8, 40:].any()) for r in range(L)])
+    may = torch.zeros_like(y, dtype=torch.bool)
+    may[1, :2, :, 3] = lists
+    assert bool((~lists).any()) and bool(torch.isfinite(y[~may]).all())
+    torch.testing.assert_close(y[~may], y0[~may], rtol=0, atol=0)
+    p = probs.p.clone()
+    stored = probs.to_dense()
+    p.view(-1)[(p.view(-1) > 0).nonzero()[7]] = math.nan
+    y_p = apply_probs(StoredProbs(p, probs.plan, probs.heads), v2.nan_to_num())
+    bad = StoredProbs(p, probs.plan, probs.heads).to_dense().isnan()
+    assert int(bad.sum()) == 1 and bool(stored[bad] > 0)
+    row = bad.any(-1)  # [B, H, Lq]: the one query row whose P holds the NaN
+    assert bool(y_p[row].isnan().all()) and bool(torch.isfinite(y_p[~row]).all())

@@ -7,7 +7,8 @@ region: every thread calls the same C entry once with a shared counter and takes
 thread slowed down by another process does fewer items and nobody waits on a barrier. The
 backward accumulates dq per thread (see :data:`DQ_BUFFER_BYTES`) and sums the buffers here.
 :func:`probs_forward` is the forward that also stores its normalized probabilities in the tile
-layout of a plan's rows (:class:`ProbsRows`, cross-layer reuse).
+layout of a plan's rows (:class:`ProbsRows`, cross-layer reuse); :func:`apply_forward` multiplies
+such stored probabilities by other values.
 Building the tables from a layout, autograd and dispatch live with the caller.
 """
 
@@ -118,7 +119,8 @@ def _typed(lib):
     lib.attn_bwd.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64), _P, _I64, _I64]
     lib.attn_probs.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64), _I64, _P, _P, _P, _P, _P, _P, _P, _I64,
                                _I64]
-    for fn in (lib.attn_fwd, lib.attn_bwd, lib.attn_probs):
+    lib.attn_apply.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64), _I64, _P, _P, _P, _P, _P, _P, _P, _I64]
+    for fn in (lib.attn_fwd, lib.attn_bwd, lib.attn_probs, lib.attn_apply):
         fn.restype = ctypes.c_int
     return lib
 
@@ -413,3 +415,40 @@ def probs_forward(q, k, v, tables: KernelTables, rows: ProbsRows, scale: float, 
                            rows.start.data_ptr(), rows.cols.data_ptr(), rows.kind.data_ptr(), p.data_ptr(), rows.size,
                            maxw))
     return (out[..., :Dv] if out.shape[3] != Dv else out), p.view(B, Hkv, rows.size)
+
+
+def apply_forward(p: torch.Tensor, v: torch.Tensor, tables: KernelTables, rows: ProbsRows, q_len: int,
+                  threads: int | None = None) -> torch.Tensor:
+    """``out [B, H, q_len, Dv] = P @ v`` for probabilities ``p [B, Hkv, rows.size]`` stored in
+    ``rows``' tile layout (as :func:`probs_forward` writes them), float32 (cross-layer reuse).
+
+    v [B, Hkv, Lk, Dv] float32 CPU; ``H = rows.group * Hkv``. V is read in place (only the valid
+    rows of a ragged last key block); query blocks listed in no row give 0. A NaN in ``p`` or in
+    a used row of ``v`` reaches the outputs it multiplies. threads: default
+    ``torch.get_num_threads()``.
+    """
+    for name, x in (("p", p), ("v", v)):
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise InputError(f"{name} is {x.dtype} on {x.device}; hint: the CPU kernels take float32 CPU tensors")
+    if v.dim() != 4 or p.dim() != 3 or p.shape != (*v.shape[:2], rows.size):
+        raise InputError(f"p {tuple(p.shape)} and v {tuple(v.shape)} do not fit; hint: p [B, Hkv, {rows.size}] "
+                         "(the rows' storage size), v [B, Hkv, Lk, Dv]")
+    B, Hkv, Lk, Dv = v.shape
+    if -(-q_len // tables.bm) != tables.nqb or -(-Lk // tables.bn) != tables.nkb:
+        raise InputError(f"tables have {tables.nqb} x {tables.nkb} blocks of {tables.bm} x {tables.bn} but Lq={q_len}, "
+                         f"Lk={Lk}; hint: build the tables for these lengths")
+    _checked_rows(rows, tables)
+    lib = _library()
+    if lib is None:
+        raise CodegenError(f"CPU attention kernels are not available: {status()}; hint: check available() first")
+    H = rows.group * Hkv
+    p, v = p.contiguous(), _pad8(v)
+    out = torch.zeros(B, H, q_len, v.shape[3], dtype=torch.float32)
+    a = _Args(v=v.data_ptr(), out=out.data_ptr(), B=B, H=H, Hkv=Hkv, Lq=q_len, Lk=Lk, D=v.shape[3], Dv=v.shape[3],
+              bm=tables.bm, bn=tables.bn, nqb=tables.nqb, nkb=tables.nkb)
+    nrows = rows.qb.numel()
+    if nrows and B * Hkv and q_len:
+        _launch(lib.attn_apply, a, _threads(threads),
+                lambda i: (nrows, rows.qb.data_ptr(), rows.width.data_ptr(), rows.offset.data_ptr(),
+                           rows.start.data_ptr(), rows.cols.data_ptr(), rows.kind.data_ptr(), p.data_ptr(), rows.size))
+    return out[..., :Dv] if out.shape[3] != Dv else out

@@ -13,6 +13,7 @@
  *             (5 block products per visible block; the caller sums the buffers).
  *   attn_probs: items (b * Hkv + hkv, row of a list of query-block rows): the row's normalized
  *             probabilities written to a stored tile (cross-layer reuse) and out = P V.
+ *   attn_apply: the same items: out = P V for stored tiles and other values (V read in place).
  *
  * The forward works on S^T (keys x queries: the lanes of a vector are 8 query rows), so the
  * keys and values are read in place and only the query block is packed (transposed) per item;
@@ -390,4 +391,35 @@ int attn_probs(const Args* a, int64_t* counter, int64_t nrows, const int64_t* qb
     }
     free(QS); free(KT); free(SC);
     return fail;
+}
+
+/* Stored probabilities applied to other values (cross-layer reuse): out = P V over the rows of
+ * attn_probs (same row arrays and tile layout), items (b * Hkv + hkv, row gr). Each key block of
+ * the row (padding skipped) adds its [G * bm, bn] slice of the tile times V's block rows, read in
+ * place; only the valid rows of a ragged last block are read. Rows past Lq are not written;
+ * query blocks in no row keep the caller's zeros. A NaN in P or in a used row of V
+ * reaches the outputs it multiplies (FMA, no skipping of zeros). */
+int attn_apply(const Args* a, int64_t* counter, int64_t nrows, const int64_t* qb, const int64_t* w,
+               const int64_t* poff, const int64_t* cstart, const int64_t* cols, const int32_t* kind, const float* p,
+               int64_t psize) {
+    const int64_t Dv = a->Dv, bm = a->bm, bn = a->bn, G = a->H / a->Hkv;
+    const int64_t total = a->B * a->Hkv * nrows;
+    for (int64_t item; (item = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED)) < total;) {
+        int64_t bkv = item / nrows, gr = item % nrows, W = w[gr], i0 = qb[gr] * bm, ldt = W * bn;
+        int64_t m = a->Lq - i0 < bm ? a->Lq - i0 : bm;
+        if (m <= 0) continue;
+        const int64_t* rc = cols + cstart[gr];
+        const int32_t* rk = kind + cstart[gr];
+        const float *tile = p + bkv * psize + poff[gr], *vh = a->v + bkv * a->Lk * Dv;
+        for (int64_t g = 0; g < G; g++) {
+            float* o = a->out + ((bkv * G + g) * a->Lq + i0) * Dv;
+            memset(o, 0, sizeof(float) * m * Dv);
+            for (int64_t j = 0; j < W; j++) {  /* block by block: V's [bn, Dv] panel stays in L1 */
+                if (rk[j] == -2) continue;
+                int64_t j0 = rc[j] * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
+                gemm(m, Dv, n, tile + g * bm * ldt + j * bn, ldt, 1, vh + j0 * Dv, Dv, o, Dv, 1);
+            }
+        }
+    }
+    return 0;
 }

@@ -14,7 +14,8 @@ step masks, with one step per chunk (a whole row is normalized at once): per (ba
 the flat tensor holds each chunk's ``[R, G*bm, W*bn]`` tile back to back (GQA query heads are
 folded into the rows, as in the attention kernel). float32 CPU tensors run the forward as one
 parallel region of the fused C kernel (``attn_probs``, every row of the plan at once) when the
-kernels are built (:mod:`.fused_cpu`); other dtypes and devices keep the ATen ops. Layouts whose
+kernels are built (:mod:`.fused_cpu`), and so does :func:`apply_probs`' forward (``attn_apply``,
+V read in place); other dtypes and devices, and every backward, keep the ATen ops. Layouts whose
 block structure depends on the batch or head (several layout groups) are not supported here:
 callers keep the recompute path.
 """
@@ -289,6 +290,11 @@ class _ProbsFn(torch.autograd.Function):
 def _apply_forward(sp: StoredProbs, p, v):
     g = sp.plan.blocks.geom
     B, Hkv, _, Dv = v.shape
+    fused = p.dtype == torch.float32 and p.device.type == "cpu" and _fused_applies(v, v, v)
+    tables = kernel_tables(sp.plan.blocks) if fused else None
+    if tables is not None:  # every row in one parallel region of the fused kernel, V read in place
+        return kernels.apply_forward(p.detach(), v.detach(), tables, _kernel_rows(sp.plan, tables), g.q_len,
+                                     threads=torch.get_num_threads())
     vb = key_blocks(v, g, p.dtype)  # [B, Hkv, nkb, bn, Dv]
     out = torch.zeros(B, Hkv, sp.plan.group, g.nqb, g.block_m, Dv, dtype=p.dtype, device=v.device)
     for i, chunk in enumerate(sp.plan.chunks):
