@@ -15,7 +15,6 @@ from attncompiler.families.reuse.similarity import (LayerAttention, PairSimilari
                                                     attention_similarity, map_similarity, suggest_reuse)
 from attncompiler.families.reuse.plan import ReusePlan, reuse_savings
 from attncompiler.bench.reuse import counted_attention_flops
-from attncompiler.codegen.pytorch import fused_cpu
 from attncompiler.program.schedule import Schedule
 
 E, H, D = 32, 4, 8
@@ -323,12 +322,7 @@ def test_savings_closed_form_for_full_attention():
     assert s.flops == 4 * (4 * H * proj + H * 2 * score + 2 * 2 * B * L * E * 4 * E)
     assert s.activation_bytes_saved == 4 * 2 * (H + 1) * B * L * D
     assert "stack:" in str(s) and "0 (recomputed)" in str(s)
-    # "auto" recomputes on a CPU where the fused kernels run (faster there), else stores P
-    want = "recompute" if fused_cpu.enabled() else "stored_probs"
-    assert st.resolved_reuse_schedule() == want and reuse_savings(st, L, B, block=32).schedule == want
-    with fused_cpu.disabled():
-        assert st.resolved_reuse_schedule() == "stored_probs"
-    stored = reuse_savings(st, L, B, block=32, schedule="stored_probs")
+    stored = reuse_savings(st, L, B, block=32)  # the model's own schedule on CPU: stored probabilities
     assert stored.schedule == "stored_probs" and stored.flops == s.flops
     assert [r.flops_saved for r in stored.layers] == [0, 2 * H * proj + H * score, 0, 2 * proj + score]
     assert stored.realized_score_flops_saved == (H + 1) * score
@@ -377,7 +371,7 @@ def test_cli_similarity(tmp_path, capsys):
     assert main(["similarity", str(path), "--seq-len", "20", "--threshold", "0.999", "--seq-savings", "64"]) == 0
     out = capsys.readouterr().out
     assert "1->2" in out and "proposed at threshold 0.999" in out and "2: all" in out and "stack:" in out
-    assert f"schedule={'recompute' if fused_cpu.enabled() else 'stored_probs'}" in out  # "auto" on this CPU
+    assert "schedule=stored_probs" in out  # "auto" on the CPU
     for sched in ("recompute", "stored_probs"):
         assert main(["similarity", str(path), "--seq-len", "20", "--seq-savings", "64", "--schedule", sched]) == 0
         assert f"schedule={sched}" in capsys.readouterr().out
@@ -398,7 +392,7 @@ def test_reuse_lm_example_runs_tiny(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "reuse 1 seed 1: final val loss" in proc.stdout and "0->1" in proc.stdout
-    assert f"reuse schedule {'recompute' if fused_cpu.enabled() else 'stored_probs'}" in proc.stdout
+    assert "reuse schedule stored_probs" in proc.stdout
     rows = (tmp_path / "reuse_lm_loss.csv").read_text().splitlines()
     assert rows[0] == "variant,seed,step,train_loss,val_loss" and len(rows) == 1 + 2 * 2 * 2
     txt = (tmp_path / "reuse_lm_loss.txt").read_text()

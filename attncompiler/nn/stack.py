@@ -7,7 +7,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..codegen.pytorch import fused_cpu
 from ..errors import InputError, PatternError, UnsupportedError
 from ..dsl.pattern import Pattern
 from ..families.reuse.plan import (HeadSource, ReusePatternMode, ReusePlan, ReuseSchedule, merge_heads,
@@ -145,10 +144,8 @@ class TransformerStack(nn.Module):
         reuse_schedule: how reused heads get their map (:class:`~attncompiler.families.reuse.plan.ReuseSchedule`):
             ``"stored_probs"`` (source layers keep P over their layout; reused heads compute only
             P @ V), ``"recompute"`` (scores recomputed from the kept Q/K) or ``"auto"`` (default:
-            recompute on a CPU where the fused attention kernels run (they recompute faster than
-            the stored-P path builds P); elsewhere stored_probs where every source layer runs the
-            torch backend with a batch- and head-independent mask pattern, else recompute; the
-            Triton backend recomputes).
+            stored_probs where every source layer runs the torch backend with a batch- and
+            head-independent mask pattern, else recompute; the Triton backend recomputes).
         mlp_ratio: MLP width / d_model (0: attention-only blocks).
         final_norm: end with a LayerNorm.
         backend, schedule: passed to :func:`attncompiler.compile` for every layer.
@@ -207,11 +204,6 @@ class TransformerStack(nn.Module):
         """The schedule a forward pass on ``device`` (default CPU) uses: ``"stored_probs"`` or
         ``"recompute"``."""
         if self.reuse_schedule == ReuseSchedule.RECOMPUTE:
-            return ReuseSchedule.RECOMPUTE
-        if self.reuse_schedule == ReuseSchedule.AUTO and (device is None or device.type == "cpu") \
-                and fused_cpu.enabled():
-            # the fused CPU kernels recompute a map faster than the stored-P path (torch ops) builds
-            # and applies one: docs/benchmarks.md, cross-layer reuse
             return ReuseSchedule.RECOMPUTE
         ok = all(self._probs_capable(l, device) for l, (heads, _) in enumerate(self._store) if heads)
         if not ok and self.reuse_schedule == ReuseSchedule.STORED_PROBS:
