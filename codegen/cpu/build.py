@@ -68,8 +68,8 @@ def default_variant() -> str:
 
 
 # Why the generic build is opt-in: it is correct everywhere (tested on x86 and, under qemu, as
-# aarch64 builds it) but measured ~1.7x slower than ATen's ops on an x86-64 CPU (sliding window,
-# L=4096), and it has not been timed on ARM hardware.
+# aarch64 builds it) but measured 1.7-1.9x slower than ATen's ops on an x86-64 CPU (sliding window,
+# L=4096; command in docs/internals.md), and it has not been timed on ARM hardware.
 OPT_IN_NOTE = ("not used by default without AVX2: the generic build measured slower than ATen's ops on x86 and is "
                f"untimed on ARM; {_SWITCH}=generic runs it")
 

@@ -22,5 +22,11 @@ typedef struct {
 
 int attn_fwd(const Args* a, int64_t* counter);
 int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv1);
+int attn_probs(const Args* a, int64_t* counter, int64_t nrows, const int64_t* qb, const int64_t* w,
+               const int64_t* poff, const int64_t* cstart, const int64_t* cols, const int32_t* kind, float* p,
+               int64_t psize, int64_t maxw);
+int attn_apply(const Args* a, int64_t* counter, int64_t nrows, const int64_t* qb, const int64_t* w,
+               const int64_t* poff, const int64_t* cstart, const int64_t* cols, const int32_t* kind, const float* p,
+               int64_t psize);
 
 #endif
