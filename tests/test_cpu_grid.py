@@ -78,3 +78,18 @@ def test_flex_mask_mod_of_full_is_a_tensor_mask():
     mod, _ = flex_mask_mod(ac.full(), 256, 256)
     bm = flex.create_block_mask(mod, None, None, 256, 256, device="cpu", BLOCK_SIZE=128)  # vmaps: no error
     assert bm.sparsity() == 0.0
+
+
+def test_several_thread_counts_run_in_one_child_process_each(capsys, tmp_path):
+    """Each thread count is timed in a process started at that count (its rows carry it); the
+    JSON rows and the table agree."""
+    import json
+
+    path = tmp_path / "rows.json"
+    code = grid.main(["--quick", "--threads", "2,1", "--mode", "fwd", "--patterns", "causal",
+                      "--contenders", "attnc,sdpa", "--repeats", "1", "--quiet", "--json-out", str(path)])
+    text = capsys.readouterr().out
+    rows = json.loads(path.read_text())["rows"]
+    assert code == 0 and [(r["pattern"], r["threads"]) for r in rows] == [("causal", 2), ("causal", 1)]
+    assert all(set(r["medians_ms"]) == {"attnc", "sdpa"} for r in rows)
+    assert "| causal | 384 | fwd | 2 | quiet |" in text and "| causal | 384 | fwd | 1 | quiet |" in text

@@ -298,9 +298,46 @@ def _int_list(text: str) -> tuple[int, ...]:
     return vals
 
 
+def _per_thread_count(args, threads: tuple[int, ...], progress: Progress) -> GridResult:
+    """The grid run once per thread count, each in a child process started at that count, so
+    every contender is built under the count it is timed at (FlexAttention's compiled CPU kernel
+    fixes its OpenMP team when it is compiled: compiled in a 1-thread process and then run at 2
+    threads it ran 10-80x slower); the rows are concatenated in ``threads`` order."""
+    import json
+    import os
+    import tempfile
+
+    rows: list[GridRow] = []
+    res = None
+    for n in threads:
+        fd, path = tempfile.mkstemp(suffix=".json")
+        os.close(fd)
+        try:
+            cmd = [sys.executable, "-m", "attncompiler.bench.grid", "--threads", str(n), "--json-out", path,
+                   "--mode", args.mode, "--contenders", args.contenders, "--repeats", str(args.repeats),
+                   "--heads", str(args.heads), "--head-dim", str(args.head_dim)]
+            cmd += ["--quick"] * args.quick + ["--load"] * args.load + ["--no-flex"] * args.no_flex
+            cmd += ["--quiet"] * args.quiet
+            cmd += ["--seq-len", args.seq_len] if args.seq_len else []
+            cmd += ["--patterns", args.patterns] if args.patterns else []
+            progress(f"threads={n}: child process {' '.join(cmd[1:4])} ...")
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+            if done.returncode not in (0, 1):  # 1: a contender disagreed, reported in its rows
+                raise RuntimeError(f"the grid at {n} thread(s) exited with status {done.returncode}")
+            with open(path) as f:
+                d = json.load(f)
+        finally:
+            os.unlink(path)
+        rows += [GridRow(**r) for r in d["rows"]]
+        res = d
+    return GridResult(tuple(rows), res["batch"], res["heads"], res["head_dim"], res["repeats"],
+                      tuple(res["contenders"]))
+
+
 def main(argv=None) -> int:
     """Command line of the grid (``attnc bench --grid``, ``benchmarks/cpu_grid.py``): prints the
-    Markdown table; exit status 1 when a contender disagreed with the oracle."""
+    Markdown table; exit status 1 when a contender disagreed with the oracle. Several thread counts
+    run in one child process each (see :func:`_per_thread_count`)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog="attnc bench --grid", description=__doc__.splitlines()[0])
@@ -316,18 +353,33 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--out", default=None, help="also write the table to this file")
+    ap.add_argument("--json-out", default=None, help="also write the rows as JSON to this file")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every thread count in this process (default: one child process per count)")
     ap.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     args = ap.parse_args(argv)
     contenders = tuple(c for c in args.contenders.split(",") if c and not (args.no_flex and c == "flex"))
     modes = {"fwd": (False,), "fwd+bwd": (True,), "both": (False, True)}[args.mode]
     progress = quiet if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    res = run_grid(lengths=_int_list(args.seq_len) if args.seq_len else None, quick=args.quick, modes=modes,
-                   threads=_int_list(args.threads), load=(False, True) if args.load else (False,),
-                   contenders=contenders, patterns=tuple(args.patterns.split(",")) if args.patterns else None,
-                   repeats=args.repeats, heads=args.heads, head_dim=args.head_dim, progress=progress)
+    threads = _int_list(args.threads)
+    lengths = _int_list(args.seq_len) if args.seq_len else None
+    if len(threads) > 1 and not args.in_process:
+        res = _per_thread_count(args, threads, progress)
+    else:
+        res = run_grid(lengths=lengths, quick=args.quick, modes=modes, threads=threads,
+                       load=(False, True) if args.load else (False,), contenders=contenders,
+                       patterns=tuple(args.patterns.split(",")) if args.patterns else None,
+                       repeats=args.repeats, heads=args.heads, head_dim=args.head_dim, progress=progress)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(res.to_json())
     text = str(res)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     return 1 if "FAILED" in text else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
