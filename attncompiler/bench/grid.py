@@ -265,7 +265,8 @@ def run_grid(*, lengths=None, quick: bool = False, modes=(False, True), threads=
              contenders=GRID_CONTENDERS, patterns: tuple[str, ...] | None = None, repeats: int = 5,
              batch: int = 1, heads: int = 4, head_dim: int = 64, progress: Progress = quiet) -> GridResult:
     """Run the grid (see the module docstring); ``patterns`` selects by name, with or without the
-    parenthesised parameters (``"sliding_window"`` selects ``"sliding_window(256)"``)."""
+    parenthesised parameters or the text after a comma (``"sliding_window"`` selects
+    ``"sliding_window(256)"``, ``"document"`` selects ``"document, causal"``)."""
     bad = [c for c in contenders if c not in GRID_CONTENDERS]
     if bad or not contenders or "attnc" not in contenders:
         raise InputError(f"contenders={tuple(contenders)!r}: include 'attnc', choose from {GRID_CONTENDERS}")
@@ -278,7 +279,7 @@ def run_grid(*, lengths=None, quick: bool = False, modes=(False, True), threads=
                     peak = matmul_peak_gflops(1024 if quick else 2048)
                 for L in lengths:
                     for name, pattern in grid_patterns(L, quick).items():
-                        if patterns and not any(p in (name, name.split("(")[0]) for p in patterns):
+                        if patterns and not any(p in (name, name.split("(")[0], name.split(",")[0]) for p in patterns):
                             continue
                         for backward in modes:
                             out.append(run_cell(name, pattern, L, backward=backward, threads=n, loaded=loaded,

@@ -35,7 +35,7 @@ from attncompiler.program.schedule import Schedule
 from .attention_plan import NEG_INF, StepMask, make_plan, step_bias
 from . import fused_cpu
 from .decode import key_range_forward, split_k_forward
-from .common import Operands, compute_dtype_for, fold, pad_len, write_rows
+from .common import Operands, compute_dtype_for, fold, group_calls, pad_len, write_rows
 from .threads import split_kv
 
 
@@ -166,16 +166,6 @@ def backward_group(blocks: Blocks2D, plan, ops: Operands, dout, lse, delta, dq, 
                 write_rows(dq[b, h], dq_acc, chunk)
 
 
-def _groups(layout: BlockLayout, B: int, H: int):
-    """Yield (blocks, batch slice or index, head indices) covering every (b, h) once."""
-    if len(layout.groups) == 1:
-        yield layout.groups[0], None, None
-        return
-    for b in range(B):
-        for h in range(H):
-            yield layout.group_for(b, h), b, h
-
-
 class BlockSparseAttentionFn(torch.autograd.Function):
     """Differentiable block-sparse attention over a :class:`BlockLayout`."""
 
@@ -198,15 +188,9 @@ class BlockSparseAttentionFn(torch.autograd.Function):
 def _split_by_group(layout, q, k, v, fn):
     """Run ``fn(blocks, q, k, v)`` per group; single-group layouts run on everything at once."""
     B, H = q.shape[:2]
-    G = H // k.shape[1]
-    results = []
-    for blocks, b, h in _groups(layout, B, H):
-        if b is None:
-            results.append((None, None, fn(blocks, q, k, v)))
-        else:
-            kh = h // G
-            results.append((b, h, fn(blocks, q[b:b + 1, h:h + 1], k[b:b + 1, kh:kh + 1], v[b:b + 1, kh:kh + 1])))
-    return results
+    return [(None, None, fn(c.blocks, q, k, v)) if c.whole else
+            (c.b0, c.h0, fn(c.blocks, q[c.bs, c.hs], k[c.bs, c.ks], v[c.bs, c.ks]))
+            for c in group_calls(layout, B, H, H // k.shape[1])]
 
 
 def _run_forward(q, k, v, layout, schedule, scale, need_lse=True):

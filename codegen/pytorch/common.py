@@ -1,8 +1,13 @@
-"""Helpers the PyTorch stages share: operand views, block gathers, row folds and padding, the compute dtype."""
+"""Helpers the PyTorch stages share: operand views, block gathers, row folds and padding, the compute dtype,
+the loop over a layout's block groups."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+from attncompiler.layout.block_layout import BlockLayout, Blocks2D
 
 from .attention_plan import Chunk, Step
 
@@ -83,3 +88,29 @@ def write_rows(dst: torch.Tensor, val: torch.Tensor, chunk: Chunk) -> None:
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """The dtype to compute in for inputs of ``dtype``: float64 stays float64, all else is float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class GroupCall(NamedTuple):
+    """One call of a loop over a layout's block groups: its blocks, the first batch entry and
+    query head it covers, and the slices selecting them (``bs``, ``hs``) and their key/value heads
+    (``ks``) in ``[B, H, ...]`` / ``[B, Hkv, ...]`` tensors."""
+
+    blocks: Blocks2D
+    b0: int
+    h0: int
+    bs: slice
+    hs: slice
+    ks: slice
+    whole: bool  # the one call of a one-group layout: the whole batch and every head
+
+
+def group_calls(layout: BlockLayout, B: int, H: int, G: int):
+    """The :class:`GroupCall` s covering every (batch entry, query head) once: one for a one-group
+    layout, else one per (b, h) with head h's key/value head ``h // G``."""
+    if len(layout.groups) == 1:
+        yield GroupCall(layout.groups[0], 0, 0, slice(None), slice(None), slice(None), True)
+        return
+    for b in range(B):
+        for h in range(H):
+            yield GroupCall(layout.group_for(b, h), b, h, slice(b, b + 1), slice(h, h + 1),
+                            slice(h // G, h // G + 1), False)

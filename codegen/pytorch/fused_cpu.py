@@ -29,6 +29,7 @@ from attncompiler.layout.block_layout import BlockLayout
 
 from ..cpu import attention as kernels
 from ..cpu.tables import kernel_tables
+from .common import group_calls
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DISABLED = [0]  # open disabled() blocks: process-wide, so worker threads of a call see it too
@@ -92,16 +93,6 @@ def _mods_for(mods: kernels.ScoreMods, blocks, heads: slice) -> kernels.ScoreMod
     return kernels.ScoreMods(ops=mods.ops, slopes=slopes, q_pos0=int(blocks.geom.q_start))
 
 
-def _groups(layout: BlockLayout, B: int, H: int, G: int):
-    """``(blocks, batch slice, query-head slice, kv-head slice)`` covering every (b, h) once."""
-    if len(layout.groups) == 1:
-        yield layout.groups[0], slice(None), slice(None), slice(None)
-        return
-    for b in range(B):
-        for h in range(H):
-            yield layout.group_for(b, h), slice(b, b + 1), slice(h, h + 1), slice(h // G, h // G + 1)
-
-
 @contextlib.contextmanager
 def _aten_on_one_thread():
     """The call's thread count (for the kernels), with ATen's own ops (dtype casts, delta, the dq
@@ -148,7 +139,7 @@ def _forward(q, k, v, layout, scale, need_lse, mods, threads):
         return out.to(q.dtype), lse
     out = torch.empty(B, H, Lq, v.shape[-1], dtype=torch.float32)
     lse = torch.empty(B, H, Lq, dtype=torch.float32) if need_lse else None
-    for blocks, bs, hs, ks in _groups(layout, B, H, G):
+    for blocks, _, _, bs, hs, ks, _ in group_calls(layout, B, H, G):
         o, l = kernels.forward(qf[bs, hs], kf[bs, ks], vf[bs, ks], kernel_tables(blocks), scale,
                                _mods_for(mods, blocks, hs), need_lse=need_lse, threads=threads)
         out[bs, hs] = o
@@ -180,7 +171,7 @@ def _backward(q, k, v, out, lse, dout, layout, scale, mods, dlse, threads):
                                       _mods_for(mods, blocks, slice(None)), threads=threads, dlse=dlf)
     else:
         dq, dk, dv = torch.zeros_like(qf), torch.zeros_like(kf), torch.zeros_like(vf)
-        for blocks, bs, hs, ks in _groups(layout, B, H, G):
+        for blocks, _, _, bs, hs, ks, _ in group_calls(layout, B, H, G):
             a, b_, c = kernels.backward(qf[bs, hs], kf[bs, ks], vf[bs, ks], of[bs, hs], lf[bs, hs], dof[bs, hs],
                                         kernel_tables(blocks), scale, _mods_for(mods, blocks, hs),
                                         threads=threads, dlse=None if dlf is None else dlf[bs, hs])

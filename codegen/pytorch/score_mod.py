@@ -25,7 +25,7 @@ from attncompiler.program.autograd_guard import single_backward
 from . import fused_cpu
 from .attention import finish_rows, softmax_step
 from .attention_plan import NEG_INF, make_plan, step_bias
-from .common import Operands, compute_dtype_for, fold, pad_len, write_rows
+from .common import Operands, compute_dtype_for, fold, group_calls, pad_len, write_rows
 
 
 def identity_mod(score, b, h, q_idx, kv_idx):
@@ -187,21 +187,6 @@ def step_grads(fn, s, dp, idx, mask, G: int, bn: int, row_lse, cache: dict, want
     return (got[0] if got[0] is not None else torch.zeros_like(s)), p
 
 
-def group_calls(layout: BlockLayout, q, k, v):
-    """``(blocks, b0, h0, q, k, v)`` per block group: the whole batch for a one-group layout,
-    else one call per (batch entry, query head) with that head's key/value head."""
-    B, H = q.shape[:2]
-    G = H // k.shape[1]
-    if len(layout.groups) == 1:
-        yield layout.groups[0], 0, 0, q, k, v
-        return
-    for b in range(B):
-        for h in range(H):
-            kh = h // G
-            yield (layout.group_for(b, h), b, h, q[b:b + 1, h:h + 1], k[b:b + 1, kh:kh + 1],
-                   v[b:b + 1, kh:kh + 1])
-
-
 def fused_mods(fn, layout: BlockLayout, q, k, v):
     """The fused CPU kernels' form of ``fn`` when they run this call (softcap, constant ALiBi, or
     no score_mod with sinks), else None (the torch ops below)."""
@@ -220,7 +205,9 @@ def run_forward(q, k, v, layout, schedule, scale, fn, b_ids, need_lse=True):
     B, H, Lq, _ = q.shape
     out = torch.zeros(B, H, Lq, v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.full((B, H, Lq), NEG_INF, dtype=cdt, device=q.device) if need_lse else None
-    for blocks, b0, h0, qq, kk, vv in group_calls(layout, q, k, v):
+    for c in group_calls(layout, B, H, H // k.shape[1]):
+        blocks, b0, h0 = c.blocks, c.b0, c.h0
+        qq, kk, vv = q[c.bs, c.hs], k[c.bs, c.ks], v[c.bs, c.ks]
         g = blocks.geom
         ops = Operands(qq, kk, vv, g, scale, cdt)
         o = torch.zeros(ops.B, ops.Hkv, ops.G, g.nqb, g.block_m, ops.Dv, dtype=cdt, device=q.device)
@@ -229,7 +216,7 @@ def run_forward(q, k, v, layout, schedule, scale, fn, b_ids, need_lse=True):
         ix = Indices(g, ops.G, b_ids[b0:b0 + qq.shape[0]], h0, q.device)
         forward_group(blocks, make_plan(blocks, schedule, ops.G), ops, fn, ix, o, l)
         Bq, Hq = qq.shape[:2]
-        if len(layout.groups) == 1:  # the group's buffers are the result
+        if c.whole:  # the group's buffers are the result
             return o.view(Bq, Hq, -1, ops.Dv)[:, :, :Lq], l.view(Bq, Hq, -1)[:, :, :Lq] if need_lse else None
         out[b0:b0 + Bq, h0:h0 + Hq] = o.view(Bq, Hq, -1, ops.Dv)[:, :, :Lq]
         if need_lse:
@@ -254,11 +241,12 @@ def run_backward(q, k, v, out, lse, dout, dlse, layout, schedule, scale, fn, b_i
     grads: dict[int, torch.Tensor] = {}
     B, H, Lq, _ = q.shape
     G = H // k.shape[1]
-    for blocks, b0, h0, qq, kk, vv in group_calls(layout, q, k, v):
+    for c in group_calls(layout, B, H, G):
+        blocks, b0, h0, bsl, hsl = c.blocks, c.b0, c.h0, c.bs, c.hs
+        qq, kk, vv = q[bsl, hsl], k[bsl, c.ks], v[bsl, c.ks]
         g = blocks.geom
         ops = Operands(qq, kk, vv, g, scale, cdt)
         Bq, Hq = qq.shape[:2]
-        bsl, hsl = slice(b0, b0 + Bq), slice(h0, h0 + Hq)
 
         def rows_view(t, X):
             t = pad_len(t.to(cdt).reshape(Bq, Hq, Lq, X), g.nqb * g.block_m)
@@ -273,9 +261,8 @@ def run_backward(q, k, v, out, lse, dout, dlse, layout, schedule, scale, fn, b_i
                        rows_view(delta_all[bsl, hsl][..., None], 1), dq, dk, dv, grads)
         Lk = kk.shape[2]
         dq_all[bsl, hsl] = dq.view(Bq, Hq, -1, ops.D)[:, :, :Lq] * scale
-        khsl = slice(h0 // G, h0 // G + ops.Hkv) if Hq != H else slice(None)
-        dk_all[bsl, khsl] += dk.view(ops.B, ops.Hkv, -1, ops.D)[:, :, :Lk]
-        dv_all[bsl, khsl] += dv.view(ops.B, ops.Hkv, -1, ops.Dv)[:, :, :Lk]
+        dk_all[bsl, c.ks] += dk.view(ops.B, ops.Hkv, -1, ops.D)[:, :, :Lk]
+        dv_all[bsl, c.ks] += dv.view(ops.B, ops.Hkv, -1, ops.Dv)[:, :, :Lk]
     cg = [None if grads.get(key) is None else grads[key].to(t.dtype) for key, t in captured]
     return dq_all.to(q.dtype), dk_all.to(k.dtype), dv_all.to(v.dtype), cg
 
