@@ -252,3 +252,30 @@ def test_full_and_causal_run_on_the_kernels(pattern, monkeypatch):
     ref = ac.reference(pattern, q, k, v)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=5e-5)
     grads_close(out, ref, [q, k, v])
+
+
+@pytest.mark.parametrize("pattern", [ac.causal(), ac.full()])
+def test_long_dense_rows_take_tall_query_blocks(pattern, monkeypatch):
+    """Past LONG_ROW_KV_BYTES of keys and values per head the dense stage hands the kernels
+    256-row query blocks (they stream each key/value block once for more queries); the results
+    still match the float64 reference, forward and backward, at odd lengths and Lq != Lk."""
+    from attncompiler.codegen.pytorch import dense as torch_dense
+
+    s = ac.Schedule(block_m=64, block_n=64)
+    q, k, v = qkv(B=1, Lq=601, Lk=617, seed=21)
+    assert torch_dense.kernel_block_m(s, q, k, v) == 64  # 617 keys: far below the threshold
+    monkeypatch.setattr(torch_dense, "LONG_ROW_KV_BYTES", 617 * 2 * D * 4 - 1)
+    assert torch_dense.kernel_block_m(s, q, k, v) == 256
+    assert torch_dense.kernel_block_m(s, q[:, :, :300], k, v) == 64  # fewer than two tall blocks
+    with fused_cpu.disabled():
+        assert torch_dense.kernel_block_m(s, q, k, v) == 64
+    seen = []
+    real = fused_cpu.forward
+    monkeypatch.setattr(fused_cpu, "forward",
+                        lambda q_, k_, v_, layout, *a, **kw: seen.append(layout.groups[0].geom.block_m)
+                        or real(q_, k_, v_, layout, *a, **kw))
+    out = ac.compile(pattern, backend="torch", schedule=s)(q, k, v)
+    assert seen == [256]
+    ref = ac.reference(pattern, q, k, v)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=5e-5)
+    grads_close(out, ref, [q, k, v])

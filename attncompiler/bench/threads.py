@@ -36,9 +36,9 @@ def policy(on: bool):
 
 
 def measure(pattern, seq_len: int, threads: int, *, loaded: bool = False, repeats: int = 5, heads: int = 4,
-            head_dim: int = 64, batch: int = 1, mode: str = "fwd") -> dict[str, float]:
-    """Median ms of ``kernel@1``, ``kernel@N`` and ``plan split@N`` (N = ``threads``) of the
-    forward (``mode="fwd"``, no gradient) or forward plus backward (``"fwdbwd"``)."""
+            head_dim: int = 64, batch: int = 1, mode: str = "fwd", plan: bool = True) -> dict[str, float]:
+    """Median ms of ``kernel@1``, ``kernel@N`` and (with ``plan``) ``plan split@N`` (N = ``threads``)
+    of the forward (``mode="fwd"``, no gradient) or forward plus backward (``"fwdbwd"``)."""
     from ..runtime.module import CompiledAttention
 
     gen = torch.Generator().manual_seed(0)
@@ -46,7 +46,9 @@ def measure(pattern, seq_len: int, threads: int, *, loaded: bool = False, repeat
     dout = torch.randn(batch, heads, seq_len, head_dim, generator=gen)
     attn = CompiledAttention(pattern, "torch")
     leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))  # reused: autograd.grad accumulates nothing
-    variants = {"kernel@1": (1, True), f"kernel@{threads}": (threads, True), f"plan split@{threads}": (threads, False)}
+    variants = {"kernel@1": (1, True), f"kernel@{threads}": (threads, True)}
+    if plan:
+        variants[f"plan split@{threads}"] = (threads, False)
 
     def call(n, kernel):
         path = contextlib.nullcontext() if kernel else fused_cpu.disabled()
@@ -83,6 +85,7 @@ def main(argv=None) -> int:
                     help="a grid pattern name, parameters optional; repeat for several (default: the sparse ones)")
     ap.add_argument("--load", action="store_true", help="also measure with one competing busy process")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-plan", action="store_true", help="leave out the ATen path's split (faster runs)")
     ap.add_argument("--mode", default="fwd", help="comma-separated: fwd (no gradient), fwdbwd (forward + "
                     "backward); default fwd")
     args = ap.parse_args(argv)
@@ -101,10 +104,12 @@ def main(argv=None) -> int:
             continue
         for mode in modes:
             for loaded in ((False, True) if args.load else (False,)):
-                m = measure(pattern, args.seq_len, n, loaded=loaded, repeats=args.repeats, mode=mode)
-                base, kn, sp = m["kernel@1"], m[f"kernel@{n}"], m[f"plan split@{n}"]
-                print(f"| {name} | {mode} | {'busy' if loaded else 'quiet'} | {base:.1f} | {kn:.1f} | {sp:.1f} | "
-                      f"{base / kn:.2f} | {base / sp:.2f} |",
+                m = measure(pattern, args.seq_len, n, loaded=loaded, repeats=args.repeats, mode=mode,
+                            plan=not args.no_plan)
+                base, kn, sp = m["kernel@1"], m[f"kernel@{n}"], m.get(f"plan split@{n}")
+                split = ("-", "-") if sp is None else (f"{sp:.1f}", f"{base / sp:.2f}")
+                print(f"| {name} | {mode} | {'busy' if loaded else 'quiet'} | {base:.1f} | {kn:.1f} | {split[0]} | "
+                      f"{base / kn:.2f} | {split[1]} |",
                       flush=True)
     return 0
 

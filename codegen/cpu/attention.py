@@ -5,7 +5,7 @@ Low level: float32 tensors in, tensors out, one layout given as block tables
 region: every thread calls the same C entry once with a shared counter and takes work items
 (a query block of one head, or a key block of one key/value head) until none is left, so a
 thread slowed down by another process does fewer items and nobody waits on a barrier. The
-backward accumulates dq per thread (see :data:`DQ_BUFFER_BYTES`) and sums the buffers here.
+backward accumulates dq per thread (see :data:`DQ_BUFFER_BYTES`); a second region sums the buffers.
 :func:`probs_forward` is the forward that also stores its normalized probabilities in the tile
 layout of a plan's rows (:class:`ProbsRows`, cross-layer reuse); :func:`apply_forward` multiplies
 such stored probabilities by other values.
@@ -117,10 +117,11 @@ def _typed(lib):
     """``lib`` with its entry points' argument types set (once per library)."""
     lib.attn_fwd.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64)]
     lib.attn_bwd.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64), _P, _I64, _I64]
+    lib.attn_sum.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64), _P, _P, _I64, _I64, _I64]
     lib.attn_probs.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64), _I64, _P, _P, _P, _P, _P, _P, _P, _I64,
                                _I64]
     lib.attn_apply.argtypes = [ctypes.POINTER(_Args), ctypes.POINTER(_I64), _I64, _P, _P, _P, _P, _P, _P, _P, _I64]
-    for fn in (lib.attn_fwd, lib.attn_bwd, lib.attn_probs, lib.attn_apply):
+    for fn in (lib.attn_fwd, lib.attn_bwd, lib.attn_sum, lib.attn_probs, lib.attn_apply):
         fn.restype = ctypes.c_int
     return lib
 
@@ -313,12 +314,14 @@ def backward(q, k, v, out, lse, dout, tables: KernelTables, scale: float, mods: 
     delta = delta.contiguous()
     q, k, v, dout = _pad8(q), _pad8(k), _pad8(v), _pad8(dout)
     lse = lse.contiguous()
-    dq, dk, dv = torch.zeros_like(q), torch.empty_like(k), torch.empty_like(v)
+    run = bool(Lk and k.shape[0])  # with Lq = 0 the kernel still writes dk = dv = 0
+    dq = torch.empty_like(q) if run else torch.zeros_like(q)  # the kernel zeroes the dq rows it owns
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     keep: list = [delta, lse]
     a = _args(q, k, v, tables, scale, mods, keep)
     a.dout, a.lse_in, a.delta = dout.data_ptr(), lse.data_ptr(), delta.data_ptr()
     a.dq, a.dk, a.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
-    if Lk and k.shape[0]:  # with Lq = 0 the kernel still writes dk = dv = 0
+    if run:
         _backward_chunks(a, dq, k.shape[0] * k.shape[1], _threads(threads))
     Dv = out.shape[3]
     return dq[..., :D], dk[..., :D], dv[..., :Dv]
@@ -326,9 +329,11 @@ def backward(q, k, v, out, lse, dout, tables: KernelTables, scale: float, mods: 
 
 def _backward_chunks(a: _Args, dq: torch.Tensor, heads: int, n: int) -> None:
     """Run ``attn_bwd`` over the ``heads`` (= B * Hkv) key/value heads on ``n`` threads: thread 0
-    accumulates into ``dq`` itself, every other thread into its own zeroed buffer, summed into
-    ``dq`` afterwards; heads go in chunks so that the buffers fit :data:`DQ_BUFFER_BYTES`."""
-    fn = _library().attn_bwd
+    accumulates into ``dq`` itself, every other thread into its own buffer (each zeroed by its
+    thread), summed into ``dq`` afterwards by ``attn_sum`` on the same threads; heads go in chunks
+    so that the buffers fit :data:`DQ_BUFFER_BYTES`."""
+    lib = _library()
+    fn = lib.attn_bwd
     rows = dq.view(heads, dq.numel() // heads)  # the rows of one key/value head's G query heads
     head_bytes = max(1, rows.shape[1] * rows.element_size())
     n = min(n, 1 + DQ_BUFFER_BYTES // head_bytes)
@@ -340,9 +345,9 @@ def _backward_chunks(a: _Args, dq: torch.Tensor, heads: int, n: int) -> None:
     for h0 in range(0, heads, chunk):
         h1 = min(heads, h0 + chunk)
         part, extra = rows[h0:h1], scratch[:, : h1 - h0]
-        extra.zero_()
         _launch(fn, a, n, lambda i: (part.data_ptr() if i == 0 else extra[i - 1].data_ptr(), h0, h1))
-        part += extra.sum(0)
+        _launch(lib.attn_sum, a, n, lambda i: (part.data_ptr(), extra.data_ptr(), n - 1, part.numel(),
+                                               scratch.stride(0)))
 
 
 def _checked_rows(rows: ProbsRows, t: KernelTables) -> ProbsRows:

@@ -10,7 +10,8 @@
  *   attn_bwd: items (b * Hkv + hkv, key block c) over the group's query heads and the column's
  *             query blocks, P recomputed from lse: dv = P^T dO, dk = scale * dS^T Q (every item
  *             owns its rows) and dq += scale * dS K into the calling thread's own dq buffer
- *             (5 block products per visible block; the caller sums the buffers).
+ *             (zeroed by that thread; 5 block products per visible block); attn_sum then adds
+ *             the buffers into dq, split across the threads the same way.
  *   attn_probs: items (b * Hkv + hkv, row of a list of query-block rows): the row's normalized
  *             probabilities written to a stored tile (cross-layer reuse) and out = P V.
  *   attn_apply: the same items: out = P V for stored tiles and other values (V read in place).
@@ -23,8 +24,9 @@
  * wrapper pads odd head dims with zeros). Ragged last blocks are bounds-checked here.
  *
  * Score mods (in order, on the scaled score, before masking): softcap s = cap * tanh(s / cap)
- * and alibi s += slope[h] * (kpos - qpos). A NaN score gives a NaN row max, so the whole row
- * turns NaN instead of being dropped; masked entries are exactly 0 in P and dS.
+ * and alibi s += slope[h] * (kpos - qpos). A NaN score has a NaN exponential, so the row's sum,
+ * output and lse turn NaN instead of the score being dropped; masked entries are exactly 0 in P
+ * and dS.
  */
 #include "cpu_common.h"
 
@@ -33,9 +35,10 @@
 #define AI static inline __attribute__((always_inline))
 #define RUP8(x) (((x) + 7) / 8 * 8)
 
-/* C[MR x 8 NV] (+)= A[MR x K] B[K x 8 NV]: broadcast A scalars, FMA rows of B. */
+/* C[MR x 8 NV] (+)= A[MR x K] B[K x 8 NV]: broadcast A scalars, FMA rows of B. cmax (or NULL):
+ * the column maxima of C so far, updated from the tile's rows (NaN skipped, as by vf_max). */
 AI void tile(const int MR, const int NV, int64_t K, const float* A, int64_t ar, int64_t ak, const float* B,
-             int64_t ldb, float* C, int64_t ldc, int acc) {
+             int64_t ldb, float* C, int64_t ldc, int acc, float* cmax) {
     vf c[6][2];
     for (int i = 0; i < MR; i++)
         for (int v = 0; v < NV; v++) c[i][v] = acc ? vf_load(C + i * ldc + 8 * v) : vf_zero();
@@ -50,31 +53,43 @@ AI void tile(const int MR, const int NV, int64_t K, const float* A, int64_t ar, 
     }
     for (int i = 0; i < MR; i++)
         for (int v = 0; v < NV; v++) vf_store(C + i * ldc + 8 * v, c[i][v]);
+    if (cmax)
+        for (int v = 0; v < NV; v++) {
+            vf mx = vf_load(cmax + 8 * v);
+            for (int i = 0; i < MR; i++) mx = vf_max(c[i][v], mx);
+            vf_store(cmax + 8 * v, mx);
+        }
 }
 
 AI void gemm_cols(const int NV, int64_t M, int64_t K, const float* A, int64_t ar, int64_t ak, const float* B,
-                  int64_t ldb, float* C, int64_t ldc, int acc) {
+                  int64_t ldb, float* C, int64_t ldc, int acc, float* cmax) {
     int64_t i = 0;
-    for (; i + 6 <= M; i += 6) tile(6, NV, K, A + i * ar, ar, ak, B, ldb, C + i * ldc, ldc, acc);
+    for (; i + 6 <= M; i += 6) tile(6, NV, K, A + i * ar, ar, ak, B, ldb, C + i * ldc, ldc, acc, cmax);
     const float* a = A + i * ar;
     float* c = C + i * ldc;
     switch (M - i) {
-        case 5: tile(5, NV, K, a, ar, ak, B, ldb, c, ldc, acc); break;
-        case 4: tile(4, NV, K, a, ar, ak, B, ldb, c, ldc, acc); break;
-        case 3: tile(3, NV, K, a, ar, ak, B, ldb, c, ldc, acc); break;
-        case 2: tile(2, NV, K, a, ar, ak, B, ldb, c, ldc, acc); break;
-        case 1: tile(1, NV, K, a, ar, ak, B, ldb, c, ldc, acc); break;
+        case 5: tile(5, NV, K, a, ar, ak, B, ldb, c, ldc, acc, cmax); break;
+        case 4: tile(4, NV, K, a, ar, ak, B, ldb, c, ldc, acc, cmax); break;
+        case 3: tile(3, NV, K, a, ar, ak, B, ldb, c, ldc, acc, cmax); break;
+        case 2: tile(2, NV, K, a, ar, ak, B, ldb, c, ldc, acc, cmax); break;
+        case 1: tile(1, NV, K, a, ar, ak, B, ldb, c, ldc, acc, cmax); break;
         default: break;
     }
 }
 
 /* C[M x N] (+)= sum_k A[i * ar + k * ak] B[k * ldb + j], N % 8 == 0; column panels of 16 keep
- * B's panel in L1 while every row tile passes over it. */
+ * B's panel in L1 while every row tile passes over it. cmax (or NULL): C's column maxima, see
+ * tile(). */
+static void gemm_max(int64_t M, int64_t N, int64_t K, const float* A, int64_t ar, int64_t ak, const float* B,
+                     int64_t ldb, float* C, int64_t ldc, int acc, float* cmax) {
+    int64_t j = 0;
+    for (; j + 16 <= N; j += 16) gemm_cols(2, M, K, A, ar, ak, B + j, ldb, C + j, ldc, acc, cmax ? cmax + j : NULL);
+    if (j < N) gemm_cols(1, M, K, A, ar, ak, B + j, ldb, C + j, ldc, acc, cmax ? cmax + j : NULL);
+}
+
 static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t ar, int64_t ak, const float* B,
                  int64_t ldb, float* C, int64_t ldc, int acc) {
-    int64_t j = 0;
-    for (; j + 16 <= N; j += 16) gemm_cols(2, M, K, A, ar, ak, B + j, ldb, C + j, ldc, acc);
-    if (j < N) gemm_cols(1, M, K, A, ar, ak, B + j, ldb, C + j, ldc, acc);
+    gemm_max(M, N, K, A, ar, ak, B, ldb, C, ldc, acc, NULL);
 }
 
 /* tanh of 8 floats as x P(x^2) / Q(x^2) for |x| <= 9 (tanh(9) is 1 in float32), P and Q of degree
@@ -191,15 +206,20 @@ static int has_softcap(const Args* a) {
 static float slope_of(const Args* a, int64_t h) { return a->slopes ? a->slopes[h] : 0.0f; }
 
 /* S^T[j][t] for the key block at j0 (n keys) against the packed query block QT (queries
- * i0..i0+m as lanes), mods and mask applied. */
-static void scores_t(const Args* a, const float* kh, const float* QT, int64_t j0, int64_t n, int64_t i0,
-                     int64_t m, const uint8_t* mask_t, float slope, float* S) {
+ * i0..i0+m as lanes), mods and mask applied. Returns 1 for a full block of whole rows without
+ * mods (nothing to change after the product), whose per-lane maxima are then in cmax. */
+static int scores_t(const Args* a, const float* kh, const float* QT, int64_t j0, int64_t n, int64_t i0,
+                    int64_t m, const uint8_t* mask_t, float slope, float* S, float* cmax) {
     int64_t bmp = RUP8(a->bm);
-    gemm(n, bmp, a->D, kh + j0 * a->D, a->D, 1, QT, bmp, S, bmp, 0);
-    if (a->nops == 0 && !mask_t && m == bmp) return;  /* a full block of whole rows: nothing to change */
+    int plain = a->nops == 0 && !mask_t && m == bmp;
+    if (plain)
+        for (int64_t t = 0; t < bmp; t += 8) vf_store(cmax + t, vf_set1(-INFINITY));
+    gemm_max(n, bmp, a->D, kh + j0 * a->D, a->D, 1, QT, bmp, S, bmp, 0, plain ? cmax : NULL);
+    if (plain) return 1;
     for (int64_t j = 0; j < n; j++)
         mod_mask(S + j * bmp, NULL, bmp, m, mask_t ? mask_t + j * a->bm : NULL, a, slope,
                  (float)(j0 + j - a->q_pos0 - i0), -1.0f);
+    return 0;
 }
 
 int attn_fwd(const Args* a, int64_t* counter) {
@@ -207,7 +227,7 @@ int attn_fwd(const Args* a, int64_t* counter) {
     float* QT = aligned_alloc(32, sizeof(float) * D * bmp);
     float* S = aligned_alloc(32, sizeof(float) * RUP8(bn) * bmp);
     float* acc = aligned_alloc(32, sizeof(float) * bm * Dv);
-    float* st = aligned_alloc(32, sizeof(float) * 3 * bmp);  /* row max, row sum, rescale */
+    float* st = aligned_alloc(32, sizeof(float) * 4 * bmp);  /* row max, row sum, rescale, block max */
     Block* blocks = malloc(sizeof(Block) * (a->nkb + 1));
     int fail = !QT || !S || !acc || !st || !blocks;
     const int64_t total = a->B * a->H * a->nqb;
@@ -215,25 +235,28 @@ int attn_fwd(const Args* a, int64_t* counter) {
         int64_t bh = item / a->nqb, r = item % a->nqb, h = bh % a->H, kvh = bh / a->H * a->Hkv + h / G;
         int64_t i0 = r * bm, m = a->Lq - i0 < bm ? a->Lq - i0 : bm;
         const float *kh = a->k + kvh * a->Lk * D, *vh = a->v + kvh * a->Lk * Dv;
-        float slope = slope_of(a, h), *mx = st, *l = st + bmp, *alpha = st + 2 * bmp;
+        float slope = slope_of(a, h), *mx = st, *l = st + bmp, *alpha = st + 2 * bmp, *bmax = st + 3 * bmp;
         pack_t(a->q + (bh * a->Lq + i0) * D, m, D, D, QT, bmp, (float)a->scale);
         memset(acc, 0, sizeof(float) * m * Dv);
         for (int64_t t = 0; t < bmp; t++) mx[t] = -INFINITY, l[t] = 0.0f;
         int64_t nb = row_blocks(a, r, blocks);
         for (int64_t b = 0; b < nb; b++) {
             int64_t j0 = blocks[b].c * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
-            scores_t(a, kh, QT, j0, n, i0, m, blocks[b].mask, slope, S);
+            if (b + 1 < nb) {  /* the next block's keys and values on their way (long rows stream them from memory) */
+                int64_t j1 = blocks[b + 1].c * bn, n1 = a->Lk - j1 < bn ? a->Lk - j1 : bn;
+                for (int64_t o = 0; o < n1 * D; o += 16) __builtin_prefetch(kh + j1 * D + o);
+                for (int64_t o = 0; o < n1 * Dv; o += 16) __builtin_prefetch(vh + j1 * Dv + o);
+            }
+            int plain = scores_t(a, kh, QT, j0, n, i0, m, blocks[b].mask, slope, S, bmax);
             for (int64_t t = 0; t < bmp; t += 8) {
+                /* the max skips NaN scores: exp of one is NaN, so the row's sum, out and lse
+                 * turn NaN all the same */
                 vf bmx = vf_set1(-INFINITY);
-                vm nan = vm_zero();
-                for (int64_t j = 0; j < n; j++) {
-                    vf x = vf_load(S + j * bmp + t);
-                    bmx = vf_max(x, bmx);  /* skips NaN; the NaN lanes are tracked apart */
-                    nan = vm_or(nan, vf_isnan(x));
-                }
+                if (plain) bmx = vf_load(bmax + t);
+                else
+                    for (int64_t j = 0; j < n; j++) bmx = vf_max(vf_load(S + j * bmp + t), bmx);
                 vf mo = vf_load(mx + t);
-                vf mn = vf_max(bmx, mo);  /* a NaN running max stays NaN */
-                mn = vf_blend(mn, vf_set1(NAN), nan);
+                vf mn = vf_max(bmx, mo);
                 vm none = vf_eq(mn, vf_set1(-INFINITY));
                 vf ms = vf_blend(mn, vf_zero(), none);  /* no key yet: P = exp(-inf) = 0 */
                 vf al = exp8(vf_sub(mo, ms)), sum = vf_zero();
@@ -285,6 +308,7 @@ int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv
     int fail = !KT || !QS || !VT || !S || !dP || !der || !dk || !dv || !blocks, soft = has_softcap(a);
     const int64_t total = (kv1 - kv0) * a->nkb;
     const vf scale = vf_set1((float)a->scale);
+    memset(dq, 0, sizeof(float) * (kv1 - kv0) * G * a->Lq * D);  /* this thread's own buffer */
     for (int64_t item; !fail && (item = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED)) < total;) {
         int64_t bkv = kv0 + item / a->nkb, c = item % a->nkb, hkv = bkv % a->Hkv;
         int64_t j0 = c * bn, n = a->Lk - j0 < bn ? a->Lk - j0 : bn;
@@ -333,6 +357,24 @@ int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv
     }
     free(KT); free(QS); free(VT); free(S); free(dP); free(der); free(dk); free(dv); free(blocks);
     return fail;
+}
+
+/* dst[0..len) += bufs[0..len) + bufs[stride..stride + len) + ... (nbuf buffers): the backward's
+ * per-thread dq buffers summed into dq, in items of 4096 floats taken from the counter. */
+int attn_sum(const Args* a, int64_t* counter, float* dst, const float* bufs, int64_t nbuf, int64_t len,
+             int64_t stride) {
+    (void)a;
+    const int64_t step = 4096, total = (len + step - 1) / step;
+    for (int64_t item; (item = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED)) < total;) {
+        int64_t i0 = item * step, i1 = i0 + step < len ? i0 + step : len;
+        for (int64_t b = 0; b < nbuf; b++) {
+            const float* src = bufs + b * stride;
+            int64_t i = i0;
+            for (; i + 8 <= i1; i += 8) vf_store(dst + i, vf_add(vf_load(dst + i), vf_load(src + i)));
+            for (; i < i1; i++) dst[i] += src[i];
+        }
+    }
+    return 0;
 }
 
 /* Stored probabilities (cross-layer reuse): items (b * Hkv + hkv, row gr) over a list of rows,

@@ -22,6 +22,8 @@ typedef struct {
 
 int attn_fwd(const Args* a, int64_t* counter);
 int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv1);
+int attn_sum(const Args* a, int64_t* counter, float* dst, const float* bufs, int64_t nbuf, int64_t len,
+             int64_t stride);
 int attn_probs(const Args* a, int64_t* counter, int64_t nrows, const int64_t* qb, const int64_t* w,
                const int64_t* poff, const int64_t* cstart, const int64_t* cols, const int32_t* kind, float* p,
                int64_t psize, int64_t maxw);

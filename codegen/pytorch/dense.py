@@ -29,6 +29,7 @@ import torch
 from attncompiler.program.autograd_guard import single_backward
 from attncompiler.program.dense import DenseAttention
 from attncompiler.program.positions import group_layout
+from attncompiler.program.schedule import blocks as with_blocks
 
 from ..context import RunContext
 from . import fused_cpu
@@ -136,6 +137,24 @@ def dense_attention(q, k, v, causal: bool, scale: float):
     return _forward(q, k, v, causal, scale)[0]
 
 
+# Keys and values per head above which a dense row streams them from memory rather than from
+# cache; the block-sparse kernels then take query blocks of LONG_ROW_BLOCK_M rows, which read each
+# key/value block once for more queries. Measured (docs/benchmarks.md, dense patterns): at L=16384,
+# D=64 (8 MiB per head) full and causal forwards ran 1.05x SDPA's fused kernel with 256-row blocks
+# and 0.89-0.99x with 64; at L <= 8192 (4 MiB) 64-row blocks stay the fastest.
+LONG_ROW_KV_BYTES = 6 << 20
+LONG_ROW_BLOCK_M = 256
+
+
+def kernel_block_m(schedule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """The query block of a dense stage on the block-sparse CPU kernels: the schedule's, or
+    :data:`LONG_ROW_BLOCK_M` for rows whose keys and values exceed :data:`LONG_ROW_KV_BYTES`."""
+    kv_bytes = k.shape[2] * (k.shape[3] + v.shape[3]) * 4  # the kernels compute in float32
+    if kv_bytes > LONG_ROW_KV_BYTES and q.shape[2] >= 2 * LONG_ROW_BLOCK_M and fused_cpu.enabled():
+        return max(schedule.block_m, LONG_ROW_BLOCK_M)
+    return schedule.block_m
+
+
 def run_dense(stage: DenseAttention, env: dict, ctx: RunContext) -> dict:
     """Run one ``DenseAttention`` stage: the fused kernel where it applies, else block-sparse."""
     q, k, v = (env[n] for n in stage.inputs)
@@ -144,6 +163,9 @@ def run_dense(stage: DenseAttention, env: dict, ctx: RunContext) -> dict:
         out, lse = dense_attention(q, k, v, fused_causal(stage.causal, k.shape[2], positions), ctx.scale)
         return dict(zip(stage.outputs, (out, lse)))
     s = stage.schedule
+    bm = kernel_block_m(s, q, k, v)
+    if bm != s.block_m:
+        s = with_blocks(s, bm, s.block_n)
     layout = group_layout(stage.pattern, q.shape[2], k.shape[2], s.block_m, s.block_n, batch=ctx.batch,
                           heads=ctx.heads, positions=positions)
     out, lse = block_sparse_attention(q, k, v, layout, s, ctx.scale, ctx.extra.get("need_lse", True))
