@@ -207,19 +207,26 @@ static float slope_of(const Args* a, int64_t h) { return a->slopes ? a->slopes[h
 
 /* S^T[j][t] for the key block at j0 (n keys) against the packed query block QT (queries
  * i0..i0+m as lanes), mods and mask applied. Returns 1 for a full block of whole rows without
- * mods (nothing to change after the product), whose per-lane maxima are then in cmax. */
+ * mods or with softcap alone, whose per-lane maxima are then in cmax (from the product's tiles). */
 static int scores_t(const Args* a, const float* kh, const float* QT, int64_t j0, int64_t n, int64_t i0,
                     int64_t m, const uint8_t* mask_t, float slope, float* S, float* cmax) {
     int64_t bmp = RUP8(a->bm);
-    int plain = a->nops == 0 && !mask_t && m == bmp;
-    if (plain)
+    /* softcap alone is increasing: the capped maxima are the caps of the raw ones */
+    int soft1 = a->nops == 1 && a->op_kind[0] == 0;
+    int clean = (a->nops == 0 || soft1) && !mask_t && m == bmp;
+    if (clean)
         for (int64_t t = 0; t < bmp; t += 8) vf_store(cmax + t, vf_set1(-INFINITY));
-    gemm_max(n, bmp, a->D, kh + j0 * a->D, a->D, 1, QT, bmp, S, bmp, 0, plain ? cmax : NULL);
-    if (plain) return 1;
+    gemm_max(n, bmp, a->D, kh + j0 * a->D, a->D, 1, QT, bmp, S, bmp, 0, clean ? cmax : NULL);
+    if (clean && a->nops == 0) return 1;
     for (int64_t j = 0; j < n; j++)
         mod_mask(S + j * bmp, NULL, bmp, m, mask_t ? mask_t + j * a->bm : NULL, a, slope,
                  (float)(j0 + j - a->q_pos0 - i0), -1.0f);
-    return 0;
+    if (clean) {
+        const float cap = (float)a->op_param[0];
+        for (int64_t t = 0; t < bmp; t += 8)
+            vf_store(cmax + t, vf_mul(tanh8(vf_mul(vf_load(cmax + t), vf_set1(1.0f / cap))), vf_set1(cap)));
+    }
+    return clean;
 }
 
 int attn_fwd(const Args* a, int64_t* counter) {
