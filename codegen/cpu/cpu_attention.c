@@ -331,6 +331,11 @@ int attn_bwd(const Args* a, int64_t* counter, float* dq, int64_t kv0, int64_t kv
             for (int64_t b = 0; b < nb; b++) {
                 int64_t i0 = blocks[b].c * bm, m = a->Lq - i0 < bm ? a->Lq - i0 : bm;
                 const float *qb = a->q + (bh * a->Lq + i0) * D, *ob = a->dout + (bh * a->Lq + i0) * Dv;
+                if (b + 1 < nb) {  /* the next block's queries and dO on their way, as in the forward */
+                    int64_t i1 = blocks[b + 1].c * bm, m1 = a->Lq - i1 < bm ? a->Lq - i1 : bm;
+                    for (int64_t o = 0; o < m1 * D; o += 16) __builtin_prefetch(a->q + (bh * a->Lq + i1) * D + o);
+                    for (int64_t o = 0; o < m1 * Dv; o += 16) __builtin_prefetch(a->dout + (bh * a->Lq + i1) * Dv + o);
+                }
                 /* S exactly as the forward computed it (sum over d of k * fl(q * scale), in the same
                  * order): P = exp(S - lse) then sums to 1 with the forward's lse, so the rounding
                  * of the scores does not leak into dv and dk */
