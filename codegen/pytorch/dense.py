@@ -43,7 +43,7 @@ _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_bac
 def fused_applies(causal: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions=None) -> bool:
     """Whether SDPA's fused kernel runs this call: it computes it exactly (see the module
     docstring) and the block-sparse CPU kernels are not available for it (where they are, they
-    measured 1.13-1.35x faster than SDPA's kernel on full and causal attention, forward and
+    measured 1.04-1.48x faster than SDPA's kernel on full and causal attention, forward and
     forward+backward, 1 and 2 threads: docs/benchmarks.md, dense patterns; decode-shaped calls keep SDPA)."""
     if q.device.type != "cpu" or q.dtype not in FUSED_DTYPES or not (q.dtype == k.dtype == v.dtype):
         return False
