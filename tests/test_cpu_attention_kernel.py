@@ -13,18 +13,17 @@ from hypothesis import strategies as st
 
 from attncompiler.codegen.cpu import attention as cpu_attn, build as cpu_build
 from attncompiler.errors import InputError
+from cpu_builds import BUILDS, use_build
 
 pytestmark = pytest.mark.skipif(not cpu_attn.available(),
                                 reason=f"CPU attention kernels unavailable: {cpu_attn.status()}")
 
 
-@pytest.fixture(scope="module", autouse=True, params=["avx2", "generic"])
+@pytest.fixture(scope="module", autouse=True, params=BUILDS)
 def variant(request):
     """The kernel build every test of this module runs on (ATTNC_CPU_KERNELS selects it)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATTNC_CPU_KERNELS", "generic" if request.param == "generic" else "1")
-        if cpu_build.default_variant() != request.param:
-            pytest.skip(f"no {request.param} build on this CPU")
+        use_build(mp, request.param)
         lib = cpu_attn._library()
         assert lib is not None and lib is cpu_build.load("cpu_attention", request.param)
         assert cpu_attn.variant() == request.param and cpu_attn.status() == f"loaded ({request.param})"
@@ -104,6 +103,8 @@ def make_mask(kind, Lq, Lk, g):
         return (i - j).abs() <= 9
     if kind == "causal":
         return j <= i + (Lk - Lq)
+    if kind == "full":  # every block full: the forward takes its row maxima from the product's tiles
+        return torch.ones(Lq, Lk, dtype=torch.bool)
     m = torch.rand(Lq, Lk, generator=g) < 0.3
     m[::5] = False  # empty rows
     m[:, 3:4] = False  # and an empty column
@@ -160,6 +161,9 @@ CASES = [  # B, H, Hkv, Lq, Lk, D, Dv, bm, bn, mask, logit scale, ops
     (1, 2, 2, 50, 66, 24, 16, 16, 8, "random", 100.0, (("alibi", 0.0), ("softcap", 30.0))),
     (1, 1, 1, 300, 520, 16, 8, 128, 256, "random", 100.0, ()),
     (1, 1, 1, 600, 600, 64, 64, 256, 200, "window", 100.0, (("softcap", 50.0),)),
+    (2, 2, 2, 70, 61, 16, 16, 8, 16, "full", 1000.0, ()),
+    (1, 2, 1, 83, 97, 32, 32, 16, 24, "full", 300.0, (("softcap", 20.0),)),
+    (1, 2, 2, 131, 131, 16, 16, 24, 16, "causal", 300.0, (("softcap", 10.0),)),
 ]
 
 
@@ -291,6 +295,28 @@ def test_nan_key_or_value_reaches_the_rows_that_see_it():
     v2[0, 0, 30, 3] = math.nan
     out, lse = cpu_attn.forward(q, k, v2, t, 0.25)
     assert out[0, 0, sees, 3].isnan().all() and lse.isfinite().all() and out[0, 0, :8].isfinite().all()
+
+
+@pytest.mark.parametrize("ops", [(), (("softcap", 20.0),)])
+def test_nan_score_in_a_full_block_turns_its_rows_nan(ops):
+    """Full blocks take their row maxima from the product's tiles, where max skips NaN: the NaN
+    still reaches out, lse and the gradients of exactly the rows that see it (its exponential is
+    NaN), with and without softcap; every other row matches the float64 reference."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 1, 48, 16, generator=g) * 3 for _ in range(3))
+    mask = make_mask("full", 48, 48, g)
+    mask[:16, 40:] = False  # query block 0 never meets the key with the NaN; the other blocks stay full
+    t = tables_from_dense(mask, 16, 8)
+    mods = cpu_attn.ScoreMods(ops)
+    k[0, 0, 44, 2] = math.nan
+    sees = mask[:, 44]
+    out, lse = cpu_attn.forward(q, k, v, t, 0.25, mods)
+    assert out[0, 0, sees].isnan().all() and lse[0, 0, sees].isnan().all()
+    ro, rl = reference(q.double(), k.double(), v.double(), mask, 0.25, mods)
+    close(out[0, 0, ~sees], ro[0, 0, ~sees])
+    close(lse[0, 0, ~sees], rl[0, 0, ~sees])
+    dq, _, _ = cpu_attn.backward(q, k, v, out, lse, torch.randn(out.shape, generator=g), t, 0.25, mods)
+    assert dq[0, 0, sees].isnan().all() and dq[0, 0, ~sees].isfinite().all()
 
 
 def test_block_order_does_not_matter():

@@ -13,6 +13,7 @@ from attncompiler.errors import InputError
 from attncompiler.families.diffusion.pattern import diffuse
 from attncompiler.families.diffusion.program import split_global_tokens
 from attncompiler.patterns.diffuser import diffuser
+from cpu_builds import BUILDS, use_build
 from oracle import assert_matches_oracle
 
 pytestmark = pytest.mark.skipif(cpu_diffusion._library() is None,
@@ -32,12 +33,10 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["avx2", "generic"])
+@pytest.fixture(params=BUILDS)
 def variant(request, monkeypatch):
     """The kernel build the test runs on (ATTNC_CPU_KERNELS selects it)."""
-    monkeypatch.setenv("ATTNC_CPU_KERNELS", "generic" if request.param == "generic" else "1")
-    if cpu_build.default_variant() != request.param:
-        pytest.skip(f"no {request.param} build on this CPU")
+    use_build(monkeypatch, request.param)
     assert cpu_diffusion._library() is cpu_build.load("cpu_diffusion", request.param) is not None
     return request.param
 

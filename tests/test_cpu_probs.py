@@ -13,12 +13,13 @@ import torch
 
 import attncompiler as ac
 from attncompiler import patterns as catalogue
-from attncompiler.codegen.cpu import attention as cpu_attn, build as cpu_build
+from attncompiler.codegen.cpu import attention as cpu_attn
 from attncompiler.codegen.cpu.tables import kernel_tables
 from attncompiler.codegen.pytorch import fused_cpu
 from attncompiler.codegen.pytorch.probs import (ProbsWorkspace, StoredProbs, _kernel_rows, apply_probs,
                                                 attention_with_probs, probs_plan)
 from attncompiler.program.schedule import Schedule
+from cpu_builds import BUILDS, use_build
 
 pytestmark = pytest.mark.skipif(not fused_cpu.enabled(), reason=f"CPU kernels unavailable: {cpu_attn.status()}")
 
@@ -111,13 +112,11 @@ def test_empty_rows_and_query_blocks_are_zero():
     torch.testing.assert_close(dense[:, :, 13:].sum(-1), torch.ones(2, 2, L - 13))
 
 
-@pytest.mark.parametrize("build", ["avx2", "generic"])
+@pytest.mark.parametrize("build", BUILDS)
 def test_both_kernel_builds(build, monkeypatch):
     """The avx2 and the generic build of attn_probs give the ATen path's out and P (ragged
     scratch tiles and in-place tiles, GQA)."""
-    monkeypatch.setenv("ATTNC_CPU_KERNELS", "generic" if build == "generic" else "1")
-    if cpu_build.default_variant() != build:
-        pytest.skip(f"no {build} build on this CPU")
+    use_build(monkeypatch, build)
     assert cpu_attn.variant() == build and cpu_attn.available()
     for L, bm, bn in ((47, 6, 5), (50, 8, 16)):
         pattern = PATTERNS["window_causal_global"]
@@ -266,12 +265,10 @@ def test_apply_kernel_on_selected_heads_and_wrapper_checks():
         cpu_attn.apply_forward(probs.p, v2, tables, rows, 46 - 6)
 
 
-@pytest.mark.parametrize("build", ["avx2", "generic"])
+@pytest.mark.parametrize("build", BUILDS)
 def test_apply_both_kernel_builds(build, monkeypatch):
     """The avx2 and the generic build of attn_apply give P @ v in float64 (ragged blocks, GQA)."""
-    monkeypatch.setenv("ATTNC_CPU_KERNELS", "generic" if build == "generic" else "1")
-    if cpu_build.default_variant() != build:
-        pytest.skip(f"no {build} build on this CPU")
+    use_build(monkeypatch, build)
     assert cpu_attn.variant() == build and cpu_attn.available()
     calls = _spy_apply(monkeypatch)
     L = 47

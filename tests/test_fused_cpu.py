@@ -269,6 +269,7 @@ def test_long_dense_rows_take_tall_query_blocks(pattern, monkeypatch):
     assert torch_dense.kernel_block_m(s, q[:, :, :300], k, v) == 64  # fewer than two tall blocks
     with fused_cpu.disabled():
         assert torch_dense.kernel_block_m(s, q, k, v) == 64
+    assert torch_dense.kernel_block_m(s, q.double(), k.double(), v.double()) == 64  # the ATen path keeps its blocks
     seen = []
     real = fused_cpu.forward
     monkeypatch.setattr(fused_cpu, "forward",

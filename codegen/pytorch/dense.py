@@ -150,7 +150,7 @@ def kernel_block_m(schedule, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     """The query block of a dense stage on the block-sparse CPU kernels: the schedule's, or
     :data:`LONG_ROW_BLOCK_M` for rows whose keys and values exceed :data:`LONG_ROW_KV_BYTES`."""
     kv_bytes = k.shape[2] * (k.shape[3] + v.shape[3]) * 4  # the kernels compute in float32
-    if kv_bytes > LONG_ROW_KV_BYTES and q.shape[2] >= 2 * LONG_ROW_BLOCK_M and fused_cpu.enabled():
+    if kv_bytes > LONG_ROW_KV_BYTES and q.shape[2] >= 2 * LONG_ROW_BLOCK_M and fused_cpu.operands_fit(q, k, v):
         return max(schedule.block_m, LONG_ROW_BLOCK_M)
     return schedule.block_m
 

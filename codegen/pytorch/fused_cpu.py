@@ -54,13 +54,17 @@ def enabled() -> bool:
     return not _DISABLED[0] and kernels.available()
 
 
+def operands_fit(*tensors: torch.Tensor, dtypes=FUSED_DTYPES) -> bool:
+    """CPU tensors of one dtype among ``dtypes``, none empty, and the kernels enabled."""
+    dt = tensors[0].dtype
+    if any(t.device.type != "cpu" or t.dtype != dt or 0 in t.shape for t in tensors) or dt not in dtypes:
+        return False
+    return enabled()
+
+
 def applies(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the fused kernels run this call (see the module docstring)."""
-    if q.device.type != "cpu" or q.dtype not in FUSED_DTYPES or not (q.dtype == k.dtype == v.dtype):
-        return False
-    if 0 in q.shape or 0 in k.shape or 0 in v.shape or not enabled():
-        return False
-    return all(kernel_tables(g) is not None for g in layout.groups)
+    return operands_fit(q, k, v) and all(kernel_tables(g) is not None for g in layout.groups)
 
 
 def kernel_mods(score_mod) -> kernels.ScoreMods | None:

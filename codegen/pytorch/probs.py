@@ -127,12 +127,6 @@ def _kernel_rows(plan: ProbsPlan, tables: kernels.KernelTables) -> kernels.Probs
         return _KERNEL_ROWS.setdefault(plan, rows)
 
 
-def _fused_applies(q, k, v) -> bool:
-    """float32 CPU operands with no empty dimension, and the kernels built and not disabled."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and 0 not in (*q.shape, *k.shape, *v.shape) and fused_cpu.enabled())
-
-
 def _single_group(layout: BlockLayout) -> Blocks2D:
     if len(layout.groups) != 1:
         raise UnsupportedError(f"stored probabilities need one block layout for every batch and head; "
@@ -196,7 +190,7 @@ def _probs_forward(q, k, v, layout, schedule, scale, workspace=None):
     n = ops.B * ops.Hkv * plan.size  # every entry is written: no zero fill
     buf = workspace.take(n, ops.q.dtype, q.device) if workspace is not None else torch.empty(n, dtype=ops.q.dtype, device=q.device)
     p = buf[:n].view(ops.B, ops.Hkv, plan.size)
-    tables = kernel_tables(blocks) if _fused_applies(q, k, v) else None
+    tables = kernel_tables(blocks) if fused_cpu.operands_fit(q, k, v, dtypes=(torch.float32,)) else None
     if tables is not None:  # every row of the plan in one parallel region of the fused kernel
         out, _ = kernels.probs_forward(q, k, v, tables, _kernel_rows(plan, tables), scale, buf[:n],
                                        threads=torch.get_num_threads())
@@ -290,7 +284,7 @@ class _ProbsFn(torch.autograd.Function):
 def _apply_forward(sp: StoredProbs, p, v):
     g = sp.plan.blocks.geom
     B, Hkv, _, Dv = v.shape
-    fused = p.dtype == torch.float32 and p.device.type == "cpu" and _fused_applies(v, v, v)
+    fused = fused_cpu.operands_fit(p, v, dtypes=(torch.float32,))
     tables = kernel_tables(sp.plan.blocks) if fused else None
     if tables is not None:  # every row in one parallel region of the fused kernel, V read in place
         return kernels.apply_forward(p.detach(), v.detach(), tables, _kernel_rows(sp.plan, tables), g.q_len,
